@@ -1,0 +1,41 @@
+# Two commands do all set-up on a machine with only Python:
+#   make demo   - an end-to-end demo sync on embedded defaults
+#   make test   - the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: test demo dev lint typecheck check bench-engine clean venv
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/syncflow demo
+
+dev: $(STAMP)
+	$(BIN)/syncflow dev
+
+lint: $(STAMP)
+	$(BIN)/ruff check syncflow_dagster syncflow_dagster_tests benchmarks
+	$(BIN)/ruff format --check syncflow_dagster syncflow_dagster_tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+bench-engine: $(STAMP)
+	$(BIN)/python -m benchmarks engine --rows 1000000 --json docs/benchmarks/engine.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""SyncFlow defs layer."""

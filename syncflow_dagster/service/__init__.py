@@ -1,0 +1,1 @@
+"""SyncFlow service layer."""

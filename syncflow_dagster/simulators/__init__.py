@@ -1,0 +1,1 @@
+"""SyncFlow simulators layer."""

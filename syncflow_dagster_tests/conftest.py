@@ -1,0 +1,56 @@
+"""Shared fixtures: a real Postgres for every test that needs one.
+
+`SYNCFLOW_TEST_DATABASE_URL` points at a server when one is available (CI sets
+it to the machine's 127.0.0.1:5432); otherwise an embedded Postgres is started
+from the pgserver wheel for the session. Each test session works in a database
+of its own, created here and dropped at the end, so parallel sessions on one
+server never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+
+from syncflow_dagster.store.database import libpq_url
+from syncflow_dagster.store.embedded import start_embedded_postgres
+
+TEST_DATABASE_ENV = "SYNCFLOW_TEST_DATABASE_URL"
+
+
+def _with_database(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{dbname}", parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A libpq URL to a running Postgres server (shared or embedded)."""
+    configured = os.environ.get(TEST_DATABASE_ENV)
+    if configured:
+        yield libpq_url(configured)
+        return
+    server = start_embedded_postgres(Path(tmp_path_factory.mktemp("pg")) / "data", keep_data=False)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh database for this test session, dropped afterwards."""
+    name = f"syncflow_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_database(pg_server_url, name)
+    finally:
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
