@@ -191,7 +191,9 @@ class EntitySpec(_Strict):
             if spec.source in sources:
                 raise ValueError(f"field {spec.source!r}: source field mapped twice")
             if spec.source in (self.rowversion, self.changed_at):
-                raise ValueError(f"field {spec.source!r}: the rowversion/changed_at column is not a payload field")
+                raise ValueError(
+                    f"field {spec.source!r}: the rowversion/changed_at column is not a payload field"
+                )
             targets[spec.target] = spec.source
             sources.add(spec.source)
         for key in self.business_key:
