@@ -61,7 +61,7 @@ def test_catalog_from_environment_path(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_missing_catalog_file_names_the_path(tmp_path: Path) -> None:
-    with pytest.raises(CatalogError, match="cannot read catalog .*nope.yaml"):
+    with pytest.raises(CatalogError, match=r"cannot read catalog .*nope\.yaml"):
         load_catalog(tmp_path / "nope.yaml")
 
 
