@@ -1,0 +1,217 @@
+"""Delta: what to send to ScheduleHub, per key, against the last *delivered* state.
+
+`plan_delta` gives each business key one action (insert, update, delete, skip)
+and the reason for it. It compares DATA_HASH only with what ScheduleHub last
+confirmed, so A→B→A is an update, and it sorts its output by `_bk_hash` so the
+order of the input rows can never change the plan. `plan_reconcile_deletes`
+finds keys SyncFlow delivered that APISmith no longer lists, and refuses to
+delete more than the entity's delete guard allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as _compute
+
+from syncflow_dagster.engine.columns import (
+    ACTION,
+    BK_HASH,
+    DATA_HASH,
+    DELETE,
+    INSERT,
+    REASON,
+    RECIPE,
+    ROWVERSION,
+    SKIP,
+    UPDATE,
+)
+from syncflow_dagster.engine.rowversion import stored_lookup
+
+# The pyarrow stubs type each compute function per concrete array class; the
+# arrays here get their types at run time, so compute calls are left untyped.
+pc: Any = _compute
+
+# Reasons a plan gives, spelled once.
+NEW_KEY = "new_key"
+DATA_CHANGED = "data_changed"
+UNCHANGED = "unchanged"
+RECIPE_CHANGED = "recipe_changed"
+STALE_ROWVERSION = "stale_rowversion"
+TOMBSTONE = "tombstone"
+UNKNOWN_KEY = "unknown_key"
+MISSING_FROM_SOURCE = "missing_from_source"
+
+
+def _first_of_each_key(ordered: pa.Table) -> pa.Array:
+    """True on the first row of each run of equal `_bk_hash` in a key-sorted table."""
+    keys = ordered.column(BK_HASH).combine_chunks()
+    n = len(keys)
+    if n == 0:
+        return pa.array([], pa.bool_())
+    changed = pc.not_equal(keys.slice(1), keys.slice(0, n - 1))
+    return pa.concat_arrays([pa.array([True]), changed])
+
+
+def dedupe_batch(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(one row per key, the duplicates set aside): highest `_rowversion` wins.
+
+    Ties go to the higher `_data_hash` (then `_bk` order is irrelevant: the key
+    is the same), so the winner never depends on the input order.
+    """
+    if rows.num_rows <= 1 or pc.count_distinct(rows.column(BK_HASH)).as_py() == rows.num_rows:
+        return rows, rows.slice(0, 0)
+    sort_keys = [(BK_HASH, "ascending"), (ROWVERSION, "descending")]
+    if DATA_HASH in rows.column_names:
+        sort_keys.append((DATA_HASH, "descending"))
+    ordered = rows.take(pc.sort_indices(rows, sort_keys=sort_keys, null_placement="at_end"))
+    first = _first_of_each_key(ordered)
+    return ordered.filter(first), ordered.filter(pc.invert(first))
+
+
+def _labels(mask_to_label: list[tuple[pa.Array, str]], default: str, n: int) -> pa.Array:
+    """A string column: the label of the first mask that holds, else `default`."""
+    out = pa.array([default] * n, pa.string())
+    for mask, label in reversed(mask_to_label):
+        out = pc.if_else(pc.fill_null(mask, False), label, out)
+    return out
+
+
+def _with_plan(table: pa.Table, action: pa.Array, reason: pa.Array) -> pa.Table:
+    return table.append_column(ACTION, action).append_column(REASON, reason)
+
+
+def _plan_live(rows: pa.Table, stored: pa.Table | None) -> pa.Table:
+    n = rows.num_rows
+    stored_rowversion = stored_lookup(rows, stored, ROWVERSION)
+    stored_hash = stored_lookup(rows, stored, DATA_HASH)
+    stored_recipe = stored_lookup(rows, stored, RECIPE)
+    known = pc.is_valid(stored_hash) if stored is not None and DATA_HASH in stored.column_names else None
+    if known is None:
+        known = pc.is_valid(stored_rowversion)
+    # Rowversion first: a row that is not newer is skipped before any hash compare.
+    stale = pc.and_(known, pc.less_equal(rows.column(ROWVERSION), stored_rowversion))
+    if stored_recipe.null_count < len(stored_recipe) and RECIPE in rows.column_names:
+        recipe_changed = pc.not_equal(pc.cast(stored_recipe, pa.int16()), rows.column(RECIPE))
+    else:
+        recipe_changed = pa.array([False] * n, pa.bool_())
+    new = pc.invert(known)
+    same = pc.equal(rows.column(DATA_HASH), stored_hash) if stored_hash.null_count < n else new
+    cases = [(stale, STALE_ROWVERSION), (new, NEW_KEY), (recipe_changed, RECIPE_CHANGED), (same, UNCHANGED)]
+    reason = _labels(cases, DATA_CHANGED, n)
+    action = _labels([(stale, SKIP), (new, INSERT), (recipe_changed, UPDATE), (same, SKIP)], UPDATE, n)
+    return _with_plan(rows, action, reason)
+
+
+def _tombstone_rows(schema: pa.Schema, tombstones: pa.Table) -> pa.Table:
+    """Tombstones shaped like the rows: key columns set, payload and hashes null."""
+    n = tombstones.num_rows
+    columns = []
+    for field in schema:
+        if field.name in tombstones.column_names:
+            columns.append(pc.cast(tombstones.column(field.name), field.type))
+        else:
+            columns.append(pa.nulls(n).cast(field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def plan_delta(rows: pa.Table, stored: pa.Table | None, tombstones: pa.Table | None = None) -> pa.Table:
+    """One row per key with `_action` and `_reason`, sorted by `_bk_hash`.
+
+    `rows` come from identity (`_bk_hash`, `_data_hash`, `_rowversion`, `_recipe`);
+    `stored` is the last delivered state (`_bk_hash`, `_data_hash`, `_rowversion`,
+    optional `_recipe`), empty or None on a first run; `tombstones` are APISmith's
+    deletions (`_bk_hash`, `_bk`, `_rowversion`).
+    """
+    for name in (BK_HASH, DATA_HASH, ROWVERSION):
+        if name not in rows.column_names:
+            raise ValueError(f"rows have no {name!r} column: run identity before plan_delta")
+    live, _ = dedupe_batch(rows)
+    parts = []
+    if tombstones is not None and tombstones.num_rows:
+        for name in (BK_HASH, ROWVERSION):
+            if name not in tombstones.column_names:
+                raise ValueError(f"tombstones have no {name!r} column (columns: {tombstones.column_names})")
+        graves, _ = dedupe_batch(tombstones)
+        live_rowversion = stored_lookup(graves, live, ROWVERSION)
+        # A live row in the same batch that is newer than the tombstone means the
+        # record came back: the tombstone loses. On a tie the deletion wins.
+        grave_wins = pc.invert(pc.fill_null(pc.greater(live_rowversion, graves.column(ROWVERSION)), False))
+        graves = graves.filter(grave_wins)
+        if graves.num_rows:
+            buried = pc.is_in(live.column(BK_HASH), value_set=graves.column(BK_HASH))
+            live = live.filter(pc.invert(buried))
+            shaped = _tombstone_rows(live.schema, graves)
+            stored_rowversion = stored_lookup(shaped, stored, ROWVERSION)
+            known = pc.is_valid(stored_lookup(shaped, stored, BK_HASH))
+            stale = pc.and_(known, pc.less_equal(shaped.column(ROWVERSION), stored_rowversion))
+            cases = [(pc.invert(known), UNKNOWN_KEY), (stale, STALE_ROWVERSION)]
+            reason = _labels(cases, TOMBSTONE, shaped.num_rows)
+            action = _labels([(pc.invert(known), SKIP), (stale, SKIP)], DELETE, shaped.num_rows)
+            parts.append(_with_plan(shaped, action, reason))
+    parts.insert(0, _plan_live(live, stored))
+    plan = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    return plan.take(pc.sort_indices(plan, sort_keys=[(BK_HASH, "ascending")]))
+
+
+@dataclass(frozen=True)
+class ReconcilePlan:
+    """Keys SyncFlow holds that APISmith no longer lists, and whether the guard allows deleting them.
+
+    `deletes` is empty when `blocked`; `candidates` always lists what a full
+    reconciliation would delete, for the report.
+    """
+
+    deletes: pa.Table
+    share: float
+    blocked: bool
+    reason: str
+    candidates: pa.Table
+
+
+def plan_reconcile_deletes(
+    stored_keys: pa.Table, source_keys: pa.Table, delete_guard: float
+) -> ReconcilePlan:
+    """Full-key reconciliation: delete stored keys missing from the source, unless too many.
+
+    `stored_keys` holds `_bk_hash` (and usually `_bk`) of everything delivered;
+    `source_keys` holds `_bk_hash` of every key APISmith lists now. When the
+    share of stored keys to delete exceeds `delete_guard`, nothing is deleted:
+    an empty or truncated key listing must never wipe ScheduleHub.
+    """
+    if not 0.0 < delete_guard <= 1.0:
+        raise ValueError(f"delete_guard must be in (0, 1], got {delete_guard!r}")
+    for label, table in (("stored_keys", stored_keys), ("source_keys", source_keys)):
+        if BK_HASH not in table.column_names:
+            raise ValueError(f"{label} has no {BK_HASH!r} column (columns: {table.column_names})")
+    gone = pc.invert(pc.is_in(stored_keys.column(BK_HASH), value_set=source_keys.column(BK_HASH)))
+    candidates = stored_keys.filter(gone)
+    candidates = candidates.take(pc.sort_indices(candidates, sort_keys=[(BK_HASH, "ascending")]))
+    count = candidates.num_rows
+    candidates = _with_plan(
+        candidates,
+        pa.array([DELETE] * count, pa.string()),
+        pa.array([MISSING_FROM_SOURCE] * count, pa.string()),
+    )
+    total = stored_keys.num_rows
+    share = count / total if total else 0.0
+    blocked = share > delete_guard
+    if blocked:
+        reason = (
+            f"blocked: {count} of {total} stored keys ({share:.1%}) are missing from the source, "
+            f"more than the delete guard of {delete_guard:.1%}"
+        )
+    else:
+        reason = f"{count} of {total} stored keys ({share:.1%}) are missing from the source"
+    deletes = candidates.slice(0, 0) if blocked else candidates
+    return ReconcilePlan(deletes=deletes, share=share, blocked=blocked, reason=reason, candidates=candidates)
+
+
+__all__ = [
+    "ReconcilePlan",
+    "dedupe_batch",
+    "plan_delta",
+    "plan_reconcile_deletes",
+]

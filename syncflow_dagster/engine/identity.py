@@ -1,0 +1,181 @@
+"""Identity: the canonical business key and payload of each row, and their hashes.
+
+BK_HASH = xxHash3-128 of the canonical key text, DATA_HASH = BLAKE3 of the
+canonical payload; the recipe (docs/identity.md, with test vectors) is
+versioned by RECIPE_VERSION, stored beside both hashes. The canonical strings
+are built columnar; the only per-row Python is one hash call per value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import blake3
+import pyarrow as pa
+import pyarrow.compute as _compute
+import xxhash
+
+from syncflow_dagster.catalog.models import EntitySpec
+from syncflow_dagster.engine.columns import (
+    BK,
+    BK_HASH,
+    BK_HASH_TYPE,
+    DATA_HASH,
+    DATA_HASH_TYPE,
+    KEY_SEPARATOR,
+    RECIPE,
+    RECIPE_TYPE,
+)
+
+# The pyarrow stubs type each compute function per concrete array class; the
+# arrays here get their types at run time, so compute calls are left untyped.
+pc: Any = _compute
+
+# Bump only as a deliberate re-baseline: every stored hash then compares as
+# "recipe_changed" and is re-delivered once (docs/identity.md).
+RECIPE_VERSION = 1
+NULL_MARK = "~"
+_UTC_TEXT = pa.timestamp("us", tz="UTC")
+
+
+def canonical_text(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Each value's canonical text for its Arrow type (null stays null).
+
+    int: decimal digits; decimal: fixed scale, plain notation, never -0;
+    bool: true/false; date: YYYY-MM-DD; datetime: UTC YYYY-MM-DDTHH:MM:SS.ffffffZ;
+    strings: as they are (normalize made them NFC).
+    """
+    array = _one_array(values)
+    kind = array.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return pc.cast(array, pa.string())
+    if pa.types.is_integer(kind) or pa.types.is_boolean(kind) or pa.types.is_date32(kind):
+        return pc.cast(array, pa.string())
+    if pa.types.is_decimal(kind):
+        return _decimal_text(array)
+    if pa.types.is_timestamp(kind):
+        if kind.tz is None:
+            raise ValueError(f"a naive timestamp ({kind}) has no canonical instant; normalize makes UTC")
+        utc = pc.cast(array, _UTC_TEXT)
+        # %S renders seconds with the unit's six fractional digits.
+        return pc.strftime(utc, format="%Y-%m-%dT%H:%M:%SZ")
+    raise ValueError(f"no canonical text for Arrow type {kind}")
+
+
+def _one_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        if values.num_chunks == 1:
+            only: pa.Array = values.chunks[0]
+            return only
+        combined: pa.Array = (
+            pa.concat_arrays(values.chunks) if values.num_chunks else pa.array([], values.type)
+        )
+        return combined
+    return values
+
+
+def _decimal_text(array: pa.Array) -> pa.Array:
+    """Plain fixed-scale text of a decimal (Arrow's own cast writes 1E-9 and 0E-2)."""
+    kind = array.type
+    scale = kind.scale
+    # The unscaled integer, read from the same buffers with scale 0: plain digits.
+    unscaled_type = (
+        pa.decimal128(kind.precision, 0) if kind.byte_width == 16 else pa.decimal256(kind.precision, 0)
+    )
+    unscaled = pa.Array.from_buffers(unscaled_type, len(array), array.buffers(), offset=array.offset)
+    digits = pc.cast(unscaled, pa.string())
+    if scale == 0:
+        return digits
+    negative = pc.starts_with(digits, "-")
+    magnitude = pc.utf8_lpad(pc.utf8_ltrim(digits, characters="-"), width=scale + 1, padding="0")
+    whole = pc.utf8_slice_codeunits(magnitude, 0, -scale)
+    fraction = pc.utf8_slice_codeunits(magnitude, -scale)
+    text = pc.binary_join_element_wise(whole, fraction, ".")
+    # The unscaled integer of a zero is 0, so "-" never precedes 0.00.
+    return pc.if_else(negative, pc.binary_join_element_wise("-", text, ""), text)
+
+
+def canonical_key_text(entity: EntitySpec, rows: pa.Table) -> pa.Array:
+    """`_bk`: the key values in business_key order, canonical, joined by KEY_SEPARATOR."""
+    for field in entity.business_key:
+        if field not in rows.column_names:
+            raise ValueError(f"entity {entity.name!r}: business key field {field!r} is not in the rows")
+        missing = rows.column(field).null_count
+        if missing:
+            raise ValueError(
+                f"entity {entity.name!r}: business key field {field!r} is null in {missing} row(s); "
+                "normalize rejects such rows"
+            )
+    return key_text_of([rows.column(field) for field in entity.business_key])
+
+
+def key_text_of(columns: list[pa.Array | pa.ChunkedArray]) -> pa.Array:
+    """Canonical key text of key columns in key order; null where any part is null."""
+    texts = [canonical_text(column) for column in columns]
+    if len(texts) == 1:
+        return texts[0]
+    return pc.binary_join_element_wise(*texts, KEY_SEPARATOR)
+
+
+def key_hash_of(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """xxHash3-128 of each UTF-8 key text (null stays null): BK_HASH."""
+    return _hash_each(_one_array(texts), xxhash.xxh3_128_digest, BK_HASH_TYPE)
+
+
+def canonical_payload(entity: EntitySpec, rows: pa.Table) -> pa.Array:
+    """The canonical payload text: every target field in declared order, each a token.
+
+    A token is "~" for null and "<utf-8 byte length>:<canonical text>" otherwise,
+    so tokens are self-delimiting: null differs from "", and no value can fake
+    a field boundary.
+    """
+    tokens = []
+    for field in entity.targets:
+        if field not in rows.column_names:
+            raise ValueError(f"entity {entity.name!r}: target field {field!r} is not in the rows")
+        text = canonical_text(rows.column(field))
+        length = pc.cast(pc.binary_length(text), pa.string())
+        token = pc.binary_join_element_wise(length, text, ":")
+        tokens.append(pc.coalesce(token, NULL_MARK))
+    return pc.binary_join_element_wise(*tokens, "")
+
+
+def data_hash_of(payload: pa.Array) -> pa.Array:
+    """BLAKE3-256 of each canonical payload: DATA_HASH."""
+    return _hash_each(payload, _blake3_digest, DATA_HASH_TYPE)
+
+
+def _blake3_digest(data: bytes) -> bytes:
+    digest: bytes = blake3.blake3(data).digest()
+    return digest
+
+
+def _hash_each(texts: pa.Array, digest: Any, kind: pa.FixedSizeBinaryType) -> pa.Array:
+    """Hash every value with one list comprehension; the digests go back as one buffer."""
+    binary = pc.cast(texts, pa.binary()) if not pa.types.is_binary(texts.type) else texts
+    values = binary.to_pylist()
+    if binary.null_count:
+        width = kind.byte_width
+        digests = [digest(value) if value is not None else bytes(width) for value in values]
+        hashes = pa.FixedSizeBinaryArray.from_buffers(
+            kind, len(values), [None, pa.py_buffer(b"".join(digests))]
+        )
+        return pc.if_else(pc.is_null(binary), pa.scalar(None, kind), hashes)
+    joined = b"".join([digest(value) for value in values])
+    return pa.FixedSizeBinaryArray.from_buffers(kind, len(values), [None, pa.py_buffer(joined)])
+
+
+def add_identity(entity: EntitySpec, rows: pa.Table) -> pa.Table:
+    """Append `_bk`, `_bk_hash`, `_data_hash` and `_recipe` to normalized rows."""
+    key = canonical_key_text(entity, rows)
+    table = rows
+    for name in (BK, BK_HASH, DATA_HASH, RECIPE):
+        if name in table.column_names:
+            table = table.drop_columns([name])
+    recipe = pa.array([RECIPE_VERSION] * rows.num_rows, RECIPE_TYPE)
+    table = table.append_column(pa.field(BK, pa.string()), key)
+    table = table.append_column(pa.field(BK_HASH, BK_HASH_TYPE), key_hash_of(key))
+    table = table.append_column(
+        pa.field(DATA_HASH, DATA_HASH_TYPE), data_hash_of(canonical_payload(entity, rows))
+    )
+    return table.append_column(pa.field(RECIPE, RECIPE_TYPE), recipe)

@@ -1,0 +1,523 @@
+"""Normalize: APISmith's raw records → typed rows under the catalog's target names.
+
+Field mapping, then the layered coercions each field declares (type, string,
+numeric, datetime, enum, bool), all columnar with pyarrow.compute. A value that
+cannot be coerced never raises: its whole row moves to the rejected frame, with
+one rejected row per bad value (entity, business key, field, raw value,
+reason), and the rest of the batch goes on. Only a change of the source's
+shape (a required column or the rowversion column missing) raises
+`SchemaDriftError`, because then every row would be wrong in the same way.
+
+Every value is first read as text (JSON numbers and booleans included), then
+validated by a regular expression or a parser with `error_is_null` before any
+cast, so that one bad value can never make a cast raise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pyarrow as pa
+import pyarrow.compute as _compute
+
+from syncflow_dagster.catalog.models import EntitySpec, FieldSpec, FieldType, Precision, Rounding
+from syncflow_dagster.engine.columns import (
+    CHANGED_AT,
+    CHANGED_AT_TYPE,
+    KEY_SEPARATOR,
+    REJECTED_SCHEMA,
+    ROWVERSION,
+    ROWVERSION_TYPE,
+)
+
+# The pyarrow stubs type each compute function per concrete array class; the
+# arrays here get their types at run time, so compute calls are left untyped.
+pc: Any = _compute
+
+
+class SchemaDriftError(ValueError):
+    """The source's columns no longer match the catalog (a required column is gone)."""
+
+
+@dataclass(frozen=True)
+class NormalizeResult:
+    """Typed rows that passed every layer, and one rejected row per bad value."""
+
+    rows: pa.Table
+    rejected: pa.Table
+
+
+# Reasons, spelled once so that reports can group by them.
+REASON_MISSING = "required value is missing"
+REASON_NOT_INT = "not an integer"
+REASON_INT_RANGE = "integer out of range for int64"
+REASON_NOT_DECIMAL = "not a decimal"
+REASON_CONTROL = "contains a control character"
+
+# C0 controls except tab, LF and CR, plus DEL: never legitimate in ERP text, and
+# KEY_SEPARATOR (0x1f) must not occur inside a key value.
+_CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
+_INT = r"^[+-]?[0-9]+(\.0*)?$"
+_INT64_MAX_DIGITS = "9223372036854775807"
+_INT64_MIN_DIGITS = "9223372036854775808"
+_DECIMAL = r"^(?P<sign>[+-]?)(?P<int>[0-9]*)(?:\.(?P<frac>[0-9]*))?(?:[eE](?P<exp>[+-]?[0-9]{1,4}))?$"
+# Decimals are parsed wide (38 fractional digits) so the rounding mode sees
+# every digit the source sent, then rounded and narrowed to decimal128(38, scale).
+_WIDE_DECIMAL = pa.decimal256(76, 38)
+_WIDE_FRACTION = 38
+_ISO_DATETIME = (
+    r"^(?P<date>[0-9]{4}-[0-9]{2}-[0-9]{2})[Tt ](?P<time>[0-9]{2}:[0-9]{2}(?::[0-9]{2})?)"
+    r"(?:[.,](?P<frac>[0-9]{1,9}))?(?P<zone>[Zz]|[+-][0-9]{2}(?::?[0-9]{2})?)?$"
+)
+_ISO_OFFSET = r"^(?P<sign>[+-])(?P<hours>[0-9]{2}):?(?P<minutes>[0-9]{2})?$"
+_ISO_DATE = "%Y-%m-%d"
+_ROUND_MODE = {
+    # half_up is the commercial rule: ties away from zero (Java's HALF_UP);
+    # Arrow's own "half_up" rounds ties towards +infinity, which is not it.
+    Rounding.HALF_EVEN: "half_to_even",
+    Rounding.HALF_UP: "half_towards_infinity",
+    Rounding.DOWN: "towards_zero",
+}
+_FLOOR_UNIT = {Precision.SECOND: "second", Precision.MILLISECOND: "millisecond"}
+
+
+def target_type(spec: FieldSpec) -> pa.DataType:
+    """The Arrow type a field has after normalisation (the frame contract)."""
+    if spec.type is FieldType.INT:
+        return pa.int64()
+    if spec.type is FieldType.DECIMAL:
+        return pa.decimal128(38, spec.scale or 0)
+    if spec.type is FieldType.BOOL:
+        return pa.bool_()
+    if spec.type is FieldType.DATE:
+        return pa.date32()
+    if spec.type is FieldType.DATETIME:
+        return CHANGED_AT_TYPE
+    return pa.string()
+
+
+def rows_schema(entity: EntitySpec) -> pa.Schema:
+    """The schema of `NormalizeResult.rows` for an entity."""
+    fields = [pa.field(spec.target, target_type(spec)) for spec in entity.fields]
+    fields += [pa.field(ROWVERSION, ROWVERSION_TYPE), pa.field(CHANGED_AT, CHANGED_AT_TYPE)]
+    return pa.schema(fields)
+
+
+@dataclass
+class _Coerced:
+    """One column after its layers: typed values and the (mask, reason) of each bad value."""
+
+    values: pa.Array
+    problems: list[tuple[pa.Array, pa.Array | str]]
+
+    def reject(self, mask: pa.Array, reason: pa.Array | str) -> None:
+        mask = pc.fill_null(mask, False)
+        if pc.any(mask).as_py():
+            self.problems.append((mask, reason))
+
+
+def normalize(entity: EntitySpec, raw: pa.Table) -> NormalizeResult:
+    """Map and coerce `raw` (APISmith source names) into typed rows for `entity`."""
+    n = raw.num_rows
+    columns = set(raw.column_names)
+    if entity.rowversion not in columns:
+        raise SchemaDriftError(
+            f"entity {entity.name!r}: the rowversion column {entity.rowversion!r} is missing "
+            f"from the source records (columns: {sorted(columns)})"
+        )
+    if entity.changed_at not in columns:
+        raise SchemaDriftError(
+            f"entity {entity.name!r}: the changed_at column {entity.changed_at!r} is missing "
+            f"from the source records (columns: {sorted(columns)})"
+        )
+    key_targets = set(entity.business_key)
+    for spec in entity.fields:
+        if spec.source not in columns and (spec.required or spec.target in key_targets):
+            raise SchemaDriftError(
+                f"entity {entity.name!r}: required source column {spec.source!r} "
+                f"(target {spec.target!r}) is missing from the source records"
+            )
+
+    coerced: list[tuple[str, str | None, _Coerced]] = []  # (source name, raw column, result)
+    for spec in entity.fields:
+        if spec.source not in columns:
+            # An optional field the source no longer sends is all-null: nothing to reject.
+            coerced.append((spec.source, None, _Coerced(_nulls(n, target_type(spec)), [])))
+            continue
+        column = _combined(raw.column(spec.source))
+        result = _coerce_field(entity, spec, column)
+        if spec.required or spec.target in key_targets:
+            result.reject(pc.and_(pc.is_null(result.values), _no_problem(result, n)), REASON_MISSING)
+        coerced.append((spec.source, spec.source, result))
+
+    rowversion = _coerce_int(_text(entity, entity.rowversion, _combined(raw.column(entity.rowversion))))
+    rowversion.reject(pc.and_(pc.is_null(rowversion.values), _no_problem(rowversion, n)), REASON_MISSING)
+    coerced.append((entity.rowversion, entity.rowversion, rowversion))
+    changed_at = _coerce_datetime(
+        _text_or_timestamp(entity, entity.changed_at, _combined(raw.column(entity.changed_at))),
+        formats=(),
+        timezone="UTC",
+        precision=Precision.MICROSECOND,
+    )
+    changed_at.reject(pc.and_(pc.is_null(changed_at.values), _no_problem(changed_at, n)), REASON_MISSING)
+    coerced.append((entity.changed_at, entity.changed_at, changed_at))
+
+    bad_row = pa.array([False] * n, pa.bool_()) if n else pa.array([], pa.bool_())
+    for _, _, result in coerced:
+        for mask, _ in result.problems:
+            bad_row = pc.or_(bad_row, mask)
+
+    names = [*entity.targets, ROWVERSION, CHANGED_AT]
+    table = pa.Table.from_arrays([result.values for _, _, result in coerced], schema=rows_schema(entity))
+    assert table.column_names == names
+    has_bad = n > 0 and pc.any(bad_row).as_py()
+    rows = table.filter(pc.invert(bad_row)) if has_bad else table
+    rejected = _rejected_frame(entity, raw, coerced) if has_bad else REJECTED_SCHEMA.empty_table()
+    return NormalizeResult(rows=rows, rejected=rejected)
+
+
+def _combined(column: pa.ChunkedArray) -> pa.Array:
+    if column.num_chunks == 1:
+        only: pa.Array = column.chunks[0]
+        return only
+    combined: pa.Array = pa.concat_arrays(column.chunks) if column.num_chunks else pa.array([], column.type)
+    return combined
+
+
+def _nulls(n: int, type_: pa.DataType) -> pa.Array:
+    nulls: pa.Array = pa.nulls(n).cast(type_)
+    return nulls
+
+
+def _no_problem(result: _Coerced, n: int) -> pa.Array:
+    """Rows of this column not already rejected for a bad value (so 'missing' is not added twice)."""
+    ok = pa.array([True] * n, pa.bool_()) if n else pa.array([], pa.bool_())
+    for mask, _ in result.problems:
+        ok = pc.and_(ok, pc.invert(mask))
+    return ok
+
+
+def _text(entity: EntitySpec, source: str, column: pa.Array) -> pa.Array:
+    """Any JSON-native column as text; null stays null."""
+    if pa.types.is_string(column.type):
+        return column
+    if pa.types.is_null(column.type):
+        return pa.nulls(len(column), pa.string())
+    try:
+        return pc.cast(column, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise SchemaDriftError(
+            f"entity {entity.name!r}: source column {source!r} has type {column.type}, "
+            "which cannot be read as text"
+        ) from exc
+
+
+def _text_or_timestamp(entity: EntitySpec, source: str, column: pa.Array) -> pa.Array:
+    return column if pa.types.is_timestamp(column.type) else _text(entity, source, column)
+
+
+def _coerce_field(entity: EntitySpec, spec: FieldSpec, column: pa.Array) -> _Coerced:
+    if spec.type is FieldType.BOOL and pa.types.is_boolean(column.type):
+        return _Coerced(column, [])
+    if spec.type is FieldType.DATETIME:
+        return _coerce_datetime(
+            _text_or_timestamp(entity, spec.source, column),
+            formats=spec.formats,
+            timezone=spec.timezone,
+            precision=spec.precision,
+        )
+    text = _text(entity, spec.source, column)
+    if spec.type in (FieldType.STRING, FieldType.ENUM):
+        result = _string_layer(spec, text)
+        if spec.type is FieldType.ENUM:
+            result = _enum_layer(spec, result)
+        return result
+    text = pc.utf8_trim_whitespace(text)
+    if spec.type is FieldType.BOOL:
+        return _coerce_bool(spec, text)
+    text = _empty_to_null(text)
+    if spec.type is FieldType.INT:
+        return _coerce_int(text)
+    if spec.type is FieldType.DECIMAL:
+        return _coerce_decimal(spec, text)
+    return _coerce_date(spec, text)
+
+
+def _empty_to_null(text: pa.Array) -> pa.Array:
+    return pc.if_else(pc.equal(text, ""), pa.scalar(None, text.type), text)
+
+
+def _string_layer(spec: FieldSpec, text: pa.Array) -> _Coerced:
+    if spec.trim:
+        text = pc.utf8_trim_whitespace(text)
+    if spec.nfc:
+        text = pc.utf8_normalize(text, form="NFC")
+    if spec.case.value == "upper":
+        text = pc.utf8_upper(text)
+    elif spec.case.value == "lower":
+        text = pc.utf8_lower(text)
+    if spec.empty_as_null:
+        text = _empty_to_null(text)
+    result = _Coerced(text, [])
+    result.reject(pc.match_substring_regex(text, _CONTROL_CHARS), REASON_CONTROL)
+    if spec.max_length is not None:
+        length = pc.utf8_length(text)
+        too_long = pc.greater(length, spec.max_length)
+        reason = pc.binary_join_element_wise(
+            f"longer than max_length {spec.max_length} (", pc.cast(length, pa.string()), " characters)", ""
+        )
+        result.reject(too_long, reason)
+    return result
+
+
+def _enum_layer(spec: FieldSpec, result: _Coerced) -> _Coerced:
+    text = result.values
+    if spec.aliases:
+        # Alias spellings go through the same case rule as the values they map.
+        fold = {"upper": str.upper, "lower": str.lower}.get(spec.case.value, str)
+        spellings = pa.array([fold(alias) for alias in spec.aliases], pa.string())
+        meanings = pa.array(list(spec.aliases.values()), pa.string())
+        mapped = pc.take(meanings, pc.index_in(text, value_set=spellings))
+        text = pc.coalesce(mapped, text)
+    allowed = pa.array(list(spec.values), pa.string())
+    unknown = pc.and_(pc.is_valid(text), pc.invert(pc.is_in(text, value_set=allowed)))
+    reason = pc.binary_join_element_wise(
+        "unknown enum value '", result.values, "'; allowed: " + ", ".join(spec.values), ""
+    )
+    result.reject(unknown, reason)
+    return _Coerced(text, result.problems)
+
+
+def _coerce_bool(spec: FieldSpec, text: pa.Array) -> _Coerced:
+    lowered = pc.utf8_lower(text)
+    truthy = pc.is_in(lowered, value_set=pa.array([v.lower() for v in spec.true_values], pa.string()))
+    falsy = pc.is_in(lowered, value_set=pa.array([v.lower() for v in spec.false_values], pa.string()))
+    values = pc.if_else(truthy, True, pc.if_else(falsy, False, pa.scalar(None, pa.bool_())))
+    values = pc.if_else(pc.is_null(text), pa.scalar(None, pa.bool_()), values)
+    result = _Coerced(values, [])
+    reason = (
+        f"not a boolean (true: {', '.join(map(repr, spec.true_values))}; "
+        f"false: {', '.join(map(repr, spec.false_values))})"
+    )
+    result.reject(pc.and_(pc.is_valid(text), pc.is_null(values)), reason)
+    return result
+
+
+def _coerce_int(text: pa.Array) -> _Coerced:
+    text = _empty_to_null(pc.utf8_trim_whitespace(text))
+    shaped = pc.match_substring_regex(text, _INT)
+    digits = pc.utf8_ltrim(pc.replace_substring_regex(text, r"^[+-]|\.0*$", ""), characters="0")
+    negative = pc.starts_with(text, "-")
+    length = pc.utf8_length(digits)
+    # Same-length digit strings compare as numbers, so the int64 bound is a string compare.
+    fits = pc.or_(
+        pc.less(length, 19),
+        pc.and_(
+            pc.equal(length, 19),
+            pc.if_else(
+                negative,
+                pc.less_equal(digits, _INT64_MIN_DIGITS),
+                pc.less_equal(digits, _INT64_MAX_DIGITS),
+            ),
+        ),
+    )
+    good = pc.and_(shaped, fits)
+    clean = pc.replace_substring_regex(text, r"^\+|\.0*$", "")
+    values = pc.cast(pc.if_else(good, clean, pa.scalar(None, pa.string())), pa.int64())
+    result = _Coerced(values, [])
+    result.reject(pc.invert(shaped), REASON_NOT_INT)
+    result.reject(pc.and_(shaped, pc.invert(fits)), REASON_INT_RANGE)
+    return result
+
+
+def _coerce_decimal(spec: FieldSpec, text: pa.Array) -> _Coerced:
+    scale = spec.scale or 0
+    parts = pc.extract_regex(text, _DECIMAL)
+    int_part = pc.struct_field(parts, "int")
+    frac_part = pc.struct_field(parts, "frac")
+    exp_text = pc.struct_field(parts, "exp")
+    has_digits = pc.or_(pc.greater(pc.utf8_length(int_part), 0), pc.greater(pc.utf8_length(frac_part), 0))
+    shaped = pc.and_(pc.is_valid(parts), pc.fill_null(has_digits, False))
+    exponent = pc.cast(pc.if_else(pc.equal(exp_text, ""), "0", exp_text), pa.int64())
+    int_digits = pc.add(pc.utf8_length(pc.utf8_ltrim(int_part, characters="0")), exponent)
+    frac_digits = pc.subtract(pc.utf8_length(pc.utf8_rtrim(frac_part, characters="0")), exponent)
+    # Checked on digit counts before the wide cast, so the cast itself cannot overflow.
+    in_range = pc.and_(pc.less_equal(int_digits, 38 - scale), pc.less_equal(frac_digits, _WIDE_FRACTION))
+    good = pc.and_(shaped, pc.fill_null(in_range, False))
+    wide = pc.cast(pc.if_else(good, text, pa.scalar(None, pa.string())), _WIDE_DECIMAL)
+    rounded = pc.round(wide, ndigits=scale, round_mode=_ROUND_MODE[spec.rounding])
+    largest = Decimal("9" * (38 - scale) + ("." + "9" * scale if scale else ""))
+    fits = pc.less_equal(pc.abs(rounded), pa.scalar(largest, _WIDE_DECIMAL))  # a carry can add a digit
+    rounded = pc.if_else(fits, rounded, pa.scalar(None, _WIDE_DECIMAL))
+    # Decimals have no negative zero: -0.00 parses to the same value as 0.00.
+    values = pc.cast(rounded, pa.decimal128(38, scale))
+    result = _Coerced(values, [])
+    result.reject(pc.and_(pc.is_valid(text), pc.invert(shaped)), REASON_NOT_DECIMAL)
+    out_of_range = pc.and_(
+        shaped, pc.invert(pc.and_(pc.fill_null(in_range, False), pc.fill_null(fits, True)))
+    )
+    result.reject(
+        out_of_range,
+        f"decimal out of range (at most {38 - scale} integer and {_WIDE_FRACTION} fractional digits)",
+    )
+    return result
+
+
+def _coerce_date(spec: FieldSpec, text: pa.Array) -> _Coerced:
+    formats = tuple(dict.fromkeys((*spec.formats, _ISO_DATE)))  # ISO always accepted, last
+    parsed = [_strict_strptime(text, fmt) for fmt in formats]
+    values = pc.cast(pc.coalesce(*parsed) if len(parsed) > 1 else parsed[0], pa.date32())
+    result = _Coerced(values, [])
+    result.reject(
+        pc.and_(pc.is_valid(text), pc.is_null(values)),
+        f"not a date (accepted formats: {', '.join(formats)})",
+    )
+    return result
+
+
+def _coerce_datetime(
+    column: pa.Array, *, formats: tuple[str, ...], timezone: str, precision: Precision
+) -> _Coerced:
+    if pa.types.is_timestamp(column.type):
+        typed = column if column.type.tz else _localize(column, timezone)
+        values = pc.cast(typed, pa.timestamp(column.type.unit, tz="UTC")).cast(CHANGED_AT_TYPE)
+        return _Coerced(_at_precision(values, precision), [])
+    text = _empty_to_null(pc.utf8_trim_whitespace(column))
+    aware: list[pa.Array] = []
+    naive: list[pa.Array] = []
+    iso_aware, iso_naive = _parse_iso(text)
+    aware.append(iso_aware)
+    naive.append(iso_naive)
+    for fmt in formats:
+        parsed = _strict_strptime(text, fmt)
+        (aware if "%z" in fmt else naive).append(parsed)
+    # A string with an offset never fully matches a naive format and vice versa,
+    # so the aware and naive candidates cannot compete for one value.
+    utc = [pc.cast(a, CHANGED_AT_TYPE) for a in aware]
+    local = pc.coalesce(*naive) if len(naive) > 1 else naive[0]
+    utc.append(_localize(local, timezone))
+    values = _at_precision(pc.coalesce(*utc), precision)
+    result = _Coerced(values, [])
+    accepted = ", ".join(("ISO-8601", *formats))
+    result.reject(
+        pc.and_(pc.is_valid(text), pc.is_null(values)),
+        f"not a datetime (accepted: {accepted}; naive values are in {timezone})",
+    )
+    return result
+
+
+def _parse_iso(text: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """ISO-8601 date-times: (UTC values of those with an offset, naive values of those without)."""
+    parts = pc.extract_regex(text, _ISO_DATETIME)
+    date = pc.struct_field(parts, "date")
+    time = pc.struct_field(parts, "time")
+    time = pc.if_else(pc.equal(pc.utf8_length(time), 5), pc.binary_join_element_wise(time, ":00", ""), time)
+    stamp = pc.binary_join_element_wise(date, time, " ")
+    # _strict_strptime refuses 30 February instead of rolling it over, without raising.
+    base = pc.cast(_strict_strptime(stamp, "%Y-%m-%d %H:%M:%S"), pa.timestamp("us"))
+    frac = pc.struct_field(parts, "frac")
+    nanos = pc.cast(pc.utf8_rpad(pc.if_else(pc.equal(frac, ""), "0", frac), width=9, padding="0"), pa.int64())
+    local = pc.add(base, pc.cast(pc.divide(nanos, 1000), pa.duration("us")))
+    zone = pc.struct_field(parts, "zone")
+    offset_us = _offset_micros(zone)
+    has_zone = pc.fill_null(pc.greater(pc.utf8_length(zone), 0), False)
+    as_utc = pc.subtract(local, pc.cast(offset_us, pa.duration("us")))
+    aware = pc.if_else(has_zone, pc.cast(as_utc, CHANGED_AT_TYPE), pa.scalar(None, CHANGED_AT_TYPE))
+    naive = pc.if_else(has_zone, pa.scalar(None, local.type), local)
+    return aware, naive
+
+
+def _offset_micros(zone: pa.Array) -> pa.Array:
+    """UTC offsets written as Z, +hh, +hhmm or +hh:mm → signed microseconds (null when not one)."""
+    parts = pc.extract_regex(zone, _ISO_OFFSET)
+    hours = pc.cast(pc.struct_field(parts, "hours"), pa.int64())
+    minutes_text = pc.struct_field(parts, "minutes")
+    minutes = pc.cast(pc.if_else(pc.equal(minutes_text, ""), "0", minutes_text), pa.int64())
+    sign = pc.if_else(pc.equal(pc.struct_field(parts, "sign"), "-"), -1, 1)
+    offset = pc.multiply(sign, pc.multiply(pc.add(pc.multiply(hours, 60), minutes), 60_000_000))
+    return pc.if_else(pc.fill_null(pc.equal(pc.utf8_upper(zone), "Z"), False), 0, offset)
+
+
+def _unpadded(text: pa.Array) -> pa.Array:
+    """Text with leading zeros of digit runs dropped and case folded, for round-trip checks."""
+    return pc.replace_substring_regex(pc.utf8_lower(text), r"(^|[^0-9])0+([0-9])", r"\1\2")
+
+
+def _strict_strptime(text: pa.Array, fmt: str) -> pa.Array:
+    """pc.strptime at second resolution, null where the value is not a real calendar time.
+
+    Arrow's strptime rolls 30 February over to 1 March; formatting the parsed
+    value back with the same format and comparing (ignoring zero padding and
+    case) refuses such values. With `%z` at the end, the comparison is made in
+    the value's own offset.
+    """
+    parsed = pc.strptime(text, format=fmt, unit="s", error_is_null=True)
+    if fmt.endswith("%z"):
+        parts = pc.extract_regex(text, r"^(?P<body>.*?)(?P<zone>[Zz]|[+-][0-9]{2}(?::?[0-9]{2})?)$")
+        wall = pc.add(
+            pc.cast(parsed, pa.timestamp("s")),
+            pc.cast(pc.divide(_offset_micros(pc.struct_field(parts, "zone")), 1_000_000), pa.duration("s")),
+        )
+        same = pc.equal(
+            _unpadded(pc.strftime(wall, format=fmt[:-2])), _unpadded(pc.struct_field(parts, "body"))
+        )
+    elif "%z" in fmt:
+        return parsed  # an offset in the middle of a format: Arrow's own check only
+    else:
+        same = pc.equal(_unpadded(pc.strftime(parsed, format=fmt)), _unpadded(text))
+    return pc.if_else(pc.fill_null(same, False), parsed, pa.scalar(None, parsed.type))
+
+
+def _localize(naive: pa.Array, timezone: str) -> pa.Array:
+    """Naive wall-clock times in `timezone` → UTC.
+
+    In the autumn overlap the earlier instant wins; a time in the spring gap
+    (02:30 on the night clocks jump to 03:00) means the moment the gap ends,
+    which is what a clerk typing 02:30 meant. Arrow's "earliest" would give
+    01:59:59.999999 instead.
+    """
+    if ZoneInfo(timezone).key in ("UTC", "Etc/UTC"):
+        return pc.cast(naive, pa.timestamp(naive.type.unit, tz="UTC")).cast(CHANGED_AT_TYPE)
+    localized = pc.assume_timezone(naive, timezone=timezone, ambiguous="earliest", nonexistent="latest")
+    return pc.cast(localized, pa.timestamp(naive.type.unit, tz="UTC")).cast(CHANGED_AT_TYPE)
+
+
+def _at_precision(values: pa.Array, precision: Precision) -> pa.Array:
+    """Truncate to the field's precision (a fixed precision keeps DATA_HASH stable)."""
+    unit = _FLOOR_UNIT.get(precision)
+    return values if unit is None else pc.floor_temporal(values, unit=unit)
+
+
+def _rejected_frame(
+    entity: EntitySpec, raw: pa.Table, coerced: list[tuple[str, str | None, _Coerced]]
+) -> pa.Table:
+    """One row per bad value, with the raw key text (best effort) to find the record again."""
+    key_text = []
+    for target in entity.business_key:
+        source = entity.field_by_target[target].source
+        column = _text(entity, source, _combined(raw.column(source)))
+        key_text.append(pc.fill_null(column, ""))
+    business_key = pc.binary_join_element_wise(*key_text, KEY_SEPARATOR)
+    pieces: list[pa.Table] = []
+    for source, raw_name, result in coerced:
+        raw_value = _text(entity, source, _combined(raw.column(raw_name))) if raw_name is not None else None
+        for mask, reason in result.problems:
+            count = pc.sum(mask).as_py() or 0
+            reasons = reason.filter(mask) if isinstance(reason, pa.Array) else pa.array([reason] * count)
+            values = raw_value.filter(mask) if raw_value is not None else pa.nulls(count, pa.string())
+            pieces.append(
+                pa.Table.from_arrays(
+                    [
+                        pa.array([entity.name] * count, pa.string()),
+                        business_key.filter(mask),
+                        pa.array([source] * count, pa.string()),
+                        pc.cast(values, pa.string()),
+                        pc.cast(reasons, pa.string()),
+                    ],
+                    schema=REJECTED_SCHEMA,
+                )
+            )
+    return pa.concat_tables(pieces) if pieces else REJECTED_SCHEMA.empty_table()

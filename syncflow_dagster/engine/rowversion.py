@@ -1,0 +1,52 @@
+"""Rowversion: rows the source has not changed since the last delivery are stale.
+
+APISmith's rowversion is a monotonic change counter. A row whose rowversion is
+not newer than the one last *delivered* for its key cannot carry news, so it is
+set aside before any hash is compared (and a replayed or out-of-order page can
+never overwrite newer state).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as _compute
+
+from syncflow_dagster.engine.columns import BK_HASH, ROWVERSION
+
+# The pyarrow stubs type each compute function per concrete array class; the
+# arrays here get their types at run time, so compute calls are left untyped.
+pc: Any = _compute
+
+
+def stored_lookup(rows: pa.Table, stored: pa.Table | None, column: str) -> pa.Array:
+    """For each row, `column` of the stored state with the same `_bk_hash` (null when none)."""
+    keys = rows.column(BK_HASH)
+    if stored is None or stored.num_rows == 0 or column not in stored.column_names:
+        kind = (
+            stored.schema.field(column).type if stored is not None and column in stored.column_names else None
+        )
+        return pa.nulls(rows.num_rows).cast(kind) if kind is not None else pa.nulls(rows.num_rows)
+    positions = pc.index_in(keys, value_set=stored.column(BK_HASH))
+    looked_up: pa.Array = pc.take(stored.column(column), positions)
+    return looked_up.combine_chunks() if isinstance(looked_up, pa.ChunkedArray) else looked_up
+
+
+def stale_mask(rows: pa.Table, stored: pa.Table | None) -> pa.Array:
+    """True where the row's `_rowversion` is not newer than the stored one."""
+    stored_rowversion = stored_lookup(rows, stored, ROWVERSION)
+    if stored_rowversion.null_count == len(stored_rowversion):
+        return pa.array([False] * rows.num_rows, pa.bool_())
+    return pc.fill_null(pc.less_equal(rows.column(ROWVERSION), stored_rowversion), False)
+
+
+def split_by_rowversion(rows: pa.Table, stored: pa.Table | None) -> tuple[pa.Table, pa.Table]:
+    """(fresh, stale): `stored` holds `_bk_hash`, `_rowversion` of what was last delivered."""
+    if stored is None or stored.num_rows == 0:
+        return rows, rows.slice(0, 0)
+    for name in (BK_HASH, ROWVERSION):
+        if name not in stored.column_names:
+            raise ValueError(f"stored state has no {name!r} column (columns: {stored.column_names})")
+    stale = stale_mask(rows, stored)
+    return rows.filter(pc.invert(stale)), rows.filter(stale)

@@ -1,0 +1,277 @@
+"""Normalize: every coercion layer, every rejection reason, schema drift."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from syncflow_dagster.catalog.models import EntitySpec
+from syncflow_dagster.engine.columns import CHANGED_AT, KEY_SEPARATOR, REJECTED_SCHEMA, ROWVERSION
+from syncflow_dagster.engine.normalize import SchemaDriftError, normalize, rows_schema
+
+UTC = dt.UTC
+
+
+def entity(*fields: dict[str, Any], key: tuple[str, ...] = ("code",)) -> EntitySpec:
+    base = [{"source": "Code", "target": "code", "required": True, "case": "upper"}]
+    return EntitySpec.model_validate(
+        {
+            "name": "things",
+            "source": "Things",
+            "resource": "things",
+            "business_key": key,
+            "fields": [*base, *fields],
+        }
+    )
+
+
+def raw(n: int, **columns: Any) -> pa.Table:
+    data: dict[str, Any] = {"Code": [f"k{i}" for i in range(n)]}
+    data.update(columns)
+    data.setdefault("RowVersion", list(range(1, n + 1)))
+    data.setdefault("ModifiedAt", ["2024-05-01T10:00:00+02:00"] * n)
+    return pa.table(data)
+
+
+def one_field(field: dict[str, Any], values: list[Any]) -> tuple[list[Any], list[dict[str, Any]]]:
+    spec = entity({"source": "V", "target": "v", **field})
+    result = normalize(spec, raw(len(values), V=values))
+    kept = result.rows.column("code").to_pylist()
+    by_code = dict(zip(kept, result.rows.column("v").to_pylist(), strict=True))
+    out = [by_code.get(f"K{i}", "REJECTED") for i in range(len(values))]
+    return out, result.rejected.to_pylist()
+
+
+def test_output_schema_and_declared_order() -> None:
+    spec = entity({"source": "B", "target": "b", "type": "int"}, {"source": "A", "target": "a"})
+    result = normalize(spec, raw(1, A=["x"], B=["7"], Extra=["ignored"]))
+    assert result.rows.schema == rows_schema(spec)
+    assert result.rows.column_names == ["code", "b", "a", ROWVERSION, CHANGED_AT]
+    assert result.rows.to_pylist()[0]["b"] == 7
+    assert result.rows.column(CHANGED_AT)[0].as_py() == dt.datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
+    assert result.rejected.schema == REJECTED_SCHEMA
+    assert result.rejected.num_rows == 0
+
+
+def test_string_layer_trim_case_nfc_empty() -> None:
+    values, rejected = one_field({"case": "lower"}, ["  AbC ", "e\u0301", "", "   ", None])
+    assert values == ["abc", "\u00e9", None, None, None]
+    assert rejected == []
+    kept, _ = one_field({"trim": False, "nfc": False, "empty_as_null": False}, [" a ", "e\u0301", ""])
+    assert kept == [" a ", "e\u0301", ""]
+
+
+def test_string_max_length_and_control_characters_reject() -> None:
+    values, rejected = one_field({"max_length": 3}, ["abc", "abcd", "a\x1fb", "tab\tok"[:3]])
+    assert values == ["abc", "REJECTED", "REJECTED", "tab"]
+    reasons = {r["raw_value"]: r["reason"] for r in rejected}
+    assert reasons["abcd"] == "longer than max_length 3 (4 characters)"
+    assert reasons["a\x1fb"] == "contains a control character"
+    assert all(r["entity"] == "things" and r["field"] == "V" for r in rejected)
+
+
+def test_int_layer() -> None:
+    values, rejected = one_field(
+        {"type": "int"},
+        [" 42 ", "+7", "-0", "12.00", "1.5", "abc", "9223372036854775807", "9223372036854775808"],
+    )
+    assert values[:4] == [42, 7, 0, 12]
+    assert values[6] == 9223372036854775807
+    assert values[4] == values[5] == values[7] == "REJECTED"
+    reasons = {r["raw_value"]: r["reason"] for r in rejected}
+    assert reasons == {
+        "1.5": "not an integer",
+        "abc": "not an integer",
+        "9223372036854775808": "integer out of range for int64",
+    }
+
+
+def test_int_from_json_numbers() -> None:
+    values, rejected = one_field({"type": "int"}, [1, 2, None])
+    assert values == [1, 2, None]
+    assert rejected == []
+
+
+@pytest.mark.parametrize(
+    ("rounding", "expected"),
+    [
+        ("half_even", [Decimal("1.00"), Decimal("1.02"), Decimal("-1.00"), Decimal("0.00")]),
+        ("half_up", [Decimal("1.01"), Decimal("1.02"), Decimal("-1.01"), Decimal("0.00")]),
+        ("down", [Decimal("1.00"), Decimal("1.01"), Decimal("-1.00"), Decimal("0.00")]),
+    ],
+)
+def test_decimal_rounding_modes(rounding: str, expected: list[Decimal]) -> None:
+    values, rejected = one_field(
+        {"type": "decimal", "scale": 2, "rounding": rounding}, ["1.005", "1.015", "-1.005", "-0.001"]
+    )
+    assert values == expected
+    assert rejected == []
+
+
+def test_decimal_accepts_json_floats_exponents_and_negative_zero() -> None:
+    values, _ = one_field({"type": "decimal", "scale": 3}, ["0.1", "1e3", "-0.000", "  .5 ", "1.2345E-2"])
+    assert values == [
+        Decimal("0.100"),
+        Decimal("1000.000"),
+        Decimal("0.000"),
+        Decimal("0.500"),
+        Decimal("0.012"),
+    ]
+    assert str(values[2]) == "0.000"
+    floats, rejected = one_field({"type": "decimal", "scale": 3}, [0.1, 1e3, -0.0, None])
+    assert floats == [Decimal("0.100"), Decimal("1000.000"), Decimal("0.000"), None]
+    assert rejected == []
+
+
+def test_decimal_rejections() -> None:
+    values, rejected = one_field({"type": "decimal", "scale": 2}, ["12,5", ".", "1e40", "9" * 37])
+    assert values == ["REJECTED"] * 4
+    reasons = [r["reason"] for r in rejected]
+    assert reasons[:2] == ["not a decimal", "not a decimal"]
+    assert reasons[2:] == ["decimal out of range (at most 36 integer and 38 fractional digits)"] * 2
+
+
+def test_bool_layer() -> None:
+    values, rejected = one_field({"type": "bool"}, ["Yes", " N ", "x", "", None, "maybe", "1", "0"])
+    assert values == [True, False, True, False, None, "REJECTED", True, False]
+    assert len(rejected) == 1
+    assert rejected[0]["raw_value"] == "maybe"
+    assert rejected[0]["reason"].startswith("not a boolean (true: 'true'")
+    native, _ = one_field({"type": "bool"}, [True, False, None])
+    assert native == [True, False, None]
+    numbers, _ = one_field({"type": "bool"}, [1, 0])
+    assert numbers == [True, False]
+
+
+def test_date_formats_in_order_and_calendar_checked() -> None:
+    values, rejected = one_field(
+        {"type": "date", "formats": ["%d.%m.%Y", "%m/%d/%Y"]},
+        ["02.01.2024", "01/03/2024", "2024-01-04", "2024-02-30", "31.04.2024", "soon"],
+    )
+    assert values[:3] == [dt.date(2024, 1, 2), dt.date(2024, 1, 3), dt.date(2024, 1, 4)]
+    assert values[3:] == ["REJECTED"] * 3
+    assert {r["reason"] for r in rejected} == {"not a date (accepted formats: %d.%m.%Y, %m/%d/%Y, %Y-%m-%d)"}
+
+
+def test_datetime_iso_offsets_naive_local_and_precision() -> None:
+    field = {
+        "type": "datetime",
+        "timezone": "Europe/Berlin",
+        "precision": "ms",
+        "formats": ["%d.%m.%Y %H:%M"],
+    }
+    values, rejected = one_field(
+        field,
+        [
+            "2024-01-02T03:04:05.123456+01:00",  # offset: exact instant, truncated to ms
+            "2024-01-02T03:04:05Z",
+            "2024-07-01 12:00",  # naive ISO: Berlin summer time
+            "31.12.2024 10:00",  # declared format, naive: Berlin winter time
+            "2024-10-27T02:30:00",  # DST overlap: the earlier instant
+            "2024-03-31T02:30:00",  # DST gap: the moment the gap ends
+            "2024-02-30T10:00:00Z",
+            "yesterday",
+        ],
+    )
+    assert values[:6] == [
+        dt.datetime(2024, 1, 2, 2, 4, 5, 123000, tzinfo=UTC),
+        dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC),
+        dt.datetime(2024, 7, 1, 10, 0, tzinfo=UTC),
+        dt.datetime(2024, 12, 31, 9, 0, tzinfo=UTC),
+        dt.datetime(2024, 10, 27, 0, 30, tzinfo=UTC),
+        dt.datetime(2024, 3, 31, 1, 0, tzinfo=UTC),
+    ]
+    assert values[6:] == ["REJECTED", "REJECTED"]
+    assert all(r["reason"].startswith("not a datetime (accepted: ISO-8601, %d.%m.%Y %H:%M") for r in rejected)
+
+
+def test_datetime_second_precision_truncates() -> None:
+    values, _ = one_field({"type": "datetime", "precision": "s"}, ["2024-01-02T03:04:05.999+00:00"])
+    assert values == [dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)]
+
+
+def test_enum_aliases_and_unknown_values() -> None:
+    values, rejected = one_field(
+        {"type": "enum", "values": ["OPEN", "DONE"], "aliases": {"O": "OPEN", "D": "DONE"}, "case": "upper"},
+        ["open", " o ", "d", None, "weird"],
+    )
+    assert values == ["OPEN", "OPEN", "DONE", None, "REJECTED"]
+    assert rejected[0]["reason"] == "unknown enum value 'WEIRD'; allowed: OPEN, DONE"
+    assert rejected[0]["raw_value"] == "weird"
+
+
+def test_required_null_rejects_and_all_reasons_of_a_row_are_recorded() -> None:
+    spec = entity(
+        {"source": "Qty", "target": "qty", "type": "decimal", "scale": 1},
+        {"source": "Name", "target": "name", "required": True},
+    )
+    result = normalize(spec, raw(2, Qty=["x", "1"], Name=[None, "ok"]))
+    assert result.rows.column("code").to_pylist() == ["K1"]
+    rejected = result.rejected.to_pylist()
+    assert sorted((r["field"], r["reason"]) for r in rejected) == [
+        ("Name", "required value is missing"),
+        ("Qty", "not a decimal"),
+    ]
+    assert {r["business_key"] for r in rejected} == {"k0"}
+
+
+def test_rejected_business_key_is_joined_raw_key_text() -> None:
+    spec = entity({"source": "Line", "target": "line", "type": "int", "required": True}, key=("code", "line"))
+    result = normalize(spec, raw(1, Line=["one"]))
+    assert result.rejected.to_pylist() == [
+        {
+            "entity": "things",
+            "business_key": f"k0{KEY_SEPARATOR}one",
+            "field": "Line",
+            "raw_value": "one",
+            "reason": "not an integer",
+        }
+    ]
+
+
+def test_bad_rowversion_and_changed_at_reject_the_row() -> None:
+    spec = entity()
+    result = normalize(
+        spec, raw(3, RowVersion=["5", "x", None], ModifiedAt=["2024-01-01T00:00:00Z", None, "no"])
+    )
+    assert result.rows.column(ROWVERSION).to_pylist() == [5]
+    reasons = sorted((r["field"], r["reason"]) for r in result.rejected.to_pylist())
+    assert reasons[0] == ("ModifiedAt", "not a datetime (accepted: ISO-8601; naive values are in UTC)")
+    assert ("ModifiedAt", "required value is missing") in reasons
+    assert ("RowVersion", "not an integer") in reasons
+    assert ("RowVersion", "required value is missing") in reasons
+
+
+def test_changed_at_as_native_timestamp() -> None:
+    stamps = pa.array([dt.datetime(2024, 1, 1, 12, 0)], pa.timestamp("ms"))
+    result = normalize(entity(), raw(1, ModifiedAt=stamps))
+    assert result.rows.column(CHANGED_AT)[0].as_py() == dt.datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def test_schema_drift_required_and_rowversion_columns() -> None:
+    spec = entity({"source": "Name", "target": "name", "required": True})
+    with pytest.raises(SchemaDriftError, match=r"entity 'things': required source column 'Name'"):
+        normalize(spec, raw(1))
+    table = raw(1, Name=["n"]).drop_columns(["RowVersion"])
+    with pytest.raises(SchemaDriftError, match=r"rowversion column 'RowVersion' is missing"):
+        normalize(spec, table)
+    assert issubclass(SchemaDriftError, ValueError)
+
+
+def test_optional_missing_column_is_all_null_and_records_nothing() -> None:
+    spec = entity({"source": "Note", "target": "note"}, {"source": "When", "target": "when", "type": "date"})
+    result = normalize(spec, raw(2))
+    assert result.rows.column("note").to_pylist() == [None, None]
+    assert result.rows.column("when").type == pa.date32()
+    assert result.rejected.num_rows == 0
+
+
+def test_empty_batch() -> None:
+    spec = entity({"source": "Qty", "target": "qty", "type": "decimal", "scale": 2})
+    result = normalize(spec, raw(0, Qty=pa.array([], pa.string())))
+    assert result.rows.num_rows == 0
+    assert result.rows.schema == rows_schema(spec)
