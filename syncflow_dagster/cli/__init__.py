@@ -1,1 +1,1 @@
-"""SyncFlow cli layer."""
+"""The `syncflow` command line (Typer): `syncflow_dagster.cli.main:app` with its sub-commands."""

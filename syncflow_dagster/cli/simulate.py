@@ -1,0 +1,143 @@
+"""`syncflow simulate ...`: run the APISmith and ScheduleHub stand-ins and apply change sets.
+
+- `simulate apismith --port P --rows N --seed S [--source-dir D] [--history-days K]`
+  serves the seeded dataset (or a folder of <source>.parquet/.csv) on 127.0.0.1.
+  It accepts the client APISMITH_CLIENT_ID (default syncflow) with the secret
+  APISMITH_CLIENT_SECRET, which must be set (the same variables the client reads).
+- `simulate schedulehub --port P` serves ScheduleHub for SCHEDULEHUB_CLIENT_ID /
+  SCHEDULEHUB_CLIENT_SECRET.
+- `simulate changes --url U --updated 1 --inserted 0.5 --deleted 0.2` applies a
+  generated change set (percentages of live records) through APISmith's admin API.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+simulate_app = typer.Typer(help="Run the partner stand-ins and change their data.", no_args_is_help=True)
+console = Console(stderr=True)
+
+Host = Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you mean to expose it.")]
+
+
+def _secret(prefix: str) -> tuple[str, str]:
+    client_id = os.environ.get(f"{prefix}_CLIENT_ID") or "syncflow"
+    secret = os.environ.get(f"{prefix}_CLIENT_SECRET")
+    if not secret:
+        console.print(
+            f"[red]{prefix}_CLIENT_SECRET is not set.[/red] The stand-in accepts one client: "
+            f"set {prefix}_CLIENT_ID (default syncflow) and {prefix}_CLIENT_SECRET, and give the "
+            "SyncFlow client the same values."
+        )
+        raise typer.Exit(2)
+    return client_id, secret
+
+
+@simulate_app.command("apismith")
+def simulate_apismith(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8001,
+    rows: Annotated[int, typer.Option(help="Rows of the largest entity (work orders).")] = 10_000,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic dataset.")] = 0,
+    source_dir: Annotated[
+        Path | None, typer.Option(help="Serve this folder of <source>.parquet/.csv files instead.")
+    ] = None,
+    history_days: Annotated[int, typer.Option(help="Spread change times over this many past days.")] = 0,
+    catalog: Annotated[
+        Path | None, typer.Option(help="Catalog YAML (default: SYNCFLOW_CATALOG_PATH).")
+    ] = None,
+    host: Host = "127.0.0.1",
+) -> None:
+    """Serve the APISmith stand-in (blocks until interrupted)."""
+    from syncflow_dagster.catalog.loader import CatalogError, load_catalog
+    from syncflow_dagster.simulators.apismith import create_app
+    from syncflow_dagster.simulators.serve import run_server
+
+    client_id, secret = _secret("APISMITH")
+    try:
+        app = create_app(
+            catalog=load_catalog(catalog),
+            rows=rows,
+            seed=seed,
+            source_dir=source_dir,
+            history_days=history_days,
+            clients={client_id: secret},
+        )
+    except (CatalogError, ValueError) as exc:
+        console.print(f"[red]cannot start APISmith:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"APISmith stand-in on http://{host}:{port} (client {client_id!r})")
+    run_server(app, host, port)
+
+
+@simulate_app.command("schedulehub")
+def simulate_schedulehub(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8002,
+    rate_limit: Annotated[
+        float | None, typer.Option(help="Requests per second before 429 (default: no limit).")
+    ] = None,
+    host: Host = "127.0.0.1",
+) -> None:
+    """Serve the ScheduleHub stand-in (blocks until interrupted)."""
+    from syncflow_dagster.simulators.schedulehub import create_app
+    from syncflow_dagster.simulators.serve import run_server
+
+    client_id, secret = _secret("SCHEDULEHUB")
+    app = create_app(clients={client_id: secret}, rate_limit_per_s=rate_limit)
+    console.print(f"ScheduleHub stand-in on http://{host}:{port} (client {client_id!r})")
+    run_server(app, host, port)
+
+
+@simulate_app.command("changes")
+def simulate_changes(
+    url: Annotated[
+        str | None, typer.Option(help="APISmith stand-in base URL (default: APISMITH_BASE_URL).")
+    ] = None,
+    updated: Annotated[float, typer.Option(help="Percent of live records updated.")] = 1.0,
+    inserted: Annotated[float, typer.Option(help="Percent of live records inserted.")] = 0.5,
+    deleted: Annotated[float, typer.Option(help="Percent of live records deleted (cascading).")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the change set.")] = 0,
+    entity: Annotated[
+        list[str] | None, typer.Option(help="Limit to this entity or source (repeatable).")
+    ] = None,
+) -> None:
+    """Apply a generated change set to a running APISmith stand-in and print what changed."""
+    base = url or os.environ.get("APISMITH_BASE_URL")
+    if not base:
+        console.print("[red]no APISmith URL:[/red] pass --url or set APISMITH_BASE_URL")
+        raise typer.Exit(2)
+    body = {
+        "updated_pct": updated,
+        "inserted_pct": inserted,
+        "deleted_pct": deleted,
+        "seed": seed,
+        "entities": entity or None,
+    }
+    try:
+        response = httpx.post(f"{base.rstrip('/')}/admin/changesets", json=body, timeout=120.0)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]APISmith at {base} unreachable:[/red] {type(exc).__name__}")
+        raise typer.Exit(1) from None
+    if response.status_code != 200:
+        console.print(f"[red]change set refused (HTTP {response.status_code}):[/red] {response.text[:500]}")
+        raise typer.Exit(1)
+    summary = response.json()
+    table = Table(title=f"change set applied (rowversion now {summary['current_rowversion']})")
+    for column in ("source", "updated", "inserted", "deleted", "cascaded", "not found"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    for source, counts in summary["applied"].items():
+        table.add_row(
+            source,
+            str(counts["updated"]),
+            str(counts["inserted"]),
+            str(counts["deleted"]),
+            str(counts.get("cascaded_deletes", 0)),
+            str(counts["delete_not_found"]),
+        )
+    Console().print(table)
