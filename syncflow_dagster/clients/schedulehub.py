@@ -101,7 +101,7 @@ def canonical_attribute(column: pa.ChunkedArray | pa.Array) -> pa.Array | pa.Chu
     if pa.types.is_timestamp(kind):
         if kind.tz is None:
             value = pc.assume_timezone(value, "UTC")
-        value = pc.strftime(value.cast(pa.timestamp("us", tz="UTC")), format="%Y-%m-%dT%H:%M:%S.%fZ")
+        value = pc.strftime(value.cast(pa.timestamp("us", tz="UTC")), format="%Y-%m-%dT%H:%M:%SZ")
     elif pa.types.is_decimal(kind) or pa.types.is_date(kind) or pa.types.is_time(kind):
         value = value.cast(pa.string())
     elif pa.types.is_dictionary(kind):

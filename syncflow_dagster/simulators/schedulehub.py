@@ -303,7 +303,7 @@ def _canonical_column(original: pa.ChunkedArray) -> list[Any]:
     if pa.types.is_timestamp(kind):
         if kind.tz is None:
             column = pc.assume_timezone(column, "UTC")
-        column = pc.strftime(column.cast(pa.timestamp("us", tz="UTC")), format="%Y-%m-%dT%H:%M:%S.%fZ")
+        column = pc.strftime(column.cast(pa.timestamp("us", tz="UTC")), format="%Y-%m-%dT%H:%M:%SZ")
     elif pa.types.is_decimal(kind) or pa.types.is_date(kind) or pa.types.is_time(kind):
         column = column.cast(pa.string())
     elif pa.types.is_dictionary(kind):
