@@ -54,6 +54,10 @@ H_ROWS = "X-Row-Count"
 _ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 
 
+ChangedFrom = Annotated[str | None, Query(description="inclusive lower bound of the change time (ISO-8601)")]
+ChangedTo = Annotated[str | None, Query(description="exclusive upper bound of the change time (ISO-8601)")]
+
+
 class ApiSmithStandInSettings(BaseSettings):
     """The one API client the stand-in accepts, from the same variables the real client reads."""
 
@@ -379,11 +383,6 @@ def create_app(
     def watermark(source: str) -> dict[str, Any]:
         return api.watermark(api.entity(source))
 
-    paging = {
-        "changed_from": Query(None, description="inclusive lower bound of the change time (ISO-8601)"),
-        "changed_to": Query(None, description="exclusive upper bound of the change time (ISO-8601)"),
-    }
-
     @app.get(
         "/v1/entities/{source}/changes",
         summary="Records changed in a window, keyset-paginated by rowversion",
@@ -393,8 +392,8 @@ def create_app(
     def changes(
         request: Request,
         source: str,
-        changed_from: Annotated[str | None, paging["changed_from"]] = None,
-        changed_to: Annotated[str | None, paging["changed_to"]] = None,
+        changed_from: ChangedFrom = None,
+        changed_to: ChangedTo = None,
         after_rowversion: int = 0,
         limit: int = DEFAULT_PAGE_SIZE,
         snapshot_rowversion: int | None = None,
@@ -422,8 +421,8 @@ def create_app(
     def tombstones(
         request: Request,
         source: str,
-        changed_from: Annotated[str | None, paging["changed_from"]] = None,
-        changed_to: Annotated[str | None, paging["changed_to"]] = None,
+        changed_from: ChangedFrom = None,
+        changed_to: ChangedTo = None,
         after_rowversion: int = 0,
         limit: int = DEFAULT_PAGE_SIZE,
         snapshot_rowversion: int | None = None,
@@ -466,6 +465,11 @@ def create_app(
         if wants_arrow(request):
             return Response(arrow_bytes(records), media_type=ARROW_STREAM)
         return Response(orjson.dumps({"records": records.to_pylist()}), media_type="application/json")
+
+    @app.post("/admin/tokens:revoke", summary="Invalidate every token issued so far")
+    def revoke_tokens() -> dict[str, str]:
+        issuer.revoke_all()
+        return {"status": "revoked"}
 
     @app.post("/admin/reset", summary="Back to the initial data; change sets and tombstones are dropped")
     def reset() -> dict[str, Any]:
