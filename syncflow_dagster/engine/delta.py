@@ -66,7 +66,7 @@ def dedupe_batch(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
     sort_keys = [(BK_HASH, "ascending"), (ROWVERSION, "descending")]
     if DATA_HASH in rows.column_names:
         sort_keys.append((DATA_HASH, "descending"))
-    ordered = rows.take(pc.sort_indices(rows, sort_keys=sort_keys, null_placement="at_end"))
+    ordered = rows.take(pc.sort_indices(rows, sort_keys=sort_keys))
     first = _first_of_each_key(ordered)
     return ordered.filter(first), ordered.filter(pc.invert(first))
 
