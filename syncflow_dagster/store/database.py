@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import sqlalchemy as sa
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -38,3 +42,31 @@ def make_engine(url: str, **kwargs: object) -> sa.Engine:
     options: dict[str, object] = {"pool_pre_ping": True, "future": True}
     options.update(kwargs)
     return sa.create_engine(sqlalchemy_url(url), **options)
+
+
+class StoreSettings(BaseSettings):
+    """Tuning of the state store, from the environment (prefix SYNCFLOW_STORE_)."""
+
+    model_config = SettingsConfigDict(env_prefix="SYNCFLOW_STORE_", extra="ignore")
+
+    # work_mem for the merge of commit_delivered (SET LOCAL, that transaction only):
+    # enough to sort a million staged keys in memory.
+    merge_work_mem: str = Field(default="256MB", pattern=r"^[0-9]+\s*(kB|MB|GB)$")
+    # Retry schedule of failed records: the n-th failure waits
+    # base * 2**(n-1) seconds, at most cap, shortened by up to `jitter` (a share).
+    retry_base_seconds: float = Field(default=60.0, gt=0)
+    retry_cap_seconds: float = Field(default=6 * 3600.0, gt=0)
+    retry_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
+
+
+def driver_cursor(conn: sa.Connection) -> psycopg.Cursor[Any]:
+    """A psycopg cursor on the same session and transaction as a SQLAlchemy connection.
+
+    COPY is psycopg's API, not SQLAlchemy's; going through the driver
+    connection lets a COPY into staging and the merge that reads it share one
+    transaction with the statements the connection runs.
+    """
+    driver = conn.connection.driver_connection
+    if not isinstance(driver, psycopg.Connection):
+        raise TypeError(f"SyncFlow's store needs the psycopg 3 driver, got {type(driver).__name__}")
+    return driver.cursor()

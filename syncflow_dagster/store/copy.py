@@ -1,0 +1,371 @@
+"""Bulk transfer between Arrow tables and Postgres with COPY, never a row at a time.
+
+In: `copy_in` streams a pyarrow Table into a table (usually a TEMP staging
+table) as binary COPY. The binary rows are built column by column with numpy
+and Arrow kernels (big-endian values, length prefixes, one
+`binary_join_element_wise` per batch), so no Python code runs per row.
+Binary beat CSV from pyarrow.csv at 1M rows (see the report in
+docs/benchmarks.md and benchmarks/store_copy_formats.py): Postgres does not
+parse text, and bytea needs no hex.
+
+Out: `copy_out` runs `COPY (SELECT ...) TO STDOUT (FORMAT csv)` and parses
+the result with pyarrow's multi-threaded CSV reader. bytea and uuid travel as
+hex and are decoded with numpy; timestamps travel as epoch microseconds. CSV
+out is used because a binary COPY stream with variable-width fields cannot be
+split into rows without a sequential scan in Python.
+
+All functions take a psycopg 3 cursor, so the COPY runs inside whatever
+transaction the caller opened (typically the one of a SQLAlchemy
+`engine.begin()` block via `conn.connection.driver_connection`) and the merge
+statement that follows sees the staged rows.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+from psycopg import sql
+
+# Postgres epochs: timestamps count microseconds and dates count days from 2000-01-01.
+_PG_EPOCH_US = 946_684_800_000_000
+_PG_EPOCH_DAYS = 10_957
+
+_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_TRAILER = struct.pack(">h", -1)
+_NULL_FIELD = pa.scalar(struct.pack(">i", -1), pa.binary())
+_EMPTY = pa.scalar(b"", pa.binary())
+
+# Rows per encoded chunk: bounds the memory of the encoded copy (~25 MB for a
+# typical state row) while keeping Arrow's per-call overhead negligible.
+CHUNK_ROWS = 131_072
+
+# Postgres types copy_in and copy_out understand, with the fixed byte width of
+# the binary value (None: variable width).
+PG_TYPES: dict[str, int | None] = {
+    "bool": 1,
+    "int2": 2,
+    "int4": 4,
+    "int8": 8,
+    "float8": 8,
+    "date": 4,
+    "timestamptz": 8,
+    "uuid": 16,
+    "bytea": None,
+    "text": None,
+    "jsonb": None,
+}
+
+
+@dataclass(frozen=True)
+class PgColumn:
+    """A column of a COPY: its name, Postgres type and (out only) fixed bytea width."""
+
+    name: str
+    pg_type: str
+    width: int | None = None  # bytes of a fixed-width bytea column, e.g. 32 for data_hash
+
+    def __post_init__(self) -> None:
+        if self.pg_type not in PG_TYPES:
+            raise ValueError(
+                f"column {self.name!r}: unsupported Postgres type {self.pg_type!r}; "
+                f"supported: {sorted(PG_TYPES)}"
+            )
+
+
+def create_staging(cursor: psycopg.Cursor, table: str, columns: Sequence[PgColumn]) -> None:
+    """A TEMP table that disappears at the end of the current transaction."""
+    cols = sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in columns
+    )
+    cursor.execute(sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(sql.Identifier(table), cols))
+
+
+def copy_in(
+    cursor: psycopg.Cursor,
+    table: str,
+    data: pa.Table,
+    columns: Sequence[PgColumn],
+    *,
+    schema: str | None = None,
+) -> int:
+    """Binary-COPY the Arrow columns named in `columns` into `table`; returns rows sent.
+
+    Each PgColumn names an Arrow column of `data` and the Postgres type of the
+    target column; the Arrow type must fit (e.g. fixed_size_binary(16) for uuid).
+    """
+    for column in columns:
+        if column.name not in data.column_names:
+            raise ValueError(f"copy into {table!r}: the frame has no column {column.name!r}")
+    target = sql.Identifier(schema, table) if schema else sql.Identifier(table)
+    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
+        target, sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
+    )
+    with cursor.copy(statement) as copy:
+        for chunk in encode_binary(data, columns):
+            copy.write(chunk)
+    return data.num_rows
+
+
+def encode_binary(data: pa.Table, columns: Sequence[PgColumn]) -> Iterator[bytes]:
+    """The Postgres binary COPY stream of `data`'s columns, in chunks of CHUNK_ROWS rows."""
+    yield _HEADER
+    field_count = pa.scalar(struct.pack(">h", len(columns)), pa.binary())
+    selected = data.select([c.name for c in columns])
+    for batch in selected.to_batches(max_chunksize=CHUNK_ROWS):
+        if batch.num_rows == 0:
+            continue
+        fields = [_encode_field(batch.column(i), col) for i, col in enumerate(columns)]
+        join: Any = pc.binary_join_element_wise
+        rows = join(field_count, *fields, _EMPTY)
+        yield _contiguous_bytes(rows)
+    yield _TRAILER
+
+
+def _contiguous_bytes(rows: Any) -> bytes:
+    """The data buffer of a binary array from its first to its last value, without a copy."""
+    offsets = np.frombuffer(_buffer(rows, 1), dtype=np.int32, count=len(rows) + 1, offset=rows.offset * 4)
+    start, end = int(offsets[0]), int(offsets[-1])
+    # psycopg's copy.write takes any buffer; a memoryview slice avoids copying ~100 MB.
+    view: Any = memoryview(_buffer(rows, 2))[start:end]
+    return view
+
+
+def _buffer(array: Any, index: int) -> Any:
+    """Buffer `index` of an Arrow array (1: values or offsets, 2: data of a binary array)."""
+    buffer = array.buffers()[index]
+    if buffer is None:  # pragma: no cover - only arrays with values reach here
+        raise ValueError(f"Arrow array of type {array.type} has no buffer {index}")
+    return buffer
+
+
+def _fixed_width_values(values: Any, width: int) -> Any:
+    """Prefix every big-endian value of width `width` with its int32 length, as a binary array."""
+    n = values.size // width
+    matrix = np.empty((n, 4 + width), dtype=np.uint8)
+    matrix[:, :4] = np.frombuffer(struct.pack(">i", width), dtype=np.uint8)
+    matrix[:, 4:] = values.reshape(n, width)
+    data: Any = matrix
+    fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4 + width), n, [None, pa.py_buffer(data)])
+    return fixed.cast(pa.binary())
+
+
+def _fixed_binary_matrix(array: Any, width: int) -> Any:
+    """The raw bytes of a fixed_size_binary array as an (n, width) uint8 matrix (zero-copy)."""
+    return np.frombuffer(
+        _buffer(array, 1), dtype=np.uint8, count=len(array) * width, offset=array.offset * width
+    ).reshape(len(array), width)
+
+
+def _encode_field(array: Any, column: PgColumn) -> Any:
+    # Typed loosely: pyarrow-stubs cannot follow kernels over arrays whose type is known only at run time.
+    kind = column.pg_type
+    typ: Any = array.type
+    has_nulls = array.null_count > 0
+
+    def fail(expected: str) -> ValueError:
+        return ValueError(
+            f"column {column.name!r}: cannot COPY Arrow type {typ} as {kind} (expected {expected})"
+        )
+
+    encoded: Any
+    values: Any
+    if kind in ("int2", "int4", "int8", "float8"):
+        dtype = {"int2": ">i2", "int4": ">i4", "int8": ">i8", "float8": ">f8"}[kind]
+        if kind == "float8" and not pa.types.is_floating(typ):
+            raise fail("a floating-point column")
+        if kind != "float8" and not pa.types.is_integer(typ):
+            raise fail("an integer column")
+        filled = pc.fill_null(array, 0) if has_nulls else array
+        numbers = filled.to_numpy(zero_copy_only=False)
+        if kind != "float8":
+            info = np.iinfo(np.dtype(dtype))
+            if len(numbers) and (numbers.min() < info.min or numbers.max() > info.max):
+                raise ValueError(f"column {column.name!r}: a value is out of range for {kind}")
+        encoded = _fixed_width_values(numbers.astype(dtype).view(np.uint8), np.dtype(dtype).itemsize)
+    elif kind == "bool":
+        if not pa.types.is_boolean(typ):
+            raise fail("a boolean column")
+        filled = pc.fill_null(array, False) if has_nulls else array
+        encoded = _fixed_width_values(filled.to_numpy(zero_copy_only=False).astype(np.uint8), 1)
+    elif kind == "timestamptz":
+        if not pa.types.is_timestamp(typ):
+            raise fail("a timestamp column")
+        micros = array.cast(pa.timestamp("us", tz=typ.tz)).cast(pa.int64())
+        micros = pc.fill_null(micros, 0) if has_nulls else micros
+        values = (micros.to_numpy(zero_copy_only=False) - _PG_EPOCH_US).astype(">i8")
+        encoded = _fixed_width_values(values.view(np.uint8), 8)
+    elif kind == "date":
+        if not pa.types.is_date32(typ):
+            raise fail("a date32 column")
+        days = array.cast(pa.int32())
+        days = pc.fill_null(days, 0) if has_nulls else days
+        values = (days.to_numpy(zero_copy_only=False) - _PG_EPOCH_DAYS).astype(">i4")
+        encoded = _fixed_width_values(values.view(np.uint8), 4)
+    elif kind == "uuid":
+        if not (pa.types.is_fixed_size_binary(typ) and typ.byte_width == 16):
+            raise fail("fixed_size_binary(16)")
+        encoded = _fixed_width_values(_fixed_binary_matrix(array, 16), 16)
+    elif kind == "bytea" and pa.types.is_fixed_size_binary(typ):
+        width = typ.byte_width
+        encoded = _fixed_width_values(_fixed_binary_matrix(array, width), width)
+    elif kind in ("bytea", "text", "jsonb"):
+        if kind == "bytea" and not (pa.types.is_binary(typ) or pa.types.is_large_binary(typ)):
+            raise fail("a binary column")
+        if kind != "bytea" and not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+            raise fail("a string column")
+        values = array.cast(pa.binary())
+        if has_nulls:
+            values = pc.fill_null(values, _EMPTY)
+        lengths = pc.binary_length(values).to_numpy(zero_copy_only=False).astype(np.int64)
+        if kind == "jsonb":
+            lengths = lengths + 1  # jsonb's binary form is a version byte (1) and the text
+        prefix = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(4), len(values), [None, pa.py_buffer(lengths.astype(">i4"))]
+        ).cast(pa.binary())
+        parts = [prefix, pa.scalar(b"\x01", pa.binary()), values] if kind == "jsonb" else [prefix, values]
+        join: Any = pc.binary_join_element_wise
+        encoded = join(*parts, _EMPTY)
+    else:  # pragma: no cover - PgColumn validates the type
+        raise fail("a supported type")
+    if has_nulls:
+        encoded = pc.if_else(pc.is_valid(array), encoded, _NULL_FIELD)
+    return encoded
+
+
+# -- out ----------------------------------------------------------------------------------------
+
+
+def _select_expression(column: PgColumn) -> sql.Composable:
+    """How a column travels in the CSV: hex for bytes, epoch microseconds for time."""
+    ident = sql.Identifier("q", column.name)
+    if column.pg_type == "uuid":
+        return sql.SQL("encode(uuid_send({}), 'hex')").format(ident)
+    if column.pg_type == "bytea":
+        return sql.SQL("encode({}, 'hex')").format(ident)
+    if column.pg_type == "timestamptz":
+        return sql.SQL("(extract(epoch FROM {}) * 1000000)::int8").format(ident)
+    if column.pg_type == "date":
+        return sql.SQL("({} - DATE '1970-01-01')").format(ident)
+    if column.pg_type == "jsonb":
+        return sql.SQL("{}::text").format(ident)
+    return ident
+
+
+_CSV_TYPES: dict[str, pa.DataType] = {
+    "bool": pa.bool_(),
+    "int2": pa.int16(),
+    "int4": pa.int32(),
+    "int8": pa.int64(),
+    "float8": pa.float64(),
+    "date": pa.int32(),
+    "timestamptz": pa.int64(),
+    "uuid": pa.string(),
+    "bytea": pa.string(),
+    "text": pa.string(),
+    "jsonb": pa.string(),
+}
+
+
+def arrow_type(column: PgColumn) -> pa.DataType:
+    """The Arrow type copy_out returns for a column."""
+    if column.pg_type == "uuid":
+        return pa.binary(16)
+    if column.pg_type == "bytea":
+        return pa.binary(column.width) if column.width else pa.binary()
+    if column.pg_type == "timestamptz":
+        return pa.timestamp("us", tz="UTC")
+    if column.pg_type == "date":
+        return pa.date32()
+    if column.pg_type == "jsonb":
+        return pa.string()
+    return _CSV_TYPES[column.pg_type]
+
+
+def copy_out(
+    cursor: psycopg.Cursor,
+    query: sql.Composable,
+    columns: Sequence[PgColumn],
+) -> pa.Table:
+    """Run `query` (a SELECT yielding at least `columns`) through COPY TO and return an Arrow table."""
+    statement = sql.SQL("COPY (SELECT {} FROM ({}) AS q) TO STDOUT (FORMAT csv)").format(
+        sql.SQL(", ").join(_select_expression(c) for c in columns), query
+    )
+    buffer = io.BytesIO()
+    with cursor.copy(statement) as copy:
+        for data in copy:
+            buffer.write(data)
+    names = [c.name for c in columns]
+    schema = pa.schema([(c.name, arrow_type(c)) for c in columns])
+    if buffer.tell() == 0:
+        return schema.empty_table()
+    buffer.seek(0)
+    parsed = pacsv.read_csv(
+        buffer,
+        read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 24),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c.name: _CSV_TYPES[c.pg_type] for c in columns},
+            # Postgres writes NULL as an unquoted empty field and '' as a quoted one.
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+            true_values=["t"],
+            false_values=["f"],
+        ),
+    )
+    arrays = []
+    for column in columns:
+        raw = parsed.column(column.name).combine_chunks()
+        if column.pg_type in ("uuid", "bytea"):
+            width = 16 if column.pg_type == "uuid" else column.width
+            arrays.append(decode_hex(raw, width, column.name) if width else _decode_hex_variable(raw))
+        elif column.pg_type == "timestamptz":
+            arrays.append(raw.cast(pa.timestamp("us", tz="UTC")))
+        elif column.pg_type == "date":
+            arrays.append(raw.cast(pa.date32()))
+        else:
+            arrays.append(raw)
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX_VALUE[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX_VALUE[_c] = 10 + _i
+
+
+def decode_hex(text: Any, width: int, name: str = "value") -> Any:
+    """Fixed-width hex strings (2*width chars each) → fixed_size_binary(width), vectorised."""
+    n = len(text)
+    valid = pc.is_valid(text) if text.null_count else None
+    if valid is not None:
+        text = pc.fill_null(text, "0" * (2 * width))
+    lengths = pc.binary_length(text)
+    if n and (pc.min(lengths).as_py() != 2 * width or pc.max(lengths).as_py() != 2 * width):
+        raise ValueError(f"column {name!r}: expected {2 * width} hex digits per value")
+    text = text.cast(pa.string())
+    offsets = np.frombuffer(_buffer(text, 1), dtype=np.int32, count=n + 1, offset=text.offset * 4)
+    digits = np.frombuffer(_buffer(text, 2), dtype=np.uint8, count=n * 2 * width, offset=int(offsets[0]))
+    nibbles = _HEX_VALUE[digits].reshape(n, width, 2)
+    if n and nibbles.max() == 255:
+        raise ValueError(f"column {name!r}: a value is not hex")
+    raw: Any = np.ascontiguousarray((nibbles[:, :, 0] << 4) | nibbles[:, :, 1])
+    result = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(raw)])
+    if valid is not None:
+        result = pc.if_else(valid, result, pa.scalar(None, pa.binary(width)))
+    return result
+
+
+def _decode_hex_variable(text: pa.Array) -> pa.Array:
+    # Variable-width bytea is rare in SyncFlow's tables (never on a hot path).
+    return pa.array([None if v is None else bytes.fromhex(v) for v in text.to_pylist()], pa.binary())
