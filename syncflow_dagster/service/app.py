@@ -1,0 +1,312 @@
+"""The monitoring & sync HTTP API (FastAPI): start and watch Dagster runs, read SyncFlow's state, /metrics.
+
+`create_app()` wires settings, the store engine, the Dagster gateway and the
+catalog; every route is a thin translation between HTTP and one of those.
+OpenAPI is served at /openapi.json, /docs and /redoc. Run it with
+`syncflow serve` (uvicorn).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import httpx
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi.security import HTTPAuthorizationCredentials
+
+from syncflow_dagster.catalog import Catalog, default_catalog
+from syncflow_dagster.service import models as m
+from syncflow_dagster.service.auth import bearer_scheme, check_bearer
+from syncflow_dagster.service.dagster_gateway import DagsterGateway, DagsterRefused, DagsterUnavailable
+from syncflow_dagster.service.metrics import CONTENT_TYPE, exposition
+from syncflow_dagster.service.settings import ServiceSettings
+from syncflow_dagster.service.store_views import (
+    BATCH_METRICS,
+    BatchView,
+    EntityStatsView,
+    batches_of_run,
+    entity_stats,
+    failed_records_page,
+    pending_children_page,
+)
+from syncflow_dagster.store.database import make_engine
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": m.Problem, "description": "missing or wrong bearer token"},
+    503: {"model": m.Problem, "description": "a dependency (Dagster, Postgres) is unavailable"},
+}
+
+
+def _batch_metrics(view: BatchView) -> m.BatchMetrics:
+    counts = {name: view.counts.get(name, 0) for name in BATCH_METRICS}
+    return m.BatchMetrics(
+        batch_id=view.id,
+        entity=view.entity,
+        partition_date=view.partition_date,
+        status=view.status,
+        started_at=view.started_at,
+        finished_at=view.finished_at,
+        stage_seconds=view.stage_seconds,
+        seconds=view.seconds,
+        **counts,
+    )
+
+
+def _entity_stats(view: EntityStatsView) -> m.EntityStats:
+    last = view.last_batch
+    return m.EntityStats(
+        entity=view.entity,
+        batches=view.batches,
+        failed_batches=view.failed_batches,
+        last_batch_status=last.status if last else None,
+        last_batch_at=last.started_at if last else None,
+        last_success_at=view.last_success_at,
+        open_failures=view.open_failures,
+        pending_children=view.pending_children,
+        totals=view.totals,
+    )
+
+
+def _overall(views: list[EntityStatsView]) -> EntityStatsView:
+    total = EntityStatsView("*")
+    for view in views:
+        total.batches += view.batches
+        total.failed_batches += view.failed_batches
+        total.open_failures += view.open_failures
+        total.pending_children += view.pending_children
+        for key, value in view.totals.items():
+            total.totals[key] = total.totals.get(key, 0) + value
+        if view.last_success_at and (
+            total.last_success_at is None or view.last_success_at > total.last_success_at
+        ):
+            total.last_success_at = view.last_success_at
+        if view.last_batch and (
+            total.last_batch is None or view.last_batch.started_at > total.last_batch.started_at
+        ):
+            total.last_batch = view.last_batch
+    return total
+
+
+def create_app(
+    settings: ServiceSettings | None = None,
+    *,
+    catalog: Catalog | None = None,
+    engine: sa.Engine | None = None,
+    gateway: DagsterGateway | None = None,
+) -> FastAPI:
+    """The API, from the environment unless its parts are given (tests pass their own)."""
+    settings = settings or ServiceSettings()  # type: ignore[call-arg]  # fields come from the environment
+    catalog = catalog or default_catalog()
+    owned_engine = engine is None
+    engine = engine or make_engine(settings.database_url.get_secret_value(), pool_size=4, max_overflow=2)
+    gateway = gateway or DagsterGateway(settings.dagster_graphql_url, settings.dagster_location)
+    entities = list(catalog.topological_order)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owned_engine:
+            engine.dispose()
+
+    async def authenticated(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    ) -> None:
+        check_bearer(request, settings, credentials)
+
+    app = FastAPI(
+        title="SyncFlow monitoring & sync API",
+        version="1.0",
+        description="Start syncs as Dagster runs, watch them, and read SyncFlow's state: stats, "
+        "failed records, pending children, health and Prometheus metrics. "
+        "Send `Authorization: Bearer <SYNCFLOW_API_TOKEN>`.",
+        lifespan=lifespan,
+        dependencies=[Depends(authenticated)],
+        responses=_ERRORS,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.gateway = gateway
+
+    def known_entities(names: list[str], field: str) -> list[str]:
+        unknown = [n for n in names if n not in catalog.by_name]
+        if unknown:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_ENTITY,
+                detail=f"{field}: unknown entity {unknown[0]!r}; the catalog has {', '.join(entities)}",
+            )
+        return [n for n in entities if n in names] or ([] if names else entities)
+
+    def dagster_call(what: str, call: Any, *args: Any) -> Any:
+        try:
+            return call(*args)
+        except DagsterUnavailable as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=f"{what}: {exc}") from None
+        except DagsterRefused as exc:
+            code = status.HTTP_404_NOT_FOUND if "NotFound" in exc.kind else status.HTTP_409_CONFLICT
+            raise HTTPException(code, detail=f"{what}: {exc}") from None
+
+    @app.post("/sync", status_code=status.HTTP_202_ACCEPTED, response_model=m.SyncStarted, tags=["sync"])
+    def start_sync(request: m.SyncRequest) -> m.SyncStarted:
+        """Start one Dagster run of job `sync` per entity x date (parents first); 202 with the run ids."""
+        names = known_entities(request.entities, "entities") if request.entities else entities
+        days = sorted(set(request.dates)) or [dt.datetime.now(dt.UTC).date()]
+        if len(names) * len(days) > m.MAX_RUNS_PER_REQUEST:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_ENTITY,
+                detail=f"{len(names)} entities x {len(days)} dates is more than "
+                f"{m.MAX_RUNS_PER_REQUEST} runs; use a Dagster backfill for ranges this large",
+            )
+        runs = [
+            m.StartedRun(
+                run_id=dagster_call("start sync", gateway.submit_sync, name, day), entity=name, date=day
+            )
+            for day in days
+            for name in names
+        ]
+        return m.SyncStarted(runs=runs)
+
+    @app.get(
+        "/sync/{run_id}", response_model=m.RunStatus, tags=["sync"], responses={404: {"model": m.Problem}}
+    )
+    def sync_status(run_id: str) -> m.RunStatus:
+        """The run's Dagster status and the metrics of every batch it wrote."""
+        run = dagster_call("run status", gateway.run, run_id)
+        with engine.connect() as conn:
+            batches = batches_of_run(conn, run_id)
+        return m.RunStatus(
+            run_id=run.run_id,
+            status=run.status,
+            job=run.job_name,
+            started_at=run.started_at,
+            ended_at=run.ended_at,
+            partition=run.tags.get("dagster/partition"),
+            batches=[_batch_metrics(b) for b in batches],
+        )
+
+    @app.post(
+        "/sync/{run_id}/cancel",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=m.CancelAccepted,
+        tags=["sync"],
+        responses={404: {"model": m.Problem}, 409: {"model": m.Problem}},
+    )
+    def cancel_sync(run_id: str) -> m.CancelAccepted:
+        """Ask Dagster to terminate the run (queued runs are canceled at once)."""
+        dagster_call("cancel run", gateway.cancel, run_id)
+        return m.CancelAccepted(run_id=run_id)
+
+    @app.get("/stats", response_model=m.Stats, tags=["state"])
+    def stats() -> m.Stats:
+        """Per entity (parent-first order) and overall: batches, totals per action, failures, pending."""
+        with engine.connect() as conn:
+            views = list(entity_stats(conn, entities).values())
+        return m.Stats(entities=[_entity_stats(v) for v in views], overall=_entity_stats(_overall(views)))
+
+    @app.get("/failed-records", response_model=m.FailedRecordsPage, tags=["state"])
+    def failed_records(
+        entity: Annotated[str | None, Query(max_length=63)] = None,
+        reason: Annotated[
+            str | None, Query(max_length=200, description="reason_code, e.g. parent_missing")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+        include_resolved: bool = False,
+    ) -> m.FailedRecordsPage:
+        """Open failed records (newest first), filtered by entity and reason."""
+        with engine.connect() as conn:
+            page = failed_records_page(
+                conn,
+                entity=entity,
+                reason=reason,
+                limit=limit,
+                offset=offset,
+                include_resolved=include_resolved,
+            )
+        items = [m.FailedRecord.model_validate(item) for item in page.items]
+        return m.FailedRecordsPage(total=page.total, limit=limit, offset=offset, items=items)
+
+    @app.post(
+        "/failed-records/retry",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=m.RetryStarted,
+        tags=["state"],
+    )
+    def retry_failed(request: m.RetryRequest) -> m.RetryStarted:
+        """Launch the `retry` job: failed records that are due, and children whose parent arrived."""
+        names = known_entities(request.entities, "entities") if request.entities else []
+        run_id = dagster_call("start retry", gateway.submit_retry, names)
+        return m.RetryStarted(run_id=run_id, entities=names or entities)
+
+    @app.get("/pending-children", response_model=m.PendingChildrenPage, tags=["state"])
+    def pending_children(
+        entity: Annotated[str | None, Query(max_length=63)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    ) -> m.PendingChildrenPage:
+        """Children waiting for their parent in ScheduleHub, longest-waiting first."""
+        with engine.connect() as conn:
+            page = pending_children_page(conn, entity=entity, limit=limit, offset=offset)
+        items = [m.PendingChild.model_validate(item) for item in page.items]
+        return m.PendingChildrenPage(total=page.total, limit=limit, offset=offset, items=items)
+
+    @app.get("/health", response_model=m.Health, tags=["operations"], responses={503: {"model": m.Health}})
+    def health(response: Response) -> m.Health:
+        """Each dependency's status and latency. 503 when SyncFlow's own database is down."""
+        checks = {
+            "database": _check(lambda: _ping_database(engine)),
+            "apismith": _check_http(settings.apismith_base_url, settings.health_timeout_s),
+            "schedulehub": _check_http(settings.schedulehub_base_url, settings.health_timeout_s),
+            "dagster": _check(lambda: gateway.ping()),
+        }
+        if checks["database"].status != "ok":
+            response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+            overall: Literal["ok", "degraded", "down"] = "down"
+        else:
+            overall = "ok" if all(c.status != "down" for c in checks.values()) else "degraded"
+        return m.Health(status=overall, checks=checks)
+
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text exposition"}},
+    )
+    def metrics() -> Response:
+        """Prometheus metrics computed from the store at scrape time."""
+        return Response(content=exposition(engine, entities), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _ping_database(engine: sa.Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+
+
+def _check(probe: Any) -> m.DependencyHealth:
+    started = time.perf_counter()
+    try:
+        probe()
+    except Exception as exc:  # a health check reports any failure; it must never raise
+        return m.DependencyHealth(status="down", latency_ms=_ms(started), detail=f"{type(exc).__name__}")
+    return m.DependencyHealth(status="ok", latency_ms=_ms(started))
+
+
+def _check_http(base_url: str | None, timeout_s: float) -> m.DependencyHealth:
+    if not base_url:
+        return m.DependencyHealth(status="not_configured", latency_ms=None)
+
+    def probe() -> None:
+        httpx.get(f"{base_url.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
+
+    return _check(probe)
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)

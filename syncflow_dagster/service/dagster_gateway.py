@@ -1,0 +1,172 @@
+"""The service's door into Dagster: launch, watch and cancel runs through the webserver's GraphQL API.
+
+Launching goes through `dagster_graphql.DagsterGraphQLClient`, so the runs are
+ordinary Dagster runs: queued by the instance's run coordinator (one run per
+entity at a time, dagster.yaml), visible in the UI, retried by run retries.
+Reading a run's details uses one small GraphQL query over httpx, because the
+client only exposes the status. Errors become `DagsterUnavailable` (Dagster
+cannot be reached: 503) or `DagsterRefused` (it answered no: 4xx/409).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import dagster as dg
+import httpx
+from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
+
+SYNC_JOB = "sync"
+RETRY_JOB = "retry"
+RETRY_OP = "retry_failed_and_pending"
+REPOSITORY = "__repository__"  # the implicit repository of a `Definitions`
+ENTITY_DIMENSION = "entity"
+DATE_DIMENSION = "date"
+
+_RUN_QUERY = """
+query SyncflowRun($runId: ID!) {
+  runOrError(runId: $runId) {
+    __typename
+    ... on Run { runId status jobName startTime endTime tags { key value } }
+    ... on RunNotFoundError { message }
+    ... on PythonError { message }
+  }
+}
+"""
+_VERSION_QUERY = "query SyncflowPing { version }"
+
+
+class DagsterUnavailable(Exception):
+    """Dagster's webserver could not be reached or failed internally."""
+
+
+class DagsterRefused(Exception):
+    """Dagster answered, and said no (unknown run, bad job, conflict)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    status: str
+    job_name: str
+    started_at: dt.datetime | None
+    ended_at: dt.datetime | None
+    tags: dict[str, str]
+
+
+def sync_partition_tags(entity: str, day: dt.date) -> dict[str, str]:
+    """The tags Dagster's UI sets when it launches one entity x date partition of the sync job."""
+    key = dg.MultiPartitionKey({ENTITY_DIMENSION: entity, DATE_DIMENSION: day.isoformat()})
+    return {
+        "dagster/partition": str(key),
+        f"dagster/partition/{ENTITY_DIMENSION}": entity,
+        f"dagster/partition/{DATE_DIMENSION}": day.isoformat(),
+        "syncflow/entity": entity,
+        "syncflow/trigger": "api",
+    }
+
+
+def _timestamp(value: float | None) -> dt.datetime | None:
+    return None if value is None else dt.datetime.fromtimestamp(value, tz=dt.UTC)
+
+
+class DagsterGateway:
+    """Runs of the SyncFlow code location, via the Dagster webserver at `base_url`."""
+
+    def __init__(self, base_url: str, location: str | None = "syncflow", timeout_s: float = 30.0) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"SYNCFLOW_DAGSTER_URL must be an http(s) URL, got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.graphql_url = f"{self.base_url}/graphql"
+        self._location = location
+        self._timeout_s = timeout_s
+        self._client = DagsterGraphQLClient(
+            parts.hostname,
+            port_number=parts.port,
+            use_https=parts.scheme == "https",
+            timeout=int(timeout_s),
+            path_prefix=parts.path.rstrip("/"),
+        )
+
+    def _submit(self, job: str, tags: dict[str, str], run_config: dict[str, Any] | None = None) -> str:
+        try:
+            return self._client.submit_job_execution(
+                job,
+                repository_location_name=self._location,
+                repository_name=REPOSITORY if self._location else None,
+                run_config=run_config,
+                tags=tags,
+            )
+        except DagsterGraphQLClientError as exc:
+            raise _translate(exc) from None
+
+    def submit_sync(self, entity: str, day: dt.date) -> str:
+        """Launch the sync job for one entity x date; returns the run id."""
+        return self._submit(SYNC_JOB, sync_partition_tags(entity, day))
+
+    def submit_retry(self, entities: list[str]) -> str:
+        """Launch the retry job (failed records due and released children) for `entities` (empty: all)."""
+        config = {"ops": {RETRY_OP: {"config": {"entities": entities}}}}
+        return self._submit(RETRY_JOB, {"syncflow/trigger": "api"}, config)
+
+    def cancel(self, run_id: str) -> None:
+        try:
+            self._client.terminate_run(run_id)
+        except DagsterGraphQLClientError as exc:
+            raise _translate(exc) from None
+
+    def run(self, run_id: str) -> RunInfo:
+        data = self._graphql(_RUN_QUERY, {"runId": run_id})["runOrError"]
+        kind = data["__typename"]
+        if kind == "RunNotFoundError":
+            raise DagsterRefused(kind, f"run {run_id!r} not found")
+        if kind != "Run":
+            raise DagsterUnavailable(f"Dagster could not read run {run_id!r}: {kind}")
+        return RunInfo(
+            run_id=data["runId"],
+            status=data["status"],
+            job_name=data["jobName"],
+            started_at=_timestamp(data.get("startTime")),
+            ended_at=_timestamp(data.get("endTime")),
+            tags={t["key"]: t["value"] for t in data.get("tags") or []},
+        )
+
+    def ping(self) -> tuple[str, float]:
+        """Dagster's version and the round trip in seconds."""
+        started = time.perf_counter()
+        version = self._graphql(_VERSION_QUERY, {})["version"]
+        return str(version), time.perf_counter() - started
+
+    def _graphql(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = httpx.post(
+                self.graphql_url, json={"query": query, "variables": variables}, timeout=self._timeout_s
+            )
+        except httpx.HTTPError as exc:
+            raise DagsterUnavailable(
+                f"Dagster at {self.base_url} unreachable ({type(exc).__name__})"
+            ) from None
+        if response.status_code != 200:
+            raise DagsterUnavailable(f"Dagster at {self.base_url} answered HTTP {response.status_code}")
+        body = response.json()
+        if body.get("errors"):
+            raise DagsterUnavailable(f"Dagster GraphQL error: {body['errors'][0].get('message', '?')[:200]}")
+        data: dict[str, Any] = body["data"]
+        return data
+
+
+def _translate(exc: DagsterGraphQLClientError) -> Exception:
+    kind = str(exc.args[0]) if exc.args else "DagsterGraphQLClientError"
+    message = str(exc.args[1]) if len(exc.args) > 1 else ""
+    if "connecting to url" in kind or kind.startswith(("Server error", "Exception occured")):
+        return DagsterUnavailable(kind.splitlines()[0][:200])
+    return DagsterRefused(kind, message[:500])

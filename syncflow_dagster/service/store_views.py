@@ -1,0 +1,236 @@
+"""Read-only views of SyncFlow's state tables for the API, /metrics and the CLI (SQLAlchemy Core).
+
+The sync writes `sync_batches`, `failed_records` and `pending_children`
+through the store's repositories; this module only reads them, in the shapes
+operators ask for: one batch's metrics, per-entity stats, pages of failures.
+Count names are normalised here (`insert` → `inserted`, ...) so every edge
+speaks the same vocabulary whatever the stage that wrote them called it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import distinct_on
+
+from syncflow_dagster.store.schema import failed_records, pending_children, sync_batches
+
+# The metrics every batch reports, in the order people read them.
+BATCH_METRICS = (
+    "fetched",
+    "tombstones",
+    "normalized",
+    "rejected",
+    "stale",
+    "inserted",
+    "updated",
+    "deleted",
+    "skipped",
+    "duplicates",
+    "pending",
+    "released",
+    "delivered",
+    "failed",
+    "committed",
+)
+# The delta stage counts by action (`insert`); people read past tense.
+_ALIASES = {"insert": "inserted", "update": "updated", "delete": "deleted", "skip": "skipped"}
+
+
+def normalise_counts(raw: Mapping[str, Any] | None) -> dict[str, int]:
+    """Counts keyed by BATCH_METRICS names (missing ones are 0); unknown keys are kept as they are."""
+    out = dict.fromkeys(BATCH_METRICS, 0)
+    for key, value in (raw or {}).items():
+        name = _ALIASES.get(key, key)
+        try:
+            out[name] = out.get(name, 0) + int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"sync_batches count {key!r} is not an integer: {value!r}") from None
+    return out
+
+
+@dataclass(frozen=True)
+class BatchView:
+    """One sync batch: an entity x partition date, within one Dagster run."""
+
+    id: str
+    entity: str
+    partition_date: dt.date | None
+    run_id: str | None
+    status: str
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
+    counts: dict[str, int]
+    stage_seconds: dict[str, float]
+
+    @property
+    def seconds(self) -> float:
+        return round(sum(self.stage_seconds.values()), 3)
+
+
+@dataclass
+class EntityStatsView:
+    """What an operator wants to know about one entity at a glance."""
+
+    entity: str
+    batches: int = 0
+    failed_batches: int = 0
+    last_batch: BatchView | None = None
+    last_success_at: dt.datetime | None = None
+    totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BATCH_METRICS, 0))
+    open_failures: int = 0
+    pending_children: int = 0
+
+
+def _batch(row: sa.Row[Any]) -> BatchView:
+    return BatchView(
+        id=str(row.id),
+        entity=row.entity,
+        partition_date=row.partition_date,
+        run_id=row.run_id,
+        status=row.status,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        counts=normalise_counts(row.counts),
+        stage_seconds={str(k): float(v) for k, v in (row.stage_seconds or {}).items()},
+    )
+
+
+def batches_of_run(conn: sa.Connection, run_id: str) -> list[BatchView]:
+    """Every batch a Dagster run wrote, oldest first."""
+    query = sa.select(sync_batches).where(sync_batches.c.run_id == run_id).order_by(sync_batches.c.started_at)
+    return [_batch(row) for row in conn.execute(query)]
+
+
+def recent_batches(conn: sa.Connection, limit: int = 1000) -> list[BatchView]:
+    query = sa.select(sync_batches).order_by(sync_batches.c.started_at.desc()).limit(limit)
+    return [_batch(row) for row in conn.execute(query)]
+
+
+def entity_stats(conn: sa.Connection, entities: list[str] | None = None) -> dict[str, EntityStatsView]:
+    """Per entity: batch totals, the last batch, the last success, open failures and pending children.
+
+    `entities` (the catalog's, in parent-first order) makes entities that never
+    synced appear with zeros instead of being absent.
+    """
+    stats: dict[str, EntityStatsView] = {name: EntityStatsView(name) for name in entities or []}
+
+    def of(name: str) -> EntityStatsView:
+        return stats.setdefault(name, EntityStatsView(name))
+
+    per_status = sa.select(
+        sync_batches.c.entity,
+        sa.func.count().label("n"),
+        sa.func.count().filter(sync_batches.c.status == "failed").label("failed"),
+        sa.func.max(sync_batches.c.finished_at).filter(sync_batches.c.status == "succeeded").label("last_ok"),
+    ).group_by(sync_batches.c.entity)
+    for row in conn.execute(per_status):
+        view = of(row.entity)
+        view.batches, view.failed_batches, view.last_success_at = row.n, row.failed, row.last_ok
+
+    # Sum each count key over the entity's batches inside Postgres (jsonb_each_text).
+    kv = sa.func.jsonb_each_text(sync_batches.c.counts).table_valued("key", "value").alias("kv")
+    totals = (
+        sa.select(sync_batches.c.entity, kv.c.key, sa.func.sum(sa.cast(kv.c.value, sa.BigInteger)))
+        .select_from(sync_batches.join(kv, sa.true()))
+        .where(kv.c.value.regexp_match(r"^-?[0-9]+$"))
+        .group_by(sync_batches.c.entity, kv.c.key)
+    )
+    for entity, key, total in conn.execute(totals):
+        name = _ALIASES.get(key, key)
+        view = of(entity)
+        view.totals[name] = view.totals.get(name, 0) + int(total)
+
+    last = (
+        sa.select(sync_batches)
+        .ext(distinct_on(sync_batches.c.entity))
+        .order_by(sync_batches.c.entity, sync_batches.c.started_at.desc())
+    )
+    for row in conn.execute(last):
+        of(row.entity).last_batch = _batch(row)
+
+    open_failures = (
+        sa.select(failed_records.c.entity, sa.func.count())
+        .where(failed_records.c.resolved_at.is_(None))
+        .group_by(failed_records.c.entity)
+    )
+    for entity, n in conn.execute(open_failures):
+        of(entity).open_failures = n
+    waiting = sa.select(pending_children.c.entity, sa.func.count()).group_by(pending_children.c.entity)
+    for entity, n in conn.execute(waiting):
+        of(entity).pending_children = n
+    return stats
+
+
+@dataclass(frozen=True)
+class Page:
+    """A page of rows and the total that matched the filter."""
+
+    total: int
+    items: list[dict[str, Any]]
+
+
+def failed_records_page(
+    conn: sa.Connection,
+    *,
+    entity: str | None = None,
+    reason: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+    include_resolved: bool = False,
+) -> Page:
+    """Failed records, newest failure first; payloads are left out (they can be large)."""
+    t = failed_records
+    where: list[sa.ColumnElement[bool]] = []
+    if not include_resolved:
+        where.append(t.c.resolved_at.is_(None))
+    if entity is not None:
+        where.append(t.c.entity == entity)
+    if reason is not None:
+        where.append(t.c.reason_code == reason)
+    total = conn.execute(sa.select(sa.func.count()).select_from(t).where(*where)).scalar_one()
+    columns = [
+        t.c.id,
+        t.c.entity,
+        t.c.bk,
+        t.c.reason_code,
+        t.c.reason_class,
+        t.c.detail,
+        t.c.attempts,
+        t.c.first_failed_at,
+        t.c.last_failed_at,
+        t.c.next_retry_at,
+        t.c.resolved_at,
+        t.c.batch_id,
+    ]
+    query = sa.select(*columns).where(*where).order_by(t.c.last_failed_at.desc(), t.c.id).limit(limit)
+    items = [_plain(row._mapping) for row in conn.execute(query.offset(offset))]
+    return Page(total=int(total), items=items)
+
+
+def pending_children_page(
+    conn: sa.Connection, *, entity: str | None = None, limit: int = 100, offset: int = 0
+) -> Page:
+    """Children waiting for a parent, longest-waiting first."""
+    t = pending_children
+    where = [t.c.entity == entity] if entity is not None else []
+    total = conn.execute(sa.select(sa.func.count()).select_from(t).where(*where)).scalar_one()
+    columns = [
+        t.c.id,
+        t.c.entity,
+        t.c.bk,
+        t.c.missing_parent_entity,
+        t.c.missing_parent_bk,
+        t.c.since,
+        t.c.batch_id,
+    ]
+    query = sa.select(*columns).where(*where).order_by(t.c.since, t.c.id).limit(limit).offset(offset)
+    return Page(total=int(total), items=[_plain(row._mapping) for row in conn.execute(query)])
+
+
+def _plain(row: sa.RowMapping) -> dict[str, Any]:
+    return {k: (str(v) if k in ("id", "batch_id") and v is not None else v) for k, v in row.items()}
