@@ -1,0 +1,1 @@
+"""SyncFlow's benchmarks: `python -m benchmarks <name> ...` (see docs/benchmarks.md)."""

@@ -1,0 +1,212 @@
+"""Engine benchmark: normalize → identity → (rowversion) → delta → commit of state, at scale.
+
+`python -m benchmarks engine --rows N --json PATH [--database-url URL]`
+
+initial: N generated records against empty state. incremental: a change set of
+1% updated, 0.5% new and 0.2% deleted records against the N stored ones. Each
+phase reports rows, seconds, rows/s and the process's peak RSS so far. The
+state commit uses the real store (StateRepository) on Postgres: the URL from
+--database-url or SYNCFLOW_DATABASE_URL, else an embedded server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as _compute
+import sqlalchemy as sa
+
+from benchmarks.datagen_engine import bench_entity, raw_records
+from syncflow_dagster.engine.columns import ACTION, BK, BK_HASH, DATA_HASH, RECIPE, ROWVERSION
+from syncflow_dagster.engine.delta import plan_delta
+from syncflow_dagster.engine.identity import add_identity, key_hash_of
+from syncflow_dagster.engine.normalize import normalize
+from syncflow_dagster.engine.rowversion import split_by_rowversion
+from syncflow_dagster.store.database import make_engine
+from syncflow_dagster.store.schema import entity_state
+from syncflow_dagster.store.state import StateRepository
+
+pc: Any = _compute
+T = TypeVar("T")
+DATABASE_URL_ENV = "SYNCFLOW_DATABASE_URL"
+
+
+@dataclass
+class Phase:
+    phase: str
+    rows: int
+    seconds: float
+    rows_per_s: float
+    peak_rss_mb: float
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.phases: list[Phase] = []
+
+    def run(self, name: str, rows: int, work: Callable[[], T]) -> T:
+        start = time.perf_counter()
+        result = work()
+        seconds = time.perf_counter() - start
+        self.phases.append(Phase(name, rows, seconds, rows / seconds if seconds else 0.0, peak_rss_mb()))
+        return result
+
+    def total(self, name: str, prefix: str, rows: int) -> None:
+        seconds = sum(p.seconds for p in self.phases if p.phase.startswith(prefix))
+        self.phases.append(Phase(name, rows, seconds, rows / seconds if seconds else 0.0, peak_rss_mb()))
+
+
+@contextmanager
+def database(url: str | None) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    from syncflow_dagster.store.embedded import start_embedded_postgres
+
+    with tempfile.TemporaryDirectory(prefix="syncflow-bench-") as tmp:
+        server = start_embedded_postgres(Path(tmp) / "pg", keep_data=False)
+        try:
+            yield server.url
+        finally:
+            server.stop()
+
+
+def accepted_of(plan: pa.Table) -> pa.Table:
+    """What a perfect ScheduleHub would confirm: every insert and update."""
+    sent = plan.filter(pc.is_in(plan.column(ACTION), value_set=pa.array(["insert", "update"])))
+    return sent.select([BK_HASH, BK, DATA_HASH, ROWVERSION, RECIPE, "_changed_at"])
+
+
+def deleted_of(plan: pa.Table) -> pa.Array:
+    keys: pa.Array = plan.filter(pc.equal(plan.column(ACTION), "delete")).column(BK_HASH).combine_chunks()
+    return keys
+
+
+def run(rows: int, url: str, seed: int = 7) -> list[Phase]:
+    entity = bench_entity()
+    engine = make_engine(url)
+    repo = StateRepository(engine)
+    repo.ensure_schema()
+    with engine.begin() as conn:
+        conn.execute(sa.delete(entity_state).where(entity_state.c.entity == entity.name))
+    rec = Recorder()
+    try:
+        # -- initial: everything is new ------------------------------------------------------------
+        ids = np.arange(rows)
+        raw = raw_records(ids, np.ones(rows, dtype=np.int64), seed)
+        normalized = rec.run("initial.normalize", rows, lambda: normalize(entity, raw))
+        identified = rec.run(
+            "initial.identity", normalized.rows.num_rows, lambda: add_identity(entity, normalized.rows)
+        )
+        plan = rec.run("initial.delta", identified.num_rows, lambda: plan_delta(identified, None))
+        accepted = accepted_of(plan)
+        rec.run(
+            "initial.commit",
+            accepted.num_rows,
+            lambda: repo.commit_delivered(entity.name, uuid.uuid4(), accepted, deleted_of(plan)),
+        )
+        rec.total("initial.total", "initial.", rows)
+
+        # -- incremental: 1% updated, 0.5% new, 0.2% deleted --------------------------------------
+        rng = np.random.default_rng(seed + 1)
+        chosen = rng.permutation(rows)
+        updated = np.sort(chosen[: rows // 100])
+        deleted = np.sort(chosen[rows // 100 : rows // 100 + rows // 500])
+        new = np.arange(rows, rows + rows // 200)
+        change_ids = np.concatenate([updated, new])
+        changes = raw_records(change_ids, np.full(len(change_ids), 2, dtype=np.int64), seed + 2)
+        tomb_keys = pc.binary_join_element_wise("WO-", pc.cast(pa.array(deleted), pa.string()), "")
+        change_rows = changes.num_rows + len(deleted)
+
+        def tombstones() -> pa.Table:
+            return pa.table(
+                {
+                    BK_HASH: key_hash_of(tomb_keys),
+                    BK: tomb_keys,
+                    ROWVERSION: pa.array(np.full(len(deleted), 2, dtype=np.int64)),
+                }
+            )
+
+        inc_norm = rec.run("incremental.normalize", changes.num_rows, lambda: normalize(entity, changes))
+        inc_ident = rec.run(
+            "incremental.identity", inc_norm.rows.num_rows, lambda: add_identity(entity, inc_norm.rows)
+        )
+        graves = rec.run("incremental.tombstones", len(deleted), tombstones)
+        asked = pa.concat_arrays(
+            [inc_ident.column(BK_HASH).combine_chunks(), graves.column(BK_HASH).combine_chunks()]
+        )
+        stored = rec.run(
+            "incremental.load_state", len(asked), lambda: repo.stored_for_keys(entity.name, asked)
+        )
+        fresh, _stale = rec.run(
+            "incremental.rowversion", inc_ident.num_rows, lambda: split_by_rowversion(inc_ident, stored)
+        )
+        inc_plan = rec.run("incremental.delta", fresh.num_rows, lambda: plan_delta(fresh, stored, graves))
+        inc_accepted = accepted_of(inc_plan)
+        rec.run(
+            "incremental.commit",
+            inc_accepted.num_rows + len(deleted),
+            lambda: repo.commit_delivered(entity.name, uuid.uuid4(), inc_accepted, deleted_of(inc_plan)),
+        )
+        rec.total("incremental.total", "incremental.", change_rows)
+        counts = {
+            a: n
+            for a, n in zip(
+                *np.unique(inc_plan.column(ACTION).to_numpy(zero_copy_only=False), return_counts=True),
+                strict=True,
+            )
+        }
+        print(f"incremental plan: {counts}", file=sys.stderr)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.delete(entity_state).where(entity_state.c.entity == entity.name))
+        engine.dispose()
+    return rec.phases
+
+
+def print_table(phases: list[Phase]) -> None:
+    print(f"{'phase':<26}{'rows':>10}{'seconds':>10}{'rows/s':>12}{'peak RSS MB':>13}")
+    for p in phases:
+        print(f"{p.phase:<26}{p.rows:>10}{p.seconds:>10.3f}{p.rows_per_s:>12.0f}{p.peak_rss_mb:>13.0f}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks engine", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="records in the initial run")
+    parser.add_argument("--json", type=Path, help="write per-phase figures as JSON here")
+    parser.add_argument("--database-url", help=f"Postgres URL (default ${DATABASE_URL_ENV}, else embedded)")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    if args.rows < 1000:
+        parser.error("--rows must be at least 1000 (the change set is a share of it)")
+    with database(args.database_url or os.environ.get(DATABASE_URL_ENV)) as url:
+        phases = run(args.rows, url, args.seed)
+    print_table(phases)
+    if args.json:
+        payload = {
+            "benchmark": "engine",
+            "rows": args.rows,
+            "cpus": os.cpu_count(),
+            "phases": {p.phase: {k: v for k, v in asdict(p).items() if k != "phase"} for p in phases},
+        }
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
