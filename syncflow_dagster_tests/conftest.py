@@ -10,6 +10,8 @@ server never see each other's rows.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,17 +32,21 @@ def _with_database(url: str, dbname: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_server_url() -> Iterator[str]:
     """A libpq URL to a running Postgres server (shared or embedded)."""
     configured = os.environ.get(TEST_DATABASE_ENV)
     if configured:
         yield libpq_url(configured)
         return
-    server = start_embedded_postgres(Path(tmp_path_factory.mktemp("pg")) / "data", keep_data=False)
+    # Not under pytest's tmp_path: its 0700 parents are not traversable by the
+    # unprivileged user pgserver runs postgres as when the tests run as root.
+    data_dir = Path(tempfile.mkdtemp(prefix="syncflow-test-pg-"))
+    server = start_embedded_postgres(data_dir / "data", keep_data=False)
     try:
         yield server.url
     finally:
         server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,52 @@
+"""The one `Definitions` of the SyncFlow code location (loaded by workspace.yaml)."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from syncflow_dagster.defs.assets import STAGE_ASSETS
+from syncflow_dagster.defs.checks import entities_synced_recently
+from syncflow_dagster.defs.jobs import reconcile_job, retry_job, sync_job
+from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
+from syncflow_dagster.defs.sensors import (
+    apismith_change_sensor,
+    nightly_reconcile_schedule,
+    pending_children_sensor,
+    retry_schedule,
+)
+from syncflow_dagster.store.frame_io_manager import PostgresFrameIOManager
+
+
+def build_resources() -> dict[str, object]:
+    """Resources from the environment; secrets stay EnvVars, resolved only at run time."""
+    database_url = dg.EnvVar("SYNCFLOW_DATABASE_URL")
+    return {
+        "database": SyncDatabase(url=database_url),
+        "apismith": ApiSmithResource(
+            base_url=dg.EnvVar("APISMITH_BASE_URL"),
+            client_id=dg.EnvVar("APISMITH_CLIENT_ID"),
+            client_secret=dg.EnvVar("APISMITH_CLIENT_SECRET"),
+        ),
+        "schedulehub": ScheduleHubResource(
+            base_url=dg.EnvVar("SCHEDULEHUB_BASE_URL"),
+            client_id=dg.EnvVar("SCHEDULEHUB_CLIENT_ID"),
+            client_secret=dg.EnvVar("SCHEDULEHUB_CLIENT_SECRET"),
+        ),
+        "tuning": SyncTuning(),
+        "frame_io_manager": PostgresFrameIOManager(
+            database_url=database_url,
+            retention_days=int(os.environ.get("SYNCFLOW_STAGE_RETENTION_DAYS", "14")),
+        ),
+    }
+
+
+defs = dg.Definitions(
+    assets=STAGE_ASSETS,
+    asset_checks=[entities_synced_recently],
+    jobs=[sync_job, reconcile_job, retry_job],
+    sensors=[apismith_change_sensor, pending_children_sensor],
+    schedules=[retry_schedule, nightly_reconcile_schedule],
+    resources=build_resources(),
+)

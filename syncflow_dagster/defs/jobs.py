@@ -1,0 +1,48 @@
+"""Jobs: sync (the nine stages), reconcile (full key scan), retry (failed records and released children)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from syncflow_dagster.defs.assets import GROUP, PARTITIONS
+from syncflow_dagster.defs.maintenance import reconcile_entities, retry_failed_and_pending
+from syncflow_dagster.defs.partitions import DATE_DIMENSION, ENTITY_DIMENSION
+
+# A run that fails is retried from the failed step (the stages before it are
+# stored by the frame IO manager), twice at most.
+RUN_RETRY_TAGS = {"dagster/max_retries": "2", "dagster/retry_strategy": "FROM_FAILURE"}
+
+sync_job = dg.define_asset_job(
+    name="sync",
+    selection=dg.AssetSelection.groups(GROUP),
+    partitions_def=PARTITIONS,
+    description="Fetch → normalize → identity → rowversion → delta → parent-child → deliver → persist → report, "
+    "for one entity × date partition (or a date range of one entity).",
+    tags=RUN_RETRY_TAGS,
+)
+
+
+@dg.job(
+    description="Full key scan: deletes from ScheduleHub what APISmith no longer has, unless the share to delete "
+    "exceeds the entity's delete guard (then it reports and deletes nothing).",
+    tags=RUN_RETRY_TAGS,
+)
+def reconcile_job() -> None:
+    reconcile_entities()
+
+
+@dg.job(
+    description="Redelivers failed records that are due (exponential backoff by attempt) and children whose "
+    "parents have arrived, then commits what ScheduleHub confirmed.",
+    tags=RUN_RETRY_TAGS,
+)
+def retry_job() -> None:
+    retry_failed_and_pending()
+
+
+def sync_run_tags(entity: str) -> dict[str, str]:
+    """Tags of a sync run; the entity tag is what the run queue's per-entity limit keys on."""
+    return {f"dagster/partition/{ENTITY_DIMENSION}": entity, "syncflow/entity": entity}
+
+
+__all__ = ["DATE_DIMENSION", "reconcile_job", "retry_job", "sync_job", "sync_run_tags"]

@@ -1,0 +1,143 @@
+"""Ops of the reconcile and retry jobs: full key scans, redelivery of failures and released children."""
+
+import time
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
+from dagster import OpExecutionContext
+from pydantic import Field
+
+from syncflow_dagster.catalog import DeletePolicy, EntitySpec
+from syncflow_dagster.defs import stages
+from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
+from syncflow_dagster.engine import columns as c
+from syncflow_dagster.engine.delta import plan_reconcile_deletes
+from syncflow_dagster.engine.identity import add_identity
+from syncflow_dagster.engine.normalize import normalize
+
+
+class EntitiesConfig(dg.Config):
+    entities: list[str] = Field(default_factory=list, description="Entities to act on; empty means all.")
+
+
+def _selected(config: EntitiesConfig) -> list[EntitySpec]:
+    from syncflow_dagster.defs.assets import CATALOG
+
+    names = config.entities or list(CATALOG.topological_order)
+    return [CATALOG.entity(name) for name in CATALOG.topological_order if name in names]
+
+
+async def _source_keys(client: Any, entity: EntitySpec) -> pa.Table:
+    async with client:
+        return await client.fetch_keys(entity.source)
+
+
+@dg.op(
+    description="For each entity: list APISmith's keys, compare with what ScheduleHub holds, delete the rest "
+    "unless the delete guard blocks it.",
+    retry_policy=dg.RetryPolicy(
+        max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.FULL
+    ),
+    pool="apismith",
+)
+def reconcile_entities(
+    context: OpExecutionContext,
+    config: EntitiesConfig,
+    apismith: ApiSmithResource,
+    schedulehub: ScheduleHubResource,
+    database: SyncDatabase,
+) -> None:
+    for entity in _selected(config):
+        started = time.perf_counter()
+        keys = stages.run_async(_source_keys(apismith.client(), entity))
+        key_spec = stages.key_only(entity)
+        normalized = normalize(key_spec, keys)
+        source_keys = add_identity(key_spec, normalized.rows).select([c.BK_HASH, c.BK])
+        stored = database.state().load_state(entity.name)
+        plan = plan_reconcile_deletes(stored, source_keys, entity.delete_guard)
+        metadata: dict[str, Any] = {
+            "entity": entity.name,
+            "source_keys": source_keys.num_rows,
+            "stored_keys": stored.num_rows,
+            "to_delete": plan.deletes.num_rows,
+            "share": round(plan.share, 4),
+            "delete_guard": entity.delete_guard,
+            "blocked": plan.blocked,
+            "unparseable_keys": normalized.rejected.num_rows,
+        }
+        if plan.blocked:
+            context.log.warning(f"reconcile {entity.name}: {plan.reason}")
+            metadata["reason"] = plan.reason
+        elif plan.deletes.num_rows and entity.delete_policy is not DeletePolicy.NONE:
+            batch = database.batches().get_or_start(entity.name, None, context.run_id)
+            deletes = plan.deletes.append_column(c.ACTION, pa.array([c.DELETE] * plan.deletes.num_rows))
+            deletes = deletes.append_column(c.ROWVERSION, pa.nulls(deletes.num_rows, pa.int64()))
+            delivered = stages.deliver_stage(schedulehub.client(), entity, deletes)
+            persisted = stages.persist_stage(database, entity, delivered.frame, batch)
+            metadata.update({f"rows_{k}": v for k, v in persisted.counts.items()})
+            database.batches().finish(
+                batch, "succeeded", stages.merged_counts(delivered.counts, persisted.counts), {}
+            )
+        metadata["seconds"] = round(time.perf_counter() - started, 3)
+        context.log_event(dg.AssetObservation(asset_key="sync_report", metadata=metadata, partition=None))
+
+
+@dg.op(
+    description="Redeliver failed records that are due and children whose parents have arrived.",
+    retry_policy=dg.RetryPolicy(
+        max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.FULL
+    ),
+    pool="schedulehub",
+)
+def retry_failed_and_pending(
+    context: OpExecutionContext,
+    config: EntitiesConfig,
+    schedulehub: ScheduleHubResource,
+    database: SyncDatabase,
+    tuning: SyncTuning,
+) -> None:
+    from syncflow_dagster.defs.assets import CATALOG
+
+    for entity in _selected(config):
+        started = time.perf_counter()
+        expired = database.pending().expire(entity.name, tuning.pending_max_age_hours)
+        due = database.failures().due_for_retry(entity.name, limit=tuning.retry_batch_limit)
+        released = database.pending().release(entity.name)
+        frames = [f for f in (due, released) if f is not None and f.num_rows]
+        if not frames:
+            continue
+        rows = pa.concat_tables(frames, promote_options="default")
+        if c.ACTION not in rows.column_names:
+            rows = rows.append_column(c.ACTION, pa.array([c.UPDATE] * rows.num_rows))
+        # A retried row must still have its parents: otherwise it goes back to waiting.
+        batch = database.batches().get_or_start(entity.name, None, context.run_id)
+        ready = stages.parent_child_stage(CATALOG, entity, database.state(), database.pending(), rows, batch)
+        delivered = stages.deliver_stage(schedulehub.client(), entity, ready.frame)
+        persisted = stages.persist_stage(database, entity, delivered.frame, batch)
+        counts = stages.merged_counts(
+            {"retried": due.num_rows if due is not None else 0, "expired_pending": int(expired)},
+            ready.counts,
+            delivered.counts,
+            persisted.counts,
+        )
+        database.batches().finish(
+            batch, "succeeded", counts, {"retry": round(time.perf_counter() - started, 3)}
+        )
+        context.log.info(f"retry {entity.name}: {counts}")
+        still_failed = (
+            pc.sum(pc.not_equal(delivered.frame["status"], "accepted")).as_py()
+            if delivered.frame.num_rows
+            else 0
+        )
+        context.log_event(
+            dg.AssetObservation(
+                asset_key="sync_report",
+                metadata={
+                    "entity": entity.name,
+                    **{f"rows_{k}": v for k, v in counts.items()},
+                    "still_failed": still_failed or 0,
+                },
+            )
+        )

@@ -1,0 +1,132 @@
+"""Dagster resources: SyncFlow's database and the two partner clients, configured from the environment.
+
+Secrets reach these resources only through `dg.EnvVar`, so Dagster shows the
+variable's name in the UI and never its value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from typing import Any
+
+import dagster as dg
+import sqlalchemy as sa
+from pydantic import Field, PrivateAttr
+
+from syncflow_dagster.store.database import make_engine
+
+
+@cache
+def _engine_for(url: str) -> sa.Engine:
+    # One pool per process and URL: multiprocess steps each build their own.
+    return make_engine(url, pool_size=4, max_overflow=4)
+
+
+class SyncDatabase(dg.ConfigurableResource):
+    """SyncFlow's Postgres state store (schema `syncflow`)."""
+
+    url: str = Field(description="Postgres URL (SYNCFLOW_DATABASE_URL).")
+    migrate_on_start: bool = Field(default=True, description="Run the Alembic migrations when first used.")
+
+    _ready: bool = PrivateAttr(default=False)
+
+    @property
+    def engine(self) -> sa.Engine:
+        engine = _engine_for(self.url)
+        if self.migrate_on_start and not self._ready:
+            from syncflow_dagster.store.migrate import upgrade
+
+            upgrade(engine)
+            self._ready = True
+        return engine
+
+    def state(self) -> Any:
+        from syncflow_dagster.store.state import StateRepository
+
+        return StateRepository(self.engine)
+
+    def batches(self) -> Any:
+        from syncflow_dagster.store.batches import BatchRepository
+
+        return BatchRepository(self.engine)
+
+    def failures(self) -> Any:
+        from syncflow_dagster.store.failures import FailureRepository
+
+        return FailureRepository(self.engine)
+
+    def pending(self) -> Any:
+        from syncflow_dagster.store.pending import PendingRepository
+
+        return PendingRepository(self.engine)
+
+    def events(self) -> Any:
+        from syncflow_dagster.store.events import EventRepository
+
+        return EventRepository(self.engine)
+
+    @contextmanager
+    def entity_lock(self, entity: str, timeout_s: float = 300.0) -> Iterator[None]:
+        from syncflow_dagster.store.locks import entity_lock
+
+        with entity_lock(self.engine, entity, timeout_s=timeout_s):
+            yield
+
+
+class ApiSmithResource(dg.ConfigurableResource):
+    """The APISmith ERP API (base URL and client credentials from the environment)."""
+
+    base_url: str = Field(description="APISMITH_BASE_URL")
+    client_id: str = Field(description="APISMITH_CLIENT_ID")
+    client_secret: str = Field(description="APISMITH_CLIENT_SECRET (secret: set it through an EnvVar)")
+    page_size: int = Field(default=50_000, description="Rows per page of the changes endpoint.")
+
+    def client(self) -> Any:
+        from pydantic import SecretStr
+
+        from syncflow_dagster.clients.apismith import ApiSmithClient, ApiSmithSettings
+
+        settings = ApiSmithSettings(
+            base_url=self.base_url,
+            client_id=self.client_id,
+            client_secret=SecretStr(self.client_secret),
+            page_size=self.page_size,
+        )
+        return ApiSmithClient(settings)
+
+
+class ScheduleHubResource(dg.ConfigurableResource):
+    """The ScheduleHub scheduling API (base URL and client credentials from the environment)."""
+
+    base_url: str = Field(description="SCHEDULEHUB_BASE_URL")
+    client_id: str = Field(description="SCHEDULEHUB_CLIENT_ID")
+    client_secret: str = Field(description="SCHEDULEHUB_CLIENT_SECRET (secret: set it through an EnvVar)")
+    batch_size: int = Field(default=5_000, description="Rows per batch-upsert call.")
+
+    def client(self) -> Any:
+        from pydantic import SecretStr
+
+        from syncflow_dagster.clients.schedulehub import ScheduleHubClient, ScheduleHubSettings
+
+        settings = ScheduleHubSettings(
+            base_url=self.base_url,
+            client_id=self.client_id,
+            client_secret=SecretStr(self.client_secret),
+            batch_size=self.batch_size,
+        )
+        return ScheduleHubClient(settings)
+
+
+class SyncTuning(dg.ConfigurableResource):
+    """Knobs of a sync run that operators tune without a code change."""
+
+    pending_max_age_hours: float = Field(
+        default=72.0,
+        description="A child still waiting for its parent after this long becomes a failed record.",
+    )
+    freshness_hours: float = Field(
+        default=26.0, description="The freshness check fails when an entity's last good sync is older."
+    )
+    retry_batch_limit: int = Field(default=50_000, description="Failed records retried per retry run.")

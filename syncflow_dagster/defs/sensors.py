@@ -1,0 +1,149 @@
+"""Sensors and schedules that start syncs by themselves.
+
+* `apismith_change_sensor` reads each entity's APISmith watermark (cheap), keeps
+  the last one seen per entity in its cursor, and asks for a sync run only for
+  entities whose watermark moved, one run per changed day, with a run key tied
+  to the watermark so the same change is never synced twice by the sensor.
+* `pending_children_sensor` asks for a retry run for entities whose parked
+  children now have their parents in ScheduleHub.
+* `retry_schedule` redelivers failed records every 15 minutes;
+  `nightly_reconcile_schedule` runs the full key scan at 02:00 UTC.
+
+Default status: STOPPED in a deployment (an operator turns them on), RUNNING
+when SYNCFLOW_AUTOMATION=running, which `syncflow dev` and the demo set.
+"""
+
+import datetime as dt
+import json
+import os
+from typing import Any
+
+import dagster as dg
+from dagster import SensorEvaluationContext
+
+from syncflow_dagster.defs.assets import CATALOG
+from syncflow_dagster.defs.jobs import reconcile_job, retry_job, sync_job
+from syncflow_dagster.defs.partitions import partitions_start, sync_partition_key
+from syncflow_dagster.defs.resources import ApiSmithResource, SyncDatabase
+from syncflow_dagster.defs.stages import run_async
+
+AUTOMATION_ENV = "SYNCFLOW_AUTOMATION"
+
+
+def default_status() -> dg.DefaultSensorStatus:
+    running = os.environ.get(AUTOMATION_ENV, "").lower() == "running"
+    return dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
+
+
+def default_schedule_status() -> dg.DefaultScheduleStatus:
+    running = os.environ.get(AUTOMATION_ENV, "").lower() == "running"
+    return dg.DefaultScheduleStatus.RUNNING if running else dg.DefaultScheduleStatus.STOPPED
+
+
+async def _watermarks(client: Any) -> dict[str, Any]:
+    async with client:
+        return {entity.name: await client.watermark(entity.source) for entity in CATALOG.entities}
+
+
+def _days(first: dt.date, last: dt.date) -> list[dt.date]:
+    return [first + dt.timedelta(days=n) for n in range((last - first).days + 1)]
+
+
+def plan_change_runs(
+    cursor: dict[str, dict[str, Any]], watermarks: dict[str, Any], today: dt.date
+) -> tuple[list[dg.RunRequest], dict[str, dict[str, Any]], list[str]]:
+    """Run requests for moved watermarks, the next cursor, and the entities left unchanged.
+
+    A moved entity gets one run per day from the day of its last synced change
+    up to the day of its newest change, so a change made just before midnight
+    is not missed by a run for the next day.
+    """
+    requests: list[dg.RunRequest] = []
+    next_cursor = dict(cursor)
+    unchanged: list[str] = []
+    start = dt.date.fromisoformat(partitions_start())
+    for name in CATALOG.topological_order:
+        mark = watermarks[name]
+        seen = cursor.get(name, {})
+        rowversion = int(mark.max_rowversion or 0)
+        if rowversion <= int(seen.get("rowversion", 0)):
+            unchanged.append(name)
+            continue
+        newest = mark.max_changed_at.date() if mark.max_changed_at else today
+        first = dt.date.fromisoformat(seen["day"]) if "day" in seen else newest
+        for day in _days(max(first, start), min(newest, today)):
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"{name}:{day.isoformat()}:{rowversion}",
+                    partition_key=sync_partition_key(name, day),
+                    tags={"syncflow/trigger": "change_sensor", "syncflow/watermark": str(rowversion)},
+                )
+            )
+        next_cursor[name] = {"rowversion": rowversion, "day": newest.isoformat()}
+    return requests, next_cursor, unchanged
+
+
+@dg.sensor(
+    job=sync_job,
+    minimum_interval_seconds=60,
+    default_status=default_status(),
+    description="Starts a sync for each entity whose APISmith watermark moved since the last tick.",
+)
+def apismith_change_sensor(
+    context: SensorEvaluationContext, apismith: ApiSmithResource
+) -> dg.SensorResult | dg.SkipReason:
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    watermarks = run_async(_watermarks(apismith.client()))
+    requests, next_cursor, unchanged = plan_change_runs(cursor, watermarks, dt.datetime.now(dt.UTC).date())
+    if not requests:
+        return dg.SkipReason(
+            f"no APISmith watermark moved since the last tick ({len(unchanged)} entities checked: "
+            + ", ".join(f"{n}@{cursor.get(n, {}).get('rowversion', 0)}" for n in unchanged)
+            + ")"
+        )
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps(next_cursor, sort_keys=True))
+
+
+@dg.sensor(
+    job=retry_job,
+    minimum_interval_seconds=120,
+    default_status=default_status(),
+    description="Releases parked children once their parents are in ScheduleHub (runs the retry job for them).",
+)
+def pending_children_sensor(
+    context: SensorEvaluationContext, database: SyncDatabase
+) -> dg.SensorResult | dg.SkipReason:
+    releasable = database.pending().releasable_counts()
+    if not releasable:
+        return dg.SkipReason("no parked child has its parent in ScheduleHub yet")
+    entities = sorted(releasable)
+    key = ",".join(f"{name}={releasable[name]}" for name in entities)
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                run_key=f"release:{key}:{context.cursor or ''}",
+                run_config={"ops": {"retry_failed_and_pending": {"config": {"entities": entities}}}},
+                tags={"syncflow/trigger": "pending_children_sensor"},
+            )
+        ],
+        cursor=dt.datetime.now(dt.UTC).isoformat(),
+    )
+
+
+retry_schedule = dg.ScheduleDefinition(
+    name="retry_failed_records",
+    job=retry_job,
+    cron_schedule="*/15 * * * *",
+    execution_timezone="UTC",
+    default_status=default_schedule_status(),
+    description="Every 15 minutes: redeliver failed records that are due for retry.",
+)
+
+nightly_reconcile_schedule = dg.ScheduleDefinition(
+    name="nightly_reconcile",
+    job=reconcile_job,
+    cron_schedule="0 2 * * *",
+    execution_timezone="UTC",
+    default_status=default_schedule_status(),
+    description="02:00 UTC: full key scan of every entity (guarded against mass deletes).",
+)

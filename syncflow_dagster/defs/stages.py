@@ -1,0 +1,447 @@
+"""The nine sync stages as plain functions: engine + store + clients, no Dagster.
+
+Each stage takes the previous stage's frame and returns its own frame plus the
+counts it wants reported. The Dagster assets in `assets.py` are thin wrappers
+around these, and the retry and reconcile jobs reuse the deliver and persist
+stages, so there is one implementation of "deliver then commit what was
+confirmed".
+
+Frames follow docs/architecture.md. Two flags travel through the stages:
+`_deleted` marks tombstones (a key deleted at the source) and `_partition_date`
+the date partition a row belongs to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from syncflow_dagster.catalog import Catalog, EntitySpec
+from syncflow_dagster.engine import columns as c
+from syncflow_dagster.engine.delta import dedupe_batch, plan_delta
+from syncflow_dagster.engine.identity import add_identity, key_text_of
+from syncflow_dagster.engine.normalize import normalize
+from syncflow_dagster.engine.relations import parent_key_hashes, split_ready_pending
+from syncflow_dagster.engine.rowversion import split_by_rowversion
+
+DELETED = "_deleted"
+PARTITION_DATE = "_partition_date"
+STORED_DATA_HASH = "_stored_data_hash"
+STORED_ROWVERSION = "_stored_rowversion"
+STORED_RECIPE = "_stored_recipe"
+REF_PREFIX = "_ref."
+
+T = TypeVar("T")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a client coroutine from a synchronous Dagster step."""
+    return asyncio.run(coro)
+
+
+@dataclass
+class StageResult:
+    frame: pa.Table
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def window_of(dates: tuple[dt.date, ...]) -> tuple[dt.datetime, dt.datetime]:
+    """[first day 00:00 UTC, day after the last 00:00 UTC): the records that changed on those days."""
+    start = dt.datetime.combine(min(dates), dt.time(), tzinfo=dt.UTC)
+    end = dt.datetime.combine(max(dates) + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+    return start, end
+
+
+def _partition_dates(changed_at_text: pa.ChunkedArray | pa.Array, dates: tuple[dt.date, ...]) -> pa.Array:
+    """Partition date of each row from its ISO changed_at text (UTC), clipped into the run's days."""
+    if len(dates) == 1 or len(changed_at_text) == 0:
+        return pa.array([dates[0]] * len(changed_at_text), pa.date32())
+    day = pc.cast(pc.utf8_slice_codeunits(pc.cast(changed_at_text, pa.string()), 0, 10), pa.date32())
+    low = pa.scalar(min(dates), pa.date32())
+    high = pa.scalar(max(dates), pa.date32())
+    return pc.min_element_wise(pc.max_element_wise(pc.fill_null(day, low), low), high)
+
+
+def key_only(entity: EntitySpec) -> EntitySpec:
+    """The entity restricted to its key fields: how tombstones are normalised and keyed."""
+    fields = tuple(f for f in entity.fields if f.target in entity.business_key)
+    return entity.model_copy(update={"fields": fields, "parents": ()})
+
+
+# 1. fetch ---------------------------------------------------------------------------------------
+
+
+async def _fetch(client: Any, entity: EntitySpec, dates: tuple[dt.date, ...]) -> tuple[pa.Table, pa.Table]:
+    start, end = window_of(dates)
+    async with client:
+        changes = await client.fetch_changes(entity.source, start, end)
+        tombstones = (
+            await client.fetch_tombstones(entity.source, start, end)
+            if entity.delete_policy.value == "tombstones"
+            else pa.table({})
+        )
+    return changes, tombstones
+
+
+def fetch_stage(client: Any, entity: EntitySpec, dates: tuple[dt.date, ...]) -> StageResult:
+    changes, tombstones = run_async(_fetch(client, entity, dates))
+    changes = changes.append_column(DELETED, pa.array([False] * changes.num_rows, pa.bool_()))
+    if tombstones.num_columns:
+        tombstones = tombstones.append_column(DELETED, pa.array([True] * tombstones.num_rows, pa.bool_()))
+        if "DeletedAt" in tombstones.column_names and entity.changed_at not in tombstones.column_names:
+            tombstones = tombstones.rename_columns(
+                [entity.changed_at if n == "DeletedAt" else n for n in tombstones.column_names]
+            )
+        frame = pa.concat_tables([_as_text(changes), _as_text(tombstones)], promote_options="default")
+    else:
+        frame = _as_text(changes)
+    if entity.changed_at in frame.column_names:
+        frame = frame.append_column(PARTITION_DATE, _partition_dates(frame[entity.changed_at], dates))
+    else:
+        frame = frame.append_column(PARTITION_DATE, pa.array([dates[0]] * frame.num_rows, pa.date32()))
+    counts = {"fetched": changes.num_rows, "tombstones": tombstones.num_rows if tombstones.num_columns else 0}
+    return StageResult(frame, counts)
+
+
+def _as_text(table: pa.Table) -> pa.Table:
+    """Source payload as text (the rowversion stays an integer): one schema for every page."""
+    columns = []
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        if name == DELETED or pa.types.is_integer(column.type) or pa.types.is_string(column.type):
+            columns.append(column)
+        elif pa.types.is_null(column.type):
+            columns.append(column.cast(pa.string()))
+        else:
+            columns.append(pc.cast(column, pa.string()))
+    return pa.Table.from_arrays(columns, names=table.column_names)
+
+
+# 2. normalize -----------------------------------------------------------------------------------
+
+
+def normalize_stage(entity: EntitySpec, extracted: pa.Table) -> tuple[StageResult, pa.Table]:
+    """Typed rows (live and tombstones) plus the rejected frame (one row per bad value)."""
+    deleted = extracted[DELETED] if DELETED in extracted.column_names else None
+    live_mask = pc.invert(pc.fill_null(deleted, False)) if deleted is not None else None
+    live = extracted.filter(live_mask) if live_mask is not None else extracted
+    dead = extracted.filter(pc.invert(live_mask)) if live_mask is not None else extracted.slice(0, 0)
+    result = normalize(entity, live.drop_columns([DELETED]) if DELETED in live.column_names else live)
+    rows = _carry_partition(result.rows, live, entity)
+    rows = rows.append_column(DELETED, pa.array([False] * rows.num_rows, pa.bool_()))
+    frames = [rows]
+    rejected = result.rejected
+    if dead.num_rows:
+        keys = normalize(key_only(entity), dead.drop_columns([DELETED]))
+        tomb = _carry_partition(keys.rows, dead, entity)
+        tomb = tomb.append_column(DELETED, pa.array([True] * tomb.num_rows, pa.bool_()))
+        frames.append(tomb)
+        rejected = pa.concat_tables([rejected, keys.rejected])
+    frame = pa.concat_tables(frames, promote_options="default")
+    counts = {
+        "normalized": rows.num_rows,
+        "rejected": len(set(rejected["business_key"].to_pylist())) if rejected.num_rows else 0,
+        "rejected_values": rejected.num_rows,
+    }
+    return StageResult(frame, counts), rejected
+
+
+def _carry_partition(rows: pa.Table, source: pa.Table, entity: EntitySpec) -> pa.Table:
+    """Bring `_partition_date` from the extracted rows onto the normalised ones.
+
+    Normalisation drops rejected rows, so rows are matched by rowversion, which
+    the source assigns uniquely to every version of a record (and of a tombstone).
+    """
+    if PARTITION_DATE in rows.column_names:
+        return rows
+    index = pc.index_in(rows[c.ROWVERSION], value_set=pc.cast(source[entity.rowversion], pa.int64()))
+    return rows.append_column(PARTITION_DATE, source[PARTITION_DATE].take(index))
+
+
+# 3. identity ------------------------------------------------------------------------------------
+
+
+def identity_stage(entity: EntitySpec, normalized: pa.Table) -> StageResult:
+    live, dead = _split_deleted(normalized)
+    live = add_identity(entity, live)
+    frames = [live]
+    if dead.num_rows:
+        keyed = add_identity(key_only(entity), dead)
+        keyed = keyed.set_column(
+            keyed.schema.get_field_index(c.DATA_HASH), c.DATA_HASH, pa.nulls(keyed.num_rows, c.DATA_HASH_TYPE)
+        )
+        frames.append(keyed)
+    frame = pa.concat_tables(frames, promote_options="default")
+    return StageResult(frame, {"identified": frame.num_rows})
+
+
+def _split_deleted(frame: pa.Table) -> tuple[pa.Table, pa.Table]:
+    if DELETED not in frame.column_names:
+        return frame, frame.slice(0, 0)
+    mask = pc.fill_null(frame[DELETED], False)
+    live = frame.filter(pc.invert(mask))
+    dead = frame.filter(mask)
+    dead = dead.select([n for n in dead.column_names if pc.sum(pc.is_valid(dead[n])).as_py() or n in _KEEP])
+    return live, dead
+
+
+_KEEP = {c.ROWVERSION, c.CHANGED_AT, DELETED, PARTITION_DATE, c.BK, c.BK_HASH, c.RECIPE}
+
+
+# 4. rowversion ----------------------------------------------------------------------------------
+
+
+def rowversion_stage(state: Any, entity: EntitySpec, identified: pa.Table) -> StageResult:
+    """Drop rows not newer than what was delivered, before any hash compare.
+
+    The stored versions ride along (`_stored_*`) so the delta stage compares
+    against the same snapshot without asking the database again.
+    """
+    stored = state.stored_for_keys(entity.name, identified[c.BK_HASH].combine_chunks())
+    fresh, stale = split_by_rowversion(identified, stored)
+    fresh = _attach_stored(fresh, stored)
+    return StageResult(fresh, {"fresh": fresh.num_rows, "stale": stale.num_rows})
+
+
+def _attach_stored(rows: pa.Table, stored: pa.Table) -> pa.Table:
+    if stored.num_rows == 0:
+        return (
+            rows.append_column(STORED_DATA_HASH, pa.nulls(rows.num_rows, c.DATA_HASH_TYPE))
+            .append_column(STORED_ROWVERSION, pa.nulls(rows.num_rows, c.ROWVERSION_TYPE))
+            .append_column(STORED_RECIPE, pa.nulls(rows.num_rows, c.RECIPE_TYPE))
+        )
+    index = pc.index_in(rows[c.BK_HASH], value_set=stored[c.BK_HASH])
+    return (
+        rows.append_column(STORED_DATA_HASH, stored[c.DATA_HASH].take(index))
+        .append_column(STORED_ROWVERSION, stored[c.ROWVERSION].take(index))
+        .append_column(STORED_RECIPE, stored[c.RECIPE].take(index))
+    )
+
+
+def _stored_of(fresh: pa.Table) -> pa.Table:
+    mask = pc.is_valid(fresh[STORED_ROWVERSION])
+    known = fresh.filter(mask)
+    return pa.table(
+        {
+            c.BK_HASH: known[c.BK_HASH],
+            c.DATA_HASH: known[STORED_DATA_HASH],
+            c.ROWVERSION: known[STORED_ROWVERSION],
+            c.RECIPE: known[STORED_RECIPE],
+        }
+    )
+
+
+# 5. delta ---------------------------------------------------------------------------------------
+
+
+def delta_stage(fresh: pa.Table) -> StageResult:
+    """insert / update / delete per key against the last delivered hash; skips are counted, not kept."""
+    stored = _stored_of(fresh)
+    live, dead = _split_deleted(fresh)
+    stored_cols = [STORED_DATA_HASH, STORED_ROWVERSION, STORED_RECIPE]
+    live = live.drop_columns([n for n in stored_cols if n in live.column_names])
+    live, duplicates = dedupe_batch(live)
+    tombstones = dead.select([c.BK_HASH, c.BK, c.ROWVERSION, PARTITION_DATE]) if dead.num_rows else None
+    plan = plan_delta(live, stored.unique() if hasattr(stored, "unique") else stored, tombstones)
+    counts = {action: 0 for action in c.ACTIONS}
+    if plan.num_rows:
+        for item in pc.value_counts(plan[c.ACTION]).to_pylist():
+            counts[item["values"]] = item["counts"]
+    counts["duplicates"] = duplicates.num_rows
+    changed = plan.filter(pc.not_equal(plan[c.ACTION], c.SKIP))
+    if DELETED not in changed.column_names:
+        changed = changed.append_column(DELETED, pc.equal(changed[c.ACTION], c.DELETE))
+    return StageResult(changed, counts)
+
+
+# 6. parent-child --------------------------------------------------------------------------------
+
+
+def parent_child_stage(
+    catalog: Catalog, entity: EntitySpec, state: Any, pending: Any, plan: pa.Table, batch_id: uuid.UUID
+) -> StageResult:
+    """Split into ready and pending by whether each parent is in ScheduleHub already.
+
+    Children of this entity parked earlier whose parents have since arrived are
+    released into the ready frame, so a late parent never strands its children.
+    """
+    needed = parent_key_hashes(catalog, entity.name, plan)
+    known: dict[str, pa.Array] = {}
+    for parent, hashes in needed.items():
+        wanted = pc.unique(pc.drop_null(hashes)) if len(hashes) else hashes
+        found = state.stored_for_keys(parent, wanted) if len(wanted) else None
+        known[parent] = (
+            found[c.BK_HASH].combine_chunks() if found is not None else pa.array([], c.BK_HASH_TYPE)
+        )
+    ready, waiting = split_ready_pending(catalog, entity.name, plan, known)
+    if waiting.num_rows:
+        pending.park(entity.name, batch_id, waiting)
+    released = pending.release(entity.name)
+    if released is not None and released.num_rows:
+        released = _align(released, ready)
+        ready = pa.concat_tables([ready, released], promote_options="default")
+    ready = add_references(catalog, entity, ready)
+    counts = {
+        "ready": ready.num_rows,
+        "pending": waiting.num_rows,
+        "released": 0 if released is None else released.num_rows,
+    }
+    return StageResult(ready, counts)
+
+
+def _align(frame: pa.Table, like: pa.Table) -> pa.Table:
+    """Cast and order `frame`'s columns like `like`'s (missing ones become nulls)."""
+    columns = []
+    for fld in like.schema:
+        if fld.name in frame.column_names:
+            columns.append(frame[fld.name].cast(fld.type))
+        else:
+            columns.append(pa.nulls(frame.num_rows, fld.type))
+    return pa.Table.from_arrays(columns, schema=like.schema)
+
+
+def add_references(catalog: Catalog, entity: EntitySpec, rows: pa.Table) -> pa.Table:
+    """`_ref.<parent resource>` columns: the parent's external key (its `_bk`), as ScheduleHub wants it.
+
+    Built from the child's FK fields with the same canonical recipe identity
+    uses for the parent's own key, so the reference matches the parent's `_bk`.
+    """
+    for relation in entity.parents:
+        name = REF_PREFIX + catalog.entity(relation.entity).resource
+        if name in rows.column_names:
+            rows = rows.drop_columns([name])
+        if rows.num_rows == 0 or any(f not in rows.column_names for f in relation.fields):
+            rows = rows.append_column(name, pa.nulls(rows.num_rows, pa.string()))
+            continue
+        text = key_text_of([rows[f] for f in relation.fields])
+        rows = rows.append_column(name, pc.cast(text, pa.string()))
+    return rows
+
+
+# 7. deliver -------------------------------------------------------------------------------------
+
+RESULT_COLUMNS = ("status", "schedulehub_id", "outcome", "reason_code", "retryable", "detail")
+
+
+async def _deliver(client: Any, entity: EntitySpec, ready: pa.Table) -> tuple[pa.Table, pa.Table]:
+    is_delete = pc.fill_null(pc.equal(ready[c.ACTION], c.DELETE), False)
+    upserts = ready.filter(pc.invert(is_delete))
+    deletes = ready.filter(is_delete)
+    payload = [c.BK, *entity.targets, *[n for n in upserts.column_names if n.startswith(REF_PREFIX)]]
+    async with client:
+        upserted = (
+            await client.upsert(
+                entity.resource, upserts.select([n for n in payload if n in upserts.column_names])
+            )
+            if upserts.num_rows
+            else None
+        )
+        deleted = (
+            await client.delete(entity.resource, deletes[c.BK].combine_chunks()) if deletes.num_rows else None
+        )
+    return _join_results(upserts, upserted), _join_results(deletes, deleted)
+
+
+def _join_results(rows: pa.Table, results: pa.Table | None) -> pa.Table:
+    if results is None or rows.num_rows == 0:
+        return rows.slice(0, 0)
+    index = pc.index_in(rows[c.BK], value_set=results[c.BK])
+    missing = pc.sum(pc.is_null(index)).as_py()
+    if missing:
+        raise RuntimeError(f"ScheduleHub returned no result for {missing} rows of the batch")
+    for name in RESULT_COLUMNS:
+        if name in results.column_names:
+            rows = rows.append_column(name, results[name].take(index))
+    return rows
+
+
+def deliver_stage(client: Any, entity: EntitySpec, ready: pa.Table) -> StageResult:
+    upserted, deleted = run_async(_deliver(client, entity, ready))
+    frame = pa.concat_tables([upserted, deleted], promote_options="default") if deleted.num_rows else upserted
+    accepted = pc.sum(pc.equal(frame["status"], "accepted")).as_py() if frame.num_rows else 0
+    counts = {"delivered": accepted or 0, "failed": frame.num_rows - (accepted or 0)}
+    return StageResult(frame, counts)
+
+
+# 8. persist -------------------------------------------------------------------------------------
+
+
+def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_id: uuid.UUID) -> StageResult:
+    """Commit state for what ScheduleHub confirmed; everything else becomes a failed record.
+
+    Nothing is marked synced that ScheduleHub did not accept: rejected rows keep
+    their old state (or none), so the next run compares against what is really there.
+    """
+    if delivered.num_rows == 0:
+        return StageResult(_summary(delivered), {"committed": 0, "deleted_state": 0, "failed_recorded": 0})
+    ok = pc.fill_null(pc.equal(delivered["status"], "accepted"), False)
+    accepted = delivered.filter(ok)
+    rejected = delivered.filter(pc.invert(ok))
+    is_delete = pc.fill_null(pc.equal(accepted[c.ACTION], c.DELETE), False)
+    upserted = accepted.filter(pc.invert(is_delete))
+    deleted = accepted.filter(is_delete)
+    with database.entity_lock(entity.name):
+        written = database.state().commit_delivered(
+            entity.name,
+            batch_id,
+            upserted.select([c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "schedulehub_id"]),
+            deleted[c.BK_HASH].combine_chunks(),
+        )
+        failures = database.failures()
+        if accepted.num_rows:
+            failures.resolve(entity.name, accepted[c.BK_HASH].combine_chunks())
+        parent_missing = pc.fill_null(pc.equal(rejected["reason_code"], "parent_missing"), False)
+        if rejected.num_rows:
+            failures.record_failures(entity.name, batch_id, _failure_frame(entity, rejected))
+    counts = {
+        "committed": int(written),
+        "deleted_state": deleted.num_rows,
+        "failed_recorded": rejected.num_rows,
+        "failed_parent_missing": pc.sum(parent_missing).as_py() or 0,
+    }
+    return StageResult(_summary(delivered), counts)
+
+
+def _failure_frame(entity: EntitySpec, rejected: pa.Table) -> pa.Table:
+    retryable = pc.fill_null(rejected["retryable"], True)
+    reason_class = pc.if_else(retryable, "retryable", "permanent")
+    payload_columns = [n for n in (*entity.targets, c.ROWVERSION, c.ACTION) if n in rejected.column_names]
+    frame = rejected.select([c.BK_HASH, c.BK, *payload_columns])
+    return (
+        frame.append_column("reason_code", pc.fill_null(rejected["reason_code"], "unknown"))
+        .append_column("reason_class", reason_class)
+        .append_column("detail", pc.fill_null(rejected["detail"], ""))
+    )
+
+
+def _summary(delivered: pa.Table) -> pa.Table:
+    """One row per action × status: what the persist stage committed or failed."""
+    if delivered.num_rows == 0:
+        return pa.table(
+            {
+                c.ACTION: pa.array([], pa.string()),
+                "status": pa.array([], pa.string()),
+                "rows": pa.array([], pa.int64()),
+            }
+        )
+    grouped = delivered.group_by([c.ACTION, "status"]).aggregate([(c.BK, "count")])
+    return grouped.rename_columns(
+        [c.ACTION, "status", "rows"]
+        if grouped.column_names[0] == c.ACTION
+        else [n.replace(f"{c.BK}_count", "rows") for n in grouped.column_names]
+    )
+
+
+def merged_counts(*parts: Mapping[str, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in parts:
+        for key, value in part.items():
+            out[key] = out.get(key, 0) + int(value)
+    return out
