@@ -74,6 +74,8 @@ _ISO_DATETIME = (
 )
 _ISO_OFFSET = r"^(?P<sign>[+-])(?P<hours>[0-9]{2}):?(?P<minutes>[0-9]{2})?$"
 _ISO_DATE = "%Y-%m-%d"
+_ISO_STAMP = "%Y-%m-%d %H:%M:%S"
+_ZERO_PADDED_ISO = (_ISO_DATE, _ISO_STAMP)
 _ROUND_MODE = {
     # half_up is the commercial rule: ties away from zero (Java's HALF_UP);
     # Arrow's own "half_up" rounds ties towards +infinity, which is not it.
@@ -417,7 +419,7 @@ def _parse_iso(text: pa.Array) -> tuple[pa.Array, pa.Array]:
     time = pc.if_else(pc.equal(pc.utf8_length(time), 5), pc.binary_join_element_wise(time, ":00", ""), time)
     stamp = pc.binary_join_element_wise(date, time, " ")
     # _strict_strptime refuses 30 February instead of rolling it over, without raising.
-    base = pc.cast(_strict_strptime(stamp, "%Y-%m-%d %H:%M:%S"), pa.timestamp("us"))
+    base = pc.cast(_strict_strptime(stamp, _ISO_STAMP), pa.timestamp("us"))
     frac = pc.struct_field(parts, "frac")
     nanos = pc.cast(pc.utf8_rpad(pc.if_else(pc.equal(frac, ""), "0", frac), width=9, padding="0"), pa.int64())
     local = pc.add(base, pc.cast(pc.divide(nanos, 1000), pa.duration("us")))
@@ -466,6 +468,11 @@ def _strict_strptime(text: pa.Array, fmt: str) -> pa.Array:
         )
     elif "%z" in fmt:
         return parsed  # an offset in the middle of a format: Arrow's own check only
+    elif fmt in _ZERO_PADDED_ISO:
+        # ISO forms are zero-padded, so Arrow's plain cast back to text (much
+        # faster than strftime) must give the input exactly.
+        back = pc.cast(pc.cast(parsed, pa.date32()) if fmt == _ISO_DATE else parsed, pa.string())
+        same = pc.equal(back, text)
     else:
         same = pc.equal(_unpadded(pc.strftime(parsed, format=fmt)), _unpadded(text))
     return pc.if_else(pc.fill_null(same, False), parsed, pa.scalar(None, parsed.type))
