@@ -137,7 +137,7 @@ def create_app(
         unknown = [n for n in names if n not in catalog.by_name]
         if unknown:
             raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_ENTITY,
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
                 detail=f"{field}: unknown entity {unknown[0]!r}; the catalog has {', '.join(entities)}",
             )
         return [n for n in entities if n in names] or ([] if names else entities)
@@ -158,7 +158,7 @@ def create_app(
         days = sorted(set(request.dates)) or [dt.datetime.now(dt.UTC).date()]
         if len(names) * len(days) > m.MAX_RUNS_PER_REQUEST:
             raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_ENTITY,
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
                 detail=f"{len(names)} entities x {len(days)} dates is more than "
                 f"{m.MAX_RUNS_PER_REQUEST} runs; use a Dagster backfill for ranges this large",
             )
@@ -260,8 +260,10 @@ def create_app(
         """Each dependency's status and latency. 503 when SyncFlow's own database is down."""
         checks = {
             "database": _check(lambda: _ping_database(engine)),
-            "apismith": _check_http(settings.apismith_base_url, settings.health_timeout_s),
-            "schedulehub": _check_http(settings.schedulehub_base_url, settings.health_timeout_s),
+            "apismith": _check_http(settings.apismith_base_url, "/health", settings.health_timeout_s),
+            "schedulehub": _check_http(
+                settings.schedulehub_base_url, "/v1/resources", settings.health_timeout_s
+            ),
             "dagster": _check(lambda: gateway.ping()),
         }
         if checks["database"].status != "ok":
@@ -298,12 +300,16 @@ def _check(probe: Any) -> m.DependencyHealth:
     return m.DependencyHealth(status="ok", latency_ms=_ms(started))
 
 
-def _check_http(base_url: str | None, timeout_s: float) -> m.DependencyHealth:
+def _check_http(base_url: str | None, path: str, timeout_s: float) -> m.DependencyHealth:
+    """Reachability: any answer below 500 counts as up. ScheduleHub has no health route, and
+    its 401 to a token-less request proves it is listening; credentials are checked by runs."""
     if not base_url:
         return m.DependencyHealth(status="not_configured", latency_ms=None)
 
     def probe() -> None:
-        httpx.get(f"{base_url.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
+        response = httpx.get(f"{base_url.rstrip('/')}{path}", timeout=timeout_s)
+        if response.status_code >= 500:
+            raise RuntimeError(f"HTTP {response.status_code}")
 
     return _check(probe)
 
