@@ -1,0 +1,297 @@
+"""Failed records: rows ScheduleHub refused or that could not be delivered, with a retry schedule.
+
+One open row per entity and business key (a partial unique index on rows not
+yet resolved); a record that fails again has its attempts counted up and its
+next retry pushed out exponentially. Retryable failures wait
+`base * 2**(attempts-1)` seconds, at most `cap`, shortened by a random share
+of up to `jitter` so that a burst of failures does not come back as a burst.
+Permanent failures get no retry time: they wait for a person. Resolved rows
+stay as history.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import sqlalchemy as sa
+from psycopg import sql
+from uuid6 import uuid7
+
+from syncflow_dagster.engine.columns import BK, BK_HASH
+from syncflow_dagster.store.copy import PgColumn, copy_in, copy_out, create_staging
+from syncflow_dagster.store.database import StoreSettings, driver_cursor
+from syncflow_dagster.store.schema import REASON_CLASSES, SCHEMA, failed_records
+from syncflow_dagster.store.state import check_keys, stage_keys
+
+REASON_CODE = "reason_code"
+REASON_CLASS = "reason_class"
+DETAIL = "detail"
+PAYLOAD = "payload"
+RETRYABLE = "retryable"
+PERMANENT = "permanent"
+
+# What record_failures needs of its frame (`detail` and `payload` may be null).
+FAILURE_COLUMNS = (BK_HASH, BK, REASON_CODE, REASON_CLASS, DETAIL, PAYLOAD)
+
+_FAILED = sql.Identifier(SCHEMA, "failed_records")
+_STAGING = "syncflow_failures"
+_STAGING_COLUMNS = [
+    PgColumn("id", "uuid"),
+    PgColumn("bk_hash", "uuid"),
+    PgColumn("bk", "text"),
+    PgColumn("reason_code", "text"),
+    PgColumn("reason_class", "text"),
+    PgColumn("detail", "text"),
+    PgColumn("payload", "jsonb"),
+]
+# Attempts beyond this no longer change the delay (2**30 * base is past any cap).
+_MAX_DOUBLINGS = 30
+
+# The retry time of a failure whose attempt count (after this failure) is
+# `attempts_sql`, failing at `at_sql`; NULL for permanent failures.
+_NEXT_RETRY_SQL = (
+    "CASE WHEN {reason_class} = 'retryable' THEN {at} + make_interval(secs =>"
+    " least(%(retry_base)s * power(2, least({attempts} - 1, %(max_doublings)s)), %(retry_cap)s)"
+    " * (1 - %(retry_jitter)s * random())) END"
+)
+
+
+def next_retry_sql(reason_class: str, at: str, attempts: str) -> sql.SQL:
+    """The retry-time expression over the given SQL operands (shared with pending expiry)."""
+    return sql.SQL(_NEXT_RETRY_SQL.format(reason_class=reason_class, at=at, attempts=attempts))
+
+
+def retry_params(settings: StoreSettings | None = None) -> dict[str, Any]:
+    settings = settings or StoreSettings()
+    return {
+        "retry_base": settings.retry_base_seconds,
+        "retry_cap": settings.retry_cap_seconds,
+        "retry_jitter": settings.retry_jitter,
+        "max_doublings": _MAX_DOUBLINGS,
+    }
+
+
+# Upsert of staged failures into failed_records: a new open record, or one more attempt.
+MERGE_FAILURES_SQL = (
+    "INSERT INTO {failed} AS f (id, entity, bk_hash, bk, reason_code, reason_class, detail, attempts,"
+    " first_failed_at, last_failed_at, next_retry_at, payload, batch_id)"
+    " SELECT s.id, %(entity)s, s.bk_hash, s.bk, s.reason_code, s.reason_class, s.detail, 1,"
+    " %(now)s, %(now)s, {first_retry}, s.payload, %(batch_id)s FROM {staging} AS s"
+    " ON CONFLICT (entity, bk_hash) WHERE resolved_at IS NULL DO UPDATE SET"
+    " attempts = f.attempts + 1, bk = EXCLUDED.bk, reason_code = EXCLUDED.reason_code,"
+    " reason_class = EXCLUDED.reason_class, detail = EXCLUDED.detail,"
+    " last_failed_at = EXCLUDED.last_failed_at, next_retry_at = {again_retry},"
+    # A failure reported without a payload keeps the one that can still be resent.
+    " payload = COALESCE(EXCLUDED.payload, f.payload), batch_id = EXCLUDED.batch_id"
+)
+
+
+@dataclass(frozen=True)
+class FailedRecord:
+    id: uuid.UUID
+    entity: str
+    bk_hash: bytes
+    bk: str
+    reason_code: str
+    reason_class: str
+    detail: str | None
+    attempts: int
+    first_failed_at: dt.datetime
+    last_failed_at: dt.datetime
+    next_retry_at: dt.datetime | None
+    payload: Any
+    batch_id: uuid.UUID | None
+    resolved_at: dt.datetime | None
+
+
+def _record(row: sa.Row[Any]) -> FailedRecord:
+    values = row._asdict()
+    values["bk_hash"] = values["bk_hash"].bytes
+    return FailedRecord(**values)
+
+
+def new_ids(n: int) -> pa.Array:
+    """n fresh UUIDv7 ids as fixed_size_binary(16) (one call per id; failures are few)."""
+    return pa.array([uuid7().bytes for _ in range(n)], pa.binary(16))
+
+
+class FailureRepository:
+    """Record, schedule, list and resolve failed records (table syncflow.failed_records)."""
+
+    def __init__(self, engine: sa.Engine, settings: StoreSettings | None = None) -> None:
+        self.engine = engine
+        self.settings = settings or StoreSettings()
+
+    def record_failures(
+        self, entity: str, batch_id: uuid.UUID | None, failures: pa.Table, now: dt.datetime | None = None
+    ) -> int:
+        """Upsert one failure per row of `failures` (FAILURE_COLUMNS), in bulk; returns rows written.
+
+        `payload` is the row's JSON (payload.payload_json) so a retry can resend
+        it; `reason_class` is 'retryable' or 'permanent'.
+        """
+        missing = [c for c in FAILURE_COLUMNS if c not in failures.column_names]
+        if missing:
+            raise ValueError(f"entity {entity!r}: failure rows lack column(s) {missing}")
+        if failures.num_rows == 0:
+            return 0
+        keys = check_keys(entity, BK_HASH, failures.column(BK_HASH))
+        if pc.count_distinct(keys).as_py() != len(keys):
+            raise ValueError(f"entity {entity!r}, field {BK_HASH!r}: a key is reported twice in one call")
+        for name in (BK, REASON_CODE, REASON_CLASS):
+            if failures.column(name).null_count:
+                raise ValueError(f"entity {entity!r}, field {name!r}: a failure row has no value")
+        classes = failures.column(REASON_CLASS)
+        wrong = pc.filter(classes, pc.invert(pc.is_in(classes, value_set=pa.array(REASON_CLASSES))))
+        if len(wrong):
+            raise ValueError(
+                f"entity {entity!r}, field {REASON_CLASS!r}: {wrong[0].as_py()!r} is not one of {REASON_CLASSES}"
+            )
+        staged: dict[str, Any] = {
+            "id": new_ids(failures.num_rows),
+            "bk_hash": keys,
+            "bk": failures.column(BK),
+            "reason_code": failures.column(REASON_CODE),
+            "reason_class": classes,
+            "detail": failures.column(DETAIL).cast(pa.string()),
+            "payload": failures.column(PAYLOAD).cast(pa.string()),
+        }
+        frame = pa.table(staged)
+        statement = sql.SQL(MERGE_FAILURES_SQL).format(
+            failed=_FAILED,
+            staging=sql.Identifier(_STAGING),
+            first_retry=next_retry_sql("s.reason_class", "%(now)s::timestamptz", "1"),
+            again_retry=next_retry_sql("EXCLUDED.reason_class", "EXCLUDED.last_failed_at", "f.attempts + 1"),
+        )
+        with self.engine.begin() as conn:
+            cursor = driver_cursor(conn)
+            create_staging(cursor, _STAGING, _STAGING_COLUMNS)
+            copy_in(cursor, _STAGING, frame, _STAGING_COLUMNS)
+            cursor.execute(
+                statement,
+                {
+                    "entity": entity,
+                    "batch_id": batch_id,
+                    "now": now or dt.datetime.now(dt.UTC),
+                    **retry_params(self.settings),
+                },
+            )
+            return int(cursor.rowcount)
+
+    def due_for_retry(
+        self, entity: str | None = None, now: dt.datetime | None = None, limit: int = 10_000
+    ) -> pa.Table:
+        """Open retryable failures whose retry time has come, oldest due first, with their payloads.
+
+        Columns: entity, _bk_hash, _bk, reason_code, reason_class, detail,
+        attempts, next_retry_at, payload (JSON text), batch_id.
+        """
+        if limit < 1:
+            raise ValueError(f"due_for_retry: limit must be positive, got {limit}")
+        moment = now or dt.datetime.now(dt.UTC)
+        where = [
+            sql.SQL("resolved_at IS NULL"),
+            sql.SQL("reason_class = 'retryable'"),
+            sql.SQL("next_retry_at <= {}::timestamptz").format(sql.Literal(moment)),
+        ]
+        if entity is not None:
+            where.append(sql.SQL("entity = {}").format(sql.Literal(entity)))
+        query = sql.SQL(
+            "SELECT entity, bk_hash, bk, reason_code, reason_class, detail, attempts, next_retry_at,"
+            " payload, batch_id FROM {failed} WHERE {where} ORDER BY next_retry_at, id LIMIT {limit}"
+        ).format(failed=_FAILED, where=sql.SQL(" AND ").join(where), limit=sql.Literal(int(limit)))
+        columns = [
+            PgColumn("entity", "text"),
+            PgColumn("bk_hash", "uuid"),
+            PgColumn("bk", "text"),
+            PgColumn("reason_code", "text"),
+            PgColumn("reason_class", "text"),
+            PgColumn("detail", "text"),
+            PgColumn("attempts", "int4"),
+            PgColumn("next_retry_at", "timestamptz"),
+            PgColumn("payload", "jsonb"),
+            PgColumn("batch_id", "uuid"),
+        ]
+        with self.engine.begin() as conn:
+            table = copy_out(driver_cursor(conn), query, columns)
+        return table.rename_columns(
+            [
+                "entity",
+                BK_HASH,
+                BK,
+                REASON_CODE,
+                REASON_CLASS,
+                DETAIL,
+                "attempts",
+                "next_retry_at",
+                PAYLOAD,
+                "batch_id",
+            ]
+        )
+
+    def resolve(self, entity: str, bk_hashes: pa.Array | pa.ChunkedArray) -> int:
+        """Close the open failures of these keys (delivered at last, or given up); returns how many."""
+        if len(bk_hashes) == 0:
+            return 0
+        with self.engine.begin() as conn:
+            cursor = driver_cursor(conn)
+            stage_keys(cursor, entity, BK_HASH, bk_hashes)
+            cursor.execute(
+                sql.SQL(
+                    "UPDATE {failed} AS f SET resolved_at = now() FROM syncflow_keys AS k"
+                    " WHERE f.entity = %(entity)s AND f.bk_hash = k.bk_hash AND f.resolved_at IS NULL"
+                ).format(failed=_FAILED),
+                {"entity": entity},
+            )
+            return int(cursor.rowcount)
+
+    def list_failures(
+        self,
+        entity: str | None = None,
+        reason_code: str | None = None,
+        *,
+        open_only: bool = True,
+        after: uuid.UUID | None = None,
+        limit: int = 100,
+    ) -> list[FailedRecord]:
+        """A page of failures, oldest first; pass the last id as `after` for the next page."""
+        if not 1 <= limit <= 10_000:
+            raise ValueError(f"list_failures: limit must be within 1..10000, got {limit}")
+        query = sa.select(failed_records).order_by(failed_records.c.id).limit(limit)
+        if entity is not None:
+            query = query.where(failed_records.c.entity == entity)
+        if reason_code is not None:
+            query = query.where(failed_records.c.reason_code == reason_code)
+        if open_only:
+            query = query.where(failed_records.c.resolved_at.is_(None))
+        if after is not None:
+            query = query.where(failed_records.c.id > after)
+        with self.engine.connect() as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def counts(self, *, open_only: bool = True) -> dict[str, dict[str, int]]:
+        """Failures per entity and reason code."""
+        query = sa.select(failed_records.c.entity, failed_records.c.reason_code, sa.func.count()).group_by(
+            failed_records.c.entity, failed_records.c.reason_code
+        )
+        if open_only:
+            query = query.where(failed_records.c.resolved_at.is_(None))
+        out: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as conn:
+            for entity, reason_code, n in conn.execute(query):
+                out.setdefault(entity, {})[reason_code] = int(n)
+        return out
+
+    def count(self, entity: str | None = None, *, open_only: bool = True) -> int:
+        query = sa.select(sa.func.count()).select_from(failed_records)
+        if entity is not None:
+            query = query.where(failed_records.c.entity == entity)
+        if open_only:
+            query = query.where(failed_records.c.resolved_at.is_(None))
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
