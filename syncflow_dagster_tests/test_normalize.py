@@ -275,3 +275,30 @@ def test_empty_batch() -> None:
     result = normalize(spec, raw(0, Qty=pa.array([], pa.string())))
     assert result.rows.num_rows == 0
     assert result.rows.schema == rows_schema(spec)
+
+
+def test_declared_formats_with_offset_and_fallback_directives() -> None:
+    field = {
+        "type": "datetime",
+        "timezone": "America/New_York",
+        "precision": "s",
+        "formats": ["%d/%m/%Y %H:%M:%S %z", "%b %d %Y %H:%M"],
+    }
+    values, rejected = one_field(
+        field,
+        ["02/01/2024 10:00:00 +0100", "Jan 02 2024 10:00", "Feb 30 2024 10:00", "31/02/2024 10:00:00 Z"],
+    )
+    assert values[:2] == [
+        dt.datetime(2024, 1, 2, 9, 0, tzinfo=UTC),
+        dt.datetime(2024, 1, 2, 15, 0, tzinfo=UTC),  # naive: New York, UTC-5 in January
+    ]
+    assert values[2:] == ["REJECTED", "REJECTED"]
+    assert len(rejected) == 2
+
+
+def test_date_single_digit_parts_in_declared_format() -> None:
+    values, rejected = one_field(
+        {"type": "date", "formats": ["%d.%m.%Y"]}, ["2.1.2024", "29.02.2023", "29.02.2024"]
+    )
+    assert values == [dt.date(2024, 1, 2), "REJECTED", dt.date(2024, 2, 29)]
+    assert len(rejected) == 1

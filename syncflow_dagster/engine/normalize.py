@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -370,7 +371,7 @@ def _coerce_decimal(spec: FieldSpec, text: pa.Array) -> _Coerced:
 
 def _coerce_date(spec: FieldSpec, text: pa.Array) -> _Coerced:
     formats = tuple(dict.fromkeys((*spec.formats, _ISO_DATE)))  # ISO always accepted, last
-    parsed = [_strict_strptime(text, fmt) for fmt in formats]
+    parsed = [_parse_format(text, fmt) for fmt in formats]
     values = pc.cast(pc.coalesce(*parsed) if len(parsed) > 1 else parsed[0], pa.date32())
     result = _Coerced(values, [])
     result.reject(
@@ -394,7 +395,7 @@ def _coerce_datetime(
     aware.append(iso_aware)
     naive.append(iso_naive)
     for fmt in formats:
-        parsed = _strict_strptime(text, fmt)
+        parsed = _parse_format(text, fmt)
         (aware if "%z" in fmt else naive).append(parsed)
     # A string with an offset never fully matches a naive format and vice versa,
     # so the aware and naive candidates cannot compete for one value.
@@ -446,6 +447,74 @@ def _offset_micros(zone: pa.Array) -> pa.Array:
 def _unpadded(text: pa.Array) -> pa.Array:
     """Text with leading zeros of digit runs dropped and case folded, for round-trip checks."""
     return pc.replace_substring_regex(pc.utf8_lower(text), r"(^|[^0-9])0+([0-9])", r"\1\2")
+
+
+# strptime directives the fast path understands, as RE2 groups.
+_DIRECTIVES = {
+    "Y": r"(?P<Y>[0-9]{4})",
+    "m": r"(?P<m>[0-9]{1,2})",
+    "d": r"(?P<d>[0-9]{1,2})",
+    "H": r"(?P<H>[0-9]{1,2})",
+    "M": r"(?P<M>[0-9]{2})",
+    "S": r"(?P<S>[0-9]{2})",
+    "z": r"(?P<z>[Zz]|[+-][0-9]{2}(?::?[0-9]{2})?)",
+}
+
+
+@lru_cache(maxsize=64)
+def _format_regex(fmt: str) -> tuple[str, frozenset[str]] | None:
+    """A strptime format as an anchored RE2 pattern with one group per directive, if simple enough."""
+    pattern = ["^"]
+    seen: set[str] = set()
+    i = 0
+    while i < len(fmt):
+        char = fmt[i]
+        if char != "%":
+            pattern.append(char if char.isalnum() or char == " " else "\\" + char)
+            i += 1
+            continue
+        directive = fmt[i + 1 : i + 2]
+        i += 2
+        if directive == "%":
+            pattern.append("%")
+        elif directive in _DIRECTIVES and directive not in seen:
+            seen.add(directive)
+            pattern.append(_DIRECTIVES[directive])
+        else:
+            return None
+    if not {"Y", "m", "d"} <= seen or ("S" in seen and "M" not in seen) or ("M" in seen and "H" not in seen):
+        return None
+    pattern.append("$")
+    return "".join(pattern), frozenset(seen)
+
+
+def _parse_format(text: pa.Array, fmt: str) -> pa.Array:
+    """Parse `text` with a strptime format: timestamp[s], UTC when the format has %z.
+
+    Simple numeric formats (%Y %m %d %H %M %S %z and literals) are rewritten to
+    zero-padded ISO text with one regular expression and checked by the fast
+    ISO path; anything else goes through strptime and a strftime round trip.
+    """
+    compiled = _format_regex(fmt)
+    if compiled is None:
+        return _strict_strptime(text, fmt)
+    pattern, directives = compiled
+    parts = pc.extract_regex(text, pattern)
+
+    def group(name: str, default: str = "00") -> pa.Array:
+        if name not in directives:
+            return pc.if_else(pc.is_valid(parts), default, pa.scalar(None, pa.string()))
+        return pc.utf8_lpad(pc.struct_field(parts, name), width=2, padding="0")
+
+    date = pc.binary_join_element_wise(pc.struct_field(parts, "Y"), group("m"), group("d"), "-")
+    stamp = pc.binary_join_element_wise(date, group("H"), group("M"), group("S"), ":")
+    stamp = pc.utf8_replace_slice(stamp, start=10, stop=11, replacement=" ")
+    parsed = _strict_strptime(stamp, _ISO_STAMP)
+    if "z" not in directives:
+        return parsed
+    offset_s = pc.divide(_offset_micros(pc.struct_field(parts, "z")), 1_000_000)
+    utc = pc.subtract(parsed, pc.cast(offset_s, pa.duration("s")))
+    return pc.cast(utc, pa.timestamp("s", tz="UTC"))
 
 
 def _strict_strptime(text: pa.Array, fmt: str) -> pa.Array:
