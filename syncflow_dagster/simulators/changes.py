@@ -61,10 +61,10 @@ def key_sources(entity: EntitySpec) -> list[str]:
 
 def joined_keys(table: pa.Table, columns: list[str]) -> pa.Array:
     """One text per row: the key columns joined by the unit separator (for set membership)."""
-    arrays = [pc.fill_null(table.column(c).combine_chunks(), "") for c in columns]
-    if len(arrays) == 1:
-        return arrays[0]
-    return pc.binary_join_element_wise(*arrays, KEY_SEPARATOR)
+    fill: Any = pc.fill_null  # the stubs cannot type a string fill value
+    arrays: list[Any] = [fill(table.column(c).combine_chunks(), "") for c in columns]
+    joined: pa.Array = arrays[0] if len(arrays) == 1 else pc.binary_join_element_wise(*arrays, KEY_SEPARATOR)
+    return joined
 
 
 def resolve_entities(catalog: Catalog, names: Iterable[str] | None) -> list[EntitySpec]:
@@ -130,7 +130,9 @@ def make_change_set(
                 continue
             fk_sources = [entity.field_by_target[f].source for f in relation.fields]
             refs = joined_keys(payload, fk_sources)
-            cascade_mask |= pc.fill_null(pc.is_in(refs, value_set=gone), False).to_numpy(zero_copy_only=False)
+            hits: Any = pc.is_in(refs, value_set=gone)
+            hits = hits.fill_null(False)
+            cascade_mask |= hits.to_numpy(zero_copy_only=False)
         delete_mask = cascade_mask.copy()
         n_delete = round(n * deleted_pct / 100.0) if name in chosen else 0
         if n_delete:
@@ -148,7 +150,7 @@ def make_change_set(
         n_update = round(n * updated_pct / 100.0) if name in chosen else 0
         if n_update and survivors.num_rows:
             rows = rng.choice(survivors.num_rows, size=min(n_update, survivors.num_rows), replace=False)
-            parts.append(_redraw_payload(rng, entity, survivors.take(pa.array(np.sort(rows))), as_of))
+            parts.append(_redraw_payload(rng, entity, survivors.take(np.sort(rows)), as_of))
         n_insert = round(n * inserted_pct / 100.0) if name in chosen else 0
         if n_insert:
             inserted = _new_records(rng, catalog, entity, n_insert, survivors, live_after, next_number, as_of)
@@ -181,7 +183,7 @@ def _redraw_payload(
     for source in _free_columns(entity):
         spec = next(s for s in entity.fields if s.source == source)
         pool = value_pool(rng, spec, as_of)
-        values = pool.take(pa.array(rng.integers(0, len(pool), rows.num_rows)))
+        values = pool.take(rng.integers(0, len(pool), rows.num_rows))
         rows = rows.set_column(rows.schema.get_field_index(source), source, values)
     return rows
 
@@ -211,7 +213,7 @@ def _new_records(
             )
         parent_rows[index] = rng.integers(0, parents.num_rows, count)
     numbers = np.arange(first_number, first_number + count, dtype=np.int64)
-    columns: dict[str, pa.Array] = {}
+    columns: dict[str, Any] = {}
     for spec in entity.fields:
         if spec.target in owner:
             relation = entity.parents[owner[spec.target]]
@@ -219,7 +221,7 @@ def _new_records(
             parent_target = parent.business_key[relation.fields.index(spec.target)]
             parent_source = parent.field_by_target[parent_target].source
             columns[spec.source] = (
-                live[relation.entity].column(parent_source).take(pa.array(parent_rows[owner[spec.target]]))
+                live[relation.entity].column(parent_source).take(parent_rows[owner[spec.target]])
             )
         elif spec.target in entity.business_key:
             if spec.type is FieldType.INT:
@@ -229,7 +231,7 @@ def _new_records(
                 columns[spec.source] = key_codes(key_prefix(entity), numbers, 6)
         else:
             pool = value_pool(rng, spec, as_of)
-            columns[spec.source] = pool.take(pa.array(rng.integers(0, len(pool), count)))
+            columns[spec.source] = pool.take(rng.integers(0, len(pool), count))
     inserted = pa.table(columns).cast(existing.schema)
     keys = key_sources(entity)
     clash = pc.is_in(joined_keys(inserted, keys), value_set=joined_keys(existing, keys))

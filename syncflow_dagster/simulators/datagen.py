@@ -43,6 +43,7 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -177,7 +178,7 @@ def generate_dataset(
     for index, name in enumerate(names):
         entity = catalog.entity(name)
         positions = np.flatnonzero(labels == index)
-        table = payloads[name].take(pa.array(rng.permutation(payloads[name].num_rows)))
+        table = payloads[name].take(rng.permutation(payloads[name].num_rows))
         rowversions = pa.array(positions + 1, type=ROWVERSION_TYPE)
         changed = format_changed_at(changed_ms[positions])
         table = table.append_column(entity.rowversion, rowversions).append_column(entity.changed_at, changed)
@@ -187,9 +188,10 @@ def generate_dataset(
 
 def format_changed_at(epoch_ms: np.ndarray) -> pa.Array:
     """ISO-8601 text with a UTC offset and milliseconds, e.g. 2024-05-01T12:34:56.123+00:00."""
-    stamps = pa.array(np.asarray(epoch_ms, dtype=np.int64), type=pa.timestamp("ms", tz="UTC"))
-    text = pc.strftime(stamps, format="%Y-%m-%dT%H:%M:%S")
-    return pc.binary_join_element_wise(text, "+00:00", "")
+    stamps: Any = pa.array(np.asarray(epoch_ms, dtype=np.int64), type=pa.timestamp("ms", tz="UTC"))
+    text: Any = pc.strftime(stamps, format="%Y-%m-%dT%H:%M:%S")
+    joined: pa.Array = pc.binary_join_element_wise(text, "+00:00", "")
+    return joined
 
 
 # --- keys ------------------------------------------------------------------------------------------
@@ -204,8 +206,9 @@ def key_prefix(entity: EntitySpec) -> str:
 
 def key_codes(prefix: str, numbers: np.ndarray, width: int = 6) -> pa.Array:
     """Vectorised key text: prefix + zero-padded number."""
-    digits = pc.utf8_lpad(pc.cast(pa.array(numbers, type=pa.int64()), pa.string()), width, padding="0")
-    return pc.binary_join_element_wise(prefix, digits, "")
+    digits: Any = pc.utf8_lpad(pc.cast(pa.array(numbers, type=pa.int64()), pa.string()), width, padding="0")
+    codes: pa.Array = pc.binary_join_element_wise(pa.scalar(prefix), digits, "")
+    return codes
 
 
 def _relation_of(entity: EntitySpec) -> dict[str, int]:
@@ -267,7 +270,7 @@ def _entity_payload(
             parent = catalog.entity(relation.entity)
             parent_key_target = parent.business_key[relation.fields.index(target)]
             parent_source = parent.field_by_target[parent_key_target].source
-            values = done[relation.entity].column(parent_source).take(pa.array(parent_rows[relation_index]))
+            values: Any = done[relation.entity].column(parent_source).take(parent_rows[relation_index])
             if relation_index in null_fk:
                 values = pc.if_else(pa.array(null_fk[relation_index]), pa.scalar(None, pa.string()), values)
             columns[spec.source] = values
@@ -309,7 +312,7 @@ def _own_key_values(entity: EntitySpec, spec: FieldSpec, size: int, rank: np.nda
 
 def _payload_values(ctx: _Ctx, entity: EntitySpec, spec: FieldSpec, size: int) -> pa.Array:
     pool = value_pool(ctx.rng, spec, ctx.as_of)
-    return pool.take(pa.array(ctx.rng.integers(0, len(pool), size)))
+    return pool.take(ctx.rng.integers(0, len(pool), size))
 
 
 def value_pool(rng: np.random.Generator, spec: FieldSpec, as_of: datetime) -> pa.Array:
@@ -376,7 +379,7 @@ def _string_pool(rng: np.random.Generator, spec: FieldSpec, as_of: datetime) -> 
         if roll < 0.12:
             unicode_word = str(rng.choice(_UNICODE_WORDS))
             # The same text in composed and decomposed form: equal after NFC.
-            form = "NFD" if rng.random() < 0.5 else "NFC"
+            form: Literal["NFC", "NFD"] = "NFD" if rng.random() < 0.5 else "NFC"
             text = f"{unicodedata.normalize(form, unicode_word)} {text}"
         text = _fit(text, spec).strip()
         out.append(_dirty(rng, text, spec))

@@ -114,7 +114,7 @@ def build_state(entity: EntitySpec, records: pa.Table, tombstones: pa.Table | No
     rowversions = np.asarray(table.column(entity.rowversion).to_numpy(), dtype=np.int64)
     if rowversions.size > 1 and not bool(np.all(rowversions[1:] > rowversions[:-1])):
         order = np.argsort(rowversions, kind="stable")
-        table = table.take(pa.array(order))
+        table = table.take(order)
         rowversions = rowversions[order]
         duplicate = np.flatnonzero(rowversions[1:] == rowversions[:-1])
         if duplicate.size:
@@ -163,10 +163,8 @@ def page_of(
     if selected.size == 0:
         return Page(rows.slice(0, 0), after_rowversion, snapshot_rowversion, False)
     first, last = int(selected[0]), int(selected[-1])
-    if last - first + 1 == selected.size:
-        page_rows = rows.slice(first, selected.size)  # zero-copy: the common, contiguous case
-    else:
-        page_rows = rows.take(pa.array(selected))
+    contiguous = last - first + 1 == selected.size  # the common case: a zero-copy slice
+    page_rows = rows.slice(first, selected.size) if contiguous else rows.take(selected)
     return Page(page_rows, int(rowversions[last]), snapshot_rowversion, has_more)
 
 
@@ -266,7 +264,7 @@ class ErpStore:
                     if len(pc.unique(incoming_keys)) != incoming.num_rows:
                         raise ChangeSetError(f"entity {entity.name!r}: the upserts list one key twice")
                     replaced = pc.is_in(record_keys, value_set=incoming_keys)
-                    counts["updated"] = int(pc.sum(replaced).as_py() or 0)
+                    counts["updated"] = int(np.count_nonzero(replaced.to_numpy(zero_copy_only=False)))
                     counts["inserted"] = incoming.num_rows - counts["updated"]
                     rowversions = np.arange(counter + 1, counter + 1 + incoming.num_rows, dtype=np.int64)
                     counter += incoming.num_rows

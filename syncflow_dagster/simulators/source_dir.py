@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -63,7 +64,7 @@ def load_source_dir(catalog: Catalog, folder: Path, as_of: datetime | None = Non
     for name in catalog.topological_order:
         entity = catalog.entity(name)
         table, path = tables[name]
-        columns: dict[str, pa.ChunkedArray | pa.Array] = {}
+        columns: dict[str, Any] = {}
         for spec in entity.fields:
             if spec.source not in table.column_names:
                 raise SourceDirError(
@@ -80,7 +81,7 @@ def load_source_dir(catalog: Catalog, folder: Path, as_of: datetime | None = Non
             )
             counter += table.num_rows
         if entity.changed_at in table.column_names:
-            changed = table.column(entity.changed_at)
+            changed: Any = table.column(entity.changed_at)
             if pa.types.is_timestamp(changed.type):
                 changed = pc.strftime(
                     pc.cast(changed, pa.timestamp("ms", tz="UTC")), format="%Y-%m-%dT%H:%M:%S"
