@@ -1,0 +1,124 @@
+"""Sync batches: one row per sync of an entity and partition date: status, counts, stage timings."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import distinct_on
+from uuid6 import uuid7
+
+from syncflow_dagster.store.schema import BATCH_STATUSES, sync_batches
+
+# The counters a batch reports (others are accepted too: the list documents, it does not limit).
+COUNT_KEYS = (
+    "fetched",
+    "normalized",
+    "rejected",
+    "inserted",
+    "updated",
+    "deleted",
+    "skipped",
+    "pending",
+    "released",
+    "failed",
+    "delivered",
+)
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    id: uuid.UUID
+    entity: str
+    partition_date: dt.date | None
+    run_id: str | None
+    status: str
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
+    counts: dict[str, int]
+    stage_seconds: dict[str, float]
+
+
+def _record(row: sa.Row[Any]) -> BatchRecord:
+    return BatchRecord(**row._asdict())
+
+
+class BatchRepository:
+    """Start, finish and look up sync batches (table syncflow.sync_batches)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    def start_batch(self, entity: str, partition_date: dt.date | None, run_id: str | None) -> uuid.UUID:
+        """A new running batch; its UUIDv7 id sorts by start time."""
+        if not entity:
+            raise ValueError("start_batch: entity name is empty")
+        batch_id = uuid.UUID(bytes=uuid7().bytes)
+        with self.engine.begin() as conn:
+            conn.execute(
+                sync_batches.insert().values(
+                    id=batch_id, entity=entity, partition_date=partition_date, run_id=run_id
+                )
+            )
+        return batch_id
+
+    def finish_batch(
+        self,
+        batch_id: uuid.UUID,
+        status: str,
+        counts: Mapping[str, int] | None = None,
+        stage_seconds: Mapping[str, float] | None = None,
+    ) -> None:
+        """Close a batch as succeeded or failed with its counts and per-stage seconds."""
+        if status not in BATCH_STATUSES or status == "running":
+            raise ValueError(f"batch {batch_id}, field 'status': {status!r} is not 'succeeded' or 'failed'")
+        clean_counts: dict[str, int] = {}
+        for key, value in (counts or {}).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"batch {batch_id}, count {key!r}: {value!r} is not a non-negative integer")
+            clean_counts[key] = value
+        clean_seconds: dict[str, float] = {}
+        for key, seconds in (stage_seconds or {}).items():
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+                raise ValueError(f"batch {batch_id}, stage {key!r}: {seconds!r} is not a number of seconds")
+            clean_seconds[key] = float(seconds)
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                sync_batches.update()
+                .where(sync_batches.c.id == batch_id)
+                .values(
+                    status=status,
+                    finished_at=sa.func.now(),
+                    counts=clean_counts,
+                    stage_seconds=clean_seconds,
+                )
+            )
+        if result.rowcount == 0:
+            raise KeyError(f"no sync batch with id {batch_id}")
+
+    def get(self, batch_id: uuid.UUID) -> BatchRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(sync_batches).where(sync_batches.c.id == batch_id)).one_or_none()
+        return None if row is None else _record(row)
+
+    def latest(self, entity: str | None = None) -> list[BatchRecord]:
+        """The most recent batch of each entity (or of the one entity given), by entity name."""
+        query = (
+            sa.select(sync_batches)
+            .ext(distinct_on(sync_batches.c.entity))
+            .order_by(sync_batches.c.entity, sync_batches.c.started_at.desc(), sync_batches.c.id.desc())
+        )
+        if entity is not None:
+            query = query.where(sync_batches.c.entity == entity)
+        with self.engine.connect() as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def list_by_run(self, run_id: str) -> list[BatchRecord]:
+        """The batches a Dagster run produced, oldest first."""
+        query = sa.select(sync_batches).where(sync_batches.c.run_id == run_id).order_by(sync_batches.c.id)
+        with self.engine.connect() as conn:
+            return [_record(row) for row in conn.execute(query)]

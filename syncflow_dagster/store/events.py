@@ -1,0 +1,130 @@
+"""Stage events: when each stage of a batch started and finished, with rows and seconds."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from uuid6 import uuid7
+
+from syncflow_dagster.store.schema import STAGE_STATUSES, stage_events
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    id: uuid.UUID
+    batch_id: uuid.UUID | None
+    entity: str
+    stage: str
+    status: str
+    rows: int | None
+    seconds: float | None
+    at: dt.datetime
+    detail: dict[str, Any] | None
+
+
+@dataclass
+class StageProgress:
+    """Filled in by the body of `StageEventRepository.stage` and written at its end."""
+
+    rows: int | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class StageEventRepository:
+    """Append-only log of stage starts and finishes (table syncflow.stage_events)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    def record(
+        self,
+        batch_id: uuid.UUID | None,
+        entity: str,
+        stage: str,
+        status: str,
+        *,
+        rows: int | None = None,
+        seconds: float | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> uuid.UUID:
+        if status not in STAGE_STATUSES:
+            raise ValueError(
+                f"entity {entity!r}, stage {stage!r}, field 'status': {status!r} "
+                f"is not one of {STAGE_STATUSES}"
+            )
+        if rows is not None and rows < 0:
+            raise ValueError(f"entity {entity!r}, stage {stage!r}, field 'rows': {rows!r} is negative")
+        event_id = uuid.UUID(bytes=uuid7().bytes)
+        with self.engine.begin() as conn:
+            conn.execute(
+                stage_events.insert().values(
+                    id=event_id,
+                    batch_id=batch_id,
+                    entity=entity,
+                    stage=stage,
+                    status=status,
+                    rows=rows,
+                    seconds=seconds,
+                    detail=dict(detail) if detail is not None else None,
+                )
+            )
+        return event_id
+
+    def record_start(self, batch_id: uuid.UUID | None, entity: str, stage: str) -> uuid.UUID:
+        return self.record(batch_id, entity, stage, "started")
+
+    def record_finish(
+        self,
+        batch_id: uuid.UUID | None,
+        entity: str,
+        stage: str,
+        *,
+        succeeded: bool = True,
+        rows: int | None = None,
+        seconds: float | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> uuid.UUID:
+        status = "succeeded" if succeeded else "failed"
+        return self.record(batch_id, entity, stage, status, rows=rows, seconds=seconds, detail=detail)
+
+    @contextmanager
+    def stage(self, batch_id: uuid.UUID | None, entity: str, stage: str) -> Iterator[StageProgress]:
+        """Record the start, run the body, record the finish (failed, with the error, if it raised)."""
+        self.record_start(batch_id, entity, stage)
+        progress = StageProgress()
+        started = time.perf_counter()
+        try:
+            yield progress
+        except BaseException as exc:
+            detail = {**progress.detail, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            self.record_finish(
+                batch_id,
+                entity,
+                stage,
+                succeeded=False,
+                rows=progress.rows,
+                seconds=time.perf_counter() - started,
+                detail=detail,
+            )
+            raise
+        self.record_finish(
+            batch_id,
+            entity,
+            stage,
+            rows=progress.rows,
+            seconds=time.perf_counter() - started,
+            detail=progress.detail or None,
+        )
+
+    def for_batch(self, batch_id: uuid.UUID) -> list[StageEvent]:
+        """A batch's events in the order they happened."""
+        query = sa.select(stage_events).where(stage_events.c.batch_id == batch_id).order_by(stage_events.c.id)
+        with self.engine.connect() as conn:
+            return [StageEvent(**row._asdict()) for row in conn.execute(query)]
