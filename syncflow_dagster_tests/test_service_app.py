@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +26,7 @@ import schemathesis
 import sqlalchemy as sa
 from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 from syncflow_dagster.service.app import create_app
 from syncflow_dagster.service.settings import ServiceSettings
@@ -119,8 +121,8 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         dagster_url = f"http://127.0.0.1:{port}"
         _wait_for_dagster(dagster_url, proc, log)
         service_settings = ServiceSettings(
-            database_url=database_url,
-            api_token=token,
+            database_url=SecretStr(database_url),
+            api_token=SecretStr(token),
             dagster_graphql_url=dagster_url,
             apismith_base_url=api.url,
             schedulehub_base_url=hub.url,
@@ -140,9 +142,9 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         hub.stop()
 
 
-def _poll(stack: Stack, run_id: str, until: set[str]) -> dict[str, object]:
+def _poll(stack: Stack, run_id: str, until: set[str]) -> dict[str, Any]:
     deadline = time.monotonic() + RUN_FINISH_S
-    body: dict[str, object] = {}
+    body: dict[str, Any] = {}
     while time.monotonic() < deadline:
         response = stack.get(f"/sync/{run_id}")
         assert response.status_code == 200, response.text
@@ -192,7 +194,7 @@ def test_start_a_sync_and_poll_it_to_success(stack: Stack) -> None:
     body = _poll(stack, run["run_id"], TERMINAL)
     assert body["status"] == "SUCCESS", body
     assert "customers" in str(body["partition"])
-    (batch,) = body["batches"]  # type: ignore[misc]
+    (batch,) = body["batches"]
     assert batch["entity"] == "customers"
     assert batch["fetched"] > 0
     assert batch["delivered"] == batch["inserted"] > 0
@@ -289,7 +291,9 @@ def test_failed_records_pages_and_filters(stack: Stack) -> None:
 
 _schema = schemathesis.openapi.from_dict(
     create_app(
-        ServiceSettings(database_url="postgresql://schema-only@127.0.0.1:1/none", api_token="x")
+        ServiceSettings(
+            database_url=SecretStr("postgresql://schema-only@127.0.0.1:1/none"), api_token=SecretStr("x")
+        )
     ).openapi()
 )
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import typer
-
+from syncflow_dagster.cli import ops
+from syncflow_dagster.cli.errors import SyncflowTyper
 from syncflow_dagster.cli.simulate import simulate_app
 
-app = typer.Typer(
+# SyncflowTyper: known errors end in one line and a non-zero exit (cli/errors.py).
+app = SyncflowTyper(
     name="syncflow",
     help="SyncFlow: change-only, parent-first sync of ERP records from APISmith into ScheduleHub.",
     no_args_is_help=True,
     add_completion=False,
 )
 app.add_typer(simulate_app, name="simulate")
+ops.register(app)
 
 
 if __name__ == "__main__":  # `python -m syncflow_dagster.cli.main`
