@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from syncflow_dagster.cli import ops
+from syncflow_dagster.cli.demo import demo
+from syncflow_dagster.cli.dev import dev
 from syncflow_dagster.cli.errors import SyncflowTyper
 from syncflow_dagster.cli.simulate import simulate_app
 
@@ -15,6 +17,8 @@ app = SyncflowTyper(
 )
 app.add_typer(simulate_app, name="simulate")
 ops.register(app)
+app.command("demo")(demo)
+app.command("dev")(dev)
 
 
 if __name__ == "__main__":  # `python -m syncflow_dagster.cli.main`

@@ -1,0 +1,140 @@
+"""`syncflow dev`: a local SyncFlow with the Dagster UI, daemon, sensors and schedules on.
+
+Starts an embedded Postgres when SYNCFLOW_DATABASE_URL is unset (SyncFlow's
+state in database `postgres`, Dagster's instance in database `dagster`),
+both stand-ins on loopback, and `dagster dev -w workspace.yaml` with
+SYNCFLOW_AUTOMATION=running and the code location's variables set. Its data
+lives in --home (default .syncflow-dev) so a restart keeps history. Ctrl-C
+stops `dagster dev` (its whole process group), the stand-ins and Postgres.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
+
+import typer
+from rich.console import Console
+
+console = Console()
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STOP_TIMEOUT_S = 30
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+def _ensure_database(server_url: str, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def _repo_file(name: str) -> Path:
+    for base in (Path.cwd(), REPO_ROOT):
+        if (base / name).is_file():
+            return base / name
+    raise FileNotFoundError(
+        f"{name} not found in {Path.cwd()} or {REPO_ROOT}; run from the SyncFlow checkout"
+    )
+
+
+def dev(
+    home: Annotated[
+        Path, typer.Option(help="Where dev data lives (embedded Postgres, DAGSTER_HOME).")
+    ] = Path(".syncflow-dev"),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Dagster UI port.")] = 3000,
+    apismith_port: Annotated[int, typer.Option(min=0, max=65535)] = 8001,
+    schedulehub_port: Annotated[int, typer.Option(min=0, max=65535)] = 8002,
+    rows: Annotated[
+        int, typer.Option(min=10, help="Rows of the largest entity in the APISmith stand-in.")
+    ] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the stand-in's dataset.")] = 0,
+) -> None:
+    """Stand-ins, Postgres if needed, and `dagster dev` (webserver + daemon) with automation on."""
+    from syncflow_dagster.simulators import apismith, schedulehub
+    from syncflow_dagster.simulators.serve import start_server
+    from syncflow_dagster.store.embedded import start_embedded_postgres
+    from syncflow_dagster.store.migrate import upgrade
+
+    workspace = _repo_file("workspace.yaml")
+    instance_yaml = _repo_file("dagster.yaml")
+    home = home.resolve()
+    with ExitStack() as stack:
+        database_url = os.environ.get("SYNCFLOW_DATABASE_URL")
+        dagster_url = os.environ.get("DAGSTER_POSTGRES_URL")
+        if not database_url or not dagster_url:
+            server = start_embedded_postgres(home / "pgdata", keep_data=True)
+            stack.callback(server.stop)
+            if not dagster_url:
+                _ensure_database(server.url, "dagster")
+                dagster_url = _with_database(server.url, "dagster")
+            database_url = database_url or server.url
+        upgrade(database_url)
+
+        client_secrets = {"apismith": secrets.token_urlsafe(24), "schedulehub": secrets.token_urlsafe(24)}
+        api_app = apismith.create_app(rows=rows, seed=seed, clients={"syncflow": client_secrets["apismith"]})
+        api = start_server(api_app, port=apismith_port)
+        stack.callback(api.stop)
+        hub = start_server(
+            schedulehub.create_app(clients={"syncflow": client_secrets["schedulehub"]}), port=schedulehub_port
+        )
+        stack.callback(hub.stop)
+
+        dagster_home = home / "dagster_home"
+        dagster_home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(instance_yaml, dagster_home / "dagster.yaml")
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(dagster_home),
+            "DAGSTER_POSTGRES_URL": dagster_url,
+            "SYNCFLOW_DATABASE_URL": database_url,
+            "SYNCFLOW_AUTOMATION": "running",
+            "APISMITH_BASE_URL": api.url,
+            "APISMITH_CLIENT_ID": "syncflow",
+            "APISMITH_CLIENT_SECRET": client_secrets["apismith"],
+            "SCHEDULEHUB_BASE_URL": hub.url,
+            "SCHEDULEHUB_CLIENT_ID": "syncflow",
+            "SCHEDULEHUB_CLIENT_SECRET": client_secrets["schedulehub"],
+        }
+        dagster_bin = Path(sys.executable).with_name("dagster")
+        command = [str(dagster_bin), "dev", "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port)]
+        console.print(f"APISmith stand-in   {api.url}   (syncflow simulate changes --url {api.url})")
+        console.print(f"ScheduleHub stand-in {hub.url}")
+        console.print(f"Dagster UI          http://127.0.0.1:{port}   (Ctrl-C stops everything)")
+        proc = subprocess.Popen(command, cwd=workspace.parent, env=env, start_new_session=True)
+        stack.callback(_stop_process_group, proc)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            console.print("stopping ...")
+            code = 0
+    if code:
+        raise typer.Exit(code)
+
+
+def _stop_process_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT first (dagster dev shuts its webserver and daemon down on it), then SIGKILL if it hangs."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(STOP_TIMEOUT_S)
+    except ProcessLookupError:
+        pass
