@@ -1,0 +1,287 @@
+"""Runs a real Dagster deployment of the SyncFlow code location for UI and GraphQL tests.
+
+`dagster_deployment` starts `dagster-webserver` (and, when asked, `dagster-daemon`)
+as subprocesses on a free loopback port, with a temporary DAGSTER_HOME whose
+dagster.yaml stores runs and events in Postgres (dagster-postgres) and keeps the
+repository dagster.yaml's run queue, concurrency limits and run retries, so the
+tests exercise the instance configuration operators actually run. The code
+location reads the stand-ins' URLs and credentials from the environment given
+here. Every wait is bounded; the subprocesses are killed as process groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import psycopg
+import yaml
+from dagster_graphql import DagsterGraphQLClient
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKSPACE_YAML = REPO_ROOT / "workspace.yaml"
+INSTANCE_YAML = REPO_ROOT / "dagster.yaml"
+ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
+CODE_LOCATION = "syncflow"
+
+# Loading the code location imports dagster, pandas and pyarrow; on a shared
+# 2-core machine that can take a minute, so the bounds are generous.
+WEBSERVER_START_TIMEOUT_S = 240.0
+DAEMON_START_TIMEOUT_S = 240.0
+STOP_TIMEOUT_S = 30.0
+POLL_INTERVAL_S = 1.0
+
+# Sections of the repository dagster.yaml that describe how runs are queued and
+# retried; storage is replaced by the test database, everything else is kept.
+_INSTANCE_SECTIONS_KEPT = ("run_coordinator", "run_launcher", "concurrency", "run_retries", "telemetry")
+
+
+class DeploymentError(RuntimeError):
+    """A Dagster subprocess did not come up; the message carries the tail of its log."""
+
+
+@dataclass
+class DagsterDeployment:
+    """A running webserver (and optional daemon) on loopback."""
+
+    host: str
+    port: int
+    dagster_home: Path
+    instance_database_url: str
+    logs: dict[str, Path]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def graphql_client(self, timeout_s: int = 120) -> DagsterGraphQLClient:
+        return DagsterGraphQLClient(self.host, port_number=self.port, timeout=timeout_s)
+
+    def graphql(
+        self, query: str, variables: Mapping[str, Any] | None = None, timeout_s: float = 120.0
+    ) -> Any:
+        """POST a GraphQL document; raises on transport or GraphQL errors, returns `data`."""
+        response = httpx.post(
+            f"{self.url}/graphql",
+            json={"query": query, "variables": dict(variables or {})},
+            timeout=timeout_s,
+        )
+        response.raise_for_status()
+        body = response.json()
+        if body.get("errors"):
+            raise DeploymentError(f"GraphQL errors: {body['errors']}")
+        return body["data"]
+
+
+def dagster_postgres_url(url: str) -> str:
+    """The instance database URL with the psycopg2 driver named explicitly.
+
+    SQLAlchemy 2.1 maps a bare postgresql:// onto psycopg 3, and dagster-postgres's
+    webserver hook (set_pg_statement_timeout) opens `with conn:` on the raw DBAPI
+    connection: a transaction in psycopg2, but a *close* in psycopg 3, after which
+    every webserver query fails with "the connection is closed".
+    """
+    parts = urlsplit(url)
+    return urlunsplit(("postgresql+psycopg2", parts.netloc, parts.path, parts.query, parts.fragment))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def with_database(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{dbname}", parts.query, parts.fragment))
+
+
+@contextlib.contextmanager
+def instance_database(server_database_url: str) -> Iterator[str]:
+    """A database of its own for the Dagster instance on the same server, dropped afterwards.
+
+    Kept apart from SyncFlow's state database so a test can reason about each alone.
+    """
+    name = f"dagster_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(server_database_url, name)
+    finally:
+        with psycopg.connect(server_database_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def write_instance_yaml(dagster_home: Path, *, source: Path = INSTANCE_YAML) -> dict[str, Any]:
+    """Write DAGSTER_HOME/dagster.yaml: Postgres storage (from DAGSTER_POSTGRES_URL) plus the repo's run queue.
+
+    The URL stays in the environment, never in the file, as in production.
+    """
+    repo_config = yaml.safe_load(source.read_text()) or {}
+    config: dict[str, Any] = {"storage": {"postgres": {"postgres_url": {"env": "DAGSTER_POSTGRES_URL"}}}}
+    for section in _INSTANCE_SECTIONS_KEPT:
+        if section in repo_config:
+            config[section] = repo_config[section]
+    config.setdefault("telemetry", {"enabled": False})
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    (dagster_home / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return config
+
+
+def _bin(name: str) -> str:
+    # The venv's console scripts sit next to the interpreter running the tests.
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group, then SIGKILL it if it has not gone within the bound."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(STOP_TIMEOUT_S)
+
+
+def _wait_until(ready: Any, process: subprocess.Popen[bytes], log: Path, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DeploymentError(f"{what} exited with code {process.returncode}:\n{_tail(log)}")
+        if ready():
+            return
+        time.sleep(POLL_INTERVAL_S)
+    raise DeploymentError(f"{what} not ready after {timeout_s:.0f}s:\n{_tail(log)}")
+
+
+def _server_answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/server_info", timeout=5.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+_DAEMON_HEALTH = """
+query DaemonHealth {
+  instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } }
+}
+"""
+
+
+def _daemons_healthy(deployment: DagsterDeployment) -> bool:
+    """True once every required daemon (run queue, backfills, sensors, ...) has sent a healthy heartbeat."""
+    try:
+        data = deployment.graphql(_DAEMON_HEALTH, timeout_s=10.0)
+    except (httpx.HTTPError, DeploymentError):
+        return False
+    statuses = data["instance"]["daemonHealth"]["allDaemonStatuses"]
+    required = [s for s in statuses if s["required"]]
+    return bool(required) and all(s["healthy"] for s in required)
+
+
+def deployment_environment(
+    dagster_home: Path, instance_database_url: str, code_location_env: Mapping[str, str]
+) -> dict[str, str]:
+    """The subprocesses' environment: ours, minus anything that would start automation, plus the code location's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "SYNCFLOW_"))}
+    env.update(
+        {
+            "DAGSTER_HOME": str(dagster_home),
+            "DAGSTER_POSTGRES_URL": dagster_postgres_url(instance_database_url),
+            # Sensors and schedules stay stopped: a test counts exactly the runs it launched.
+            "SYNCFLOW_AUTOMATION": "stopped",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(code_location_env)
+    return env
+
+
+@contextlib.contextmanager
+def dagster_deployment(
+    *,
+    server_database_url: str,
+    dagster_home: Path,
+    code_location_env: Mapping[str, str] | None = None,
+    with_daemon: bool = False,
+    workspace: Path = WORKSPACE_YAML,
+    host: str = "127.0.0.1",
+) -> Iterator[DagsterDeployment]:
+    """Start dagster-webserver (and dagster-daemon) for `workspace`; stop both on exit, whatever happens.
+
+    `server_database_url` is any database on the Postgres server; the instance
+    gets a fresh database of its own next to it.
+    """
+    with instance_database(server_database_url) as instance_url:
+        write_instance_yaml(dagster_home)
+        env = deployment_environment(dagster_home, instance_url, code_location_env or {})
+        port = free_port(host)
+        logs = {"webserver": dagster_home / "webserver.log", "daemon": dagster_home / "daemon.log"}
+        deployment = DagsterDeployment(host, port, dagster_home, instance_url, logs)
+        processes: list[subprocess.Popen[bytes]] = []
+        try:
+            with logs["webserver"].open("wb") as log:
+                webserver = subprocess.Popen(
+                    [_bin("dagster-webserver"), "-h", host, "-p", str(port), "-w", str(workspace)],
+                    cwd=REPO_ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            processes.append(webserver)
+            _wait_until(
+                lambda: _server_answers(deployment.url),
+                webserver,
+                logs["webserver"],
+                "dagster-webserver",
+                WEBSERVER_START_TIMEOUT_S,
+            )
+            if with_daemon:
+                with logs["daemon"].open("wb") as log:
+                    daemon = subprocess.Popen(
+                        [_bin("dagster-daemon"), "run", "-w", str(workspace)],
+                        cwd=REPO_ROOT,
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                processes.append(daemon)
+                _wait_until(
+                    lambda: _daemons_healthy(deployment),
+                    daemon,
+                    logs["daemon"],
+                    "dagster-daemon",
+                    DAEMON_START_TIMEOUT_S,
+                )
+            yield deployment
+        finally:
+            # The daemon first, so it launches nothing more while the webserver goes.
+            for process in reversed(processes):
+                _stop(process)
