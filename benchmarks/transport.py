@@ -7,8 +7,14 @@
   work order (the entity `rows` sizes) page by page over the Arrow fast path.
   The clock runs from the first request to the last page; generating the
   dataset at server start is not timed.
-- deliver: `benchmarks.transport_delivery.bench_delivery(N)` (the ScheduleHub
-  half) upserts N records in batches and reads the counts back.
+- deliver: `syncflow simulate schedulehub` runs in a SUBPROCESS too; N item
+  records (a text key, an integer, a decimal, a timestamp, a text and a
+  reference to one of 100 sites, built with Arrow before the clock starts) are
+  upserted through `ScheduleHubClient.upsert` in batches of
+  SYNCFLOW_DELIVERY_BATCH_SIZE, and the counts are read back. With
+  `--in-process-delivery` the ScheduleHub half is
+  `benchmarks.transport_delivery.bench_delivery(N)` instead, whose server
+  shares this process's GIL.
 
 Prints a table and writes JSON with `rows_per_s` per direction and
 `peak_rss_mb` (this process; the APISmith server's own peak is reported as
@@ -31,15 +37,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import SecretStr
 
 from syncflow_dagster.clients.apismith import ApiSmithClient, ApiSmithSettings
 from syncflow_dagster.clients.http import HttpSettings
+from syncflow_dagster.clients.schedulehub import ScheduleHubClient, ScheduleHubSettings
+from syncflow_dagster.simulators.datagen import key_codes
 
 FETCH_TARGET = 100_000
 DELIVER_TARGET = 50_000
 STARTUP_TIMEOUT_S = 600.0
 SOURCE = "ProductionOrders"
+SITES = 100
 
 
 def free_port() -> int:
@@ -48,18 +60,30 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+def wait_until_healthy(
+    url: str, process: subprocess.Popen[bytes], timeout_s: float, path: str = "/health"
+) -> None:
+    """Poll until the server answers (a 401 also proves it is serving), bounded in time."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"APISmith stand-in exited with code {process.returncode} during startup")
+            raise RuntimeError(f"stand-in at {url} exited with code {process.returncode} during startup")
         try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2.0).status_code in (200, 401):
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
-    raise RuntimeError(f"APISmith stand-in at {url} not healthy within {timeout_s}s")
+    raise RuntimeError(f"stand-in at {url} not serving within {timeout_s}s")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
 
 
 def peak_rss_mb_of(pid: int) -> float | None:
@@ -73,21 +97,22 @@ def peak_rss_mb_of(pid: int) -> float | None:
     return None
 
 
-def start_apismith(rows: int, seed: int, client_id: str, secret: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_stand_in(
+    system: str, client_id: str, secret: str, *args: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`syncflow simulate <system> --port P ...` in a subprocess; returns it and its base URL."""
     port = free_port()
-    env = {**os.environ, "APISMITH_CLIENT_ID": client_id, "APISMITH_CLIENT_SECRET": secret}
+    prefix = system.upper()
+    env = {**os.environ, f"{prefix}_CLIENT_ID": client_id, f"{prefix}_CLIENT_SECRET": secret}
     command = [
         sys.executable,
         "-m",
         "syncflow_dagster.cli.main",
         "simulate",
-        "apismith",
+        system,
         "--port",
         str(port),
-        "--rows",
-        str(rows),
-        "--seed",
-        str(seed),
+        *args,
     ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return process, f"http://127.0.0.1:{port}"
@@ -96,7 +121,7 @@ def start_apismith(rows: int, seed: int, client_id: str, secret: str) -> tuple[s
 async def bench_fetch(rows: int, seed: int = 1, page_size: int = 50_000) -> dict[str, Any]:
     """Read every work order from a fresh APISmith stand-in subprocess; figures in a dict."""
     secret = secrets.token_urlsafe(16)
-    process, url = start_apismith(rows, seed, "bench", secret)
+    process, url = start_stand_in("apismith", "bench", secret, "--rows", str(rows), "--seed", str(seed))
     try:
         wait_until_healthy(url, process, STARTUP_TIMEOUT_S)
         settings = ApiSmithSettings(
@@ -113,12 +138,7 @@ async def bench_fetch(rows: int, seed: int = 1, page_size: int = 50_000) -> dict
             seconds = time.perf_counter() - started
         server_rss = peak_rss_mb_of(process.pid)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
+        stop(process)
     if fetched != expected:
         raise RuntimeError(f"fetch incomplete: {fetched} of {expected} rows")
     return {
@@ -132,11 +152,71 @@ async def bench_fetch(rows: int, seed: int = 1, page_size: int = 50_000) -> dict
     }
 
 
-def run(rows: int, page_size: int) -> dict[str, Any]:
-    from benchmarks.transport_delivery import bench_delivery
+def delivery_frames(rows: int) -> tuple[pa.Table, pa.Table]:
+    """Sites and `rows` items as SyncFlow frames (`_bk`, attributes, `_ref.sites`), built columnar."""
+    numbers = np.arange(rows, dtype=np.int64)
+    site_numbers = pa.array(numbers % SITES)
+    text: Any = pc.cast(pa.array(numbers), pa.string())
+    items = pa.table(
+        {
+            "_bk": key_codes("ITM-", numbers, 7),
+            "quantity": pa.array(numbers),
+            "unit_price": pa.array(np.full(rows, 12, dtype=np.int32)).cast(pa.decimal128(12, 2)),
+            "changed": pa.array(np.full(rows, 1_735_689_600_000_000, dtype=np.int64)).cast(
+                pa.timestamp("us", tz="UTC")
+            ),
+            "description": pc.binary_join_element_wise(pa.scalar("item number "), text, ""),
+            "_ref.sites": key_codes("S", site_numbers.to_numpy(), 3),
+        }
+    )
+    sites = pa.table(
+        {
+            "_bk": key_codes("S", np.arange(SITES), 3),
+            "name": [f"site {i}" for i in range(SITES)],
+        }
+    )
+    return sites, items
 
+
+async def bench_deliver(rows: int) -> dict[str, Any]:
+    """Upsert `rows` items into a fresh ScheduleHub stand-in subprocess; figures in a dict."""
+    secret = secrets.token_urlsafe(16)
+    sites, items = delivery_frames(rows)
+    process, url = start_stand_in("schedulehub", "bench", secret)
+    try:
+        wait_until_healthy(url, process, STARTUP_TIMEOUT_S, path="/v1/resources")
+        settings = ScheduleHubSettings(base_url=url, client_id="bench", client_secret=SecretStr(secret))
+        async with ScheduleHubClient(settings, HttpSettings()) as hub:
+            await hub.upsert("sites", sites)
+            started = time.perf_counter()
+            results = await hub.upsert("items", items)
+            seconds = time.perf_counter() - started
+            counts = await hub.counts()
+        server_rss = peak_rss_mb_of(process.pid)
+    finally:
+        stop(process)
+    accepted = results.column("status").to_pylist().count("accepted")
+    if accepted != rows or counts.get("items") != rows:
+        raise RuntimeError(f"delivery incomplete: {accepted} accepted, {counts.get('items')} held of {rows}")
+    return {
+        "direction": "deliver",
+        "rows": rows,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows / seconds) if seconds else None,
+        "batch_size": settings.delivery_batch_size,
+        "accepted": accepted,
+        "schedulehub_server_peak_rss_mb": server_rss,
+    }
+
+
+def run(rows: int, page_size: int, in_process_delivery: bool = False) -> dict[str, Any]:
     fetch = asyncio.run(bench_fetch(rows, page_size=page_size))
-    deliver = asyncio.run(bench_delivery(rows))
+    if in_process_delivery:
+        from benchmarks.transport_delivery import bench_delivery
+
+        deliver = asyncio.run(bench_delivery(rows))
+    else:
+        deliver = asyncio.run(bench_deliver(rows))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
     return {
         "benchmark": "transport",
@@ -161,8 +241,9 @@ def print_table(result: dict[str, Any]) -> None:
             f"{figures['rows_per_s']:>12,}{target:>10,}  {ok}"
         )
     print(
-        f"peak RSS (benchmark process): {result['peak_rss_mb']} MB; "
-        f"APISmith server: {result['fetch']['apismith_server_peak_rss_mb']} MB"
+        f"peak RSS: benchmark process {result['peak_rss_mb']} MB, "
+        f"APISmith server {result['fetch']['apismith_server_peak_rss_mb']} MB, "
+        f"ScheduleHub server {result['deliver'].get('schedulehub_server_peak_rss_mb')} MB"
     )
 
 
@@ -171,8 +252,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows per direction")
     parser.add_argument("--page-size", type=int, default=50_000, help="APISmith page size (max 50000)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures to this file")
+    parser.add_argument(
+        "--in-process-delivery",
+        action="store_true",
+        help="deliver through benchmarks.transport_delivery (ScheduleHub in this process)",
+    )
     args = parser.parse_args(argv)
-    result = run(args.rows, args.page_size)
+    result = run(args.rows, args.page_size, args.in_process_delivery)
     print_table(result)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
