@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from syncflow_dagster.engine.columns import BK, BK_HASH, DATA_HASH, RECIPE, ROWVERSION
-from syncflow_dagster.engine.delta import dedupe_batch, plan_delta, plan_reconcile_deletes
+from syncflow_dagster.engine.delta import dedupe_batch, key_order, plan_delta, plan_reconcile_deletes
 from syncflow_dagster_tests.engine_frames import identified, plan_view, stored_from
 
 
@@ -128,3 +128,14 @@ def test_reconcile_deletes_and_guard() -> None:
     assert "more than the delete guard of 20.0%" in blocked.reason
     with pytest.raises(ValueError, match="delete_guard"):
         plan_reconcile_deletes(stored, source, delete_guard=0.0)
+
+
+def test_key_order_is_arrows_bytewise_order() -> None:
+    rows = identified([(f"P{i}", "1", 1) for i in range(300)])
+    keys = rows.column(BK_HASH).combine_chunks()
+    ours: list[Any] = keys.take(pa.array(key_order(keys))).to_pylist()
+    everything: list[Any] = keys.to_pylist()
+    assert ours == sorted(everything)
+    sliced = keys.slice(7, 50)
+    part: list[Any] = sliced.to_pylist()
+    assert sliced.take(pa.array(key_order(sliced))).to_pylist() == sorted(part)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as _compute
 
@@ -55,14 +56,46 @@ def _first_of_each_key(ordered: pa.Table) -> pa.Array:
     return pa.concat_arrays([pa.array([True]), changed])
 
 
+def key_order(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Indices that sort 16-byte key hashes bytewise (Arrow's order), via numpy.
+
+    The hash is read as two big-endian uint64 words; numpy's lexsort on them
+    is several times faster than Arrow's sort on fixed_size_binary.
+    """
+    array = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    if array.null_count:
+        raise ValueError(f"{BK_HASH} has {array.null_count} null(s): every row needs identity")
+    width = array.type.byte_width
+    buffer = array.buffers()[1]
+    if buffer is None:
+        return np.arange(len(array))
+    raw = np.frombuffer(memoryview(buffer), dtype=np.uint8)
+    data = raw[array.offset * width : (array.offset + len(array)) * width]
+    words = data.view(">u8").reshape(len(array), width // 8)
+    return np.lexsort(tuple(words[:, i] for i in reversed(range(width // 8))))
+
+
+def _sorted_by_key(table: pa.Table) -> tuple[pa.Table, bool]:
+    """The table in key-hash order, and whether any key occurs twice."""
+    if table.num_rows == 0:
+        return table, False
+    order = key_order(table.column(BK_HASH))
+    ordered = table.take(pa.array(order))
+    keys = ordered.column(BK_HASH).combine_chunks()
+    n = len(keys)
+    repeated = n > 1 and bool(pc.any(pc.equal(keys.slice(1), keys.slice(0, n - 1))).as_py())
+    return ordered, repeated
+
+
 def dedupe_batch(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(one row per key, the duplicates set aside): highest `_rowversion` wins.
+    """(one row per key in key-hash order, the duplicates set aside): highest `_rowversion` wins.
 
     Ties go to the higher `_data_hash` (then `_bk` order is irrelevant: the key
     is the same), so the winner never depends on the input order.
     """
-    if rows.num_rows <= 1 or pc.count_distinct(rows.column(BK_HASH)).as_py() == rows.num_rows:
-        return rows, rows.slice(0, 0)
+    ordered, repeated = _sorted_by_key(rows)
+    if not repeated:
+        return ordered, rows.slice(0, 0)
     sort_keys = [(BK_HASH, "ascending"), (ROWVERSION, "descending")]
     if DATA_HASH in rows.column_names:
         sort_keys.append((DATA_HASH, "descending"))
@@ -152,8 +185,10 @@ def plan_delta(rows: pa.Table, stored: pa.Table | None, tombstones: pa.Table | N
             action = _labels([(pc.invert(known), SKIP), (stale, SKIP)], DELETE, shaped.num_rows)
             parts.append(_with_plan(shaped, action, reason))
     parts.insert(0, _plan_live(live, stored))
-    plan = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-    return plan.take(pc.sort_indices(plan, sort_keys=[(BK_HASH, "ascending")]))
+    if len(parts) == 1:
+        return parts[0]  # dedupe_batch already put the live rows in key order
+    plan, _ = _sorted_by_key(pa.concat_tables(parts))
+    return plan
 
 
 @dataclass(frozen=True)
@@ -187,8 +222,7 @@ def plan_reconcile_deletes(
         if BK_HASH not in table.column_names:
             raise ValueError(f"{label} has no {BK_HASH!r} column (columns: {table.column_names})")
     gone = pc.invert(pc.is_in(stored_keys.column(BK_HASH), value_set=source_keys.column(BK_HASH)))
-    candidates = stored_keys.filter(gone)
-    candidates = candidates.take(pc.sort_indices(candidates, sort_keys=[(BK_HASH, "ascending")]))
+    candidates, _ = _sorted_by_key(stored_keys.filter(gone))
     count = candidates.num_rows
     candidates = _with_plan(
         candidates,

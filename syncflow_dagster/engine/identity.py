@@ -81,6 +81,10 @@ def _decimal_text(array: pa.Array) -> pa.Array:
     """Plain fixed-scale text of a decimal (Arrow's own cast writes 1E-9 and 0E-2)."""
     kind = array.type
     scale = kind.scale
+    if scale <= 6:
+        # Arrow switches to exponent notation only below an adjusted exponent of -6,
+        # which a scale of at most 6 never reaches: its own cast is the plain text.
+        return pc.cast(array, pa.string())
     # The unscaled integer, read from the same buffers with scale 0: plain digits.
     unscaled_type = (
         pa.decimal128(kind.precision, 0) if kind.byte_width == 16 else pa.decimal256(kind.precision, 0)
