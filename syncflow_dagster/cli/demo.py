@@ -142,7 +142,10 @@ def _first_failure(result: Any) -> str:
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data.error is not None:
             error = event.step_failure_data.error
-            return f"step {event.step_key}: {error.message.strip().splitlines()[-1][:300]}"
+            # Retries wrap the real error; the innermost cause says what went wrong.
+            while error.cause is not None:
+                error = error.cause
+            return f"step {event.step_key}: {error.message.strip()[:300]}"
     return "see the Dagster run's events"
 
 
