@@ -13,6 +13,7 @@ import sys
 # name → module holding `main(argv) -> int`
 BENCHMARKS: dict[str, str] = {
     "engine": "benchmarks.engine",
+    "transport": "benchmarks.transport",
 }
 
 
