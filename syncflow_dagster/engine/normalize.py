@@ -371,8 +371,14 @@ def _coerce_decimal(spec: FieldSpec, text: pa.Array) -> _Coerced:
 
 def _coerce_date(spec: FieldSpec, text: pa.Array) -> _Coerced:
     formats = tuple(dict.fromkeys((*spec.formats, _ISO_DATE)))  # ISO always accepted, last
-    parsed = [_parse_format(text, fmt) for fmt in formats]
-    values = pc.cast(pc.coalesce(*parsed) if len(parsed) > 1 else parsed[0], pa.date32())
+    values = pa.nulls(len(text)).cast(pa.date32())
+    waiting = pc.is_valid(text)
+    for fmt in formats:  # each tried only on what earlier formats could not read
+        if not pc.any(waiting).as_py():
+            break
+        parsed = pc.cast(_parse_format(text.filter(waiting), fmt), pa.date32())
+        values = pc.replace_with_mask(values, waiting, parsed)
+        waiting = pc.replace_with_mask(waiting, waiting, pc.is_null(parsed))
     result = _Coerced(values, [])
     result.reject(
         pc.and_(pc.is_valid(text), pc.is_null(values)),
@@ -389,20 +395,25 @@ def _coerce_datetime(
         values = pc.cast(typed, pa.timestamp(column.type.unit, tz="UTC")).cast(CHANGED_AT_TYPE)
         return _Coerced(_at_precision(values, precision), [])
     text = _empty_to_null(pc.utf8_trim_whitespace(column))
-    aware: list[pa.Array] = []
-    naive: list[pa.Array] = []
-    iso_aware, iso_naive = _parse_iso(text)
-    aware.append(iso_aware)
-    naive.append(iso_naive)
-    for fmt in formats:
-        parsed = _parse_format(text, fmt)
-        (aware if "%z" in fmt else naive).append(parsed)
-    # A string with an offset never fully matches a naive format and vice versa,
-    # so the aware and naive candidates cannot compete for one value.
-    utc = [pc.cast(a, CHANGED_AT_TYPE) for a in aware]
-    local = pc.coalesce(*naive) if len(naive) > 1 else naive[0]
-    utc.append(_localize(local, timezone))
-    values = _at_precision(pc.coalesce(*utc), precision)
+    values = pa.nulls(len(text)).cast(CHANGED_AT_TYPE)
+    waiting = pc.is_valid(text)
+    # Candidates in order (ISO first, then the declared formats), each tried only
+    # on the values no earlier one could read, so a batch pays for one parse per value.
+    candidates: list[str | None] = [None, *formats]
+    for fmt in candidates:
+        if not pc.any(waiting).as_py():
+            break
+        subset = text.filter(waiting)
+        if fmt is None:
+            iso_aware, iso_naive = _parse_iso(subset)
+            parsed = pc.coalesce(iso_aware, _localize(iso_naive, timezone))
+        elif "%z" in fmt:
+            parsed = pc.cast(_parse_format(subset, fmt), CHANGED_AT_TYPE)
+        else:
+            parsed = _localize(_parse_format(subset, fmt), timezone)
+        values = pc.replace_with_mask(values, waiting, parsed)
+        waiting = pc.replace_with_mask(waiting, waiting, pc.is_null(parsed))
+    values = _at_precision(values, precision)
     result = _Coerced(values, [])
     accepted = ", ".join(("ISO-8601", *formats))
     result.reject(
@@ -413,21 +424,35 @@ def _coerce_datetime(
 
 
 def _parse_iso(text: pa.Array) -> tuple[pa.Array, pa.Array]:
-    """ISO-8601 date-times: (UTC values of those with an offset, naive values of those without)."""
+    """ISO-8601 date-times: (UTC values of those with an offset, naive values of those without).
+
+    Fractions and offsets cost several kernels each, so they are computed only
+    when some value in the batch has one (a batch is usually of one shape).
+    """
     parts = pc.extract_regex(text, _ISO_DATETIME)
     date = pc.struct_field(parts, "date")
     time = pc.struct_field(parts, "time")
-    time = pc.if_else(pc.equal(pc.utf8_length(time), 5), pc.binary_join_element_wise(time, ":00", ""), time)
+    if pc.any(pc.equal(pc.binary_length(time), 5)).as_py():
+        time = pc.if_else(
+            pc.equal(pc.binary_length(time), 5), pc.binary_join_element_wise(time, ":00", ""), time
+        )
     stamp = pc.binary_join_element_wise(date, time, " ")
     # _strict_strptime refuses 30 February instead of rolling it over, without raising.
-    base = pc.cast(_strict_strptime(stamp, _ISO_STAMP), pa.timestamp("us"))
+    local = pc.cast(_strict_strptime(stamp, _ISO_STAMP), pa.timestamp("us"))
     frac = pc.struct_field(parts, "frac")
-    nanos = pc.cast(pc.utf8_rpad(pc.if_else(pc.equal(frac, ""), "0", frac), width=9, padding="0"), pa.int64())
-    local = pc.add(base, pc.cast(pc.divide(nanos, 1000), pa.duration("us")))
+    if pc.any(pc.greater(pc.binary_length(frac), 0)).as_py():
+        nanos = pc.cast(
+            pc.utf8_rpad(pc.if_else(pc.equal(frac, ""), "0", frac), width=9, padding="0"), pa.int64()
+        )
+        local = pc.add(local, pc.cast(pc.divide(nanos, 1000), pa.duration("us")))
     zone = pc.struct_field(parts, "zone")
-    offset_us = _offset_micros(zone)
-    has_zone = pc.fill_null(pc.greater(pc.utf8_length(zone), 0), False)
-    as_utc = pc.subtract(local, pc.cast(offset_us, pa.duration("us")))
+    has_zone = pc.fill_null(pc.greater(pc.binary_length(zone), 0), False)
+    if not pc.any(has_zone).as_py():
+        return pa.nulls(len(text)).cast(CHANGED_AT_TYPE), local
+    if pc.all(pc.or_(pc.invert(has_zone), pc.equal(pc.utf8_upper(zone), "Z"))).as_py():
+        as_utc = local  # every offset is Z
+    else:
+        as_utc = pc.subtract(local, pc.cast(_offset_micros(zone), pa.duration("us")))
     aware = pc.if_else(has_zone, pc.cast(as_utc, CHANGED_AT_TYPE), pa.scalar(None, CHANGED_AT_TYPE))
     naive = pc.if_else(has_zone, pa.scalar(None, local.type), local)
     return aware, naive
