@@ -196,3 +196,14 @@ def test_a_key_both_accepted_and_deleted_is_refused(repo: StateRepository, entit
     with pytest.raises(ValueError, match="both accepted and deleted"):
         repo.commit_delivered(entity, uuid.uuid4(), accepted, deleted=accepted.column(BK_HASH))
     assert repo.count(entity) == 0
+
+
+def test_stored_for_keys_answers_each_key_once_even_when_asked_twice(
+    repo: StateRepository, entity: str
+) -> None:
+    accepted = _accepted(50, seed=11)
+    repo.commit_delivered(entity, uuid.uuid4(), accepted)
+    keys = accepted.column(BK_HASH).combine_chunks()
+    stored = repo.stored_for_keys(entity, pa.chunked_array([keys, keys.slice(0, 10)]))
+    assert stored.num_rows == 50
+    assert sorted(stored.column(BK_HASH).to_pylist()) == sorted(keys.to_pylist())

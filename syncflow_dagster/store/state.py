@@ -87,14 +87,32 @@ def check_keys(entity: str, field: str, keys: pa.Array | pa.ChunkedArray) -> pa.
 
 
 def stage_keys(cursor: psycopg.Cursor[Any], entity: str, field: str, keys: pa.Array | pa.ChunkedArray) -> int:
-    """COPY key hashes into TEMP table syncflow_keys(bk_hash uuid) for a join; returns the count."""
+    """COPY distinct key hashes, sorted, into TEMP table syncflow_keys(bk_hash uuid); returns the count.
+
+    Also makes the rest of the transaction join by index (see prefer_index_joins).
+    """
     array = check_keys(entity, field, keys)
+    # Sorted, the index probes of the join walk the primary key in order (and
+    # the heap too, which commit_delivered fills in key order).
+    unique = pc.unique(array)
+    ordered = unique.take(pc.sort_indices(unique))
     create_staging(cursor, _KEYS_STAGING, [_KEY_COLUMN])
-    copy_in(cursor, _KEYS_STAGING, pa.table({"bk_hash": array}), [_KEY_COLUMN])
-    # Fresh statistics, so the planner picks index lookups for a few keys and a
-    # hash join for many instead of guessing from an empty temp table.
-    cursor.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(_KEYS_STAGING)))
-    return len(array)
+    copy_in(cursor, _KEYS_STAGING, pa.table({"bk_hash": ordered}), [_KEY_COLUMN])
+    prefer_index_joins(cursor)
+    return len(ordered)
+
+
+def prefer_index_joins(cursor: psycopg.Cursor[Any]) -> None:
+    """Join staged keys to entity_state by primary-key lookups for the rest of this transaction.
+
+    Left to itself, the planner hashes the whole entity (a sequential scan of
+    millions of rows) to look up a few thousand keys as soon as the staging
+    table has statistics, and guesses blindly when it has none. Lookups by
+    index make the cost follow the number of staged keys, which is the
+    contract of stored_for_keys and what keeps incremental commits small.
+    """
+    cursor.execute("SET LOCAL enable_hashjoin = off")
+    cursor.execute("SET LOCAL enable_mergejoin = off")
 
 
 class StateRepository:
@@ -123,8 +141,7 @@ class StateRepository:
             stage_keys(cursor, entity, BK_HASH, bk_hashes)
             query = sql.SQL(
                 "SELECT s.bk_hash, s.data_hash, s.rowversion, s.recipe, s.schedulehub_id "
-                "FROM {state} AS s WHERE s.entity = {entity} "
-                "AND s.bk_hash IN (SELECT k.bk_hash FROM {keys} AS k)"
+                "FROM {keys} AS k JOIN {state} AS s ON s.entity = {entity} AND s.bk_hash = k.bk_hash"
             ).format(state=_STATE_TABLE, entity=sql.Literal(entity), keys=sql.Identifier(_KEYS_STAGING))
             table = copy_out(cursor, query, [STATE_COLUMNS[c] for c in STORED_COLUMNS])
         return table.rename_columns(list(STORED_COLUMNS)).cast(STORED_SCHEMA)
@@ -252,7 +269,7 @@ class StateRepository:
             if frame.num_rows:
                 create_staging(cursor, _ACCEPTED_STAGING, columns)
                 copy_in(cursor, _ACCEPTED_STAGING, frame, columns)
-                cursor.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(_ACCEPTED_STAGING)))
+                prefer_index_joins(cursor)
                 # One statement, two halves that share a snapshot: the UPDATE
                 # rewrites keys already stored, the INSERT adds the keys that were
                 # not (NOT EXISTS sees the state before the UPDATE). This is about
