@@ -290,3 +290,16 @@ async def _iterate_with_page_size(server: RunningServer, page_size: int) -> None
     async with client(server) as api:
         async for _ in api.iter_changes("Sites", page_size=page_size):
             pass
+
+
+def test_slow_answers_beyond_the_read_timeout_are_retried(
+    server: RunningServer, dataset: dict[str, pa.Table]
+) -> None:
+    admin(server, "PUT", "/admin/faults", {"slow_probability": 1.0, "slow_delay_s": 3, "max_faults": 2})
+
+    async def run() -> pa.Table:
+        async with client(server, http=fast_http(read_timeout_s=0.5)) as api:
+            return await api.fetch_changes("Sites")
+
+    assert asyncio.run(run()).equals(dataset["Sites"])
+    assert admin(server, "GET", "/admin/faults")["faults_served"] == {"slow": 2}
