@@ -122,3 +122,11 @@ def test_a_connection_can_hold_the_lock_and_keeps_its_work(engine: sa.Engine, en
         taken = pytest.raises(EntityLocked)
         with taken, entity_lock(engine, entity, wait=False), entity_lock(conn, entity, wait=False):
             pass
+
+
+def test_timeout_s_is_the_same_bound(engine: sa.Engine, entity: str) -> None:
+    with entity_lock(engine, entity):
+        with pytest.raises(EntityLocked, match=r"within 0\.1 s"), entity_lock(engine, entity, timeout_s=0.1):
+            pass
+        with pytest.raises(ValueError, match="not both"), entity_lock(engine, entity, timeout=1, timeout_s=1):
+            pass

@@ -137,6 +137,7 @@ def entity_lock(
     *,
     wait: bool = True,
     timeout: float | None = None,
+    timeout_s: float | None = None,
 ) -> Iterator[sa.Connection]:
     """Serialise writes of `entity`; raise EntityLocked if not acquired.
 
@@ -145,7 +146,12 @@ def entity_lock(
     run its statements on the same session). Given a Connection, that
     connection holds the lock. `wait=False` fails at once when another session
     holds it; `timeout` bounds the wait in seconds; neither means wait forever.
+    `timeout_s` is the same bound under the spelling the Dagster resources use.
     """
+    if timeout is not None and timeout_s is not None:
+        raise ValueError(f"entity_lock({entity!r}): give timeout or timeout_s, not both")
+    if timeout is None:
+        timeout = timeout_s
     if isinstance(engine_or_conn, sa.Engine):
         with engine_or_conn.connect() as raw:
             conn = raw.execution_options(isolation_level="AUTOCOMMIT")
