@@ -110,12 +110,13 @@ def with_database(url: str, dbname: str) -> str:
 
 
 @contextlib.contextmanager
-def instance_database(server_database_url: str) -> Iterator[str]:
-    """A database of its own for the Dagster instance on the same server, dropped afterwards.
+def scratch_database(server_database_url: str, prefix: str) -> Iterator[str]:
+    """A fresh database named `<prefix>_<random>` on the same server, dropped afterwards.
 
-    Kept apart from SyncFlow's state database so a test can reason about each alone.
+    The Dagster instance and SyncFlow's state each get one, so a test can reason
+    about either alone and never sees rows of another test in the session.
     """
-    name = f"dagster_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_database_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
@@ -237,7 +238,7 @@ def dagster_deployment(
     `server_database_url` is any database on the Postgres server; the instance
     gets a fresh database of its own next to it.
     """
-    with instance_database(server_database_url) as instance_url:
+    with scratch_database(server_database_url, "dagster_instance") as instance_url:
         write_instance_yaml(dagster_home)
         env = deployment_environment(dagster_home, instance_url, code_location_env or {})
         port = free_port(host)

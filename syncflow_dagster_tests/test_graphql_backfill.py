@@ -1,0 +1,317 @@
+"""A partitioned run and a 3 days × all entities backfill launched over GraphQL, as the UI launches them.
+
+The deployment is real: dagster-webserver and dagster-daemon (the daemon
+dequeues runs and drives backfills) on loopback, the repository's workspace,
+a Postgres-backed instance with the repository dagster.yaml's run queue and
+per-entity concurrency limits, SyncFlow state in its own Postgres database, and
+both stand-ins over HTTP in this process. The checks read back what an operator
+would look at: run status, materialisations per partition, backfill status, and
+the runs' start/end times (no two runs of one entity may overlap).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from dagster_graphql import DagsterGraphQLClientError
+
+from syncflow_dagster.catalog import default_catalog
+from syncflow_dagster.simulators import apismith, schedulehub
+from syncflow_dagster.simulators.serve import start_server
+from syncflow_dagster_tests.webserver import (
+    ARTIFACTS_DIR,
+    CODE_LOCATION,
+    DagsterDeployment,
+    dagster_deployment,
+    scratch_database,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+STAGE_ASSETS = (
+    "extracted",
+    "normalized",
+    "identified",
+    "fresh_rows",
+    "delta_plan",
+    "resolved",
+    "delivered",
+    "committed",
+    "sync_report",
+)
+ENTITIES = tuple(default_catalog().topological_order)
+BACKFILL_DAYS = 3
+# Small on purpose: 200 APISmith rows spread over the backfill's 3 days keep
+# 24 runs within minutes on a shared 2-core machine.
+SOURCE_ROWS = 200
+RUN_TIMEOUT_S = 600.0
+BACKFILL_TIMEOUT_S = 15 * 60.0
+POLL_INTERVAL_S = 3.0
+TERMINAL_RUN_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
+TERMINAL_BACKFILL_STATUSES = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
+
+LAUNCH_BACKFILL = """
+mutation LaunchBackfill($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message stack }
+    ... on UnauthorizedError { message }
+    ... on PartitionKeysNotFoundError { message }
+    ... on InvalidSubsetError { message }
+  }
+}
+"""
+
+BACKFILL_STATUS = """
+query BackfillStatus($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    __typename
+    ... on PartitionBackfill { id status numPartitions error { message } }
+    ... on PythonError { message }
+  }
+}
+"""
+
+RUNS_BY_TAG = """
+query RunsByTag($key: String!, $value: String!) {
+  runsOrError(filter: {tags: [{key: $key, value: $value}]}) {
+    __typename
+    ... on Runs {
+      results { runId status startTime endTime tags { key value } }
+    }
+    ... on PythonError { message }
+  }
+}
+"""
+
+MATERIALIZATIONS = """
+query Materializations($path: [String!]!, $partitions: [String!]) {
+  assetNodeOrError(assetKey: {path: $path}) {
+    __typename
+    ... on AssetNode {
+      assetMaterializations(partitions: $partitions) {
+        partition
+        runId
+        metadataEntries { label ... on IntMetadataEntry { intValue } }
+      }
+    }
+  }
+}
+"""
+
+STEP_FAILURES = """
+query StepFailures($runId: ID!) {
+  logsForRun(runId: $runId, limit: 2000) {
+    __typename
+    ... on EventConnection {
+      events {
+        __typename
+        ... on ExecutionStepFailureEvent { stepKey error { message } }
+      }
+    }
+  }
+}
+"""
+
+
+@dataclass
+class SyncDeployment:
+    dagster: DagsterDeployment
+    days: tuple[str, ...]
+
+    @property
+    def today(self) -> str:
+        return self.days[-1]
+
+
+def partition_key(day: str, entity: str) -> str:
+    """A MultiPartitionKey as text: dimensions in name order (date, entity), joined by '|'."""
+    return f"{day}|{entity}"
+
+
+@pytest.fixture(scope="module")
+def sync_deployment(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SyncDeployment]:
+    today = dt.datetime.now(dt.UTC).date()
+    days = tuple((today - dt.timedelta(days=back)).isoformat() for back in range(BACKFILL_DAYS - 1, -1, -1))
+    secret = secrets.token_urlsafe(16)
+    clients = {"syncflow": secret}
+    # history_days spreads the source's changes over the backfill's days, so every day has rows.
+    source = start_server(
+        apismith.create_app(rows=SOURCE_ROWS, seed=23, clients=clients, history_days=BACKFILL_DAYS - 1)
+    )
+    target = start_server(schedulehub.create_app(clients=clients))
+    try:
+        with scratch_database(database_url, "syncflow_state") as state_url:
+            code_location_env = {
+                "SYNCFLOW_DATABASE_URL": state_url,
+                # A short partition history keeps the UI's and daemon's partition sets small.
+                "SYNCFLOW_PARTITIONS_START": (today - dt.timedelta(days=7)).isoformat(),
+                "APISMITH_BASE_URL": source.url,
+                "APISMITH_CLIENT_ID": "syncflow",
+                "APISMITH_CLIENT_SECRET": secret,
+                "SCHEDULEHUB_BASE_URL": target.url,
+                "SCHEDULEHUB_CLIENT_ID": "syncflow",
+                "SCHEDULEHUB_CLIENT_SECRET": secret,
+            }
+            with dagster_deployment(
+                server_database_url=database_url,
+                dagster_home=tmp_path_factory.mktemp("dagster_home_backfill"),
+                code_location_env=code_location_env,
+                with_daemon=True,
+            ) as dagster:
+                try:
+                    yield SyncDeployment(dagster, days)
+                finally:
+                    _keep_logs(dagster)
+    finally:
+        source.stop()
+        target.stop()
+
+
+def _keep_logs(dagster: DagsterDeployment) -> None:
+    """Copy the webserver and daemon logs next to the screenshots, for a failed CI run."""
+    ARTIFACTS_DIR.mkdir(exist_ok=True)
+    for name, path in dagster.logs.items():
+        if path.exists():
+            (ARTIFACTS_DIR / f"backfill-{name}.log").write_bytes(path.read_bytes())
+
+
+def _wait_for_run(dagster: DagsterDeployment, run_id: str) -> str:
+    client = dagster.graphql_client()
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    status = "UNKNOWN"
+    while time.monotonic() < deadline:
+        try:
+            status = client.get_run_status(run_id).value
+        except DagsterGraphQLClientError:
+            status = "UNKNOWN"  # a busy webserver may time out one poll; the deadline still bounds us
+        if status in TERMINAL_RUN_STATUSES:
+            return status
+        time.sleep(POLL_INTERVAL_S)
+    raise AssertionError(f"run {run_id} still {status} after {RUN_TIMEOUT_S:.0f}s")
+
+
+def _step_failures(dagster: DagsterDeployment, run_id: str) -> str:
+    """The failed steps of a run and their errors, for an assertion message a reader can act on."""
+    logs = dagster.graphql(STEP_FAILURES, {"runId": run_id})["logsForRun"]
+    failures = [
+        f"{event['stepKey']}: {event['error']['message'].strip()}"
+        for event in logs.get("events", [])
+        if event["__typename"] == "ExecutionStepFailureEvent" and event.get("error")
+    ]
+    return "\n".join(failures) or f"no step failed ({logs['__typename']})"
+
+
+def _materializations(dagster: DagsterDeployment, asset: str, partitions: list[str]) -> list[dict[str, Any]]:
+    data = dagster.graphql(MATERIALIZATIONS, {"path": [asset], "partitions": partitions})
+    node = data["assetNodeOrError"]
+    assert node["__typename"] == "AssetNode", f"asset {asset} not found: {node}"
+    return list(node["assetMaterializations"])
+
+
+def _runs_tagged(dagster: DagsterDeployment, key: str, value: str) -> list[dict[str, Any]]:
+    data = dagster.graphql(RUNS_BY_TAG, {"key": key, "value": value})
+    runs = data["runsOrError"]
+    assert runs["__typename"] == "Runs", f"runs query failed: {runs}"
+    return list(runs["results"])
+
+
+def _int_metadata(event: dict[str, Any]) -> dict[str, int]:
+    return {e["label"]: e["intValue"] for e in event["metadataEntries"] if "intValue" in e}
+
+
+def test_partitioned_run_through_graphql_client(sync_deployment: SyncDeployment) -> None:
+    dagster = sync_deployment.dagster
+    entity, day = ENTITIES[0], sync_deployment.today
+    key = partition_key(day, entity)
+    run_id = dagster.graphql_client().submit_job_execution(
+        "sync",
+        repository_location_name=CODE_LOCATION,
+        tags={"dagster/partition": key, "dagster/partition/entity": entity, "dagster/partition/date": day},
+    )
+    status = _wait_for_run(dagster, run_id)
+    assert status == "SUCCESS", f"run {run_id} of {key} ended {status}:\n{_step_failures(dagster, run_id)}"
+
+    for asset in STAGE_ASSETS:
+        events = _materializations(dagster, asset, [key])
+        assert [(e["partition"], e["runId"]) for e in events] == [(key, run_id)], asset
+    report = _int_metadata(_materializations(dagster, "sync_report", [key])[0])
+    # The first sync of a root entity with rows changed today inserts and delivers them.
+    assert report.get("insert", 0) > 0, report
+    assert report.get("delivered", 0) == report.get("insert", 0) + report.get("update", 0), report
+
+
+def test_backfill_three_days_all_entities(sync_deployment: SyncDeployment) -> None:
+    dagster = sync_deployment.dagster
+    partitions = [partition_key(day, entity) for day in sync_deployment.days for entity in ENTITIES]
+    launched = dagster.graphql(
+        LAUNCH_BACKFILL,
+        {
+            "params": {
+                # What "Materialize all…" on the asset group does: an asset backfill of the
+                # group's assets over the chosen partitions.
+                "assetSelection": [{"path": [asset]} for asset in STAGE_ASSETS],
+                "partitionNames": partitions,
+                "title": "acceptance: 3 days x all entities",
+            }
+        },
+    )["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    backfill_id = launched["backfillId"]
+
+    deadline = time.monotonic() + BACKFILL_TIMEOUT_S
+    backfill: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        backfill = dagster.graphql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
+        assert backfill["__typename"] == "PartitionBackfill", backfill
+        if backfill["status"] in TERMINAL_BACKFILL_STATUSES:
+            break
+        time.sleep(POLL_INTERVAL_S)
+    assert backfill.get("status") in {"COMPLETED", "COMPLETED_SUCCESS"}, (
+        f"backfill {backfill_id} ended as {backfill} (logs: test-artifacts/backfill-daemon.log)"
+    )
+    assert backfill["numPartitions"] == len(partitions)
+
+    runs = _runs_tagged(dagster, "dagster/backfill", backfill_id)
+    statuses = {run["runId"]: run["status"] for run in runs}
+    failed = {
+        run_id: _step_failures(dagster, run_id) for run_id, status in statuses.items() if status != "SUCCESS"
+    }
+    assert not failed, failed
+    # No backfill policy on the stage assets: one run per entity × day. docs/ui.md states this number.
+    assert len(runs) == len(partitions) == BACKFILL_DAYS * len(ENTITIES)
+
+    for asset in STAGE_ASSETS:
+        materialized = {e["partition"] for e in _materializations(dagster, asset, partitions)}
+        assert materialized == set(partitions), f"{asset}: missing {sorted(set(partitions) - materialized)}"
+
+    # The run queue's per-entity limit (dagster.yaml) held: runs of one entity never overlapped.
+    by_entity: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for run in runs:
+        tags = {t["key"]: t["value"] for t in run["tags"]}
+        entity = tags.get("dagster/partition/entity")
+        assert entity in ENTITIES, f"run {run['runId']} has no entity tag: {tags}"
+        assert run["startTime"], run
+        assert run["endTime"], run
+        by_entity[entity].append((run["startTime"], run["endTime"]))
+    assert set(by_entity) == set(ENTITIES)
+    for entity, spans in by_entity.items():
+        spans.sort()
+        for (_, earlier_end), (later_start, _) in itertools.pairwise(spans):
+            assert later_start >= earlier_end, f"two runs of {entity} overlapped: {spans}"
+    _record_run_count(len(runs), backfill_id)
+
+
+def _record_run_count(count: int, backfill_id: str) -> None:
+    # The number is kept as an artifact so docs/ui.md can be checked against a real run.
+    ARTIFACTS_DIR.mkdir(exist_ok=True)
+    (ARTIFACTS_DIR / "backfill-runs.txt").write_text(f"backfill {backfill_id} launched {count} runs\n")
