@@ -9,6 +9,7 @@ downloads a browser. Screenshots go to test-artifacts/ (gitignored).
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,3 +125,26 @@ def test_stage_asset_partitions_page_shows_entity_and_date(webserver: DagsterDep
     expect(page.get_by_text(today, exact=True).first).to_be_visible(timeout=PAGE_TIMEOUT_MS)
     shot = _screenshot(page, "dagster-extracted-partitions.png")
     assert shot.stat().st_size > 10_000, "the partitions screenshot is suspiciously small"
+
+
+def test_materialize_dialog_selects_days_by_entities(webserver: DagsterDeployment, page: Page) -> None:
+    """The launch dialog a person uses for a backfill: one selector per dimension, 3 days × all entities."""
+    page.goto(f"{webserver.url}/locations/{CODE_LOCATION}/asset-groups/sync")
+    page.get_by_text("Materialize all…").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_text("Launch runs to materialize 9 assets")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    expect(dialog.get_by_text("date", exact=True)).to_be_visible()
+    expect(dialog.get_by_text("entity", exact=True)).to_be_visible()
+
+    today = dt.datetime.now(dt.UTC).date()
+    first = (today - dt.timedelta(days=2)).isoformat()
+    date_range = dialog.get_by_placeholder(re.compile(r"^ex: "))
+    date_range.fill(f"[{first}...{today.isoformat()}]")
+    date_range.press("Enter")
+    # The entity dimension's "All" is the second "All" button (the first belongs to date).
+    dialog.get_by_role("button", name="All", exact=True).nth(1).click()
+    entities = len(default_catalog().topological_order)
+    expect(dialog.get_by_text(f"{3 * entities} partitions", exact=True)).to_be_visible()
+    expect(dialog.get_by_role("button", name="Launch backfill")).to_be_visible()
+    shot = _screenshot(page, "dagster-backfill-dialog.png")
+    assert shot.stat().st_size > 10_000, "the dialog screenshot is suspiciously small"
