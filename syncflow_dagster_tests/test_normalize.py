@@ -302,3 +302,24 @@ def test_date_single_digit_parts_in_declared_format() -> None:
     )
     assert values == [dt.date(2024, 1, 2), "REJECTED", dt.date(2024, 2, 29)]
     assert len(rejected) == 1
+
+
+def test_decimal_plain_and_general_paths_mix_in_one_column() -> None:
+    # Plain values take the decimal128 path, the others the general one; rows must line up.
+    values, rejected = one_field(
+        {"type": "decimal", "scale": 2},
+        ["1.555", "x", "2e1", "-3", "0." + "1" * 20, "1" + "0" * 40, "99999999999999999999.999"],
+    )
+    assert values == [
+        Decimal("1.56"),
+        "REJECTED",
+        Decimal("20.00"),
+        Decimal("-3.00"),
+        Decimal("0.11"),
+        "REJECTED",
+        Decimal("100000000000000000000.00"),  # a rounding carry to 21 digits still fits
+    ]
+    assert [(r["business_key"], r["reason"]) for r in rejected] == [
+        ("k1", "not a decimal"),
+        ("k5", "decimal out of range (at most 36 integer and 38 fractional digits)"),
+    ]

@@ -126,7 +126,14 @@ def key_text_of(columns: list[pa.Array | pa.ChunkedArray]) -> pa.Array:
 
 def key_hash_of(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
     """xxHash3-128 of each UTF-8 key text (null stays null): BK_HASH."""
-    return _hash_each(_one_array(texts), xxhash.xxh3_128_digest, BK_HASH_TYPE)
+    array = _as_binary(_one_array(texts))
+    digest = xxhash.xxh3_128_digest
+    present = array.drop_null() if array.null_count else array
+    values: list[Any] = present.to_pylist()
+    hashes = _from_digests(BK_HASH_TYPE, [digest(value) for value in values])
+    if not array.null_count:
+        return hashes
+    return pc.replace_with_mask(pa.nulls(len(array)).cast(BK_HASH_TYPE), pc.is_valid(array), hashes)
 
 
 def canonical_payload(entity: EntitySpec, rows: pa.Table) -> pa.Array:
@@ -148,28 +155,22 @@ def canonical_payload(entity: EntitySpec, rows: pa.Table) -> pa.Array:
 
 
 def data_hash_of(payload: pa.Array) -> pa.Array:
-    """BLAKE3-256 of each canonical payload: DATA_HASH."""
-    return _hash_each(payload, _blake3_digest, DATA_HASH_TYPE)
+    """BLAKE3-256 of each canonical payload: DATA_HASH (a payload is never null)."""
+    if payload.null_count:
+        raise ValueError("a canonical payload is never null; build it with canonical_payload")
+    values: list[Any] = _as_binary(payload).to_pylist()
+    # The hasher is bound once and called inline: a wrapper per row costs more than the hash.
+    hasher = blake3.blake3
+    return _from_digests(DATA_HASH_TYPE, [hasher(value).digest() for value in values])
 
 
-def _blake3_digest(data: bytes) -> bytes:
-    digest: bytes = blake3.blake3(data).digest()
-    return digest
+def _as_binary(texts: pa.Array) -> pa.Array:
+    return texts if pa.types.is_binary(texts.type) else pc.cast(texts, pa.binary())
 
 
-def _hash_each(texts: pa.Array, digest: Any, kind: pa.FixedSizeBinaryType) -> pa.Array:
-    """Hash every value with one list comprehension; the digests go back as one buffer."""
-    binary = pc.cast(texts, pa.binary()) if not pa.types.is_binary(texts.type) else texts
-    values = binary.to_pylist()
-    if binary.null_count:
-        width = kind.byte_width
-        digests = [digest(value) if value is not None else bytes(width) for value in values]
-        hashes = pa.FixedSizeBinaryArray.from_buffers(
-            kind, len(values), [None, pa.py_buffer(b"".join(digests))]
-        )
-        return pc.if_else(pc.is_null(binary), pa.scalar(None, kind), hashes)
-    joined = b"".join([digest(value) for value in values])
-    return pa.FixedSizeBinaryArray.from_buffers(kind, len(values), [None, pa.py_buffer(joined)])
+def _from_digests(kind: pa.FixedSizeBinaryType, digests: list[bytes]) -> pa.Array:
+    """Digests back into Arrow as one buffer (no per-row Arrow scalar)."""
+    return pa.FixedSizeBinaryArray.from_buffers(kind, len(digests), [None, pa.py_buffer(b"".join(digests))])
 
 
 def add_identity(entity: EntitySpec, rows: pa.Table) -> pa.Table:

@@ -15,6 +15,7 @@ cast, so that one bad value can never make a cast raise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
@@ -69,6 +70,9 @@ _DECIMAL = r"^(?P<sign>[+-]?)(?P<int>[0-9]*)(?:\.(?P<frac>[0-9]*))?(?:[eE](?P<ex
 # every digit the source sent, then rounded and narrowed to decimal128(38, scale).
 _WIDE_DECIMAL = pa.decimal256(76, 38)
 _WIDE_FRACTION = 38
+# 19 integer digits stay below 10**19 even after a rounding carry, inside decimal128(38, 18).
+_PLAIN_DECIMAL = r"^[+-]?([0-9]{1,19}(\.[0-9]{0,18})?|\.[0-9]{1,18})$"
+_PLAIN_WIDE = pa.decimal128(38, 18)
 _ISO_DATETIME = (
     r"^(?P<date>[0-9]{4}-[0-9]{2}-[0-9]{2})[Tt ](?P<time>[0-9]{2}:[0-9]{2}(?::[0-9]{2})?)"
     r"(?:[.,](?P<frac>[0-9]{1,9}))?(?P<zone>[Zz]|[+-][0-9]{2}(?::?[0-9]{2})?)?$"
@@ -116,10 +120,11 @@ class _Coerced:
     values: pa.Array
     problems: list[tuple[pa.Array, pa.Array | str]]
 
-    def reject(self, mask: pa.Array, reason: pa.Array | str) -> None:
+    def reject(self, mask: pa.Array, reason: pa.Array | str | Callable[[], pa.Array]) -> None:
+        """Record bad values; a per-value reason is built only when some value is bad."""
         mask = pc.fill_null(mask, False)
         if pc.any(mask).as_py():
-            self.problems.append((mask, reason))
+            self.problems.append((mask, reason() if callable(reason) else reason))
 
 
 def normalize(entity: EntitySpec, raw: pa.Table) -> NormalizeResult:
@@ -269,10 +274,15 @@ def _string_layer(spec: FieldSpec, text: pa.Array) -> _Coerced:
     if spec.max_length is not None:
         length = pc.utf8_length(text)
         too_long = pc.greater(length, spec.max_length)
-        reason = pc.binary_join_element_wise(
-            f"longer than max_length {spec.max_length} (", pc.cast(length, pa.string()), " characters)", ""
+        result.reject(
+            too_long,
+            lambda: pc.binary_join_element_wise(
+                f"longer than max_length {spec.max_length} (",
+                pc.cast(length, pa.string()),
+                " characters)",
+                "",
+            ),
         )
-        result.reject(too_long, reason)
     return result
 
 
@@ -287,10 +297,10 @@ def _enum_layer(spec: FieldSpec, result: _Coerced) -> _Coerced:
         text = pc.coalesce(mapped, text)
     allowed = pa.array(list(spec.values), pa.string())
     unknown = pc.and_(pc.is_valid(text), pc.invert(pc.is_in(text, value_set=allowed)))
-    reason = pc.binary_join_element_wise(
-        "unknown enum value '", result.values, "'; allowed: " + ", ".join(spec.values), ""
+    allowed_text = "'; allowed: " + ", ".join(spec.values)
+    result.reject(
+        unknown, lambda: pc.binary_join_element_wise("unknown enum value '", result.values, allowed_text, "")
     )
-    result.reject(unknown, reason)
     return _Coerced(text, result.problems)
 
 
@@ -337,6 +347,26 @@ def _coerce_int(text: pa.Array) -> _Coerced:
 
 
 def _coerce_decimal(spec: FieldSpec, text: pa.Array) -> _Coerced:
+    """Plain decimals (at most 19 integer and 18 fractional digits) take a short path
+    through decimal128; the rest (exponents, long digits, garbage) the general one."""
+    scale = spec.scale or 0
+    plain = pc.fill_null(pc.match_substring_regex(text, _PLAIN_DECIMAL), False)
+    values = pc.cast(pc.if_else(plain, text, pa.scalar(None, pa.string())), _PLAIN_WIDE)
+    values = pc.cast(
+        pc.round(values, ndigits=scale, round_mode=_ROUND_MODE[spec.rounding]), pa.decimal128(38, scale)
+    )
+    rest = pc.and_(pc.is_valid(text), pc.invert(plain))
+    if not pc.any(rest).as_py():
+        return _Coerced(values, [])
+    general = _coerce_decimal_general(spec, text.filter(rest))
+    result = _Coerced(pc.replace_with_mask(values, rest, general.values), [])
+    nowhere = pa.array([False] * len(text), pa.bool_())
+    for mask, reason in general.problems:
+        result.reject(pc.replace_with_mask(nowhere, rest, mask), reason)
+    return result
+
+
+def _coerce_decimal_general(spec: FieldSpec, text: pa.Array) -> _Coerced:
     scale = spec.scale or 0
     parts = pc.extract_regex(text, _DECIMAL)
     int_part = pc.struct_field(parts, "int")
