@@ -143,3 +143,29 @@ def test_null_key_is_an_error_naming_entity_and_field() -> None:
     rows = pa.table({"item_no": pa.array([None], pa.string())})
     with pytest.raises(ValueError, match=r"entity 'items': business key field 'item_no' is null in 1 row"):
         canonical_key_text(entity, rows)
+
+
+def test_length_prefix_of_dates_and_datetimes_outside_four_digit_years() -> None:
+    entity = EntitySpec.model_validate(
+        {
+            "name": "eras",
+            "source": "Eras",
+            "resource": "eras",
+            "business_key": ["code"],
+            "fields": [
+                {"source": "Code", "target": "code"},
+                {"source": "Day", "target": "day", "type": "date"},
+                {"source": "At", "target": "at", "type": "datetime"},
+            ],
+        }
+    )
+    ancient = pa.table(
+        {
+            "code": ["a", "b"],
+            "day": pa.array([dt.date(2024, 1, 2), None], pa.date32()),
+            "at": pa.array([-62135596800 * 10**6 - 1, None], pa.timestamp("us", tz="UTC")),
+        }
+    )
+    payload = canonical_payload(entity, ancient).to_pylist()
+    at_text = canonical_text(ancient.column("at")).to_pylist()[0]
+    assert payload == [f"1:a10:2024-01-02{len(at_text.encode())}:{at_text}", "1:b~~"]

@@ -36,6 +36,10 @@ pc: Any = _compute
 RECIPE_VERSION = 1
 NULL_MARK = "~"
 _UTC_TEXT = pa.timestamp("us", tz="UTC")
+# Dates and datetimes in years 1..9999 have canonical texts of one byte length,
+# so their length prefix is a constant rather than a kernel per row.
+_DAYS_0001_01_01, _DAYS_9999_12_31 = -719162, 2932896
+_US_0001_01_01, _US_9999_12_31 = -62135596800 * 10**6, 253402300799999999
 
 
 def canonical_text(values: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -147,11 +151,28 @@ def canonical_payload(entity: EntitySpec, rows: pa.Table) -> pa.Array:
     for field in entity.targets:
         if field not in rows.column_names:
             raise ValueError(f"entity {entity.name!r}: target field {field!r} is not in the rows")
-        text = canonical_text(rows.column(field))
-        length = pc.cast(pc.binary_length(text), pa.string())
-        token = pc.binary_join_element_wise(length, text, ":")
-        tokens.append(pc.coalesce(token, NULL_MARK))
-    return pc.binary_join_element_wise(*tokens, "")
+        column = rows.column(field)
+        text = canonical_text(column)
+        width = _fixed_width(column)
+        length = str(width) if width is not None else pc.cast(pc.binary_length(text), pa.string())
+        # Null text makes the token null; the final join writes NULL_MARK for it.
+        tokens.append(pc.binary_join_element_wise(length, text, ":"))
+    return pc.binary_join_element_wise(*tokens, "", null_handling="replace", null_replacement=NULL_MARK)
+
+
+def _fixed_width(column: pa.Array | pa.ChunkedArray) -> int | None:
+    """The canonical text width of a date/datetime column whose years all have four digits."""
+    if pa.types.is_date32(column.type):
+        as_int, low, high, width = pc.cast(column, pa.int32()), _DAYS_0001_01_01, _DAYS_9999_12_31, 10
+    elif pa.types.is_timestamp(column.type):
+        as_int = pc.cast(pc.cast(column, _UTC_TEXT), pa.int64())
+        low, high, width = _US_0001_01_01, _US_9999_12_31, 27
+    else:
+        return None
+    bounds = pc.min_max(as_int).as_py()
+    if bounds["min"] is None:
+        return width  # all null: no value needs a prefix
+    return width if low <= bounds["min"] and bounds["max"] <= high else None
 
 
 def data_hash_of(payload: pa.Array) -> pa.Array:
