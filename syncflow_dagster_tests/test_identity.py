@@ -167,5 +167,5 @@ def test_length_prefix_of_dates_and_datetimes_outside_four_digit_years() -> None
         }
     )
     payload = canonical_payload(entity, ancient).to_pylist()
-    at_text = canonical_text(ancient.column("at")).to_pylist()[0]
+    at_text: str = canonical_text(ancient.column("at"))[0].as_py()
     assert payload == [f"1:a10:2024-01-02{len(at_text.encode())}:{at_text}", "1:b~~"]
