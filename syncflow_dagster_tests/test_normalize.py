@@ -11,6 +11,7 @@ import pytest
 
 from syncflow_dagster.catalog.models import EntitySpec
 from syncflow_dagster.engine.columns import CHANGED_AT, KEY_SEPARATOR, REJECTED_SCHEMA, ROWVERSION
+from syncflow_dagster.engine.identity import add_identity
 from syncflow_dagster.engine.normalize import SchemaDriftError, normalize, rows_schema
 
 UTC = dt.UTC
@@ -323,3 +324,22 @@ def test_decimal_plain_and_general_paths_mix_in_one_column() -> None:
         ("k1", "not a decimal"),
         ("k5", "decimal out of range (at most 36 integer and 38 fractional digits)"),
     ]
+
+
+def test_threaded_columns_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    import syncflow_dagster.engine.normalize as module
+
+    spec = entity(
+        {"source": "Qty", "target": "qty", "type": "decimal", "scale": 2},
+        {"source": "At", "target": "at", "type": "datetime", "timezone": "Europe/Berlin"},
+    )
+    table = raw(4, Qty=["1.005", "x", None, "2"], At=["2024-01-01 10:00", "2024-13-01 10:00", None, "bad"])
+    serial = normalize(spec, table)
+    serial_identity = add_identity(spec, serial.rows)
+    monkeypatch.setattr(module, "_THREADED_ROWS", 0)
+    monkeypatch.setattr(module.pa, "cpu_count", lambda: 2)
+    threaded = normalize(spec, table)
+    assert add_identity(spec, threaded.rows).equals(serial_identity)  # identity threads its columns too
+    assert threaded.rows.equals(serial.rows)
+    assert threaded.rejected.equals(serial.rejected)
+    assert serial.rejected.num_rows == 3

@@ -8,6 +8,7 @@ are built columnar; the only per-row Python is one hash call per value.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import blake3
@@ -26,6 +27,7 @@ from syncflow_dagster.engine.columns import (
     RECIPE,
     RECIPE_TYPE,
 )
+from syncflow_dagster.engine.normalize import run_column_jobs
 
 # The pyarrow stubs type each compute function per concrete array class; the
 # arrays here get their types at run time, so compute calls are left untyped.
@@ -147,16 +149,19 @@ def canonical_payload(entity: EntitySpec, rows: pa.Table) -> pa.Array:
     so tokens are self-delimiting: null differs from "", and no value can fake
     a field boundary.
     """
-    tokens = []
     for field in entity.targets:
         if field not in rows.column_names:
             raise ValueError(f"entity {entity.name!r}: target field {field!r} is not in the rows")
+
+    def token(field: str) -> pa.Array:
         column = rows.column(field)
         text = canonical_text(column)
         width = _fixed_width(column)
         length = str(width) if width is not None else pc.cast(pc.binary_length(text), pa.string())
         # Null text makes the token null; the final join writes NULL_MARK for it.
-        tokens.append(pc.binary_join_element_wise(length, text, ":"))
+        return pc.binary_join_element_wise(length, text, ":")
+
+    tokens = run_column_jobs([partial(token, field) for field in entity.targets], rows.num_rows)
     return pc.binary_join_element_wise(*tokens, "", null_handling="replace", null_replacement=NULL_MARK)
 
 

@@ -16,10 +16,11 @@ cast, so that one bad value can never make a cast raise.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
-from functools import lru_cache
-from typing import Any
+from functools import lru_cache, partial
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import pyarrow as pa
@@ -79,6 +80,9 @@ _ISO_DATETIME = (
 )
 _ISO_OFFSET = r"^(?P<sign>[+-])(?P<hours>[0-9]{2}):?(?P<minutes>[0-9]{2})?$"
 _ISO_DATE = "%Y-%m-%d"
+# Below this many rows, thread start-up costs more than the columns take.
+_THREADED_ROWS = 50_000
+_T = TypeVar("_T")
 _ISO_STAMP = "%Y-%m-%d %H:%M:%S"
 _ZERO_PADDED_ISO = (_ISO_DATE, _ISO_STAMP)
 _ROUND_MODE = {
@@ -149,29 +153,39 @@ def normalize(entity: EntitySpec, raw: pa.Table) -> NormalizeResult:
                 f"(target {spec.target!r}) is missing from the source records"
             )
 
-    coerced: list[tuple[str, str | None, _Coerced]] = []  # (source name, raw column, result)
-    for spec in entity.fields:
+    def coerce(spec: FieldSpec) -> tuple[str, str | None, _Coerced]:
+        """One field through its layers: (source name, raw column read, result)."""
         if spec.source not in columns:
             # An optional field the source no longer sends is all-null: nothing to reject.
-            coerced.append((spec.source, None, _Coerced(_nulls(n, target_type(spec)), [])))
-            continue
-        column = _combined(raw.column(spec.source))
-        result = _coerce_field(entity, spec, column)
+            return spec.source, None, _Coerced(_nulls(n, target_type(spec)), [])
+        result = _coerce_field(entity, spec, _combined(raw.column(spec.source)))
         if spec.required or spec.target in key_targets:
             result.reject(pc.and_(pc.is_null(result.values), _no_problem(result, n)), REASON_MISSING)
-        coerced.append((spec.source, spec.source, result))
+        return spec.source, spec.source, result
 
-    rowversion = _coerce_int(_text(entity, entity.rowversion, _combined(raw.column(entity.rowversion))))
-    rowversion.reject(pc.and_(pc.is_null(rowversion.values), _no_problem(rowversion, n)), REASON_MISSING)
-    coerced.append((entity.rowversion, entity.rowversion, rowversion))
-    changed_at = _coerce_datetime(
-        _text_or_timestamp(entity, entity.changed_at, _combined(raw.column(entity.changed_at))),
-        formats=(),
-        timezone="UTC",
-        precision=Precision.MICROSECOND,
-    )
-    changed_at.reject(pc.and_(pc.is_null(changed_at.values), _no_problem(changed_at, n)), REASON_MISSING)
-    coerced.append((entity.changed_at, entity.changed_at, changed_at))
+    def coerce_rowversion() -> tuple[str, str | None, _Coerced]:
+        result = _coerce_int(_text(entity, entity.rowversion, _combined(raw.column(entity.rowversion))))
+        result.reject(pc.and_(pc.is_null(result.values), _no_problem(result, n)), REASON_MISSING)
+        return entity.rowversion, entity.rowversion, result
+
+    def coerce_changed_at() -> tuple[str, str | None, _Coerced]:
+        result = _coerce_datetime(
+            _text_or_timestamp(entity, entity.changed_at, _combined(raw.column(entity.changed_at))),
+            formats=(),
+            timezone="UTC",
+            precision=Precision.MICROSECOND,
+        )
+        result.reject(pc.and_(pc.is_null(result.values), _no_problem(result, n)), REASON_MISSING)
+        return entity.changed_at, entity.changed_at, result
+
+    # Columns are independent and Arrow's kernels release the GIL, so the fields
+    # are coerced on Arrow's CPU count of threads (pa.set_cpu_count limits it).
+    jobs: list[Callable[[], tuple[str, str | None, _Coerced]]] = [
+        *(partial(coerce, spec) for spec in entity.fields),
+        coerce_rowversion,
+        coerce_changed_at,
+    ]
+    coerced = run_column_jobs(jobs, n)
 
     bad_row = pa.array([False] * n, pa.bool_()) if n else pa.array([], pa.bool_())
     for _, _, result in coerced:
@@ -185,6 +199,19 @@ def normalize(entity: EntitySpec, raw: pa.Table) -> NormalizeResult:
     rows = table.filter(pc.invert(bad_row)) if has_bad else table
     rejected = _rejected_frame(entity, raw, coerced) if has_bad else REJECTED_SCHEMA.empty_table()
     return NormalizeResult(rows=rows, rejected=rejected)
+
+
+def run_column_jobs(jobs: list[Callable[[], _T]], rows: int) -> list[_T]:
+    """Run independent per-column jobs, on threads when the batch is big enough to gain.
+
+    Arrow's kernels release the GIL, so columns proceed in parallel on Arrow's
+    CPU count (`pa.set_cpu_count` limits it); results keep the jobs' order.
+    """
+    workers = min(pa.cpu_count(), len(jobs))
+    if workers <= 1 or rows < _THREADED_ROWS:
+        return [job() for job in jobs]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="syncflow-normalize") as pool:
+        return list(pool.map(lambda job: job(), jobs))
 
 
 def _combined(column: pa.ChunkedArray) -> pa.Array:
