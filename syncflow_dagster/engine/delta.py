@@ -106,7 +106,7 @@ def dedupe_batch(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
 
 def _labels(mask_to_label: list[tuple[pa.Array, str]], default: str, n: int) -> pa.Array:
     """A string column: the label of the first mask that holds, else `default`."""
-    out = pa.array([default] * n, pa.string())
+    out = pa.repeat(pa.scalar(default, pa.string()), n)
     for mask, label in reversed(mask_to_label):
         out = pc.if_else(pc.fill_null(mask, False), label, out)
     return out
@@ -129,7 +129,7 @@ def _plan_live(rows: pa.Table, stored: pa.Table | None) -> pa.Table:
     if stored_recipe.null_count < len(stored_recipe) and RECIPE in rows.column_names:
         recipe_changed = pc.not_equal(pc.cast(stored_recipe, pa.int16()), rows.column(RECIPE))
     else:
-        recipe_changed = pa.array([False] * n, pa.bool_())
+        recipe_changed = pa.repeat(pa.scalar(False, pa.bool_()), n)
     new = pc.invert(known)
     same = pc.equal(rows.column(DATA_HASH), stored_hash) if stored_hash.null_count < n else new
     cases = [(stale, STALE_ROWVERSION), (new, NEW_KEY), (recipe_changed, RECIPE_CHANGED), (same, UNCHANGED)]
@@ -226,8 +226,8 @@ def plan_reconcile_deletes(
     count = candidates.num_rows
     candidates = _with_plan(
         candidates,
-        pa.array([DELETE] * count, pa.string()),
-        pa.array([MISSING_FROM_SOURCE] * count, pa.string()),
+        pa.repeat(pa.scalar(DELETE, pa.string()), count),
+        pa.repeat(pa.scalar(MISSING_FROM_SOURCE, pa.string()), count),
     )
     total = stored_keys.num_rows
     share = count / total if total else 0.0

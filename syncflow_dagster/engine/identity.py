@@ -206,7 +206,7 @@ def add_identity(entity: EntitySpec, rows: pa.Table) -> pa.Table:
     for name in (BK, BK_HASH, DATA_HASH, RECIPE):
         if name in table.column_names:
             table = table.drop_columns([name])
-    recipe = pa.array([RECIPE_VERSION] * rows.num_rows, RECIPE_TYPE)
+    recipe = pa.repeat(pa.scalar(RECIPE_VERSION, RECIPE_TYPE), rows.num_rows)
     table = table.append_column(pa.field(BK, pa.string()), key)
     table = table.append_column(pa.field(BK_HASH, BK_HASH_TYPE), key_hash_of(key))
     table = table.append_column(

@@ -187,7 +187,7 @@ def normalize(entity: EntitySpec, raw: pa.Table) -> NormalizeResult:
     ]
     coerced = run_column_jobs(jobs, n)
 
-    bad_row = pa.array([False] * n, pa.bool_()) if n else pa.array([], pa.bool_())
+    bad_row = pa.repeat(pa.scalar(False, pa.bool_()), n)
     for _, _, result in coerced:
         for mask, _ in result.problems:
             bad_row = pc.or_(bad_row, mask)
@@ -229,7 +229,7 @@ def _nulls(n: int, type_: pa.DataType) -> pa.Array:
 
 def _no_problem(result: _Coerced, n: int) -> pa.Array:
     """Rows of this column not already rejected for a bad value (so 'missing' is not added twice)."""
-    ok = pa.array([True] * n, pa.bool_()) if n else pa.array([], pa.bool_())
+    ok = pa.repeat(pa.scalar(True, pa.bool_()), n)
     for mask, _ in result.problems:
         ok = pc.and_(ok, pc.invert(mask))
     return ok
@@ -387,7 +387,7 @@ def _coerce_decimal(spec: FieldSpec, text: pa.Array) -> _Coerced:
         return _Coerced(values, [])
     general = _coerce_decimal_general(spec, text.filter(rest))
     result = _Coerced(pc.replace_with_mask(values, rest, general.values), [])
-    nowhere = pa.array([False] * len(text), pa.bool_())
+    nowhere = pa.repeat(pa.scalar(False, pa.bool_()), len(text))
     for mask, reason in general.problems:
         result.reject(pc.replace_with_mask(nowhere, rest, mask), reason)
     return result
@@ -664,14 +664,18 @@ def _rejected_frame(
         raw_value = _text(entity, source, _combined(raw.column(raw_name))) if raw_name is not None else None
         for mask, reason in result.problems:
             count = pc.sum(mask).as_py() or 0
-            reasons = reason.filter(mask) if isinstance(reason, pa.Array) else pa.array([reason] * count)
+            reasons = (
+                reason.filter(mask)
+                if isinstance(reason, pa.Array)
+                else pa.repeat(pa.scalar(reason, pa.string()), count)
+            )
             values = raw_value.filter(mask) if raw_value is not None else pa.nulls(count, pa.string())
             pieces.append(
                 pa.Table.from_arrays(
                     [
-                        pa.array([entity.name] * count, pa.string()),
+                        pa.repeat(pa.scalar(entity.name, pa.string()), count),
                         business_key.filter(mask),
-                        pa.array([source] * count, pa.string()),
+                        pa.repeat(pa.scalar(source, pa.string()), count),
                         pc.cast(values, pa.string()),
                         pc.cast(reasons, pa.string()),
                     ],

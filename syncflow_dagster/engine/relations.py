@@ -104,7 +104,7 @@ def split_ready_pending(
     ready = base.filter(pc.invert(waiting))
     pending = base.filter(waiting)
     pending_parent = missing_parent.filter(waiting)
-    reason = pa.array([PARENT_MISSING] * pending.num_rows, pa.string())
+    reason = pa.repeat(pa.scalar(PARENT_MISSING, pa.string()), pending.num_rows)
     if REASON in pending.column_names:
         pending = pending.set_column(pending.column_names.index(REASON), REASON, reason)
     else:

@@ -37,7 +37,7 @@ def stale_mask(rows: pa.Table, stored: pa.Table | None) -> pa.Array:
     """True where the row's `_rowversion` is not newer than the stored one."""
     stored_rowversion = stored_lookup(rows, stored, ROWVERSION)
     if stored_rowversion.null_count == len(stored_rowversion):
-        return pa.array([False] * rows.num_rows, pa.bool_())
+        return pa.repeat(pa.scalar(False, pa.bool_()), rows.num_rows)
     return pc.fill_null(pc.less_equal(rows.column(ROWVERSION), stored_rowversion), False)
 
 
