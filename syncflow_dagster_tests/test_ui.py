@@ -14,32 +14,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import Page, expect, sync_playwright
 
 from syncflow_dagster.catalog import default_catalog
 from syncflow_dagster_tests.webserver import (
     ARTIFACTS_DIR,
+    CHROMIUM,
     CODE_LOCATION,
+    PAGE_TIMEOUT_MS,
+    SET_NUX_SEEN,
     WORKSPACE_YAML,
     DagsterDeployment,
     dagster_deployment,
+    launch_chromium,
 )
 
 pytestmark = [pytest.mark.ui, pytest.mark.timeout(900)]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-# The first render compiles the asset graph in a browser on a busy 2-core box.
-PAGE_TIMEOUT_MS = 120_000
 STAGE_ASSETS = (
     "extracted",
     "normalized",
@@ -52,17 +43,6 @@ STAGE_ASSETS = (
     "sync_report",
 )
 
-# The "join the community" dialog the UI shows on localhost would cover the
-# pages; the webserver's own mutation records it as seen.
-_SET_NUX_SEEN = "mutation { setNuxSeen }"
-
-
-def launch_chromium(playwright: Playwright) -> Browser:
-    """Debian's chromium, never a downloaded build."""
-    return playwright.chromium.launch(
-        executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True, timeout=PAGE_TIMEOUT_MS
-    )
-
 
 @pytest.fixture(scope="module")
 def webserver(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDeployment]:
@@ -71,7 +51,7 @@ def webserver(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
     with dagster_deployment(
         server_database_url=database_url, dagster_home=tmp_path_factory.mktemp("dagster_home_ui")
     ) as deployment:
-        deployment.graphql(_SET_NUX_SEEN)
+        deployment.graphql(SET_NUX_SEEN)
         yield deployment
 
 

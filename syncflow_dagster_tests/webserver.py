@@ -29,6 +29,7 @@ import httpx
 import psycopg
 import yaml
 from dagster_graphql import DagsterGraphQLClient
+from playwright.sync_api import Browser, Playwright
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKSPACE_YAML = REPO_ROOT / "workspace.yaml"
@@ -42,6 +43,24 @@ WEBSERVER_START_TIMEOUT_S = 240.0
 DAEMON_START_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 1.0
+
+# Debian's chromium package (scripts/install-chromium.sh); Playwright only drives it.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+# The first render compiles the asset graph in a browser on a busy 2-core box.
+PAGE_TIMEOUT_MS = 120_000
+# The "join the community" dialog the UI shows on localhost would cover the
+# pages; the webserver's own mutation records it as seen.
+SET_NUX_SEEN = "mutation { setNuxSeen }"
 
 # Sections of the repository dagster.yaml that describe how runs are queued and
 # retried; storage is replaced by the test database, everything else is kept.
@@ -95,6 +114,13 @@ def dagster_postgres_url(url: str) -> str:
     """
     parts = urlsplit(url)
     return urlunsplit(("postgresql+psycopg2", parts.netloc, parts.path, parts.query, parts.fragment))
+
+
+def launch_chromium(playwright: Playwright) -> Browser:
+    """Debian's chromium through `executable_path`: never a browser Playwright downloaded."""
+    return playwright.chromium.launch(
+        executable_path=str(CHROMIUM), args=list(CHROMIUM_ARGS), headless=True, timeout=PAGE_TIMEOUT_MS
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -155,17 +181,32 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, then SIGKILL it if it has not gone within the bound."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+def _group_alive(pgid: int) -> bool:
     try:
-        process.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the whole process group, then SIGKILL whatever of it outlives the bound.
+
+    The group matters, not just the leader: the daemon's code server and the runs
+    it launched share the group and may take their time over a graceful stop.
+    """
+    pgid = process.pid  # start_new_session made the leader's pid the group id
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline and (process.poll() is None or _group_alive(pgid)):
+        time.sleep(0.2)
+    if _group_alive(pgid):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(STOP_TIMEOUT_S)
 
 
