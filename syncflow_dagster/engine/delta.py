@@ -11,6 +11,7 @@ delete more than the entity's delete guard allows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from syncflow_dagster.engine.columns import (
     SKIP,
     UPDATE,
 )
+from syncflow_dagster.engine.normalize import run_column_jobs
 from syncflow_dagster.engine.rowversion import stored_lookup
 
 # The pyarrow stubs type each compute function per concrete array class; the
@@ -79,8 +81,11 @@ def _sorted_by_key(table: pa.Table) -> tuple[pa.Table, bool]:
     """The table in key-hash order, and whether any key occurs twice."""
     if table.num_rows == 0:
         return table, False
-    order = key_order(table.column(BK_HASH))
-    ordered = table.take(pa.array(order))
+    order = pa.array(key_order(table.column(BK_HASH)))
+    # Columns are taken on threads (Arrow's take releases the GIL): the gather of a
+    # wide million-row table is most of a plan's time.
+    columns = run_column_jobs([partial(pc.take, column, order) for column in table.columns], table.num_rows)
+    ordered = pa.Table.from_arrays(columns, schema=table.schema)
     keys = ordered.column(BK_HASH).combine_chunks()
     n = len(keys)
     repeated = n > 1 and bool(pc.any(pc.equal(keys.slice(1), keys.slice(0, n - 1))).as_py())
