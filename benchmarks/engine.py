@@ -29,6 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as _compute
 import sqlalchemy as sa
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from benchmarks.datagen_engine import bench_entity, raw_records
 from syncflow_dagster.engine.columns import ACTION, BK, BK_HASH, DATA_HASH, RECIPE, ROWVERSION
@@ -43,6 +45,15 @@ from syncflow_dagster.store.state import StateRepository
 pc: Any = _compute
 T = TypeVar("T")
 DATABASE_URL_ENV = "SYNCFLOW_DATABASE_URL"
+
+
+class EngineBenchSettings(BaseSettings):
+    """Environment of the engine benchmark: SYNCFLOW_DATABASE_URL (optional)."""
+
+    model_config = SettingsConfigDict(env_prefix="SYNCFLOW_", extra="ignore")
+
+    # Postgres for the state commit; unset means an embedded server for the run.
+    database_url: SecretStr | None = None
 
 
 @dataclass
@@ -205,7 +216,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.rows < 1000:
         parser.error("--rows must be at least 1000 (the change set is a share of it)")
-    with database(args.database_url or os.environ.get(DATABASE_URL_ENV)) as url:
+    configured = EngineBenchSettings().database_url
+    with database(args.database_url or (configured.get_secret_value() if configured else None)) as url:
         phases = run(args.rows, url, args.seed)
     print_table(phases)
     if args.json:
