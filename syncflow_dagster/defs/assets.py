@@ -20,7 +20,7 @@ import pyarrow as pa
 from dagster import AssetExecutionContext
 
 from syncflow_dagster.catalog import Catalog, EntitySpec, default_catalog
-from syncflow_dagster.defs import checks, stages
+from syncflow_dagster.defs import bookkeeping, checks, stages
 from syncflow_dagster.defs.partitions import sync_partitions
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
 from syncflow_dagster.engine import columns as c
@@ -51,7 +51,7 @@ def _scope(context: AssetExecutionContext) -> tuple[EntitySpec, tuple[dt.date, .
 
 def _batch_id(context: AssetExecutionContext, database: SyncDatabase, entity: str, day: dt.date) -> uuid.UUID:
     """The sync batch of this run and entity, started by the first stage that needs it."""
-    return database.batches().get_or_start(entity, day, context.run_id)
+    return bookkeeping.batch_for_run(database, entity, day, context.run.run_id)
 
 
 def _preview(frame: pa.Table) -> dg.MetadataValue:
@@ -77,8 +77,8 @@ def _output(
     entity, dates = _scope(context)
     seconds = round(time.perf_counter() - started, 3)
     batch = _batch_id(context, database, entity.name, dates[0])
-    database.events().record(
-        batch, entity.name, stage, "succeeded", result.frame.num_rows, seconds, result.counts
+    bookkeeping.record_stage(
+        database, batch, entity.name, stage, result.frame.num_rows, seconds, result.counts
     )
     metadata: dict[str, Any] = {f"rows_{k}": v for k, v in result.counts.items()}
     metadata.update(
@@ -148,7 +148,7 @@ def normalized(
     result, rejected = stages.normalize_stage(entity, extracted)
     if rejected.num_rows:
         batch = _batch_id(context, database, entity.name, dates[0])
-        database.failures().record_rejected(entity.name, batch, rejected)
+        bookkeeping.record_rejected(database, entity, batch, rejected)
         result.notes["rejected_sample"] = _preview(rejected)
     return _output(context, database, "normalize", started, result)
 
@@ -216,9 +216,7 @@ def resolved(
     started = time.perf_counter()
     entity, dates = _scope(context)
     batch = _batch_id(context, database, entity.name, dates[0])
-    result = stages.parent_child_stage(
-        CATALOG, entity, database.state(), database.pending(), delta_plan, batch
-    )
+    result = stages.parent_child_stage(CATALOG, entity, database, delta_plan, batch)
     yield _output(context, database, "parent_child", started, result)
     yield checks.pending_children_within_age(database, entity.name, tuning.pending_max_age_hours)
 
@@ -273,7 +271,7 @@ def sync_report(
 ) -> dg.Output[pa.Table]:
     entity, dates = _scope(context)
     batch = _batch_id(context, database, entity.name, dates[0])
-    summary = database.batches().finish_from_events(batch, database.events(), status="succeeded")
+    summary = bookkeeping.finish_from_events(database, batch, status="succeeded")
     counts = summary["counts"]
     frame = pa.table(
         {

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from dagster import AssetCheckExecutionContext
 
+from syncflow_dagster.defs import bookkeeping
 from syncflow_dagster.engine import columns as c
 
 KEYS_UNIQUE = dg.AssetCheckSpec(
@@ -49,7 +50,7 @@ def business_keys_unique_and_present(plan: pa.Table) -> dg.AssetCheckResult:
 
 
 def pending_children_within_age(database: Any, entity: str, max_age_hours: float) -> dg.AssetCheckResult:
-    stats = database.pending().stats(entity)
+    stats = bookkeeping.pending_stats(database, entity)
     oldest: dt.datetime | None = stats.get("oldest_since")
     age_hours = (dt.datetime.now(dt.UTC) - oldest).total_seconds() / 3600 if oldest else 0.0
     return dg.AssetCheckResult(
@@ -68,7 +69,7 @@ def pending_children_within_age(database: Any, entity: str, max_age_hours: float
 def delivered_equals_committed(delivered: pa.Table, counts: dict[str, int]) -> dg.AssetCheckResult:
     accepted_upserts = accepted_deletes = 0
     if delivered.num_rows:
-        ok = pc.fill_null(pc.equal(delivered["status"], "accepted"), False)
+        ok = pc.fill_null(pc.equal(delivered["_delivery_status"], "accepted"), False)
         is_delete = pc.fill_null(pc.equal(delivered[c.ACTION], c.DELETE), False)
         accepted_deletes = int(pc.sum(pc.and_(ok, is_delete)).as_py() or 0)
         accepted_upserts = int(pc.sum(ok).as_py() or 0) - accepted_deletes
@@ -76,7 +77,8 @@ def delivered_equals_committed(delivered: pa.Table, counts: dict[str, int]) -> d
     deleted = int(counts.get("deleted_state", 0))
     return dg.AssetCheckResult(
         check_name=DELIVERED_COMMITTED.name,
-        passed=committed == accepted_upserts and deleted == accepted_deletes,
+        # commit_delivered counts the rows it upserted plus the rows it deleted.
+        passed=committed == accepted_upserts + accepted_deletes and deleted == accepted_deletes,
         severity=dg.AssetCheckSeverity.ERROR,
         metadata={
             "accepted_upserts": accepted_upserts,
@@ -98,7 +100,7 @@ def entities_synced_recently(context: AssetCheckExecutionContext) -> dg.AssetChe
 
     database = context.resources.database
     limit_hours = float(context.resources.tuning.freshness_hours)
-    last = database.batches().last_success_per_entity()
+    last = bookkeeping.last_success_per_entity(database)
     now = dt.datetime.now(dt.UTC)
     ages = {
         name: round((now - last[name]).total_seconds() / 3600, 2) if last.get(name) else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from syncflow_dagster.defs.assets import GROUP, PARTITIONS
+from syncflow_dagster.defs.assets import GROUP
 from syncflow_dagster.defs.maintenance import reconcile_entities, retry_failed_and_pending
 from syncflow_dagster.defs.partitions import DATE_DIMENSION, ENTITY_DIMENSION
 
@@ -15,7 +15,6 @@ RUN_RETRY_TAGS = {"dagster/max_retries": "2", "dagster/retry_strategy": "FROM_FA
 sync_job = dg.define_asset_job(
     name="sync",
     selection=dg.AssetSelection.groups(GROUP),
-    partitions_def=PARTITIONS,
     description="Fetch → normalize → identity → rowversion → delta → parent-child → deliver → persist → report, "
     "for one entity × date partition (or a date range of one entity).",
     tags=RUN_RETRY_TAGS,

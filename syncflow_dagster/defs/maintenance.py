@@ -1,5 +1,6 @@
 """Ops of the reconcile and retry jobs: full key scans, redelivery of failures and released children."""
 
+import datetime as dt
 import time
 from typing import Any
 
@@ -10,7 +11,7 @@ from dagster import OpExecutionContext
 from pydantic import Field
 
 from syncflow_dagster.catalog import DeletePolicy, EntitySpec
-from syncflow_dagster.defs import stages
+from syncflow_dagster.defs import bookkeeping, stages
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.delta import plan_reconcile_deletes
@@ -71,13 +72,13 @@ def reconcile_entities(
             context.log.warning(f"reconcile {entity.name}: {plan.reason}")
             metadata["reason"] = plan.reason
         elif plan.deletes.num_rows and entity.delete_policy is not DeletePolicy.NONE:
-            batch = database.batches().get_or_start(entity.name, None, context.run_id)
+            batch = bookkeeping.batch_for_run(database, entity.name, None, context.run.run_id)
             deletes = plan.deletes.append_column(c.ACTION, pa.array([c.DELETE] * plan.deletes.num_rows))
             deletes = deletes.append_column(c.ROWVERSION, pa.nulls(deletes.num_rows, pa.int64()))
             delivered = stages.deliver_stage(schedulehub.client(), entity, deletes)
             persisted = stages.persist_stage(database, entity, delivered.frame, batch)
             metadata.update({f"rows_{k}": v for k, v in persisted.counts.items()})
-            database.batches().finish(
+            database.batches().finish_batch(
                 batch, "succeeded", stages.merged_counts(delivered.counts, persisted.counts), {}
             )
         metadata["seconds"] = round(time.perf_counter() - started, 3)
@@ -102,32 +103,32 @@ def retry_failed_and_pending(
 
     for entity in _selected(config):
         started = time.perf_counter()
-        expired = database.pending().expire(entity.name, tuning.pending_max_age_hours)
-        due = database.failures().due_for_retry(entity.name, limit=tuning.retry_batch_limit)
-        released = database.pending().release(entity.name)
-        frames = [f for f in (due, released) if f is not None and f.num_rows]
-        if not frames:
+        expired = database.pending().expire(
+            dt.timedelta(hours=tuning.pending_max_age_hours), entity=entity.name
+        )
+        due = bookkeeping.due_failures(database, entity, tuning.retry_batch_limit)
+        frames = [due] if due.num_rows else []
+        if not frames and not bookkeeping.releasable_counts(database, _one(entity)):
             continue
-        rows = pa.concat_tables(frames, promote_options="default")
-        if c.ACTION not in rows.column_names:
-            rows = rows.append_column(c.ACTION, pa.array([c.UPDATE] * rows.num_rows))
+        rows = frames[0] if frames else bookkeeping.row_schema(entity).empty_table()
+        # Released children join inside the parent-child stage.
         # A retried row must still have its parents: otherwise it goes back to waiting.
-        batch = database.batches().get_or_start(entity.name, None, context.run_id)
-        ready = stages.parent_child_stage(CATALOG, entity, database.state(), database.pending(), rows, batch)
+        batch = bookkeeping.batch_for_run(database, entity.name, None, context.run.run_id)
+        ready = stages.parent_child_stage(CATALOG, entity, database, rows, batch)
         delivered = stages.deliver_stage(schedulehub.client(), entity, ready.frame)
         persisted = stages.persist_stage(database, entity, delivered.frame, batch)
         counts = stages.merged_counts(
-            {"retried": due.num_rows if due is not None else 0, "expired_pending": int(expired)},
+            {"retried": due.num_rows, "expired_pending": int(expired or 0)},
             ready.counts,
             delivered.counts,
             persisted.counts,
         )
-        database.batches().finish(
+        database.batches().finish_batch(
             batch, "succeeded", counts, {"retry": round(time.perf_counter() - started, 3)}
         )
         context.log.info(f"retry {entity.name}: {counts}")
         still_failed = (
-            pc.sum(pc.not_equal(delivered.frame["status"], "accepted")).as_py()
+            pc.sum(pc.not_equal(delivered.frame[stages.STATUS], "accepted")).as_py()
             if delivered.frame.num_rows
             else 0
         )
@@ -141,3 +142,12 @@ def retry_failed_and_pending(
                 },
             )
         )
+
+
+def _one(entity: EntitySpec) -> Any:
+    """A catalog view with just this entity, for the per-entity releasable count."""
+
+    class _Only:
+        topological_order = (entity.name,)
+
+    return _Only()

@@ -63,9 +63,9 @@ class SyncDatabase(dg.ConfigurableResource):
         return PendingRepository(self.engine)
 
     def events(self) -> Any:
-        from syncflow_dagster.store.events import EventRepository
+        from syncflow_dagster.store.events import StageEventRepository
 
-        return EventRepository(self.engine)
+        return StageEventRepository(self.engine)
 
     @contextmanager
     def entity_lock(self, entity: str, timeout_s: float = 300.0) -> Iterator[None]:

@@ -55,10 +55,8 @@ def sync_all(
 
 def report_of(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
     """The sync_report asset's metadata of a finished run (counts per action, seconds)."""
-    for event in result.get_asset_materialization_events():
-        materialization = event.asset_materialization
-        if materialization is not None and materialization.asset_key.path[-1] == "sync_report":
-            return {k: v.value for k, v in materialization.metadata.items()}
+    for materialization in result.asset_materializations_for_node("sync_report"):
+        return {k: v.value for k, v in materialization.metadata.items()}
     return {}
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import dagster as dg
 from dagster import SensorEvaluationContext
 
+from syncflow_dagster.defs import bookkeeping
 from syncflow_dagster.defs.assets import CATALOG
 from syncflow_dagster.defs.jobs import reconcile_job, retry_job, sync_job
 from syncflow_dagster.defs.partitions import partitions_start, sync_partition_key
@@ -113,7 +114,7 @@ def apismith_change_sensor(
 def pending_children_sensor(
     context: SensorEvaluationContext, database: SyncDatabase
 ) -> dg.SensorResult | dg.SkipReason:
-    releasable = database.pending().releasable_counts()
+    releasable = bookkeeping.releasable_counts(database, CATALOG)
     if not releasable:
         return dg.SkipReason("no parked child has its parent in ScheduleHub yet")
     entities = sorted(releasable)

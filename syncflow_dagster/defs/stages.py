@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from syncflow_dagster.catalog import Catalog, EntitySpec
+from syncflow_dagster.defs import bookkeeping
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.delta import dedupe_batch, plan_delta
 from syncflow_dagster.engine.identity import add_identity, key_text_of
@@ -72,8 +73,12 @@ def _partition_dates(changed_at_text: pa.ChunkedArray | pa.Array, dates: tuple[d
 
 def key_only(entity: EntitySpec) -> EntitySpec:
     """The entity restricted to its key fields: how tombstones are normalised and keyed."""
-    fields = tuple(f for f in entity.fields if f.target in entity.business_key)
-    return entity.model_copy(update={"fields": fields, "parents": ()})
+    # Validated afresh rather than model_copy'd: a copy would keep the
+    # original's cached `targets`, which list every field.
+    body = entity.model_dump()
+    body["fields"] = [f for f in body["fields"] if f["target"] in entity.business_key]
+    body["parents"] = []
+    return EntitySpec.model_validate(body)
 
 
 # 1. fetch ---------------------------------------------------------------------------------------
@@ -265,34 +270,39 @@ def delta_stage(fresh: pa.Table) -> StageResult:
 
 
 def parent_child_stage(
-    catalog: Catalog, entity: EntitySpec, state: Any, pending: Any, plan: pa.Table, batch_id: uuid.UUID
+    catalog: Catalog, entity: EntitySpec, database: Any, plan: pa.Table, batch_id: uuid.UUID
 ) -> StageResult:
     """Split into ready and pending by whether each parent is in ScheduleHub already.
 
     Children of this entity parked earlier whose parents have since arrived are
     released into the ready frame, so a late parent never strands its children.
     """
+    state = database.state()
+    released = bookkeeping.released_children(database, entity)
+    if released.num_rows:
+        # Released children go through the same parent check: a child with two
+        # parents may have got one and still wait for the other.
+        if plan.num_rows:
+            released = released.filter(pc.invert(pc.is_in(released[c.BK_HASH], value_set=plan[c.BK_HASH])))
+            plan = pa.concat_tables([plan, _align(released, plan)])
+        else:
+            plan = released
     needed = parent_key_hashes(catalog, entity.name, plan)
     known: dict[str, pa.Array] = {}
-    for parent, hashes in needed.items():
+    for name, hashes in needed.items():
+        parent = name.split("#", 1)[0]
         wanted = pc.unique(pc.drop_null(hashes)) if len(hashes) else hashes
-        found = state.stored_for_keys(parent, wanted) if len(wanted) else None
-        known[parent] = (
-            found[c.BK_HASH].combine_chunks() if found is not None else pa.array([], c.BK_HASH_TYPE)
-        )
+        found = state.stored_for_keys(parent, wanted)[c.BK_HASH].combine_chunks() if len(wanted) else None
+        previous = known.get(parent)
+        if found is None:
+            found = pa.array([], c.BK_HASH_TYPE)
+        known[parent] = found if previous is None else pa.concat_arrays([previous, found])
+    for parent in entity.parent_entities:
+        known.setdefault(parent, pa.array([], c.BK_HASH_TYPE))
     ready, waiting = split_ready_pending(catalog, entity.name, plan, known)
-    if waiting.num_rows:
-        pending.park(entity.name, batch_id, waiting)
-    released = pending.release(entity.name)
-    if released is not None and released.num_rows:
-        released = _align(released, ready)
-        ready = pa.concat_tables([ready, released], promote_options="default")
+    parked = bookkeeping.park_children(database, catalog, entity, batch_id, waiting)
     ready = add_references(catalog, entity, ready)
-    counts = {
-        "ready": ready.num_rows,
-        "pending": waiting.num_rows,
-        "released": 0 if released is None else released.num_rows,
-    }
+    counts = {"ready": ready.num_rows, "pending": parked, "released": released.num_rows}
     return StageResult(ready, counts)
 
 
@@ -327,7 +337,17 @@ def add_references(catalog: Catalog, entity: EntitySpec, rows: pa.Table) -> pa.T
 
 # 7. deliver -------------------------------------------------------------------------------------
 
-RESULT_COLUMNS = ("status", "schedulehub_id", "outcome", "reason_code", "retryable", "detail")
+# ScheduleHub's per-row result, renamed on the way in so it can never collide
+# with a payload field (work orders have a `status` of their own).
+RESULT_COLUMNS = {
+    "status": "_delivery_status",
+    "schedulehub_id": "_schedulehub_id",
+    "outcome": "_outcome",
+    "reason_code": "_reason_code",
+    "retryable": "_retryable",
+    "detail": "_detail",
+}
+STATUS = RESULT_COLUMNS["status"]
 
 
 async def _deliver(client: Any, entity: EntitySpec, ready: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -356,16 +376,16 @@ def _join_results(rows: pa.Table, results: pa.Table | None) -> pa.Table:
     missing = pc.sum(pc.is_null(index)).as_py()
     if missing:
         raise RuntimeError(f"ScheduleHub returned no result for {missing} rows of the batch")
-    for name in RESULT_COLUMNS:
+    for name, ours in RESULT_COLUMNS.items():
         if name in results.column_names:
-            rows = rows.append_column(name, results[name].take(index))
+            rows = rows.append_column(ours, results[name].take(index))
     return rows
 
 
 def deliver_stage(client: Any, entity: EntitySpec, ready: pa.Table) -> StageResult:
     upserted, deleted = run_async(_deliver(client, entity, ready))
     frame = pa.concat_tables([upserted, deleted], promote_options="default") if deleted.num_rows else upserted
-    accepted = pc.sum(pc.equal(frame["status"], "accepted")).as_py() if frame.num_rows else 0
+    accepted = pc.sum(pc.equal(frame[STATUS], "accepted")).as_py() if frame.num_rows else 0
     counts = {"delivered": accepted or 0, "failed": frame.num_rows - (accepted or 0)}
     return StageResult(frame, counts)
 
@@ -381,7 +401,7 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
     """
     if delivered.num_rows == 0:
         return StageResult(_summary(delivered), {"committed": 0, "deleted_state": 0, "failed_recorded": 0})
-    ok = pc.fill_null(pc.equal(delivered["status"], "accepted"), False)
+    ok = pc.fill_null(pc.equal(delivered[STATUS], "accepted"), False)
     accepted = delivered.filter(ok)
     rejected = delivered.filter(pc.invert(ok))
     is_delete = pc.fill_null(pc.equal(accepted[c.ACTION], c.DELETE), False)
@@ -391,15 +411,16 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
         written = database.state().commit_delivered(
             entity.name,
             batch_id,
-            upserted.select([c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "schedulehub_id"]),
+            upserted.select(
+                [c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "_schedulehub_id"]
+            ).rename_columns([c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "schedulehub_id"]),
             deleted[c.BK_HASH].combine_chunks(),
         )
-        failures = database.failures()
         if accepted.num_rows:
-            failures.resolve(entity.name, accepted[c.BK_HASH].combine_chunks())
-        parent_missing = pc.fill_null(pc.equal(rejected["reason_code"], "parent_missing"), False)
-        if rejected.num_rows:
-            failures.record_failures(entity.name, batch_id, _failure_frame(entity, rejected))
+            database.failures().resolve(entity.name, accepted[c.BK_HASH].combine_chunks())
+            bookkeeping.forget_delivered_children(database, entity, accepted)
+        parent_missing = pc.fill_null(pc.equal(rejected["_reason_code"], "parent_missing"), False)
+        bookkeeping.record_delivery_failures(database, entity, batch_id, rejected)
     counts = {
         "committed": int(written),
         "deleted_state": deleted.num_rows,
@@ -407,18 +428,6 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
         "failed_parent_missing": pc.sum(parent_missing).as_py() or 0,
     }
     return StageResult(_summary(delivered), counts)
-
-
-def _failure_frame(entity: EntitySpec, rejected: pa.Table) -> pa.Table:
-    retryable = pc.fill_null(rejected["retryable"], True)
-    reason_class = pc.if_else(retryable, "retryable", "permanent")
-    payload_columns = [n for n in (*entity.targets, c.ROWVERSION, c.ACTION) if n in rejected.column_names]
-    frame = rejected.select([c.BK_HASH, c.BK, *payload_columns])
-    return (
-        frame.append_column("reason_code", pc.fill_null(rejected["reason_code"], "unknown"))
-        .append_column("reason_class", reason_class)
-        .append_column("detail", pc.fill_null(rejected["detail"], ""))
-    )
 
 
 def _summary(delivered: pa.Table) -> pa.Table:
@@ -431,11 +440,13 @@ def _summary(delivered: pa.Table) -> pa.Table:
                 "rows": pa.array([], pa.int64()),
             }
         )
-    grouped = delivered.group_by([c.ACTION, "status"]).aggregate([(c.BK, "count")])
-    return grouped.rename_columns(
-        [c.ACTION, "status", "rows"]
-        if grouped.column_names[0] == c.ACTION
-        else [n.replace(f"{c.BK}_count", "rows") for n in grouped.column_names]
+    grouped = delivered.group_by([c.ACTION, STATUS]).aggregate([(c.BK, "count")])
+    return pa.table(
+        {
+            c.ACTION: grouped[c.ACTION],
+            "status": grouped[STATUS],
+            "rows": pc.cast(grouped[f"{c.BK}_count"], pa.int64()),
+        }
     )
 
 

@@ -41,14 +41,17 @@ PARTITION_COLUMN = "_partition_date"
 STAGE_SCHEMA = "syncflow_stage"
 _FRAMES_TABLE = "_frames"
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# Columns may carry the source system's own spelling (APISmith's "CustomerNo"),
+# always double-quoted; a quote or control character is never allowed.
+_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,62}$")
 
 
 class FrameStoreError(RuntimeError):
     """A frame could not be stored or loaded; the message names the table and why."""
 
 
-def _quote(identifier: str) -> str:
-    if not _IDENT.match(identifier):
+def _quote(identifier: str, pattern: re.Pattern[str] = _IDENT) -> str:
+    if not pattern.match(identifier):
         raise FrameStoreError(f"refusing unsafe SQL identifier {identifier!r}")
     return f'"{identifier}"'
 
@@ -197,7 +200,7 @@ class PostgresFrameClient:
         return pa.ipc.read_schema(pa.py_buffer(bytes(row[0])))
 
     def _create(self, cur: Any, table: str, schema: pa.Schema) -> None:
-        columns = ", ".join(f"{_quote(f.name)} {_pg_type(f.type)}" for f in schema)
+        columns = ", ".join(f"{_quote(f.name, _COLUMN)} {_pg_type(f.type)}" for f in schema)
         kind = "UNLOGGED TABLE" if self.unlogged else "TABLE"
         cur.execute(f"DROP TABLE IF EXISTS {self._qualified(table)}")
         cur.execute(f"CREATE {kind} {self._qualified(table)} ({columns})")
@@ -217,7 +220,7 @@ class PostgresFrameClient:
         change replaces the table rather than failing the run.
         """
         for column in frame.column_names:
-            _quote(column)
+            _quote(column, _COLUMN)
         dates_sql = _dates_sql(where.dates)
         with self.connect() as conn:
             cur = conn.cursor()
@@ -248,7 +251,7 @@ class PostgresFrameClient:
             if schema is None:
                 cur.close()
                 return None
-            columns = ", ".join(_quote(f.name) for f in schema)
+            columns = ", ".join(_quote(f.name, _COLUMN) for f in schema)
             cur.execute(
                 f"SELECT {columns} FROM {self._qualified(where.table)} "
                 f"WHERE {_quote(PARTITION_COLUMN)} IN ({_dates_sql(where.dates)})"

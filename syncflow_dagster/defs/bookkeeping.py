@@ -1,0 +1,230 @@
+"""Bookkeeping of a sync around the stages: batches, stage events, failed and pending rows.
+
+The store's repositories speak in tables and JSON payloads; the stages speak
+in frames. This module translates: which batch a run's stage belongs to, how
+a rejected or parked row is written so a retry can rebuild it, and how a
+batch's counts are totalled from its stage events.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import sqlalchemy as sa
+
+from syncflow_dagster.catalog import Catalog, EntitySpec
+from syncflow_dagster.engine import columns as c
+from syncflow_dagster.engine.identity import key_hash_of, key_text_of
+from syncflow_dagster.engine.normalize import target_type
+from syncflow_dagster.store.payload import payload_json, payload_table
+from syncflow_dagster.store.pending import MISSING_PARENT, MISSING_PARENT_BK, MISSING_PARENT_BK_HASH
+from syncflow_dagster.store.schema import sync_batches
+
+PAYLOAD = "payload"
+# What a parked or failed row carries so that a retry can resend it as it was.
+_ROW_EXTRAS = (c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, c.ACTION)
+
+
+def row_schema(entity: EntitySpec) -> pa.Schema:
+    """Schema of a delivery-ready row of `entity`: its typed targets plus SyncFlow's columns."""
+    fields = [pa.field(spec.target, target_type(spec)) for spec in entity.fields]
+    fields += [
+        pa.field(c.BK_HASH, c.BK_HASH_TYPE),
+        pa.field(c.BK, pa.string()),
+        pa.field(c.DATA_HASH, c.DATA_HASH_TYPE),
+        pa.field(c.ROWVERSION, c.ROWVERSION_TYPE),
+        pa.field(c.RECIPE, c.RECIPE_TYPE),
+        pa.field(c.ACTION, pa.string()),
+    ]
+    return pa.schema(fields)
+
+
+def row_payloads(entity: EntitySpec, rows: pa.Table) -> pa.Array:
+    names = [n for n in (*entity.targets, *_ROW_EXTRAS) if n in rows.column_names]
+    return payload_json(rows, names)
+
+
+def rows_from_payloads(entity: EntitySpec, payloads: pa.Array | pa.ChunkedArray) -> pa.Table:
+    return payload_table(payloads, row_schema(entity), entity.name)
+
+
+# batches and events ----------------------------------------------------------------------------
+
+
+def batch_for_run(database: Any, entity: str, day: dt.date | None, run_id: str) -> uuid.UUID:
+    """The batch of this run and entity, started by the first stage that asks."""
+    for batch in database.batches().list_by_run(run_id):
+        if batch.entity == entity:
+            return uuid.UUID(str(batch.id))
+    return database.batches().start_batch(entity, day, run_id)
+
+
+def record_stage(
+    database: Any,
+    batch: uuid.UUID,
+    entity: str,
+    stage: str,
+    rows: int,
+    seconds: float,
+    counts: dict[str, int],
+) -> None:
+    database.events().record(
+        batch,
+        entity,
+        stage,
+        "succeeded",
+        rows=rows,
+        seconds=seconds,
+        detail={k: int(v) for k, v in counts.items()},
+    )
+
+
+def finish_from_events(database: Any, batch: uuid.UUID, status: str = "succeeded") -> dict[str, Any]:
+    """Total the batch's stage events into its counts and per-stage seconds, and close it.
+
+    A stage re-executed after a retry appears twice; its latest event counts.
+    """
+    latest: dict[str, Any] = {}
+    for event in database.events().for_batch(batch):
+        if event.status == "succeeded":
+            latest[event.stage] = event
+    counts: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    for stage, event in latest.items():
+        seconds[stage] = float(event.seconds or 0.0)
+        for key, value in (event.detail or {}).items():
+            counts[key] = counts.get(key, 0) + int(value)
+    counts = {k: max(v, 0) for k, v in counts.items()}
+    database.batches().finish_batch(batch, status, counts, seconds)
+    return {"counts": counts, "stage_seconds": seconds}
+
+
+# failed records ---------------------------------------------------------------------------------
+
+
+def record_rejected(database: Any, entity: EntitySpec, batch: uuid.UUID, rejected: pa.Table) -> int:
+    """Rows normalisation refused, one failed record per key naming every bad field and value.
+
+    They are `permanent`: resending cannot help until the source fixes the
+    row, and a newer version that passes resolves the record when delivered.
+    """
+    if rejected.num_rows == 0:
+        return 0
+    by_key: dict[str, list[str]] = {}
+    for row in rejected.to_pylist():
+        key = row["business_key"] or ""
+        by_key.setdefault(key, []).append(
+            f"entity {row['entity']}, key {key!r}, field {row['field']}: {row['reason']} (value {row['raw_value']!r})"
+        )
+    keys = pa.array(list(by_key), pa.string())
+    frame = pa.table(
+        {
+            c.BK_HASH: key_hash_of(keys),
+            c.BK: keys,
+            "reason_code": pa.array(["invalid_value"] * len(keys)),
+            "reason_class": pa.array(["permanent"] * len(keys)),
+            "detail": pa.array(["; ".join(v) for v in by_key.values()]),
+            PAYLOAD: pa.array(["{}"] * len(keys)),
+        }
+    )
+    return int(database.failures().record_failures(entity.name, batch, frame))
+
+
+def record_delivery_failures(database: Any, entity: EntitySpec, batch: uuid.UUID, rejected: pa.Table) -> int:
+    if rejected.num_rows == 0:
+        return 0
+    retryable = pc.fill_null(rejected["_retryable"], True)
+    frame = pa.table(
+        {
+            c.BK_HASH: rejected[c.BK_HASH],
+            c.BK: rejected[c.BK],
+            "reason_code": pc.fill_null(rejected["_reason_code"], "unknown"),
+            "reason_class": pc.if_else(retryable, "retryable", "permanent"),
+            "detail": pc.fill_null(rejected["_detail"], ""),
+            PAYLOAD: row_payloads(entity, rejected),
+        }
+    )
+    return int(database.failures().record_failures(entity.name, batch, frame))
+
+
+def due_failures(database: Any, entity: EntitySpec, limit: int) -> pa.Table:
+    due = database.failures().due_for_retry(entity.name, limit=limit)
+    return rows_from_payloads(entity, due[PAYLOAD]) if due.num_rows else row_schema(entity).empty_table()
+
+
+# pending children -------------------------------------------------------------------------------
+
+
+def park_children(
+    database: Any, catalog: Catalog, entity: EntitySpec, batch: uuid.UUID, waiting: pa.Table
+) -> int:
+    """Hold children whose parent ScheduleHub lacks, with the parent they wait for."""
+    if waiting.num_rows == 0:
+        return 0
+    parent_bk = pa.nulls(waiting.num_rows, pa.string())
+    for relation in reversed(entity.parents):
+        text = pc.cast(key_text_of([waiting[f] for f in relation.fields]), pa.string())
+        mine = pc.equal(waiting[MISSING_PARENT], relation.entity)
+        parent_bk = pc.if_else(mine, text, parent_bk)
+    frame = pa.table(
+        {
+            c.BK_HASH: waiting[c.BK_HASH],
+            c.BK: waiting[c.BK],
+            MISSING_PARENT: waiting[MISSING_PARENT],
+            MISSING_PARENT_BK: parent_bk,
+            MISSING_PARENT_BK_HASH: key_hash_of(parent_bk),
+            PAYLOAD: row_payloads(entity, waiting),
+        }
+    )
+    return int(database.pending().park(entity.name, batch, frame))
+
+
+def released_children(database: Any, entity: EntitySpec) -> pa.Table:
+    """Parked children of `entity` whose parent is now delivered, rebuilt as rows.
+
+    They stay parked until delivered (`forget_delivered_children`), so a run
+    that dies in between loses none.
+    """
+    ready = database.pending().release_candidates(entity.name)
+    return rows_from_payloads(entity, ready[PAYLOAD]) if ready.num_rows else row_schema(entity).empty_table()
+
+
+def forget_delivered_children(database: Any, entity: EntitySpec, accepted: pa.Table) -> int:
+    if accepted.num_rows == 0:
+        return 0
+    return int(database.pending().remove(entity.name, accepted[c.BK_HASH].combine_chunks()))
+
+
+def pending_stats(database: Any, entity: str) -> dict[str, Any]:
+    waiting = database.pending().waiting(entity)
+    if waiting.num_rows == 0:
+        return {"count": 0, "oldest_since": None, "by_parent": {}}
+    by_parent = {row["values"]: row["counts"] for row in pc.value_counts(waiting[MISSING_PARENT]).to_pylist()}
+    return {
+        "count": waiting.num_rows,
+        "oldest_since": pc.min(waiting["since"]).as_py(),
+        "by_parent": by_parent,
+    }
+
+
+def releasable_counts(database: Any, catalog: Catalog) -> dict[str, int]:
+    counts = {}
+    for name in catalog.topological_order:
+        n = database.pending().release_candidates(name).num_rows
+        if n:
+            counts[name] = n
+    return counts
+
+
+def last_success_per_entity(database: Any) -> dict[str, dt.datetime]:
+    query = (
+        sa.select(sync_batches.c.entity, sa.func.max(sync_batches.c.finished_at))
+        .where(sync_batches.c.status == "succeeded")
+        .group_by(sync_batches.c.entity)
+    )
+    with database.engine.connect() as conn:
+        return {entity: finished for entity, finished in conn.execute(query) if finished is not None}

@@ -1,0 +1,131 @@
+"""End to end through Dagster: stand-ins over HTTP, real Postgres, the nine stage assets.
+
+One module-scoped deployment walks the life of a sync: the initial load of
+every entity, a re-run that delivers nothing, a change set that the change
+sensor notices for exactly the changed entities, and the incremental run that
+delivers only what changed, after which ScheduleHub equals the source.
+"""
+
+import datetime as dt
+import json
+
+import dagster as dg
+import pyarrow.compute as pc
+
+from syncflow_dagster.defs import bookkeeping
+from syncflow_dagster.defs.assets import CATALOG
+from syncflow_dagster.defs.jobs import retry_job
+from syncflow_dagster.defs.runner import materialize_sync, report_of, sync_all
+from syncflow_dagster.defs.sensors import apismith_change_sensor
+from syncflow_dagster_tests.sync_harness import deployment
+
+
+def _sensor_tick(resources: dict, cursor: str | None) -> dg.SensorResult | dg.SkipReason:
+    context = dg.build_sensor_context(cursor=cursor, resources={"apismith": resources["apismith"]})
+    return apismith_change_sensor(context)
+
+
+def test_initial_rerun_change_sensor_and_incremental(database_url: str) -> None:
+    today = dt.datetime.now(dt.UTC).date()
+    with deployment(database_url, rows=400) as env:
+        # The first tick sees every entity's watermark for the first time.
+        first = _sensor_tick(env.resources, None)
+        assert isinstance(first, dg.SensorResult)
+        assert {r.partition_key.keys_by_dimension["entity"] for r in first.run_requests} == {
+            "sites",
+            "work_centers",
+            "items",
+            "customers",
+            "sales_orders",
+            "sales_order_lines",
+            "work_orders",
+            "operations",
+        }
+
+        results = sync_all(today, resources=env.resources)
+        assert all(r.success for r in results.values())
+        reports = {name: report_of(r) for name, r in results.items()}
+        for name, report in reports.items():
+            assert report["fetched"] > 0, name
+            # Every fetched row is accounted for: delivered, refused by normalize, or parked/failed.
+            assert report["committed"] == report["delivered"], name
+            assert report["insert"] + report["rejected"] == report["fetched"], name
+        held = env.schedulehub_records("work_orders")
+        assert held.num_rows == reports["work_orders"]["committed"]
+        assert pc.count_distinct(held["external_key"]).as_py() == held.num_rows
+
+        # Nothing changed: the next tick skips with a reason, a re-run delivers nothing.
+        skip = _sensor_tick(env.resources, first.cursor)
+        assert isinstance(skip, dg.SkipReason)
+        assert "no APISmith watermark moved" in skip.skip_message
+        again = report_of(materialize_sync("work_orders", today, resources=env.resources))
+        assert again["delivered"] == 0
+        assert again["insert"] == 0
+        assert again["update"] == 0
+
+        # A change set on work orders: the sensor asks for work_orders (and any entity its deletes cascaded to).
+        applied = env.apply_changes(
+            updated_pct=5, inserted_pct=3, deleted_pct=2, seed=11, entities=["work_orders"]
+        )["applied"]
+        changed = {source for source, counts in applied.items() if any(counts.values())}
+        tick = _sensor_tick(env.resources, first.cursor)
+        assert isinstance(tick, dg.SensorResult)
+        requested = {r.partition_key.keys_by_dimension["entity"] for r in tick.run_requests}
+        source_to_entity = {"ProductionOrders": "work_orders", "ProductionOrderOperations": "operations"}
+        assert requested == {source_to_entity[s] for s in changed}
+        assert all(
+            r.run_key and str(json.loads(tick.cursor)["work_orders"]["rowversion"]) in r.run_key
+            for r in tick.run_requests
+            if "work_orders" in r.run_key
+        )
+
+        incremental = report_of(materialize_sync("work_orders", today, resources=env.resources))
+        wo = applied["ProductionOrders"]
+        assert (
+            incremental["update"] + incremental["insert"] + incremental["rejected"]
+            >= wo["updated"] + wo["inserted"] - 1
+        )
+        assert incremental["delete"] == wo["deleted"]
+        assert incremental["insert"] > 0
+        assert incremental["update"] > 0
+        assert incremental["committed"] == incremental["delivered"]  # upserts and deletes alike
+        held = env.schedulehub_records("work_orders")
+        source_live = reports["work_orders"]["committed"] + incremental["insert"] - incremental["delete"]
+        assert held.num_rows == source_live
+
+
+def test_child_before_parent_waits_and_the_retry_job_releases_it(database_url: str) -> None:
+    today = dt.datetime.now(dt.UTC).date()
+    with deployment(database_url, rows=200, seed=3) as env:
+        early = report_of(materialize_sync("operations", today, resources=env.resources))
+        assert early["pending"] > 0
+        assert early["delivered"] == 0
+        assert env.schedulehub_records("operations").num_rows == 0
+        database = env.resources["database"]
+
+        def parent_missing() -> int:
+            return len(database.failures().list_failures("operations", "parent_missing", limit=10_000))
+
+        # Known gap (see the issue note): some children still reach ScheduleHub before their parent
+        # in the first run; ScheduleHub's FK check refuses them and they are held as retryable failed
+        # records, so nothing is lost, but they should have been parked instead.
+        held_early = parent_missing()
+        parents = [n for n in CATALOG.topological_order if n != "operations"]
+        assert all(r.success for r in sync_all(today, resources=env.resources, entities=parents).values())
+        # The parents are in; the pending-children sensor would now start the retry job.
+        # Children whose parent was itself refused by normalize (the stand-in's dirty rows) keep waiting.
+        releasable = bookkeeping.releasable_counts(env.resources["database"], CATALOG)
+        assert set(releasable) == {"operations"}
+        assert 0 < releasable["operations"] <= early["pending"]
+        result = retry_job.execute_in_process(
+            resources=env.resources,
+            run_config={"ops": {"retry_failed_and_pending": {"config": {"entities": ["operations"]}}}},
+        )
+        assert result.success
+        delivered = env.schedulehub_records("operations").num_rows
+        assert delivered > 0
+        # Everything parked is now in ScheduleHub or still parked: none lost. A released child that
+        # ScheduleHub refuses stays parked and is also a retryable failed record with its reason.
+        still = bookkeeping.pending_stats(database, "operations")["count"]
+        assert delivered + still == early["pending"]
+        assert parent_missing() - held_early == still - (early["pending"] - releasable["operations"])
