@@ -20,9 +20,6 @@ import dagster as dg
 import httpx
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
-SYNC_JOB = "sync"
-RETRY_JOB = "retry"
-RETRY_OP = "retry_failed_and_pending"
 REPOSITORY = "__repository__"  # the implicit repository of a `Definitions`
 ENTITY_DIMENSION = "entity"
 DATE_DIMENSION = "date"
@@ -111,12 +108,18 @@ class DagsterGateway:
 
     def submit_sync(self, entity: str, day: dt.date) -> str:
         """Launch the sync job for one entity x date; returns the run id."""
-        return self._submit(SYNC_JOB, sync_partition_tags(entity, day))
+        from syncflow_dagster.defs.jobs import sync_job
+
+        return self._submit(sync_job.name, sync_partition_tags(entity, day))
 
     def submit_retry(self, entities: list[str]) -> str:
         """Launch the retry job (failed records due and released children) for `entities` (empty: all)."""
-        config = {"ops": {RETRY_OP: {"config": {"entities": entities}}}}
-        return self._submit(RETRY_JOB, {"syncflow/trigger": "api"}, config)
+        # Names come from the job definitions themselves, so a rename cannot break the API.
+        from syncflow_dagster.defs.jobs import retry_job
+        from syncflow_dagster.defs.maintenance import retry_failed_and_pending
+
+        config = {"ops": {retry_failed_and_pending.name: {"config": {"entities": entities}}}}
+        return self._submit(retry_job.name, {"syncflow/trigger": "api"}, config)
 
     def cancel(self, run_id: str) -> None:
         try:
