@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from syncflow_dagster.defs.assets import GROUP
-from syncflow_dagster.defs.maintenance import reconcile_entities, retry_failed_and_pending
+from syncflow_dagster.defs.maintenance import prune_stage_frames, reconcile_entities, retry_failed_and_pending
 from syncflow_dagster.defs.partitions import DATE_DIMENSION, ENTITY_DIMENSION
 
 # A run that fails is retried from the failed step (the stages before it are
@@ -23,11 +23,12 @@ sync_job = dg.define_asset_job(
 
 @dg.job(
     description="Full key scan: deletes from ScheduleHub what APISmith no longer has, unless the share to delete "
-    "exceeds the entity's delete guard (then it reports and deletes nothing).",
+    "exceeds the entity's delete guard (then it reports and deletes nothing); then prunes old stage frames.",
     tags=RUN_RETRY_TAGS,
 )
 def reconcile_job() -> None:
     reconcile_entities()
+    prune_stage_frames()
 
 
 @dg.job(

@@ -151,3 +151,16 @@ def _one(entity: EntitySpec) -> Any:
         topological_order = (entity.name,)
 
     return _Only()
+
+
+@dg.op(
+    description="Drop stage-frame partitions older than the frame IO manager's retention_days.",
+    required_resource_keys={"frame_io_manager"},
+)
+def prune_stage_frames(context: OpExecutionContext) -> None:
+    manager = context.resources.frame_io_manager
+    cutoff = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=int(manager.retention_days))
+    removed = manager._client().prune(cutoff)
+    context.log.info(
+        f"pruned stage rows older than {cutoff}: {sum(removed.values())} rows in {len(removed)} tables"
+    )
