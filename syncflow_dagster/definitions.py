@@ -16,6 +16,7 @@ from syncflow_dagster.defs.sensors import (
     pending_children_sensor,
     retry_schedule,
 )
+from syncflow_dagster.deploy import executor_from_env
 from syncflow_dagster.store.frame_io_manager import PostgresFrameIOManager
 
 
@@ -49,4 +50,6 @@ defs = dg.Definitions(
     sensors=[apismith_change_sensor, pending_children_sensor],
     schedules=[retry_schedule, nightly_reconcile_schedule],
     resources=build_resources(),
+    # SYNCFLOW_EXECUTOR picks the profile (multiprocess, in_process, celery): see docs/scaling.md.
+    executor=executor_from_env(),
 )
