@@ -13,7 +13,7 @@ from typing import Any
 
 import dagster as dg
 import sqlalchemy as sa
-from pydantic import Field, PrivateAttr
+from pydantic import Field
 
 from syncflow_dagster.store.database import make_engine
 
@@ -24,23 +24,27 @@ def _engine_for(url: str) -> sa.Engine:
     return make_engine(url, pool_size=4, max_overflow=4)
 
 
+@cache
+def _migrated(url: str) -> bool:
+    # Once per process and URL: Dagster builds resources anew for every step,
+    # and the Alembic check (advisory lock + version read) is not free.
+    from syncflow_dagster.store.migrate import upgrade
+
+    upgrade(_engine_for(url))
+    return True
+
+
 class SyncDatabase(dg.ConfigurableResource):
     """SyncFlow's Postgres state store (schema `syncflow`)."""
 
     url: str = Field(description="Postgres URL (SYNCFLOW_DATABASE_URL).")
     migrate_on_start: bool = Field(default=True, description="Run the Alembic migrations when first used.")
 
-    _ready: bool = PrivateAttr(default=False)
-
     @property
     def engine(self) -> sa.Engine:
-        engine = _engine_for(self.url)
-        if self.migrate_on_start and not self._ready:
-            from syncflow_dagster.store.migrate import upgrade
-
-            upgrade(engine)
-            self._ready = True
-        return engine
+        if self.migrate_on_start:
+            _migrated(self.url)
+        return _engine_for(self.url)
 
     def state(self) -> Any:
         from syncflow_dagster.store.state import StateRepository

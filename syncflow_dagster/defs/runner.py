@@ -25,8 +25,14 @@ def materialize_sync(
     resources: Mapping[str, Any],
     instance: dg.DagsterInstance | None = None,
     raise_on_error: bool = True,
+    log_level: str = "INFO",
 ) -> dg.ExecuteInProcessResult:
-    """Materialize the nine stages for one entity × day, in this process."""
+    """Materialize the nine stages for one entity × day, in this process.
+
+    `log_level` is the console logger's: the demo passes WARNING so that its
+    summary is not buried under Dagster's step events (they are all still in
+    the run's event log).
+    """
     return dg.materialize(
         [*STAGE_ASSETS],
         partition_key=sync_partition_key(entity, day),
@@ -34,6 +40,7 @@ def materialize_sync(
         instance=instance,
         raise_on_error=raise_on_error,
         tags={"syncflow/entity": entity, "syncflow/trigger": "in_process"},
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
     )
 
 
@@ -43,11 +50,12 @@ def sync_all(
     resources: Mapping[str, Any],
     instance: dg.DagsterInstance | None = None,
     entities: Iterable[str] | None = None,
+    log_level: str = "INFO",
 ) -> dict[str, dg.ExecuteInProcessResult]:
     """Every (selected) entity for one day, parents before children."""
     wanted = set(entities) if entities is not None else set(CATALOG.topological_order)
     return {
-        name: materialize_sync(name, day, resources=resources, instance=instance)
+        name: materialize_sync(name, day, resources=resources, instance=instance, log_level=log_level)
         for name in CATALOG.topological_order
         if name in wanted
     }
