@@ -131,7 +131,38 @@ def extracted(
 ) -> dg.Output[pa.Table]:
     started = time.perf_counter()
     entity, dates = _scope(context)
-    return _output(context, database, "fetch", started, stages.fetch_stage(apismith.client(), entity, dates))
+    after = _window_read_up_to(context)
+    return _output(
+        context, database, "fetch", started, stages.fetch_stage(apismith.client(), entity, dates, after)
+    )
+
+
+def _window_read_up_to(context: AssetExecutionContext) -> int:
+    """The `window_rowversion` of the extracted frame of this partition's last run that reached the report.
+
+    Only a run whose sync_report materialised accounted for every row it read,
+    so only its mark is used; anything else (no history, a range of dates, a
+    re-execution) reads the whole window again, which is always correct.
+    """
+    if len(context.partition_keys) != 1:
+        return 0
+    key = context.partition_keys[0]
+    instance = context.instance
+    reports = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("sync_report"), asset_partitions=[key]), limit=1
+    ).records
+    if not reports:
+        return 0
+    finished_run = reports[0].run_id
+    extractions = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[key]), limit=20
+    ).records
+    for record in extractions:
+        if record.run_id == finished_run and record.asset_materialization is not None:
+            mark = record.asset_materialization.metadata.get(stages.WINDOW_ROWVERSION)
+            value = getattr(mark, "value", None)
+            return int(value) if isinstance(value, int) else 0
+    return 0
 
 
 @_stage_asset(

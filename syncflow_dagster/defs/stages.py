@@ -84,20 +84,42 @@ def key_only(entity: EntitySpec) -> EntitySpec:
 # 1. fetch ---------------------------------------------------------------------------------------
 
 
-async def _fetch(client: Any, entity: EntitySpec, dates: tuple[dt.date, ...]) -> tuple[pa.Table, pa.Table]:
+async def _fetch(
+    client: Any, entity: EntitySpec, dates: tuple[dt.date, ...], after_rowversion: int
+) -> tuple[pa.Table, pa.Table]:
     start, end = window_of(dates)
     async with client:
-        changes = await client.fetch_changes(entity.source, start, end)
+        changes = await client.fetch_changes(entity.source, start, end, after_rowversion)
         tombstones = (
-            await client.fetch_tombstones(entity.source, start, end)
+            await client.fetch_tombstones(entity.source, start, end, after_rowversion)
             if entity.delete_policy.value == "tombstones"
             else pa.table({})
         )
     return changes, tombstones
 
 
-def fetch_stage(client: Any, entity: EntitySpec, dates: tuple[dt.date, ...]) -> StageResult:
-    changes, tombstones = run_async(_fetch(client, entity, dates))
+# Metadata key of the extracted asset: every record of the window up to this
+# rowversion has been read by that run (see `fetch_stage`).
+WINDOW_ROWVERSION = "window_rowversion"
+
+
+def fetch_stage(
+    client: Any, entity: EntitySpec, dates: tuple[dt.date, ...], after_rowversion: int = 0
+) -> StageResult:
+    """The window's changes and tombstones newer than `after_rowversion`.
+
+    `after_rowversion` is the `window_rowversion` of the last run of the same
+    window that finished: that run accounted for every record of the window
+    up to it (committed, failed or pending), and a record that changes again
+    gets a newer rowversion. So an incremental run reads only what changed,
+    and its cost follows the changed rows rather than the entity's size.
+    """
+    changes, tombstones = run_async(_fetch(client, entity, dates, after_rowversion))
+    read_up_to = after_rowversion
+    for part in (changes, tombstones):
+        if part.num_columns and part.num_rows and entity.rowversion in part.column_names:
+            top = pc.max(part[entity.rowversion]).as_py()
+            read_up_to = max(read_up_to, int(top or 0))
     changes = changes.append_column(DELETED, pa.array([False] * changes.num_rows, pa.bool_()))
     if tombstones.num_columns:
         tombstones = tombstones.append_column(DELETED, pa.array([True] * tombstones.num_rows, pa.bool_()))
@@ -113,7 +135,8 @@ def fetch_stage(client: Any, entity: EntitySpec, dates: tuple[dt.date, ...]) -> 
     else:
         frame = frame.append_column(PARTITION_DATE, pa.array([dates[0]] * frame.num_rows, pa.date32()))
     counts = {"fetched": changes.num_rows, "tombstones": tombstones.num_rows if tombstones.num_columns else 0}
-    return StageResult(frame, counts)
+    notes = {"after_rowversion": after_rowversion, WINDOW_ROWVERSION: read_up_to}
+    return StageResult(frame, counts, notes)
 
 
 def _as_text(table: pa.Table) -> pa.Table:
