@@ -9,6 +9,7 @@ stopped on success, on error and on Ctrl-C (an ExitStack unwinds in reverse).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import secrets
@@ -128,9 +129,12 @@ def sync_every_entity(
     for entity in default_catalog().topological_order:
         on_entity(entity, False)
         started = time.perf_counter()
-        result = runner.materialize_sync(
-            entity, day, resources=resources, instance=instance, raise_on_error=False
-        )
+        # Dagster's run logger writes every event to stderr at DEBUG; keep it in a
+        # file so the progress bars stay readable (--keep keeps the file).
+        with (env.workdir / "dagster-runs.log").open("a") as log, contextlib.redirect_stderr(log):
+            result = runner.materialize_sync(
+                entity, day, resources=resources, instance=instance, raise_on_error=False
+            )
         if not result.success:
             raise DemoError(f"the sync of {entity} for {day} failed: {_first_failure(result)}")
         outcomes.append(outcome_of(entity, runner.report_of(result), time.perf_counter() - started))
@@ -161,7 +165,7 @@ def apply_change_set(apismith_url: str, seed: int) -> dict[str, Any]:
 
 def summary_table(title: str, outcomes: list[EntityOutcome]) -> Table:
     table = Table(title=title)
-    table.add_column("entity")
+    table.add_column("entity", no_wrap=True, min_width=17)
     for name in (*SUMMARY_COLUMNS, "seconds"):
         table.add_column(name, justify="right")
     totals = dict.fromkeys(SUMMARY_COLUMNS, 0)
