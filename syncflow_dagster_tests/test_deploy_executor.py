@@ -47,6 +47,7 @@ def test_celery_profile_references_secret_urls_by_variable(monkeypatch: pytest.M
     monkeypatch.setenv("SYNCFLOW_CELERY_BROKER", secret_broker)
     resolved = schema.resolve_config({})
     assert resolved.success, resolved.errors
+    assert resolved.value is not None
     config = resolved.value["config"]
     assert config["broker"] == secret_broker
     assert config["backend"] == DEFAULT_CELERY_BACKEND  # not set: the literal default
