@@ -18,6 +18,8 @@ from syncflow_dagster.engine.delta import plan_reconcile_deletes
 from syncflow_dagster.engine.identity import add_identity
 from syncflow_dagster.engine.normalize import normalize
 
+_NO_CHANGE_TIME = pa.scalar("1970-01-01T00:00:00+00:00", pa.string())
+
 
 class EntitiesConfig(dg.Config):
     entities: list[str] = Field(default_factory=list, description="Entities to act on; empty means all.")
@@ -53,6 +55,10 @@ def reconcile_entities(
     for entity in _selected(config):
         started = time.perf_counter()
         keys = stages.run_async(_source_keys(apismith.client(), entity))
+        if entity.changed_at not in keys.column_names:
+            # The key listing carries no change time, which normalize requires;
+            # only the keys' identity is used here, so any valid time will do.
+            keys = keys.append_column(entity.changed_at, pa.repeat(_NO_CHANGE_TIME, keys.num_rows))
         key_spec = stages.key_only(entity)
         normalized = normalize(key_spec, keys)
         source_keys = add_identity(key_spec, normalized.rows).select([c.BK_HASH, c.BK])
@@ -127,10 +133,9 @@ def retry_failed_and_pending(
             batch, "succeeded", counts, {"retry": round(time.perf_counter() - started, 3)}
         )
         context.log.info(f"retry {entity.name}: {counts}")
+        frame = delivered.frame
         still_failed = (
-            pc.sum(pc.not_equal(delivered.frame[stages.STATUS], "accepted")).as_py()
-            if delivered.frame.num_rows
-            else 0
+            frame.num_rows - frame.filter(pc.equal(frame[stages.STATUS], pa.scalar("accepted"))).num_rows
         )
         context.log_event(
             dg.AssetObservation(
