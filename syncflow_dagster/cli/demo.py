@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import os
 import secrets
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -27,7 +28,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console()
+# Piped or in CI, rich would assume 80 columns and abbreviate the summary's
+# headers; 120 fits the table whole.
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 SUMMARY_COLUMNS = ("fetched", "inserted", "updated", "deleted", "skipped", "pending", "failed", "delivered")
 CHANGE_SET = {"updated_pct": 5.0, "inserted_pct": 2.0, "deleted_pct": 1.0}
@@ -133,7 +136,7 @@ def sync_every_entity(
         # file so the progress bars stay readable (--keep keeps the file).
         with (env.workdir / "dagster-runs.log").open("a") as log, contextlib.redirect_stderr(log):
             result = runner.materialize_sync(
-                entity, day, resources=resources, instance=instance, raise_on_error=False
+                entity, day, resources=resources, instance=instance, raise_on_error=False, log_level="WARNING"
             )
         if not result.success:
             raise DemoError(f"the sync of {entity} for {day} failed: {_first_failure(result)}")

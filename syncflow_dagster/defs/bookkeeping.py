@@ -137,17 +137,16 @@ def record_rejected(database: Any, entity: EntitySpec, batch: uuid.UUID, rejecte
 def record_delivery_failures(database: Any, entity: EntitySpec, batch: uuid.UUID, rejected: pa.Table) -> int:
     if rejected.num_rows == 0:
         return 0
-    retryable = pc.fill_null(rejected["_retryable"], True)
-    frame = pa.table(
-        {
-            c.BK_HASH: rejected[c.BK_HASH],
-            c.BK: rejected[c.BK],
-            "reason_code": pc.fill_null(rejected["_reason_code"], "unknown"),
-            "reason_class": pc.if_else(retryable, "retryable", "permanent"),
-            "detail": pc.fill_null(rejected["_detail"], ""),
-            PAYLOAD: row_payloads(entity, rejected),
-        }
-    )
+    retryable = pc.fill_null(rejected["_retryable"], pa.scalar(True))
+    columns: dict[str, Any] = {
+        c.BK_HASH: rejected[c.BK_HASH],
+        c.BK: rejected[c.BK],
+        "reason_code": pc.fill_null(rejected["_reason_code"], pa.scalar("unknown")),
+        "reason_class": pc.if_else(retryable, pa.scalar("retryable"), pa.scalar("permanent")),
+        "detail": pc.fill_null(rejected["_detail"], pa.scalar("")),
+        PAYLOAD: row_payloads(entity, rejected),
+    }
+    frame = pa.table(columns)
     return int(database.failures().record_failures(entity.name, batch, frame))
 
 
@@ -168,18 +167,17 @@ def park_children(
     parent_bk = pa.nulls(waiting.num_rows, pa.string())
     for relation in reversed(entity.parents):
         text = pc.cast(key_text_of([waiting[f] for f in relation.fields]), pa.string())
-        mine = pc.equal(waiting[MISSING_PARENT], relation.entity)
+        mine = pc.equal(waiting[MISSING_PARENT], pa.scalar(relation.entity))
         parent_bk = pc.if_else(mine, text, parent_bk)
-    frame = pa.table(
-        {
-            c.BK_HASH: waiting[c.BK_HASH],
-            c.BK: waiting[c.BK],
-            MISSING_PARENT: waiting[MISSING_PARENT],
-            MISSING_PARENT_BK: parent_bk,
-            MISSING_PARENT_BK_HASH: key_hash_of(parent_bk),
-            PAYLOAD: row_payloads(entity, waiting),
-        }
-    )
+    columns: dict[str, Any] = {
+        c.BK_HASH: waiting[c.BK_HASH],
+        c.BK: waiting[c.BK],
+        MISSING_PARENT: waiting[MISSING_PARENT],
+        MISSING_PARENT_BK: parent_bk,
+        MISSING_PARENT_BK_HASH: key_hash_of(parent_bk),
+        PAYLOAD: row_payloads(entity, waiting),
+    }
+    frame = pa.table(columns)
     return int(database.pending().park(entity.name, batch, frame))
 
 

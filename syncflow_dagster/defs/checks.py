@@ -39,7 +39,7 @@ def business_keys_unique_and_present(plan: pa.Table) -> dg.AssetCheckResult:
     missing = 0
     duplicates = 0
     if plan.num_rows:
-        missing = int(pc.sum(pc.or_(pc.is_null(plan[c.BK_HASH]), pc.is_null(plan[c.BK]))).as_py() or 0)
+        missing = plan[c.BK_HASH].null_count + plan[c.BK].null_count
         duplicates = plan.num_rows - len(pc.unique(plan[c.BK_HASH]))
     return dg.AssetCheckResult(
         check_name=KEYS_UNIQUE.name,
@@ -69,10 +69,9 @@ def pending_children_within_age(database: Any, entity: str, max_age_hours: float
 def delivered_equals_committed(delivered: pa.Table, counts: dict[str, int]) -> dg.AssetCheckResult:
     accepted_upserts = accepted_deletes = 0
     if delivered.num_rows:
-        ok = pc.fill_null(pc.equal(delivered["_delivery_status"], "accepted"), False)
-        is_delete = pc.fill_null(pc.equal(delivered[c.ACTION], c.DELETE), False)
-        accepted_deletes = int(pc.sum(pc.and_(ok, is_delete)).as_py() or 0)
-        accepted_upserts = int(pc.sum(ok).as_py() or 0) - accepted_deletes
+        accepted = delivered.filter(pc.equal(delivered["_delivery_status"], pa.scalar("accepted")))
+        accepted_deletes = accepted.filter(pc.equal(accepted[c.ACTION], pa.scalar(c.DELETE))).num_rows
+        accepted_upserts = accepted.num_rows - accepted_deletes
     committed = int(counts.get("committed", 0))
     deleted = int(counts.get("deleted_state", 0))
     return dg.AssetCheckResult(

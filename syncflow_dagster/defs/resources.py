@@ -118,7 +118,7 @@ class ScheduleHubResource(dg.ConfigurableResource):
             base_url=self.base_url,
             client_id=self.client_id,
             client_secret=SecretStr(self.client_secret),
-            batch_size=self.batch_size,
+            delivery_batch_size=self.batch_size,
         )
         return ScheduleHubClient(settings)
 

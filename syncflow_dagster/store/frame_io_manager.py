@@ -118,7 +118,8 @@ def _restore(table: pa.Table, schema: pa.Schema) -> pa.Table:
     for field in schema:
         column = table[field.name]
         if isinstance(column.type, pa.ExtensionType):
-            column = pa.chunked_array([chunk.storage for chunk in column.chunks], column.type.storage_type)
+            storage = [chunk.storage for chunk in column.chunks]  # type: ignore[attr-defined]
+            column = pa.chunked_array(storage, type=column.type.storage_type)  # type: ignore[call-overload]
         if column.type != field.type:
             column = column.cast(field.type)
         columns.append(column)
@@ -400,7 +401,8 @@ def _with_partition_column(frame: pa.Table, where: FrameSlice) -> pa.Table:
             )
         if frame.num_rows:
             allowed = pa.array(list(where.dates), pa.date32())
-            outside = pc.sum(pc.invert(pc.is_in(frame[PARTITION_COLUMN], value_set=allowed))).as_py()
+            inside = pc.is_in(frame[PARTITION_COLUMN], value_set=allowed)
+            outside = len(inside) - pc.count(pc.filter(inside, inside)).as_py()
             if outside:
                 raise FrameStoreError(
                     f"{where.table}: {outside} rows carry a {PARTITION_COLUMN} outside the run's partitions"
@@ -410,5 +412,5 @@ def _with_partition_column(frame: pa.Table, where: FrameSlice) -> pa.Table:
         raise FrameStoreError(
             f"{where.table}: a frame covering several dates must carry a {PARTITION_COLUMN} column"
         )
-    column = pa.array([where.dates[0]] * frame.num_rows, pa.date32())
-    return frame.append_column(PARTITION_COLUMN, column)
+    dates = pa.array([where.dates[0]] * frame.num_rows, pa.date32())
+    return frame.append_column(PARTITION_COLUMN, dates)
