@@ -113,14 +113,16 @@ query Materializations($path: [String!]!, $partitions: [String!]) {
 }
 """
 
-STEP_FAILURES = """
-query StepFailures($runId: ID!) {
+RUN_ERRORS = """
+query RunErrors($runId: ID!) {
   logsForRun(runId: $runId, limit: 2000) {
     __typename
     ... on EventConnection {
       events {
         __typename
-        ... on ExecutionStepFailureEvent { stepKey error { message } }
+        ... on ExecutionStepFailureEvent { stepKey error { message causes { message } } }
+        ... on RunFailureEvent { message error { message causes { message } } }
+        ... on EngineEvent { message error { message causes { message } } }
       }
     }
   }
@@ -166,6 +168,11 @@ def sync_deployment(database_url: str, tmp_path_factory: pytest.TempPathFactory)
                 "SCHEDULEHUB_BASE_URL": target.url,
                 "SCHEDULEHUB_CLIENT_ID": "syncflow",
                 "SCHEDULEHUB_CLIENT_SECRET": secret,
+                # The in_process profile runs a run's nine steps in one process: on a shared
+                # 2-core machine, 25 runs x 10 Python start-ups (multiprocess) do not fit the
+                # bound. One run per entity at a time is a run-queue limit (dagster.yaml), so
+                # it is tested all the same whichever executor runs the steps.
+                "SYNCFLOW_EXECUTOR": "in_process",
             }
             with dagster_deployment(
                 server_database_url=database_url,
@@ -205,15 +212,19 @@ def _wait_for_run(dagster: DagsterDeployment, run_id: str) -> str:
     raise AssertionError(f"run {run_id} still {status} after {RUN_TIMEOUT_S:.0f}s")
 
 
-def _step_failures(dagster: DagsterDeployment, run_id: str) -> str:
-    """The failed steps of a run and their errors, for an assertion message a reader can act on."""
-    logs = dagster.graphql(STEP_FAILURES, {"runId": run_id})["logsForRun"]
-    failures = [
-        f"{event['stepKey']}: {event['error']['message'].strip()}"
-        for event in logs.get("events", [])
-        if event["__typename"] == "ExecutionStepFailureEvent" and event.get("error")
-    ]
-    return "\n".join(failures) or f"no step failed ({logs['__typename']})"
+def _run_errors(dagster: DagsterDeployment, run_id: str) -> str:
+    """A run's step failures and run-level errors (e.g. a launch refused), for an assertion a reader can act on."""
+    logs = dagster.graphql(RUN_ERRORS, {"runId": run_id})["logsForRun"]
+    errors = []
+    for event in logs.get("events", []):
+        # A retried step's error is "Exceeded max_retries"; the reason is in its causes.
+        chain = [event["error"], *event["error"].get("causes", [])] if event.get("error") else []
+        error = " <- ".join(link["message"].strip() for link in chain)
+        if event["__typename"] == "ExecutionStepFailureEvent" and error:
+            errors.append(f"{event['stepKey']}: {error.strip()}")
+        elif event["__typename"] in ("RunFailureEvent", "EngineEvent") and error:
+            errors.append(f"{event.get('message', '')}: {error.strip()}")
+    return "\n".join(errors) or f"no error recorded ({logs['__typename']})"
 
 
 def _materializations(dagster: DagsterDeployment, asset: str, partitions: list[str]) -> list[dict[str, Any]]:
@@ -244,7 +255,7 @@ def test_partitioned_run_through_graphql_client(sync_deployment: SyncDeployment)
         tags={"dagster/partition": key, "dagster/partition/entity": entity, "dagster/partition/date": day},
     )
     status = _wait_for_run(dagster, run_id)
-    assert status == "SUCCESS", f"run {run_id} of {key} ended {status}:\n{_step_failures(dagster, run_id)}"
+    assert status == "SUCCESS", f"run {run_id} of {key} ended {status}:\n{_run_errors(dagster, run_id)}"
 
     for asset in STAGE_ASSETS:
         events = _materializations(dagster, asset, [key])
@@ -267,11 +278,6 @@ def test_backfill_three_days_all_entities(sync_deployment: SyncDeployment) -> No
                 "assetSelection": [{"path": [asset]} for asset in STAGE_ASSETS],
                 "partitionNames": partitions,
                 "title": "acceptance: 3 days x all entities",
-                # Each run executes its nine steps in one process: on a shared 2-core machine
-                # 24 runs x 10 Python start-ups would not finish in the bound. The per-entity
-                # limit is a run-queue limit, so it is tested all the same; the partitioned run
-                # above runs on the default multiprocess executor.
-                "runConfigData": {"execution": {"config": {"in_process": {}}}},
             }
         },
     )["launchPartitionBackfill"]
@@ -295,9 +301,7 @@ def test_backfill_three_days_all_entities(sync_deployment: SyncDeployment) -> No
     # Whatever the outcome, the run queue's per-entity limit (dagster.yaml) must have held.
     _assert_runs_of_an_entity_never_overlap(runs)
 
-    failed = {
-        run["runId"]: _step_failures(dagster, run["runId"]) for run in runs if run["status"] != "SUCCESS"
-    }
+    failed = {run["runId"]: _run_errors(dagster, run["runId"]) for run in runs if run["status"] != "SUCCESS"}
     assert backfill["status"] in {"COMPLETED", "COMPLETED_SUCCESS"}, (
         f"backfill {backfill_id} ended {backfill['status']}; {len(failed)} of {len(runs)} runs failed; "
         f"first failures: {_first_distinct(failed.values(), 3)} (logs: test-artifacts/backfill-daemon.log)"
