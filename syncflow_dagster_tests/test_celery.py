@@ -27,9 +27,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pyarrow as pa
@@ -53,12 +54,13 @@ pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.timeout(600)]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INSTANCE_YAML = REPO_ROOT / "deploy" / "dagster-celery.yaml"
 WORKSPACE_YAML = REPO_ROOT / "workspace.yaml"
+ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
 CODE_LOCATION = "syncflow"
 
 # Entities with no parent: runs of different entities may then finish in any
 # order and ScheduleHub must still end up exact.
 ENTITIES = ("sites", "items", "customers")
-SOURCE_ROWS = 300
+SOURCE_ROWS = 2_000
 POOL_LIMIT = 1
 
 WORKER_START_TIMEOUT_S = 180.0
@@ -243,6 +245,31 @@ def _assert_disjoint(spans: list[tuple[float, float]], what: str) -> None:
         assert later_start >= earlier_end, f"{what} overlapped: {ordered}"
 
 
+def _record_profile(
+    instance: dg.DagsterInstance, runs: list[dg.DagsterRun], records: Any, held_rows: int
+) -> None:
+    """Keep what this run measured (steps per worker, step seconds, wall time) for docs/scaling.md.
+
+    A record of one run on a shared machine, not an assertion: speed is never tested here.
+    """
+    steps: Counter[str] = Counter()
+    step_seconds: defaultdict[str, float] = defaultdict(float)
+    for run in runs:
+        for step_key, worker in _workers_by_step(instance, run.run_id).items():
+            steps[worker] += 1
+            step_seconds[worker] += sum(
+                end - start for start, end in _step_spans(instance, run.run_id, step_key)
+            )
+    wall = max(r.end_time for r in records) - min(r.start_time for r in records)
+    lines = [
+        f"celery profile: {len(runs)} runs, {sum(steps.values())} steps, {held_rows} rows held by ScheduleHub",
+        f"wall from first run start to last run end: {wall:.1f} s",
+        *(f"{w}: {steps[w]} steps, {step_seconds[w]:.1f} s inside steps" for w in sorted(steps)),
+    ]
+    ARTIFACTS_DIR.mkdir(exist_ok=True)
+    (ARTIFACTS_DIR / "celery-profile.txt").write_text("\n".join(lines) + "\n")
+
+
 def _source_bks(env: Deployment, entity: str) -> set[str]:
     """APISmith's live records of an entity (its verification snapshot), as ScheduleHub external keys."""
     spec = default_catalog().entity(entity)
@@ -387,12 +414,14 @@ def _check_runs(
     assert workers_seen == worker_names, f"workers that executed steps: {sorted(workers_seen)}"
 
     # ScheduleHub holds exactly APISmith's keys, each once.
+    held_rows = 0
     for entity in ENTITIES:
         held = env.schedulehub_records(default_catalog().entity(entity).resource)
         held_keys = [str(k) for k in held["external_key"].to_pylist()]
         assert len(held_keys) == len(set(held_keys)), f"{entity}: duplicate keys in ScheduleHub"
         source = _source_bks(env, entity)
         assert source, f"{entity}: APISmith has no keys"
+        held_rows += len(held_keys)
         assert set(held_keys) == source, (
             f"{entity}: missing {sorted(source - set(held_keys))[:5]}, extra {sorted(set(held_keys) - source)[:5]}"
         )
@@ -408,6 +437,8 @@ def _check_runs(
     assert {e: len(s) for e, s in spans.items()} == dict.fromkeys(ENTITIES, 2)
     for entity, entity_spans in spans.items():
         _assert_disjoint(entity_spans, f"runs of {entity}")
+
+    _record_profile(instance, runs, records, held_rows)
 
     # Pools with limit 1: no two fetch steps (apismith) and no two deliver steps (schedulehub) at once.
     for step_key, pool in (("extracted", "apismith"), ("delivered", "schedulehub")):
