@@ -34,7 +34,7 @@ def test_definitions_load_with_the_nine_stages_in_order() -> None:
     for upstream, downstream in itertools.pairwise(STAGES):
         parents = {k.to_user_string() for k in graph.get(dg.AssetKey(downstream)).parent_keys}
         assert parents == {upstream}, downstream
-    assert {job.name for job in repo.get_all_jobs()} >= {"sync", "reconcile_job", "retry_job"}
+    assert {job.name for job in repo.get_all_jobs()} >= {"sync", "reconcile", "retry"}
     assert {s.name for s in repo.sensor_defs} == {"apismith_change_sensor", "pending_children_sensor"}
     assert {s.name for s in repo.schedule_defs} == {"retry_failed_records", "nightly_reconcile"}
 

@@ -22,6 +22,7 @@ sync_job = dg.define_asset_job(
 
 
 @dg.job(
+    name="reconcile",
     description="Full key scan: deletes from ScheduleHub what APISmith no longer has, unless the share to delete "
     "exceeds the entity's delete guard (then it reports and deletes nothing); then prunes old stage frames.",
     tags=RUN_RETRY_TAGS,
@@ -32,6 +33,7 @@ def reconcile_job() -> None:
 
 
 @dg.job(
+    name="retry",
     description="Redelivers failed records that are due (exponential backoff by attempt) and children whose "
     "parents have arrived, then commits what ScheduleHub confirmed.",
     tags=RUN_RETRY_TAGS,
