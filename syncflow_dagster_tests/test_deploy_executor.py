@@ -81,8 +81,8 @@ def test_worker_app_args_follow_the_environment() -> None:
 
 
 def test_unknown_executor_names_the_variable_and_value() -> None:
-    with pytest.raises(ExecutorConfigError, match=r"SYNCFLOW_EXECUTOR='k8s'"):
-        executor_from_env({"SYNCFLOW_EXECUTOR": "k8s"})
+    with pytest.raises(ExecutorConfigError, match=r"SYNCFLOW_EXECUTOR='dask'"):
+        executor_from_env({"SYNCFLOW_EXECUTOR": "dask"})
 
 
 def test_bad_queue_name_is_refused() -> None:
@@ -110,3 +110,15 @@ def test_the_sync_code_location_runs_on_the_celery_executor(monkeypatch: pytest.
 
     defs = dg.Definitions(jobs=[probe_job], executor=executor_from_env())
     assert defs.resolve_job_def("probe_job").executor_def.name == "celery"
+
+
+def test_k8s_profile_without_dagster_k8s_says_what_to_install() -> None:
+    # Without dagster-k8s (as on this machine) the profile refuses and names the package to add;
+    # with it, the profile is dagster-k8s's own step-per-Job executor.
+    try:
+        import dagster_k8s  # noqa: F401
+    except ImportError:
+        with pytest.raises(ExecutorConfigError, match=r"SYNCFLOW_EXECUTOR=k8s needs dagster-k8s"):
+            executor_from_env({"SYNCFLOW_EXECUTOR": "k8s"})
+    else:
+        assert executor_from_env({"SYNCFLOW_EXECUTOR": "k8s"}).name == "k8s"

@@ -1,6 +1,6 @@
 """Executor selection: which Dagster executor runs a sync's steps, read from the environment.
 
-    SYNCFLOW_EXECUTOR        multiprocess (default) | in_process | celery
+    SYNCFLOW_EXECUTOR        multiprocess (default) | in_process | celery | k8s
     SYNCFLOW_CELERY_BROKER   the Celery broker URL (default amqp://guest:guest@127.0.0.1:5672//)
     SYNCFLOW_CELERY_BACKEND  the Celery result backend URL (default redis://127.0.0.1:6379/0)
     SYNCFLOW_CELERY_QUEUE    the queue the run's steps are sent to and the workers consume (default dagster)
@@ -37,6 +37,9 @@ class ExecutorKind(StrEnum):
     MULTIPROCESS = "multiprocess"
     IN_PROCESS = "in_process"
     CELERY = "celery"
+    # dagster-k8s's k8s_job_executor: one Kubernetes Job per step, configured
+    # by the K8sRunLauncher of the Helm chart (image, env secrets, resources).
+    K8S = "k8s"
 
 
 class ExecutorSettings(BaseSettings):
@@ -133,12 +136,25 @@ def _celery_executor(settings: ExecutorSettings, environ: Mapping[str, str]) -> 
     )
 
 
+def _k8s_executor() -> dg.ExecutorDefinition:
+    try:
+        from dagster_k8s import k8s_job_executor
+    except ImportError as error:
+        raise ExecutorConfigError(
+            f"{EXECUTOR_ENV}=k8s needs dagster-k8s (pinned with the Dagster family: dagster-k8s==0.29.27) "
+            "in the code location's image"
+        ) from error
+    return k8s_job_executor
+
+
 def executor_from_env(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:
     """The executor of every job in the code location, as SYNCFLOW_EXECUTOR says."""
     env = os.environ if environ is None else environ
     settings = executor_settings(environ)
     if settings.executor is ExecutorKind.CELERY:
         return _celery_executor(settings, env)
+    if settings.executor is ExecutorKind.K8S:
+        return _k8s_executor()
     if settings.executor is ExecutorKind.IN_PROCESS:
         return dg.in_process_executor
     return dg.multiprocess_executor
