@@ -62,13 +62,16 @@ def reconcile_entities(
         key_spec = stages.key_only(entity)
         normalized = normalize(key_spec, keys)
         source_keys = add_identity(key_spec, normalized.rows).select([c.BK_HASH, c.BK])
-        stored = database.state().load_state(entity.name)
+        # The key text travels too: ScheduleHub deletes by external key, not by hash.
+        stored = database.state().load_state(
+            entity.name, (c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE)
+        )
         plan = plan_reconcile_deletes(stored, source_keys, entity.delete_guard)
         metadata: dict[str, Any] = {
             "entity": entity.name,
             "source_keys": source_keys.num_rows,
             "stored_keys": stored.num_rows,
-            "to_delete": plan.deletes.num_rows,
+            "to_delete": plan.candidates.num_rows,  # what the guard weighed, also when it blocks
             "share": round(plan.share, 4),
             "delete_guard": entity.delete_guard,
             "blocked": plan.blocked,
@@ -79,8 +82,13 @@ def reconcile_entities(
             metadata["reason"] = plan.reason
         elif plan.deletes.num_rows and entity.delete_policy is not DeletePolicy.NONE:
             batch = bookkeeping.batch_for_run(database, entity.name, None, context.run.run_id)
-            deletes = plan.deletes.append_column(c.ACTION, pa.array([c.DELETE] * plan.deletes.num_rows))
-            deletes = deletes.append_column(c.ROWVERSION, pa.nulls(deletes.num_rows, pa.int64()))
+            # The plan already says `_action` = delete (and the stored state may carry `_rowversion`):
+            # add only what is missing, a second column of one name makes every later stage fail.
+            deletes = plan.deletes
+            if c.ACTION not in deletes.column_names:
+                deletes = deletes.append_column(c.ACTION, pa.array([c.DELETE] * deletes.num_rows))
+            if c.ROWVERSION not in deletes.column_names:
+                deletes = deletes.append_column(c.ROWVERSION, pa.nulls(deletes.num_rows, pa.int64()))
             delivered = stages.deliver_stage(schedulehub.client(), entity, deletes)
             persisted = stages.persist_stage(database, entity, delivered.frame, batch)
             metadata.update({f"rows_{k}": v for k, v in persisted.counts.items()})
