@@ -288,14 +288,14 @@ def check_target_equals_source(
     extra = held_keys - source_keys - refused
     if extra:
         problems.append(
-            f"{len(extra)} keys in ScheduleHub that APISmith no longer has, e.g. {sorted(extra)[:3]}"
+            f"{len(extra)} keys in ScheduleHub that APISmith no longer has, e.g. {sorted(map(str, extra))[:3]}"
         )
     missing = source_keys - held_keys
     unaccounted = missing - failed - pending
     if unaccounted:
         problems.append(
             f"{len(unaccounted)} source keys neither in ScheduleHub nor failed nor pending, "
-            f"e.g. {sorted(unaccounted)[:3]}"
+            f"e.g. {sorted(map(str, unaccounted))[:3]}"
         )
     refused_unrecorded = refused - failed - held_keys
     if refused_unrecorded:
