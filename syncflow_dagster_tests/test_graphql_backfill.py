@@ -179,6 +179,8 @@ def sync_deployment(database_url: str, tmp_path_factory: pytest.TempPathFactory)
                 dagster_home=tmp_path_factory.mktemp("dagster_home_backfill"),
                 code_location_env=code_location_env,
                 with_daemon=True,
+                # The fetch and deliver stages' pools (defs/assets.py), at dagster.yaml's default limit.
+                pool_limits={"apismith": 2, "schedulehub": 2},
             ) as dagster:
                 try:
                     yield SyncDeployment(dagster, days)

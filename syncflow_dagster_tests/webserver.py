@@ -168,6 +168,24 @@ def write_instance_yaml(dagster_home: Path, *, source: Path = INSTANCE_YAML) -> 
     return config
 
 
+def set_pool_limits(env: Mapping[str, str], pools: Mapping[str, int]) -> None:
+    """Create the op pools' limits up front, as docs/operations.md tells operators to.
+
+    Left to the default_limit, Dagster inserts a pool's row when two runs first
+    claim it at once; under dagster-postgres the loser's INSERT hits the unique
+    key and the run fails (InFailedSqlTransaction), a race the tests saw.
+    """
+    for pool, limit in pools.items():
+        subprocess.run(
+            [_bin("dagster"), "instance", "concurrency", "set", pool, str(limit)],
+            cwd=REPO_ROOT,
+            env=dict(env),
+            check=True,
+            capture_output=True,
+            timeout=WEBSERVER_START_TIMEOUT_S,
+        )
+
+
 def _bin(name: str) -> str:
     # The venv's console scripts sit next to the interpreter running the tests.
     candidate = Path(sys.executable).parent / name
@@ -271,6 +289,7 @@ def dagster_deployment(
     dagster_home: Path,
     code_location_env: Mapping[str, str] | None = None,
     with_daemon: bool = False,
+    pool_limits: Mapping[str, int] | None = None,
     workspace: Path = WORKSPACE_YAML,
     host: str = "127.0.0.1",
 ) -> Iterator[DagsterDeployment]:
@@ -282,6 +301,7 @@ def dagster_deployment(
     with scratch_database(server_database_url, "dagster_instance") as instance_url:
         write_instance_yaml(dagster_home)
         env = deployment_environment(dagster_home, instance_url, code_location_env or {})
+        set_pool_limits(env, pool_limits or {})
         port = free_port(host)
         logs = {"webserver": dagster_home / "webserver.log", "daemon": dagster_home / "daemon.log"}
         deployment = DagsterDeployment(host, port, dagster_home, instance_url, logs)
