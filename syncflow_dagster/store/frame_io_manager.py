@@ -231,6 +231,16 @@ class PostgresFrameClient:
             "SET arrow_schema = EXCLUDED.arrow_schema, updated_at = now()"
         )
 
+    def schema_differs(self, where: FrameSlice, schema: pa.Schema) -> bool:
+        """True when the next replace_slice will (re)create the table for this schema."""
+        with self.connect() as conn:
+            cur = conn.cursor()
+            self._ensure_catalog(cur)
+            conn.commit()
+            stored = self.stored_schema(cur, where.table)
+            cur.close()
+        return stored is None or not stored.equals(schema)
+
     def replace_slice(self, where: FrameSlice, frame: pa.Table) -> bool:
         """Delete the slice's dates and COPY `frame` in, in one transaction.
 
@@ -355,6 +365,9 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
         entity, dates = partition_scope(partition_keys)
         return FrameSlice(stage_table_name(asset_key.path[-1], entity), entity, dates)
 
+    def _key(self, where: FrameSlice) -> tuple[str, str, str, tuple[dt.date, ...]]:
+        return (self.database_url, self.schema_name, where.table, where.dates)
+
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
             return
@@ -363,7 +376,16 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
         where = self._slice(context.asset_key, context.asset_partition_keys)
         frame = self._handler_for(obj).to_arrow(obj)
         frame = _with_partition_column(frame, where)
-        recreated = self._client().replace_slice(where, frame)
+        client = self._client()
+        # The previous stage's write must be in before this one starts (and its
+        # failure, if any, fails this step rather than going unnoticed).
+        _WRITER.wait()
+        if frame.num_rows >= _BACKGROUND_MIN_ROWS:
+            recreated = client.schema_differs(where, frame.schema)
+            _WRITER.submit(lambda: client.replace_slice(where, frame), f"{self.schema_name}.{where.table}")
+        else:
+            recreated = client.replace_slice(where, frame)
+        _HANDED.put(self._key(where), context.run_id, frame)
         context.add_output_metadata(
             {
                 "dagster/table_name": f"{self.schema_name}.{where.table}",
@@ -380,15 +402,98 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
         if not context.has_asset_partitions:
             raise FrameStoreError(f"{context.asset_key.to_user_string()}: stage frames must be partitioned")
         where = self._slice(context.asset_key, context.asset_partition_keys)
+        expected = context.dagster_type.typing_type if context.dagster_type else pa.Table
+        handler = self._handler_for(expected if isinstance(expected, type) else pa.Table)
+        upstream_run = context.upstream_output.run_id if context.upstream_output is not None else None
+        handed = _HANDED.take(self._key(where), upstream_run)
+        if handed is not None:
+            return handler.from_arrow(handed)
+        _WRITER.wait()
         table = self._client().select_slice(where)
         if table is None:
             raise FrameStoreError(
                 f"{context.asset_key.to_user_string()} has never been materialized for {where.entity} "
                 f"(table {self.schema_name}.{where.table} does not exist); materialize it first"
             )
-        expected = context.dagster_type.typing_type if context.dagster_type else pa.Table
-        handler = self._handler_for(expected if isinstance(expected, type) else pa.Table)
         return handler.from_arrow(table)
+
+
+# Frames of at least this many rows are written on the background writer, so
+# the COPY overlaps the next stage's work; smaller ones (the report, most
+# incremental frames) are written inline, which also flushes any write before.
+_BACKGROUND_MIN_ROWS = 50_000
+
+
+class _HandedFrames:
+    """The frame each stage handed over in this process, until its downstream stage takes it.
+
+    In-process execution (materialize, the in-process executor) runs a stage
+    right after the one it reads, in the same process: it gets the very frame
+    that was stored, without reading it back. The frame is the one written to
+    Postgres (partition column included, same schema), so the result is the
+    same as a read. Any other case (another process, a re-execution whose
+    upstream ran in an earlier run) misses and reads Postgres. Taking removes
+    the entry, so memory holds at most the frames not consumed yet.
+    """
+
+    def __init__(self) -> None:
+        self._frames: dict[tuple[Any, ...], tuple[str, pa.Table]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: tuple[Any, ...], run_id: str, frame: pa.Table) -> None:
+        with self._lock:
+            self._frames[key] = (run_id, frame)
+
+    def take(self, key: tuple[Any, ...], run_id: str | None) -> pa.Table | None:
+        with self._lock:
+            entry = self._frames.pop(key, None)
+        if entry is None or run_id is None or entry[0] != run_id:
+            return None
+        return entry[1]
+
+
+class _BackgroundWriter:
+    """One write at a time off the step's critical path; `wait` joins it and re-raises its error.
+
+    The thread is not a daemon, so a process that ends (a failed run, the end
+    of `materialize`) still finishes the write it started.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._what = ""
+        self._lock = threading.Lock()
+
+    def submit(self, write: Any, what: str) -> None:
+        with self._lock:
+            self._join()
+
+            def run() -> None:
+                try:
+                    write()
+                except BaseException as exc:  # surfaced by the next wait()
+                    self._error = exc
+
+            self._what = what
+            self._thread = threading.Thread(target=run, name=f"frame-writer {what}", daemon=False)
+            self._thread.start()
+
+    def wait(self) -> None:
+        with self._lock:
+            self._join()
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise FrameStoreError(f"writing stage frame {self._what} failed: {error}") from error
+
+
+_HANDED = _HandedFrames()
+_WRITER = _BackgroundWriter()
 
 
 def _with_partition_column(frame: pa.Table, where: FrameSlice) -> pa.Table:

@@ -1,0 +1,90 @@
+"""The frame IO manager's hand-off: in-process stages get the stored frame without reading it back,
+large frames are written off the critical path, and a failed background write fails the next step."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from syncflow_dagster.store import frame_io_manager as fio
+from syncflow_dagster.store.frame_io_manager import (
+    FrameSlice,
+    FrameStoreError,
+    PostgresFrameClient,
+    PostgresFrameIOManager,
+)
+
+DAY = dt.date(2026, 11, 28)
+ROWS = fio._BACKGROUND_MIN_ROWS + 10  # large enough for the background writer
+
+
+def _assets() -> list[dg.AssetsDefinition]:
+    partitions = dg.MultiPartitionsDefinition(
+        {
+            "entity": dg.StaticPartitionsDefinition(["items"]),
+            "date": dg.DailyPartitionsDefinition("2026-11-01"),
+        }
+    )
+
+    @dg.asset(partitions_def=partitions, io_manager_key="frames")
+    def big_upstream() -> pa.Table:
+        numbers = np.arange(ROWS, dtype=np.int64)
+        return pa.table({"n": numbers, "text": pc.cast(pa.array(numbers), pa.string())})
+
+    @dg.asset(partitions_def=partitions, io_manager_key="frames")
+    def small_downstream(big_upstream: pa.Table) -> pa.Table:
+        return pa.table({"rows": [big_upstream.num_rows], "total": [pc.sum(big_upstream["n"]).as_py()]})
+
+    return [big_upstream, small_downstream]
+
+
+def test_in_process_stage_reads_the_handed_frame_and_postgres_holds_it(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_read(self: PostgresFrameClient, where: FrameSlice) -> pa.Table:
+        raise AssertionError(f"{where.table} was read back although it was handed over in this process")
+
+    monkeypatch.setattr(PostgresFrameClient, "select_slice", no_read)
+    manager = PostgresFrameIOManager(database_url=database_url, schema_name="syncflow_stage_handoff")
+    key = dg.MultiPartitionKey({"entity": "items", "date": DAY.isoformat()})
+    result = dg.materialize(_assets(), partition_key=key, resources={"frames": manager})
+    assert result.success
+    monkeypatch.undo()
+
+    client = PostgresFrameClient(database_url, "syncflow_stage_handoff")
+    upstream = client.select_slice(FrameSlice("big_upstream__items", "items", (DAY,)))
+    downstream = client.select_slice(FrameSlice("small_downstream__items", "items", (DAY,)))
+    assert upstream is not None
+    assert downstream is not None
+    assert upstream.num_rows == ROWS
+    assert pc.sum(upstream["n"]).as_py() == ROWS * (ROWS - 1) // 2
+    assert downstream.to_pylist()[0]["rows"] == ROWS
+    assert downstream.to_pylist()[0]["total"] == ROWS * (ROWS - 1) // 2
+
+
+def test_a_frame_from_another_run_is_never_handed_over() -> None:
+    handed = fio._HandedFrames()
+    frame = pa.table({"n": [1]})
+    handed.put(("url", "schema", "t", (DAY,)), "run-a", frame)
+    assert handed.take(("url", "schema", "t", (DAY,)), "run-b") is None
+    # Taking removes the entry whatever the outcome: a later read goes to Postgres.
+    assert handed.take(("url", "schema", "t", (DAY,)), "run-a") is None
+    handed.put(("url", "schema", "t", (DAY,)), "run-a", frame)
+    assert handed.take(("url", "schema", "t", (DAY,)), "run-a") is frame
+
+
+def test_a_failed_background_write_fails_the_next_wait_naming_the_table() -> None:
+    writer = fio._BackgroundWriter()
+
+    def broken() -> None:
+        raise RuntimeError("connection lost")
+
+    writer.submit(broken, "syncflow_stage.normalized__items")
+    with pytest.raises(FrameStoreError, match=r"normalized__items failed: connection lost"):
+        writer.wait()
+    writer.wait()  # reported once; the writer is usable again
