@@ -252,6 +252,7 @@ class StateRepository:
         frame = frame.rename_columns([c.name for c in columns])
 
         written = 0
+        entity_is_new = False
         with self.engine.begin() as conn:
             cursor = driver_cursor(conn)
             # Commits of one entity take turns (a second one waits here until the
@@ -270,6 +271,31 @@ class StateRepository:
                 create_staging(cursor, _ACCEPTED_STAGING, columns)
                 copy_in(cursor, _ACCEPTED_STAGING, frame, columns)
                 prefer_index_joins(cursor)
+                cursor.execute(
+                    sql.SQL("SELECT EXISTS (SELECT 1 FROM {state} WHERE entity = %(entity)s)").format(
+                        state=_STATE_TABLE
+                    ),
+                    {"entity": entity},
+                )
+                held = cursor.fetchone()
+                entity_is_new = held is not None and not held[0]
+            if frame.num_rows and entity_is_new:
+                # Nothing stored for the entity yet (an initial sync): every row is
+                # an insert, so the UPDATE half and the per-row NOT EXISTS probe
+                # below are pure cost. The commit lock keeps the entity empty
+                # until this transaction ends.
+                cursor.execute(
+                    sql.SQL(
+                        "INSERT INTO {state} (entity, bk_hash, bk, data_hash, rowversion, recipe,"
+                        " schedulehub_id, first_seen_at, last_synced_at, last_batch_id)"
+                        " SELECT %(entity)s, a.bk_hash, a.bk, a.data_hash, a.rowversion, a.recipe,"
+                        " a.schedulehub_id, now(), now(), %(batch_id)s FROM {staging} AS a"
+                        " ORDER BY a.bk_hash"
+                    ).format(state=_STATE_TABLE, staging=sql.Identifier(_ACCEPTED_STAGING)),
+                    {"entity": entity, "batch_id": batch_id},
+                )
+                written += int(cursor.rowcount)
+            elif frame.num_rows:
                 # One statement, two halves that share a snapshot: the UPDATE
                 # rewrites keys already stored, the INSERT adds the keys that were
                 # not (NOT EXISTS sees the state before the UPDATE). This is about
