@@ -293,15 +293,26 @@ def delta_stage(fresh: pa.Table) -> StageResult:
 
 
 def parent_child_stage(
-    catalog: Catalog, entity: EntitySpec, database: Any, plan: pa.Table, batch_id: uuid.UUID
+    catalog: Catalog,
+    entity: EntitySpec,
+    database: Any,
+    plan: pa.Table,
+    batch_id: uuid.UUID,
+    run_date: dt.date | None = None,
 ) -> StageResult:
     """Split into ready and pending by whether each parent is in ScheduleHub already.
 
     Children of this entity parked earlier whose parents have since arrived are
     released into the ready frame, so a late parent never strands its children.
+    A released child may have been parked by a run of another day; it belongs
+    to this run now, so it takes `run_date` as its partition date.
     """
     state = database.state()
     released = bookkeeping.released_children(database, entity)
+    if released.num_rows and run_date is not None:
+        released = released.append_column(
+            PARTITION_DATE, pa.repeat(pa.scalar(run_date, pa.date32()), released.num_rows)
+        )
     if released.num_rows:
         # Released children go through the same parent check: a child with two
         # parents may have got one and still wait for the other.
@@ -439,8 +450,12 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
             ).rename_columns([c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "schedulehub_id"]),
             deleted[c.BK_HASH].combine_chunks(),
         )
-        if accepted.num_rows:
+        # Staging a million keys to close failures or forget parked children
+        # costs seconds; when the entity has none open (an initial sync, most
+        # nights) there is nothing to close. Counted under the entity lock.
+        if accepted.num_rows and database.failures().count(entity.name):
             database.failures().resolve(entity.name, accepted[c.BK_HASH].combine_chunks())
+        if accepted.num_rows and database.pending().count(entity.name):
             bookkeeping.forget_delivered_children(database, entity, accepted)
         parent_missing = pc.fill_null(pc.equal(rejected["_reason_code"], "parent_missing"), False)
         bookkeeping.record_delivery_failures(database, entity, batch_id, rejected)
