@@ -119,3 +119,24 @@ def test_child_before_parent_waits_and_the_retry_job_releases_it(fresh_database_
         # The rest wait for a parent the source sent a bad row for: still parked, not lost.
         assert bookkeeping.pending_stats(database, "operations")["count"] == early["pending"] - delivered
         assert database.failures().list_failures("operations", "parent_missing") == []
+
+
+def test_children_parked_on_one_day_are_released_by_a_run_of_another_day(fresh_database_url: str) -> None:
+    """A backfill runs entities in any order: a child parked by today's run may be released by
+    yesterday's. The released rows belong to the releasing run's partition (the IO manager refuses
+    rows outside the run's dates)."""
+    today = dt.datetime.now(dt.UTC).date()
+    yesterday = today - dt.timedelta(days=1)
+    with deployment(fresh_database_url, rows=400, seed=5, history_days=1) as env:
+        early = report_of(materialize_sync("work_centers", today, resources=env.resources))
+        assert early["pending"] > 0
+        for day in (yesterday, today):
+            assert materialize_sync("sites", day, resources=env.resources).success
+        other_day = materialize_sync("work_centers", yesterday, resources=env.resources)
+        assert other_day.success
+        report = report_of(other_day)
+        assert report["fetched"] > 0  # yesterday's own rows, plus today's released children
+        assert report["released"] == early["pending"]
+        held = env.schedulehub_records("work_centers").num_rows
+        assert held == report["delivered"]
+        assert held >= early["pending"]

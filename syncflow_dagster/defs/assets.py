@@ -247,7 +247,7 @@ def resolved(
     started = time.perf_counter()
     entity, dates = _scope(context)
     batch = _batch_id(context, database, entity.name, dates[0])
-    result = stages.parent_child_stage(CATALOG, entity, database, delta_plan, batch)
+    result = stages.parent_child_stage(CATALOG, entity, database, delta_plan, batch, run_date=dates[-1])
     yield _output(context, database, "parent_child", started, result)
     yield checks.pending_children_within_age(database, entity.name, tuning.pending_max_age_hours)
 
