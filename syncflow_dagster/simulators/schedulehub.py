@@ -202,6 +202,80 @@ class HubStore:
         existing.references = references
         return _accepted(key, existing.id, UPDATED)
 
+    def upsert_arrow(self, resource: str, table: ResourceTable, batch: pa.Table) -> pa.Table:
+        """`upsert_one` for every row of an Arrow batch, with the per-value checks done per column.
+
+        Same outcomes as calling `upsert_one` row by row (rows the column
+        checks cannot clear go through it), at a fraction of the Python work
+        per row: this is the stand-in's accept rate at ERP volumes.
+        """
+        clean = _clean_rows(batch)
+        rows = _rows_from_arrow(batch)
+        keys: list[Any] = []
+        status: list[str] = []
+        ids: list[str | None] = []
+        outcome: list[str | None] = []
+        reason: list[str | None] = []
+        retryable: list[bool] = []
+        detail: list[str | None] = []
+        records = table.records
+        for i, (key, attributes, references) in enumerate(rows):
+            result: dict[str, Any] | None = None
+            if clean is None or not clean[i]:
+                result = self.upsert_one(resource, table, key, attributes, references)
+            else:
+                for parent, parent_key in references.items():
+                    held = self.tables.get(parent)
+                    if held is None or parent_key not in held.records:
+                        result = _rejected(
+                            key,
+                            PARENT_MISSING,
+                            f"references {parent} {parent_key!r}, which ScheduleHub does not hold",
+                        )
+                        break
+                if result is None:
+                    existing = records.get(key)
+                    if existing is None:
+                        record = table.add(key, attributes, references)
+                        if references:
+                            self._reference(references, +1)
+                        keys.append(key)
+                        status.append(ACCEPTED)
+                        ids.append(record.id)
+                        outcome.append(CREATED)
+                        reason.append(None)
+                        retryable.append(False)
+                        detail.append(None)
+                        continue
+                    if existing.attributes == attributes and existing.references == references:
+                        result = _accepted(key, existing.id, UNCHANGED)
+                    else:
+                        self._reference(existing.references, -1)
+                        self._reference(references, +1)
+                        existing.attributes = attributes
+                        existing.references = references
+                        result = _accepted(key, existing.id, UPDATED)
+            assert result is not None  # every branch above set it or continued
+            keys.append(result.get("external_key"))
+            status.append(result["status"])
+            ids.append(result.get("id"))
+            outcome.append(result.get("outcome"))
+            reason.append(result.get("reason_code"))
+            retryable.append(bool(result.get("retryable", False)))
+            detail.append(result.get("detail"))
+        return pa.Table.from_pydict(
+            {
+                "external_key": keys,
+                "status": status,
+                "id": ids,
+                "outcome": outcome,
+                "reason_code": reason,
+                "retryable": retryable,
+                "detail": detail,
+            },
+            schema=RESULT_SCHEMA,
+        )
+
     def delete_one(self, resource: str, key: Any, restrict: bool) -> dict[str, Any]:
         if not isinstance(key, str) or not key:
             return _rejected(str(key), INVALID_RECORD, "external_key must be a non-empty string")
@@ -337,6 +411,44 @@ def _rows_from_arrow(table: pa.Table) -> list[tuple[Any, dict[str, Any], dict[st
     return rows
 
 
+def _clean_rows(table: pa.Table) -> list[bool] | None:
+    """Per row, whether it needs none of `_validate`'s checks; None when a column needs them for every row.
+
+    Arrow already guarantees most of what `_validate` checks per value (every
+    attribute is a scalar of one type); what is left is checked per column:
+    key present and not too long, floats finite, references non-empty.
+    """
+    compute: Any = pc  # pyarrow's stubs do not type the kernels' array-and-scalar forms
+    attr_names = [n for n in table.column_names if n != "external_key" and not n.startswith(REF_PREFIX)]
+    ref_names = [n for n in table.column_names if n.startswith(REF_PREFIX)]
+    if any(not RESOURCE_NAME.match(n[len(REF_PREFIX) :]) for n in ref_names):
+        return None
+    keys = table.column("external_key")
+    if not (pa.types.is_string(keys.type) or pa.types.is_large_string(keys.type)):
+        return None
+    length = compute.utf8_length(keys)
+    clean: Any = compute.and_(compute.greater(length, 0), compute.less_equal(length, MAX_EXTERNAL_KEY_LENGTH))
+    for name in attr_names:
+        kind = table.column(name).type
+        if pa.types.is_floating(kind):
+            clean = compute.and_kleene(
+                clean,
+                compute.or_kleene(compute.is_finite(table.column(name)), compute.is_null(table.column(name))),
+            )
+        elif pa.types.is_nested(kind) or pa.types.is_binary(kind) or pa.types.is_fixed_size_binary(kind):
+            return None
+    for name in ref_names:
+        column = table.column(name)
+        if not (pa.types.is_string(column.type) or pa.types.is_null(column.type)):
+            return None
+        if pa.types.is_string(column.type):
+            clean = compute.and_kleene(
+                clean,
+                compute.or_kleene(compute.is_null(column), compute.greater(compute.utf8_length(column), 0)),
+            )
+    return [bool(v) for v in compute.fill_null(clean, False).to_pylist()]
+
+
 def _results_response(request: Request, resource: str, results: list[dict[str, Any]]) -> Response:
     summary: Counter[str] = Counter()
     for r in results:
@@ -422,6 +534,30 @@ def create_app(
         _check_resource(resource)
         body = await request.body()
         content_type = request.headers.get("content-type", "")
+        partial = injector.config.partial_failure_probability
+        if content_type.startswith(ARROW_STREAM) and _wants_arrow(request) and partial <= 0:
+            # Arrow in and out, no injected row failures: the columnar path.
+            try:
+                batch = pa.ipc.open_stream(body).read_all()
+            except pa.ArrowInvalid as exc:
+                raise HTTPException(
+                    status_code=400, detail={"error": "invalid_batch", "detail": f"unreadable body: {exc}"}
+                ) from None
+            if "external_key" not in batch.column_names:
+                raise HTTPException(
+                    status_code=400,
+                    detail={"error": "invalid_batch", "detail": "Arrow batch has no external_key column"},
+                )
+            if batch.num_rows > settings.max_batch_rows:
+                raise HTTPException(
+                    status_code=413,
+                    detail={
+                        "error": "batch_too_large",
+                        "detail": f"{batch.num_rows} records; the limit is {settings.max_batch_rows}",
+                        "limit": settings.max_batch_rows,
+                    },
+                )
+            return _arrow(store.upsert_arrow(resource, store.table(resource), batch))
         rows: list[tuple[Any, Any, Any]]
         try:
             if content_type.startswith(ARROW_STREAM):
@@ -454,7 +590,6 @@ def create_app(
                 },
             )
         table = store.table(resource)
-        partial = injector.config.partial_failure_probability
         results = []
         for key, attributes, references in rows:
             if partial > 0 and injector.roll("partial_failure", partial):
