@@ -138,6 +138,18 @@ class StateRepository:
             return STORED_SCHEMA.empty_table()
         with self.engine.begin() as conn:
             cursor = driver_cursor(conn)
+            cursor.execute(
+                sql.SQL("SELECT EXISTS (SELECT 1 FROM {state} WHERE entity = %(entity)s)").format(
+                    state=_STATE_TABLE
+                ),
+                {"entity": entity},
+            )
+            held = cursor.fetchone()
+            if held is not None and not held[0]:
+                # Nothing delivered for the entity yet (an initial sync): no key can
+                # match, and staging a million keys to learn that costs seconds.
+                check_keys(entity, BK_HASH, bk_hashes)
+                return STORED_SCHEMA.empty_table()
             stage_keys(cursor, entity, BK_HASH, bk_hashes)
             query = sql.SQL(
                 "SELECT s.bk_hash, s.data_hash, s.rowversion, s.recipe, s.schedulehub_id "
