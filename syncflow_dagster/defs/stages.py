@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import sqlalchemy as sa
 
 from syncflow_dagster.catalog import Catalog, EntitySpec
 from syncflow_dagster.defs import bookkeeping
@@ -31,6 +32,7 @@ from syncflow_dagster.engine.identity import add_identity, key_text_of
 from syncflow_dagster.engine.normalize import normalize
 from syncflow_dagster.engine.relations import parent_key_hashes, split_ready_pending
 from syncflow_dagster.engine.rowversion import split_by_rowversion
+from syncflow_dagster.store.schema import failed_records, pending_children
 
 DELETED = "_deleted"
 PARTITION_DATE = "_partition_date"
@@ -450,13 +452,18 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
             ).rename_columns([c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "schedulehub_id"]),
             deleted[c.BK_HASH].combine_chunks(),
         )
-        # Staging a million keys to close failures or forget parked children
-        # costs seconds; when the entity has none open (an initial sync, most
-        # nights) there is nothing to close. Counted under the entity lock.
-        if accepted.num_rows and database.failures().count(entity.name):
-            database.failures().resolve(entity.name, accepted[c.BK_HASH].combine_chunks())
-        if accepted.num_rows and database.pending().count(entity.name):
-            bookkeeping.forget_delivered_children(database, entity, accepted)
+        # Only keys that have an open failure or a parked child need closing:
+        # those sets are small, the accepted keys may be a million, and staging
+        # a million keys to update a thousand rows took minutes. Read under
+        # the entity lock, so no run adds to them meanwhile.
+        if accepted.num_rows:
+            accepted_keys = accepted[c.BK_HASH].combine_chunks()
+            failing = _delivered_among(database, failed_records, entity.name, accepted_keys, open_only=True)
+            if len(failing):
+                database.failures().resolve(entity.name, failing)
+            parked = _delivered_among(database, pending_children, entity.name, accepted_keys)
+            if len(parked):
+                bookkeeping.forget_delivered_children(database, entity, pa.table({c.BK_HASH: parked}))
         parent_missing = pc.fill_null(pc.equal(rejected["_reason_code"], "parent_missing"), False)
         bookkeeping.record_delivery_failures(database, entity, batch_id, rejected)
     counts = {
@@ -466,6 +473,21 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
         "failed_parent_missing": pc.sum(parent_missing).as_py() or 0,
     }
     return StageResult(_summary(delivered), counts)
+
+
+def _delivered_among(
+    database: Any, table: sa.Table, entity: str, accepted_keys: pa.Array, *, open_only: bool = False
+) -> pa.Array:
+    """The accepted key hashes that have a row in `table` (failed_records or pending_children)."""
+    query = sa.select(table.c.bk_hash).where(table.c.entity == entity)
+    if open_only:
+        query = query.where(table.c.resolved_at.is_(None))
+    with database.engine.connect() as conn:
+        held = [row[0].bytes for row in conn.execute(query)]
+    if not held:
+        return pa.array([], c.BK_HASH_TYPE)
+    keys = pa.array(held, c.BK_HASH_TYPE)
+    return accepted_keys.filter(pc.is_in(accepted_keys, value_set=keys))
 
 
 def _summary(delivered: pa.Table) -> pa.Table:
