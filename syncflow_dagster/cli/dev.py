@@ -27,6 +27,9 @@ from rich.console import Console
 console = Console()
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STOP_TIMEOUT_S = 30
+# The op pools of the fetch and deliver stages (defs/assets.py) and their limit here.
+POOLS = ("apismith", "schedulehub")
+POOL_LIMIT = 2
 
 
 def _with_database(url: str, name: str) -> str:
@@ -67,6 +70,7 @@ def dev(
     """Stand-ins, Postgres if needed, and `dagster dev` (webserver + daemon) with automation on."""
     from syncflow_dagster.simulators import apismith, schedulehub
     from syncflow_dagster.simulators.serve import start_server
+    from syncflow_dagster.store.database import dagster_postgres_url
     from syncflow_dagster.store.embedded import start_embedded_postgres
     from syncflow_dagster.store.migrate import upgrade
 
@@ -100,7 +104,7 @@ def dev(
         env = {
             **os.environ,
             "DAGSTER_HOME": str(dagster_home),
-            "DAGSTER_POSTGRES_URL": dagster_url,
+            "DAGSTER_POSTGRES_URL": dagster_postgres_url(dagster_url),
             "SYNCFLOW_DATABASE_URL": database_url,
             "SYNCFLOW_AUTOMATION": "running",
             "APISMITH_BASE_URL": api.url,
@@ -111,6 +115,16 @@ def dev(
             "SCHEDULEHUB_CLIENT_SECRET": client_secrets["schedulehub"],
         }
         dagster_bin = Path(sys.executable).with_name("dagster")
+        # Pool limits exist before the first run: two runs claiming a new pool at
+        # once race on dagster-postgres's concurrency_limits key.
+        for pool in POOLS:
+            subprocess.run(
+                [str(dagster_bin), "instance", "concurrency", "set", pool, str(POOL_LIMIT)],
+                env=env,
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
         command = [str(dagster_bin), "dev", "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port)]
         console.print(f"APISmith stand-in   {api.url}   (syncflow simulate changes --url {api.url})")
         console.print(f"ScheduleHub stand-in {hub.url}")

@@ -28,6 +28,17 @@ def libpq_url(url: str) -> str:
     return urlunsplit(("postgresql", parts.netloc, parts.path, parts.query, parts.fragment))
 
 
+def dagster_postgres_url(url: str) -> str:
+    """The URL in the form dagster-postgres needs (`postgresql+psycopg2://`).
+
+    dagster-postgres runs on psycopg2, while SQLAlchemy 2.1 maps a bare
+    `postgresql://` to psycopg 3; with that driver the webserver's connections
+    are closed under it and every page answers 500.
+    """
+    parts = urlsplit(url)
+    return urlunsplit(("postgresql+psycopg2", parts.netloc, parts.path, parts.query, parts.fragment))
+
+
 def redact_url(url: str) -> str:
     """A URL safe to log: any password is replaced by ***."""
     parts = urlsplit(url)
