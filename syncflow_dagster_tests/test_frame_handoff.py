@@ -34,7 +34,7 @@ def _assets() -> list[dg.AssetsDefinition]:
     @dg.asset(partitions_def=partitions, io_manager_key="frames")
     def big_upstream() -> pa.Table:
         numbers = np.arange(ROWS, dtype=np.int64)
-        return pa.table({"n": numbers, "text": pc.cast(pa.array(numbers), pa.string())})
+        return pa.table({"n": pa.array(numbers), "text": pc.cast(pa.array(numbers), pa.string())})
 
     @dg.asset(partitions_def=partitions, io_manager_key="frames")
     def small_downstream(big_upstream: pa.Table) -> pa.Table:
@@ -88,3 +88,25 @@ def test_a_failed_background_write_fails_the_next_wait_naming_the_table() -> Non
     with pytest.raises(FrameStoreError, match=r"normalized__items failed: connection lost"):
         writer.wait()
     writer.wait()  # reported once; the writer is usable again
+
+
+def test_replacing_the_only_stored_date_truncates_and_other_dates_survive(database_url: str) -> None:
+    client = PostgresFrameClient(database_url, "syncflow_stage_handoff_clear")
+    other = DAY - dt.timedelta(days=1)
+
+    def frame(day: dt.date, n: int) -> pa.Table:
+        return pa.table(
+            {"n": pa.array(range(n), pa.int64()), fio.PARTITION_COLUMN: pa.array([day] * n, pa.date32())}
+        )
+
+    only = FrameSlice("clear__items", "items", (DAY,))
+    client.replace_slice(only, frame(DAY, 5))
+    client.replace_slice(only, frame(DAY, 3))  # the table holds only DAY: the TRUNCATE path
+    again = client.select_slice(only)
+    assert again is not None
+    assert again.num_rows == 3
+    client.replace_slice(FrameSlice("clear__items", "items", (other,)), frame(other, 2))
+    client.replace_slice(only, frame(DAY, 4))  # another date is stored: the DELETE path
+    kept = client.select_slice(FrameSlice("clear__items", "items", (other, DAY)))
+    assert kept is not None
+    assert sorted(str(d) for d in kept[fio.PARTITION_COLUMN].to_pylist()) == [str(other)] * 2 + [str(DAY)] * 4

@@ -250,7 +250,7 @@ class PostgresFrameClient:
         """
         for column in frame.column_names:
             _quote(column, _COLUMN)
-        dates_sql = _dates_sql(where.dates)
+        _dates_sql(where.dates)  # refuses an empty slice before anything is touched
         with self.connect() as conn:
             cur = conn.cursor()
             self._ensure_catalog(cur)
@@ -260,15 +260,34 @@ class PostgresFrameClient:
             if recreated:
                 self._create(cur, where.table, frame.schema)
             else:
-                cur.execute(
-                    f"DELETE FROM {self._qualified(where.table)} "
-                    f"WHERE {_quote(PARTITION_COLUMN)} IN ({dates_sql})"
-                )
+                self._clear_slice(cur, where.table, where.dates)
             if frame.num_rows:
                 cur.adbc_ingest(where.table, _ingestable(frame), mode="append", db_schema_name=self.schema)
             conn.commit()
             cur.close()
         return recreated
+
+    def _clear_slice(self, cur: Any, table: str, dates: Sequence[dt.date]) -> None:
+        """Remove the slice's rows; TRUNCATE when the table holds nothing else.
+
+        Deleting a 1M-row slice row by row costs seconds per stage table and
+        made an incremental run pay for the size of the run before it. When the
+        stored dates (their min and max, two probes of the partition-date index)
+        lie inside the slice's contiguous range, TRUNCATE does the same in
+        constant time, inside the same transaction.
+        """
+        qualified = self._qualified(table)
+        column = _quote(PARTITION_COLUMN)
+        cur.execute(f"SELECT min({column}), max({column}) FROM {qualified}")
+        row = cur.fetchone()
+        if row is None or row[0] is None:
+            return  # empty table
+        first, last = min(dates), max(dates)
+        contiguous = len(set(dates)) == (last - first).days + 1
+        if contiguous and first <= row[0] and row[1] <= last:
+            cur.execute(f"TRUNCATE {qualified}")
+        else:
+            cur.execute(f"DELETE FROM {qualified} WHERE {column} IN ({_dates_sql(dates)})")
 
     def select_slice(self, where: FrameSlice) -> pa.Table | None:
         """Rows of the slice's dates with their stored Arrow types; None if never written."""
