@@ -8,6 +8,7 @@ are built columnar; the only per-row Python is one hash call per value.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -17,6 +18,7 @@ import pyarrow.compute as _compute
 import xxhash
 
 from syncflow_dagster.catalog.models import EntitySpec
+from syncflow_dagster.engine.chunks import chunk_size, chunk_starts
 from syncflow_dagster.engine.columns import (
     BK,
     BK_HASH,
@@ -209,7 +211,30 @@ def add_identity(entity: EntitySpec, rows: pa.Table) -> pa.Table:
     recipe = pa.repeat(pa.scalar(RECIPE_VERSION, RECIPE_TYPE), rows.num_rows)
     table = table.append_column(pa.field(BK, pa.string()), key)
     table = table.append_column(pa.field(BK_HASH, BK_HASH_TYPE), key_hash_of(key))
-    table = table.append_column(
-        pa.field(DATA_HASH, DATA_HASH_TYPE), data_hash_of(canonical_payload(entity, rows))
-    )
+    table = table.append_column(pa.field(DATA_HASH, DATA_HASH_TYPE), data_hashes(entity, rows))
     return table.append_column(pa.field(RECIPE, RECIPE_TYPE), recipe)
+
+
+def data_hashes(entity: EntitySpec, rows: pa.Table, size: int | None = None) -> pa.Array:
+    """DATA_HASH of every row, computed chunk by chunk (SYNCFLOW_CHUNK_SIZE rows).
+
+    A row's canonical payload depends on that row alone, so chunking changes
+    no hash. It bounds the per-row temporaries (payload text, one bytes object
+    per row) by the chunk, and lets a worker thread build the next chunk's
+    payload with Arrow kernels (which release the GIL) while this thread runs
+    the GIL-bound hash loop over the current one.
+    """
+    size = size or chunk_size()
+    if rows.num_rows <= size:
+        return data_hash_of(canonical_payload(entity, rows))
+    chunks = list(chunk_starts(rows.num_rows, size))
+    digests: list[pa.Array] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncflow-payload") as pool:
+        pending = pool.submit(canonical_payload, entity, rows.slice(*chunks[0]))
+        for index in range(len(chunks)):
+            payload = pending.result()
+            if index + 1 < len(chunks):
+                pending = pool.submit(canonical_payload, entity, rows.slice(*chunks[index + 1]))
+            digests.append(data_hash_of(payload))
+            del payload
+    return pa.concat_arrays(digests)

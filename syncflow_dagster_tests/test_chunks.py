@@ -1,0 +1,43 @@
+"""Chunking (SYNCFLOW_CHUNK_SIZE): chunk bounds, and DATA_HASH unchanged whatever the chunk size."""
+
+from __future__ import annotations
+
+import pytest
+
+from syncflow_dagster.catalog import default_catalog
+from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE, chunk_size, chunk_starts
+from syncflow_dagster.engine.identity import add_identity, canonical_payload, data_hash_of, data_hashes
+from syncflow_dagster.engine.normalize import normalize
+from syncflow_dagster.simulators.datagen import generate_dataset
+
+
+def test_chunk_starts_cover_every_row_once() -> None:
+    assert list(chunk_starts(0, 10)) == []
+    assert list(chunk_starts(25, 10)) == [(0, 10), (10, 10), (20, 5)]
+    assert list(chunk_starts(20, 10)) == [(0, 10), (10, 10)]
+    with pytest.raises(ValueError, match="at least 1"):
+        list(chunk_starts(5, 0))
+
+
+def test_chunk_size_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SYNCFLOW_CHUNK_SIZE", raising=False)
+    assert chunk_size() == DEFAULT_CHUNK_SIZE
+    monkeypatch.setenv("SYNCFLOW_CHUNK_SIZE", "2500")
+    assert chunk_size() == 2500
+    monkeypatch.setenv("SYNCFLOW_CHUNK_SIZE", "0")
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_size()
+
+
+def test_data_hashes_are_the_same_for_any_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    catalog = default_catalog()
+    entity = catalog.entity("work_orders")
+    raw = generate_dataset(catalog, 3000, seed=5)[entity.source]
+    rows = normalize(entity, raw).rows
+    whole = data_hash_of(canonical_payload(entity, rows))
+    for size in (1, 7, 1000, rows.num_rows - 1, rows.num_rows, rows.num_rows + 1):
+        assert data_hashes(entity, rows.slice(0, 50) if size == 1 else rows, size).equals(
+            whole.slice(0, 50) if size == 1 else whole
+        ), size
+    monkeypatch.setenv("SYNCFLOW_CHUNK_SIZE", "512")
+    assert add_identity(entity, rows)["_data_hash"].combine_chunks().equals(whole)
