@@ -81,7 +81,14 @@ def _sorted_by_key(table: pa.Table) -> tuple[pa.Table, bool]:
     """The table in key-hash order, and whether any key occurs twice."""
     if table.num_rows == 0:
         return table, False
-    order = pa.array(key_order(table.column(BK_HASH)))
+    positions = key_order(table.column(BK_HASH))
+    if bool(np.all(positions[1:] > positions[:-1])):
+        # Already in key order (plan_delta re-sorting a deduped batch): no gather.
+        keys = table.column(BK_HASH).combine_chunks()
+        n = len(keys)
+        repeated = n > 1 and bool(pc.any(pc.equal(keys.slice(1), keys.slice(0, n - 1))).as_py())
+        return table, repeated
+    order = pa.array(positions)
     # Columns are taken on threads (Arrow's take releases the GIL): the gather of a
     # wide million-row table is most of a plan's time.
     columns = run_column_jobs([partial(pc.take, column, order) for column in table.columns], table.num_rows)
