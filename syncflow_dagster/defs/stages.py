@@ -49,6 +49,20 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+def _is(column: Any, value: str) -> Any:
+    """Boolean mask `column == value`, with nulls read as False."""
+    return pc.fill_null(pc.equal(column, pa.scalar(value)), pa.scalar(False))
+
+
+def _count(mask: Any) -> int:
+    """How many entries of a boolean mask are true."""
+    return int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)
+
+
+def _table(columns: dict[str, Any]) -> pa.Table:
+    return pa.table(columns)
+
+
 @dataclass
 class StageResult:
     frame: pa.Table
@@ -70,7 +84,8 @@ def _partition_dates(changed_at_text: pa.ChunkedArray | pa.Array, dates: tuple[d
     day = pc.cast(pc.utf8_slice_codeunits(pc.cast(changed_at_text, pa.string()), 0, 10), pa.date32())
     low = pa.scalar(min(dates), pa.date32())
     high = pa.scalar(max(dates), pa.date32())
-    return pc.min_element_wise(pc.max_element_wise(pc.fill_null(day, low), low), high)
+    clipped: Any = pc.min_element_wise(pc.max_element_wise(pc.fill_null(day, low), low), high)
+    return clipped
 
 
 def key_only(entity: EntitySpec) -> EntitySpec:
@@ -159,8 +174,8 @@ def _as_text(table: pa.Table) -> pa.Table:
 
 def normalize_stage(entity: EntitySpec, extracted: pa.Table) -> tuple[StageResult, pa.Table]:
     """Typed rows (live and tombstones) plus the rejected frame (one row per bad value)."""
-    deleted = extracted[DELETED] if DELETED in extracted.column_names else None
-    live_mask = pc.invert(pc.fill_null(deleted, False)) if deleted is not None else None
+    deleted: Any = extracted[DELETED] if DELETED in extracted.column_names else None
+    live_mask: Any = pc.invert(pc.fill_null(deleted, pa.scalar(False))) if deleted is not None else None
     live = extracted.filter(live_mask) if live_mask is not None else extracted
     dead = extracted.filter(pc.invert(live_mask)) if live_mask is not None else extracted.slice(0, 0)
     result = normalize(entity, live.drop_columns([DELETED]) if DELETED in live.column_names else live)
@@ -215,10 +230,10 @@ def identity_stage(entity: EntitySpec, normalized: pa.Table) -> StageResult:
 def _split_deleted(frame: pa.Table) -> tuple[pa.Table, pa.Table]:
     if DELETED not in frame.column_names:
         return frame, frame.slice(0, 0)
-    mask = pc.fill_null(frame[DELETED], False)
+    mask: Any = pc.fill_null(frame[DELETED], pa.scalar(False))
     live = frame.filter(pc.invert(mask))
     dead = frame.filter(mask)
-    dead = dead.select([n for n in dead.column_names if pc.sum(pc.is_valid(dead[n])).as_py() or n in _KEEP])
+    dead = dead.select([n for n in dead.column_names if dead[n].null_count < dead.num_rows or n in _KEEP])
     return live, dead
 
 
@@ -258,7 +273,7 @@ def _attach_stored(rows: pa.Table, stored: pa.Table) -> pa.Table:
 def _stored_of(fresh: pa.Table) -> pa.Table:
     mask = pc.is_valid(fresh[STORED_ROWVERSION])
     known = fresh.filter(mask)
-    return pa.table(
+    return _table(
         {
             c.BK_HASH: known[c.BK_HASH],
             c.DATA_HASH: known[STORED_DATA_HASH],
@@ -282,12 +297,14 @@ def delta_stage(fresh: pa.Table) -> StageResult:
     plan = plan_delta(live, stored.unique() if hasattr(stored, "unique") else stored, tombstones)
     counts = {action: 0 for action in c.ACTIONS}
     if plan.num_rows:
-        for item in pc.value_counts(plan[c.ACTION]).to_pylist():
-            counts[item["values"]] = item["counts"]
+        for action, count in zip(
+            *plan.group_by(c.ACTION).aggregate([(c.ACTION, "count")]).columns, strict=True
+        ):
+            counts[str(action)] = int(count.as_py() or 0)
     counts["duplicates"] = duplicates.num_rows
-    changed = plan.filter(pc.not_equal(plan[c.ACTION], c.SKIP))
+    changed = plan.filter(pc.invert(_is(plan[c.ACTION], c.SKIP)))
     if DELETED not in changed.column_names:
-        changed = changed.append_column(DELETED, pc.equal(changed[c.ACTION], c.DELETE))
+        changed = changed.append_column(DELETED, _is(changed[c.ACTION], c.DELETE))
     return StageResult(changed, counts)
 
 
@@ -387,7 +404,7 @@ STATUS = RESULT_COLUMNS["status"]
 
 
 async def _deliver(client: Any, entity: EntitySpec, ready: pa.Table) -> tuple[pa.Table, pa.Table]:
-    is_delete = pc.fill_null(pc.equal(ready[c.ACTION], c.DELETE), False)
+    is_delete = _is(ready[c.ACTION], c.DELETE)
     upserts = ready.filter(pc.invert(is_delete))
     deletes = ready.filter(is_delete)
     payload = [c.BK, *entity.targets, *[n for n in upserts.column_names if n.startswith(REF_PREFIX)]]
@@ -409,7 +426,7 @@ def _join_results(rows: pa.Table, results: pa.Table | None) -> pa.Table:
     if results is None or rows.num_rows == 0:
         return rows.slice(0, 0)
     index = pc.index_in(rows[c.BK], value_set=results[c.BK])
-    missing = pc.sum(pc.is_null(index)).as_py()
+    missing = index.null_count
     if missing:
         raise RuntimeError(f"ScheduleHub returned no result for {missing} rows of the batch")
     for name, ours in RESULT_COLUMNS.items():
@@ -421,8 +438,8 @@ def _join_results(rows: pa.Table, results: pa.Table | None) -> pa.Table:
 def deliver_stage(client: Any, entity: EntitySpec, ready: pa.Table) -> StageResult:
     upserted, deleted = run_async(_deliver(client, entity, ready))
     frame = pa.concat_tables([upserted, deleted], promote_options="default") if deleted.num_rows else upserted
-    accepted = pc.sum(pc.equal(frame[STATUS], "accepted")).as_py() if frame.num_rows else 0
-    counts = {"delivered": accepted or 0, "failed": frame.num_rows - (accepted or 0)}
+    accepted = _count(_is(frame[STATUS], "accepted")) if frame.num_rows else 0
+    counts = {"delivered": accepted, "failed": frame.num_rows - accepted}
     return StageResult(frame, counts)
 
 
@@ -437,10 +454,10 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
     """
     if delivered.num_rows == 0:
         return StageResult(_summary(delivered), {"committed": 0, "deleted_state": 0, "failed_recorded": 0})
-    ok = pc.fill_null(pc.equal(delivered[STATUS], "accepted"), False)
+    ok = _is(delivered[STATUS], "accepted")
     accepted = delivered.filter(ok)
     rejected = delivered.filter(pc.invert(ok))
-    is_delete = pc.fill_null(pc.equal(accepted[c.ACTION], c.DELETE), False)
+    is_delete = _is(accepted[c.ACTION], c.DELETE)
     upserted = accepted.filter(pc.invert(is_delete))
     deleted = accepted.filter(is_delete)
     with database.entity_lock(entity.name):
@@ -464,13 +481,13 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
             parked = _delivered_among(database, pending_children, entity.name, accepted_keys)
             if len(parked):
                 bookkeeping.forget_delivered_children(database, entity, pa.table({c.BK_HASH: parked}))
-        parent_missing = pc.fill_null(pc.equal(rejected["_reason_code"], "parent_missing"), False)
+        parent_missing = _is(rejected["_reason_code"], "parent_missing")
         bookkeeping.record_delivery_failures(database, entity, batch_id, rejected)
     counts = {
         "committed": int(written),
         "deleted_state": deleted.num_rows,
         "failed_recorded": rejected.num_rows,
-        "failed_parent_missing": pc.sum(parent_missing).as_py() or 0,
+        "failed_parent_missing": _count(parent_missing),
     }
     return StageResult(_summary(delivered), counts)
 
@@ -501,7 +518,7 @@ def _summary(delivered: pa.Table) -> pa.Table:
             }
         )
     grouped = delivered.group_by([c.ACTION, STATUS]).aggregate([(c.BK, "count")])
-    return pa.table(
+    return _table(
         {
             c.ACTION: grouped[c.ACTION],
             "status": grouped[STATUS],
