@@ -76,6 +76,12 @@ def test_a_frame_from_another_run_is_never_handed_over() -> None:
     assert handed.take(("url", "schema", "t", (DAY,)), "run-a") is None
     handed.put(("url", "schema", "t", (DAY,)), "run-a", frame)
     assert handed.take(("url", "schema", "t", (DAY,)), "run-a") is frame
+    # Frames nobody takes do not pile up: only the newest few are kept.
+    for i in range(fio._HandedFrames.MAX_FRAMES + 3):
+        handed.put(("url", "schema", f"t{i}", (DAY,)), "run-a", frame)
+    assert handed.take(("url", "schema", "t0", (DAY,)), "run-a") is None
+    last = fio._HandedFrames.MAX_FRAMES + 2
+    assert handed.take(("url", "schema", f"t{last}", (DAY,)), "run-a") is frame
 
 
 def test_a_failed_background_write_fails_the_next_wait_naming_the_table() -> None:

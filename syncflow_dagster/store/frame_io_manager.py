@@ -459,9 +459,16 @@ class _HandedFrames:
         self._frames: dict[tuple[Any, ...], tuple[str, pa.Table]] = {}
         self._lock = threading.Lock()
 
+    # A frame nobody reads in this process (the last stage's, or one whose
+    # reader runs elsewhere) must not stay forever: the oldest entries go.
+    MAX_FRAMES = 4
+
     def put(self, key: tuple[Any, ...], run_id: str, frame: pa.Table) -> None:
         with self._lock:
+            self._frames.pop(key, None)
             self._frames[key] = (run_id, frame)
+            while len(self._frames) > self.MAX_FRAMES:
+                self._frames.pop(next(iter(self._frames)))
 
     def take(self, key: tuple[Any, ...], run_id: str | None) -> pa.Table | None:
         with self._lock:
