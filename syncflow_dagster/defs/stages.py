@@ -176,6 +176,8 @@ def normalize_stage(entity: EntitySpec, extracted: pa.Table) -> tuple[StageResul
     """Typed rows (live and tombstones) plus the rejected frame (one row per bad value)."""
     deleted: Any = extracted[DELETED] if DELETED in extracted.column_names else None
     live_mask: Any = pc.invert(pc.fill_null(deleted, pa.scalar(False))) if deleted is not None else None
+    if live_mask is not None and pc.all(live_mask).as_py():
+        live_mask = None  # no tombstones: no copy of the whole frame through a filter
     live = extracted.filter(live_mask) if live_mask is not None else extracted
     dead = extracted.filter(pc.invert(live_mask)) if live_mask is not None else extracted.slice(0, 0)
     result = normalize(entity, live.drop_columns([DELETED]) if DELETED in live.column_names else live)
@@ -231,6 +233,9 @@ def _split_deleted(frame: pa.Table) -> tuple[pa.Table, pa.Table]:
     if DELETED not in frame.column_names:
         return frame, frame.slice(0, 0)
     mask: Any = pc.fill_null(frame[DELETED], pa.scalar(False))
+    if not pc.any(mask).as_py():
+        # No tombstones (an initial sync, most batches): no copy of the frame.
+        return frame, frame.slice(0, 0).select([n for n in frame.column_names if n in _KEEP])
     live = frame.filter(pc.invert(mask))
     dead = frame.filter(mask)
     dead = dead.select([n for n in dead.column_names if dead[n].null_count < dead.num_rows or n in _KEEP])
@@ -302,7 +307,8 @@ def delta_stage(fresh: pa.Table) -> StageResult:
         ):
             counts[str(action)] = int(count.as_py() or 0)
     counts["duplicates"] = duplicates.num_rows
-    changed = plan.filter(pc.invert(_is(plan[c.ACTION], c.SKIP)))
+    # Skips are counted, not kept; with none (an initial sync) the plan is kept as it is.
+    changed = plan.filter(pc.invert(_is(plan[c.ACTION], c.SKIP))) if counts[c.SKIP] else plan
     if DELETED not in changed.column_names:
         changed = changed.append_column(DELETED, _is(changed[c.ACTION], c.DELETE))
     return StageResult(changed, counts)
