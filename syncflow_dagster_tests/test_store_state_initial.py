@@ -79,3 +79,19 @@ def test_first_commit_inserts_and_the_next_merges(repo: StateRepository) -> None
             {"e": entity},
         ).all()
     assert dict(rowversions) == {1: 500, 2: 700}
+
+
+def test_a_repeated_key_is_found_wherever_it_is() -> None:
+    from syncflow_dagster.store.state import _repeats_a_key
+
+    keys = _hashes(np.random.default_rng(3), 5000, 16)
+    assert not _repeats_a_key(keys)
+    assert not _repeats_a_key(keys.slice(10, 1))
+    for i, j in ((0, 4999), (1234, 1235), (4998, 7)):
+        repeated = pa.concat_arrays([keys, keys.slice(i, 1)]).take(
+            pa.array([*range(j), 5000, *range(j, 5000)])
+        )
+        assert _repeats_a_key(repeated), (i, j)
+    # An offset slice is read from its own start.
+    assert not _repeats_a_key(pa.concat_arrays([keys, keys]).slice(2500, 5000))
+    assert _repeats_a_key(pa.concat_arrays([keys, keys]).slice(2500, 5001))
