@@ -461,8 +461,16 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
     if delivered.num_rows == 0:
         return StageResult(_summary(delivered), {"committed": 0, "deleted_state": 0, "failed_recorded": 0})
     ok = _is(delivered[STATUS], "accepted")
-    accepted = delivered.filter(ok)
-    rejected = delivered.filter(pc.invert(ok))
+    # Only the state columns of accepted rows are needed (rejected rows keep
+    # their payload for the failed record): filtering the narrow table spares
+    # a copy of every payload column of a million delivered rows.
+    committed_columns = [c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "_schedulehub_id", c.ACTION]
+    accepted = delivered.select([n for n in committed_columns if n in delivered.column_names])
+    if _count(ok) < delivered.num_rows:
+        accepted = accepted.filter(ok)
+        rejected = delivered.filter(pc.invert(ok))
+    else:
+        rejected = delivered.slice(0, 0)
     is_delete = _is(accepted[c.ACTION], c.DELETE)
     upserted = accepted.filter(pc.invert(is_delete))
     deleted = accepted.filter(is_delete)
