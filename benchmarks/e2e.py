@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import datetime as dt
+import gc
 import json
 import os
 import resource
@@ -176,6 +178,12 @@ class StandIns:
         }
 
     def reset_peaks(self) -> None:
+        # Give back what the previous phase (and its correctness check) freed but
+        # the allocators still hold, so the mark starts from what is really in use.
+        gc.collect()
+        pa.default_memory_pool().release_unused()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         for pid in (None, self.apismith.pid, self.schedulehub.pid):
             reset_peak_rss(pid)
 
