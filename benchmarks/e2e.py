@@ -1,6 +1,6 @@
 """End-to-end benchmark: the Dagster sync of work_orders at ERP scale, initial then incremental.
 
-`python -m benchmarks e2e --rows N --json PATH [--database-url URL]`
+`python -m benchmarks e2e --rows N --json PATH [--database-url URL] [--profile-dir DIR]`
 
 - The stand-ins run in SUBPROCESSES (`syncflow simulate apismith --rows N` and
   `syncflow simulate schedulehub`), each with its own GIL, on free loopback ports.
@@ -198,12 +198,24 @@ class StandIns:
 # -- phases ------------------------------------------------------------------------------------
 
 
-def run_sync(entity: str, day: dt.date, resources: dict[str, Any], instance: Any) -> dict[str, Any]:
+def run_sync(
+    entity: str, day: dt.date, resources: dict[str, Any], instance: Any, profile_to: Path | None = None
+) -> dict[str, Any]:
+    """One Dagster sync of `entity`; with `profile_to`, under pyinstrument, its text report written there."""
     from syncflow_dagster.defs.runner import materialize_sync, report_of
 
+    profiler = None
+    if profile_to is not None:
+        from pyinstrument import Profiler
+
+        profiler = Profiler(interval=0.002)
+        profiler.start()
     started = time.perf_counter()
     result = materialize_sync(entity, day, resources=resources, instance=instance)
     seconds = time.perf_counter() - started
+    if profiler is not None and profile_to is not None:
+        profiler.stop()
+        profile_to.write_text(profiler.output_text(unicode=False), encoding="utf-8")
     report = report_of(result)
     if not result.success or not report:
         raise RuntimeError(f"sync of {entity} for {day} did not succeed")
@@ -338,7 +350,7 @@ def check_target_equals_source(
 # -- the run -----------------------------------------------------------------------------------
 
 
-def run(rows: int, seed: int, server_url: str | None) -> dict[str, Any]:
+def run(rows: int, seed: int, server_url: str | None, profile_dir: Path | None = None) -> dict[str, Any]:
     import dagster as dg
 
     from syncflow_dagster.defs.runner import sync_all
@@ -372,7 +384,7 @@ def run(rows: int, seed: int, server_url: str | None) -> dict[str, Any]:
             phases.append(parents)
 
             stand_ins.reset_peaks()
-            report = run_sync(ENTITY, day, resources, instance)
+            report = run_sync(ENTITY, day, resources, instance, _profile_path(profile_dir, rows, "initial"))
             initial = phase_figures(
                 "initial", int(report["fetched"]), report["wall_seconds"], report["stage_seconds"]
             )
@@ -389,7 +401,9 @@ def run(rows: int, seed: int, server_url: str | None) -> dict[str, Any]:
             applied.raise_for_status()
             stand_ins.reset_peaks()
             day = dt.datetime.now(dt.UTC).date()
-            report = run_sync(ENTITY, day, resources, instance)
+            report = run_sync(
+                ENTITY, day, resources, instance, _profile_path(profile_dir, rows, "incremental")
+            )
             changed = int(report["fetched"]) + int(report.get("tombstones", 0))
             incremental = phase_figures(
                 "incremental", changed, report["wall_seconds"], report["stage_seconds"]
@@ -424,6 +438,13 @@ def run(rows: int, seed: int, server_url: str | None) -> dict[str, Any]:
     }
 
 
+def _profile_path(directory: Path | None, rows: int, phase: str) -> Path | None:
+    if directory is None:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"e2e-{rows}-{phase}.txt"
+
+
 def print_table(result: dict[str, Any]) -> None:
     header = f"{'phase':<12}{'stage':<14}{'rows':>10}{'seconds':>10}{'rows/s':>12}{'RSS MB':>9}{'APISmith':>10}{'Hub':>8}"
     print(header)
@@ -452,12 +473,17 @@ def main(argv: list[str]) -> int:
         "--database-url", help="Postgres server (default $SYNCFLOW_DATABASE_URL, else embedded)"
     )
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--profile-dir",
+        type=Path,
+        help="profile the initial and incremental syncs with pyinstrument into DIR",
+    )
     args = parser.parse_args(argv)
     if args.rows < 1000:
         parser.error("--rows must be at least 1000 (the change set is a share of it)")
     configured = E2EBenchSettings().database_url
     server = args.database_url or (configured.get_secret_value() if configured else None)
-    result = run(args.rows, args.seed, server)
+    result = run(args.rows, args.seed, server, args.profile_dir)
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
