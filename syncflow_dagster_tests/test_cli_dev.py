@@ -11,18 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from syncflow_dagster_tests.test_definitions import STAGES as STAGE_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {
-    "extracted",
-    "normalized",
-    "identified",
-    "fresh_rows",
-    "delta_plan",
-    "resolved",
-    "delivered",
-    "committed",
-    "sync_report",
-}
+STAGES = set(STAGE_NAMES)
 
 
 def _free_port() -> int:
