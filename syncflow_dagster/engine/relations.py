@@ -72,6 +72,7 @@ def split_ready_pending(
     entity: EntitySpec | str,
     plan: pa.Table,
     known_parents: Mapping[str, pa.Array | pa.ChunkedArray | set[bytes] | frozenset[bytes]],
+    hashes: Mapping[str, pa.Array] | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """(ready, pending): pending rows name a parent ScheduleHub does not have yet.
 
@@ -79,12 +80,14 @@ def split_ready_pending(
     has or that arrive earlier in this run. Pending rows get `_reason`
     `parent_missing` and `_missing_parent` (the first missing parent, in
     declared order). Deletes are always ready: removing a child never needs
-    its parent.
+    its parent. `hashes` is `parent_key_hashes` of the same plan when the
+    caller has it already (hashing a million FKs per relation is not free).
     """
     spec = catalog.entity(entity) if isinstance(entity, str) else entity
     n = plan.num_rows
     missing_parent = pa.nulls(n, pa.string())
-    hashes = parent_key_hashes(catalog, spec, plan)
+    if hashes is None:
+        hashes = parent_key_hashes(catalog, spec, plan)
     for name, child_hashes in reversed(list(hashes.items())):
         parent = name.split("#", 1)[0]
         if parent not in known_parents:
@@ -101,8 +104,12 @@ def split_ready_pending(
         )
     waiting = pc.is_valid(missing_parent)
     base = plan.drop_columns([MISSING_PARENT]) if MISSING_PARENT in plan.column_names else plan
-    ready = base.filter(pc.invert(waiting))
-    pending = base.filter(waiting)
+    if not pc.any(waiting).as_py():
+        # Every parent is there (the usual case): no copy of the plan.
+        ready, pending = base, base.slice(0, 0)
+    else:
+        ready = base.filter(pc.invert(waiting))
+        pending = base.filter(waiting)
     pending_parent = missing_parent.filter(waiting)
     reason = pa.repeat(pa.scalar(PARENT_MISSING, pa.string()), pending.num_rows)
     if REASON in pending.column_names:
