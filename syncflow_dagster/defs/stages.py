@@ -358,7 +358,7 @@ def parent_child_stage(
         known[parent] = found if previous is None else pa.concat_arrays([previous, found])
     for parent in entity.parent_entities:
         known.setdefault(parent, pa.array([], c.BK_HASH_TYPE))
-    ready, waiting = split_ready_pending(catalog, entity.name, plan, known)
+    ready, waiting = split_ready_pending(catalog, entity.name, plan, known, needed)
     parked = bookkeeping.park_children(database, catalog, entity, batch_id, waiting)
     ready = add_references(catalog, entity, ready)
     counts = {"ready": ready.num_rows, "pending": parked, "released": released.num_rows}
