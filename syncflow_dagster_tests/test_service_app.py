@@ -252,17 +252,18 @@ def test_failed_and_pending_after_schedulehub_faults(stack: Stack) -> None:
         assert _poll(stack, run["run_id"], TERMINAL)["status"] == "SUCCESS"
     finally:
         httpx.delete(f"{stack.schedulehub.url}/admin/faults", timeout=30)
-    # Sales orders before their customers exist in ScheduleHub: the children wait.
-    run = stack.post("/sync", {"entities": ["sales_orders"]}).json()["runs"][0]
+    # Operations before their work orders exist in ScheduleHub (no test of this module syncs
+    # work orders, whatever the order the tests run in): the children wait.
+    run = stack.post("/sync", {"entities": ["operations"]}).json()["runs"][0]
     assert _poll(stack, run["run_id"], TERMINAL)["status"] == "SUCCESS"
 
     failed = stack.get("/failed-records", params={"entity": "sites", "reason": "transient_failure"}).json()
     assert failed["total"] > 0
     assert {item["reason_code"] for item in failed["items"]} == {"transient_failure"}
-    pending = stack.get("/pending-children", params={"entity": "sales_orders", "limit": 5}).json()
+    pending = stack.get("/pending-children", params={"entity": "operations", "limit": 5}).json()
     assert pending["total"] > 0
     assert len(pending["items"]) == min(5, pending["total"])
-    assert {item["missing_parent_entity"] for item in pending["items"]} == {"customers"}
+    assert {item["missing_parent_entity"] for item in pending["items"]} == {"work_orders"}
 
     retry = stack.post("/failed-records/retry", {"entities": ["sites"]})
     assert retry.status_code == 202, retry.text

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 import httpx
 import sqlalchemy as sa
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials
 
 from syncflow_dagster.catalog import Catalog, default_catalog
@@ -90,6 +90,12 @@ def _overall(views: list[EntityStatsView]) -> EntityStatsView:
         ):
             total.last_batch = view.last_batch
     return total
+
+
+# Dagster run ids are UUIDs; anything else is refused (422) before Dagster is asked.
+RunId = Annotated[
+    str, Path(pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+]
 
 
 def create_app(
@@ -174,7 +180,7 @@ def create_app(
     @app.get(
         "/sync/{run_id}", response_model=m.RunStatus, tags=["sync"], responses={404: {"model": m.Problem}}
     )
-    def sync_status(run_id: str) -> m.RunStatus:
+    def sync_status(run_id: RunId) -> m.RunStatus:
         """The run's Dagster status and the metrics of every batch it wrote."""
         run = dagster_call("run status", gateway.run, run_id)
         with engine.connect() as conn:
@@ -196,7 +202,7 @@ def create_app(
         tags=["sync"],
         responses={404: {"model": m.Problem}, 409: {"model": m.Problem}},
     )
-    def cancel_sync(run_id: str) -> m.CancelAccepted:
+    def cancel_sync(run_id: RunId) -> m.CancelAccepted:
         """Ask Dagster to terminate the run (queued runs are canceled at once)."""
         dagster_call("cancel run", gateway.cancel, run_id)
         return m.CancelAccepted(run_id=run_id)

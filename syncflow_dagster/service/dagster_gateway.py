@@ -122,6 +122,7 @@ class DagsterGateway:
         return self._submit(retry_job.name, {"syncflow/trigger": "api"}, config)
 
     def cancel(self, run_id: str) -> None:
+        self.run(run_id)  # an unknown run is a 404, not an error of the terminate mutation
         try:
             self._client.terminate_run(run_id)
         except DagsterGraphQLClientError as exc:
