@@ -42,7 +42,9 @@ def test_initial_rerun_change_sensor_and_incremental(fresh_database_url: str) ->
             "operations",
         }
 
-        results = sync_all(today, resources=env.resources)
+        # One instance for the whole story, so runs see their predecessors' history.
+        instance = dg.DagsterInstance.ephemeral()
+        results = sync_all(today, resources=env.resources, instance=instance)
         assert all(r.success for r in results.values())
         reports = {name: report_of(r) for name, r in results.items()}
         for name, report in reports.items():
@@ -58,10 +60,21 @@ def test_initial_rerun_change_sensor_and_incremental(fresh_database_url: str) ->
         skip = _sensor_tick(env.resources, first.cursor)
         assert isinstance(skip, dg.SkipReason)
         assert "no APISmith watermark moved" in skip.skip_message
-        again = report_of(materialize_sync("work_orders", today, resources=env.resources))
+        again = report_of(materialize_sync("work_orders", today, resources=env.resources, instance=instance))
+        assert again["fetched"] == 0  # resumes after what the last finished run of the day read
         assert again["delivered"] == 0
         assert again["insert"] == 0
         assert again["update"] == 0
+        # Forcing a full re-read of the day fetches everything again and still delivers nothing:
+        # every row is stale by rowversion.
+        full = report_of(
+            materialize_sync(
+                "work_orders", today, resources=env.resources, instance=instance, full_window=True
+            )
+        )
+        assert full["fetched"] == reports["work_orders"]["fetched"]
+        assert full["delivered"] == 0
+        assert full["stale"] == reports["work_orders"]["committed"]
 
         # A change set on work orders: the sensor asks for work_orders (and any entity its deletes cascaded to).
         applied = env.apply_changes(
@@ -79,7 +92,9 @@ def test_initial_rerun_change_sensor_and_incremental(fresh_database_url: str) ->
             if "work_orders" in r.run_key
         )
 
-        incremental = report_of(materialize_sync("work_orders", today, resources=env.resources))
+        incremental = report_of(
+            materialize_sync("work_orders", today, resources=env.resources, instance=instance)
+        )
         wo = applied["ProductionOrders"]
         assert (
             incremental["update"] + incremental["insert"] + incremental["rejected"]

@@ -27,6 +27,8 @@ from syncflow_dagster.engine import columns as c
 from syncflow_dagster.store.frame_io_manager import partition_scope
 
 GROUP = "sync"
+# Run tag that makes the fetch read the partition's whole day again.
+FULL_WINDOW_TAG = "syncflow/full_window"
 OWNERS = ["team:syncflow"]
 FRAME_IO = "frame_io_manager"
 PREVIEW_ROWS = 5
@@ -142,9 +144,11 @@ def _window_read_up_to(context: AssetExecutionContext) -> int:
 
     Only a run whose sync_report materialised accounted for every row it read,
     so only its mark is used; anything else (no history, a range of dates, a
-    re-execution) reads the whole window again, which is always correct.
+    re-execution) reads the whole window again, which is always correct. An
+    operator forces that with the run tag `syncflow/full_window=true` (after
+    restoring SyncFlow's state from a backup, say).
     """
-    if len(context.partition_keys) != 1:
+    if len(context.partition_keys) != 1 or context.run.tags.get(FULL_WINDOW_TAG) == "true":
         return 0
     key = context.partition_keys[0]
     instance = context.instance

@@ -13,7 +13,7 @@ from typing import Any
 
 import dagster as dg
 
-from syncflow_dagster.defs.assets import CATALOG, STAGE_ASSETS
+from syncflow_dagster.defs.assets import CATALOG, FULL_WINDOW_TAG, STAGE_ASSETS
 from syncflow_dagster.defs.checks import entities_synced_recently
 from syncflow_dagster.defs.partitions import sync_partition_key
 
@@ -26,8 +26,12 @@ def materialize_sync(
     instance: dg.DagsterInstance | None = None,
     raise_on_error: bool = True,
     log_level: str = "INFO",
+    full_window: bool = False,
 ) -> dg.ExecuteInProcessResult:
     """Materialize the nine stages for one entity × day, in this process.
+
+    `full_window` reads the whole day from APISmith again instead of resuming
+    after what the partition's last finished run read.
 
     `log_level` is the console logger's: the demo passes WARNING so that its
     summary is not buried under Dagster's step events (they are all still in
@@ -39,7 +43,11 @@ def materialize_sync(
         resources=dict(resources),
         instance=instance,
         raise_on_error=raise_on_error,
-        tags={"syncflow/entity": entity, "syncflow/trigger": "in_process"},
+        tags={
+            "syncflow/entity": entity,
+            "syncflow/trigger": "in_process",
+            **({FULL_WINDOW_TAG: "true"} if full_window else {}),
+        },
         run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
     )
 
