@@ -36,6 +36,7 @@ from syncflow_dagster.store.database import make_engine
 from syncflow_dagster.store.migrate import upgrade
 from syncflow_dagster.store.schema import sync_batches
 from syncflow_dagster_tests._service_fixtures import insert_failure, insert_pending
+from syncflow_dagster_tests.conftest import scratch_database
 
 REPO = Path(__file__).resolve().parents[1]
 WEBSERVER_START_S = 180.0
@@ -86,7 +87,16 @@ def _wait_for_dagster(url: str, proc: subprocess.Popen[bytes], log: Path) -> Non
 
 
 @pytest.fixture(scope="module")
-def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def module_database_url(pg_server_url: str) -> Iterator[str]:
+    """A database of this module's own: other modules' syncs of the same seeded keys would make
+    this module's first sync see them as already delivered."""
+    with scratch_database(pg_server_url) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def stack(module_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    database_url = module_database_url
     upgrade(database_url)
     secret_a, secret_s, token = (secrets.token_urlsafe(16) for _ in range(3))
     api = start_server(apismith.create_app(rows=300, seed=3, clients={"syncflow": secret_a}))
