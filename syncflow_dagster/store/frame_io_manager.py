@@ -21,6 +21,7 @@ no maintained first-party one:
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import hashlib
 import re
@@ -167,6 +168,19 @@ class FrameSlice:
 
 _POOL: dict[str, Any] = {}
 _POOL_LOCK = threading.RLock()
+
+
+def _close_pool() -> None:
+    """Close pooled connections at exit, while the driver is still loaded (else its
+    finalizer complains at interpreter shutdown)."""
+    with _POOL_LOCK:
+        while _POOL:
+            _, conn = _POOL.popitem()
+            with suppress(Exception):
+                conn.close()
+
+
+atexit.register(_close_pool)
 
 
 class PostgresFrameClient:
