@@ -122,7 +122,7 @@ def retry_failed_and_pending(
         )
         due = bookkeeping.due_failures(database, entity, tuning.retry_batch_limit)
         frames = [due] if due.num_rows else []
-        if not frames and not database.pending().release_candidates(entity.name).num_rows:
+        if not frames and not bookkeeping.releasable_counts(database, _one(entity)):
             continue
         rows = frames[0] if frames else bookkeeping.row_schema(entity).empty_table()
         # Released children join inside the parent-child stage.
@@ -155,6 +155,15 @@ def retry_failed_and_pending(
                 },
             )
         )
+
+
+def _one(entity: EntitySpec) -> Any:
+    """A catalog view with just this entity, for the per-entity releasable count."""
+
+    class _Only:
+        topological_order = (entity.name,)
+
+    return _Only()
 
 
 @dg.op(
