@@ -383,63 +383,42 @@ def create_app(
     def watermark(source: str) -> dict[str, Any]:
         return api.watermark(api.entity(source))
 
-    @app.get(
-        "/v1/entities/{source}/changes",
-        summary="Records changed in a window, keyset-paginated by rowversion",
-        dependencies=auth,
-        responses={200: {"content": {ARROW_STREAM: {}}}},
-    )
-    def changes(
-        request: Request,
-        source: str,
-        changed_from: ChangedFrom = None,
-        changed_to: ChangedTo = None,
-        after_rowversion: int = 0,
-        limit: int = DEFAULT_PAGE_SIZE,
-        snapshot_rowversion: int | None = None,
-        rowversion_to: int | None = None,
-    ) -> Response:
-        entity = api.entity(source)
-        page = api.read_page(
-            api.store.state(entity.source),
-            "changes",
-            changed_from=changed_from,
-            changed_to=changed_to,
-            after_rowversion=after_rowversion,
-            limit=limit,
-            snapshot_rowversion=snapshot_rowversion,
-            rowversion_to=rowversion_to,
-        )
-        return api.page_response(request, entity, page)
+    def window_route(kind: str, what: str) -> None:
+        """GET /v1/entities/{source}/<kind>: the changes and tombstones reads share one contract."""
 
-    @app.get(
-        "/v1/entities/{source}/tombstones",
-        summary="Records deleted in a window, keyset-paginated by rowversion",
-        dependencies=auth,
-        responses={200: {"content": {ARROW_STREAM: {}}}},
-    )
-    def tombstones(
-        request: Request,
-        source: str,
-        changed_from: ChangedFrom = None,
-        changed_to: ChangedTo = None,
-        after_rowversion: int = 0,
-        limit: int = DEFAULT_PAGE_SIZE,
-        snapshot_rowversion: int | None = None,
-        rowversion_to: int | None = None,
-    ) -> Response:
-        entity = api.entity(source)
-        page = api.read_page(
-            api.store.state(entity.source),
-            "tombstones",
-            changed_from=changed_from,
-            changed_to=changed_to,
-            after_rowversion=after_rowversion,
-            limit=limit,
-            snapshot_rowversion=snapshot_rowversion,
-            rowversion_to=rowversion_to,
-        )
-        return api.page_response(request, entity, page)
+        def read_window(
+            request: Request,
+            source: str,
+            changed_from: ChangedFrom = None,
+            changed_to: ChangedTo = None,
+            after_rowversion: int = 0,
+            limit: int = DEFAULT_PAGE_SIZE,
+            snapshot_rowversion: int | None = None,
+            rowversion_to: int | None = None,
+        ) -> Response:
+            entity = api.entity(source)
+            page = api.read_page(
+                api.store.state(entity.source),
+                kind,
+                changed_from=changed_from,
+                changed_to=changed_to,
+                after_rowversion=after_rowversion,
+                limit=limit,
+                snapshot_rowversion=snapshot_rowversion,
+                rowversion_to=rowversion_to,
+            )
+            return api.page_response(request, entity, page)
+
+        app.get(
+            f"/v1/entities/{{source}}/{kind}",
+            summary=f"Records {what} in a window, keyset-paginated by rowversion",
+            dependencies=auth,
+            responses={200: {"content": {ARROW_STREAM: {}}}},
+            name=kind,
+        )(read_window)
+
+    window_route("changes", "changed")
+    window_route("tombstones", "deleted")
 
     @app.get(
         "/v1/entities/{source}/keys",
