@@ -33,6 +33,7 @@ from syncflow_dagster_tests.webserver import (
     CODE_LOCATION,
     PAGE_TIMEOUT_MS,
     SET_NUX_SEEN,
+    STAGE_ASSETS,
     DagsterDeployment,
     dagster_deployment,
     launch_chromium,
@@ -41,17 +42,6 @@ from syncflow_dagster_tests.webserver import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-STAGE_ASSETS = (
-    "extracted",
-    "normalized",
-    "identified",
-    "fresh_rows",
-    "delta_plan",
-    "resolved",
-    "delivered",
-    "committed",
-    "sync_report",
-)
 ENTITIES = tuple(default_catalog().topological_order)
 BACKFILL_DAYS = 3
 # Small on purpose: 200 APISmith rows spread over the backfill's 3 days keep

@@ -23,6 +23,7 @@ from syncflow_dagster_tests.webserver import (
     CODE_LOCATION,
     PAGE_TIMEOUT_MS,
     SET_NUX_SEEN,
+    STAGE_ASSETS,
     WORKSPACE_YAML,
     DagsterDeployment,
     dagster_deployment,
@@ -30,18 +31,6 @@ from syncflow_dagster_tests.webserver import (
 )
 
 pytestmark = [pytest.mark.ui, pytest.mark.timeout(900)]
-
-STAGE_ASSETS = (
-    "extracted",
-    "normalized",
-    "identified",
-    "fresh_rows",
-    "delta_plan",
-    "resolved",
-    "delivered",
-    "committed",
-    "sync_report",
-)
 
 
 @pytest.fixture(scope="module")

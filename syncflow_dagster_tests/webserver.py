@@ -31,6 +31,8 @@ import yaml
 from dagster_graphql import DagsterGraphQLClient
 from playwright.sync_api import Browser, Playwright
 
+from syncflow_dagster.defs.assets import STAGE_ASSETS as stage_asset_defs
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKSPACE_YAML = REPO_ROOT / "workspace.yaml"
 INSTANCE_YAML = REPO_ROOT / "dagster.yaml"
@@ -61,6 +63,8 @@ PAGE_TIMEOUT_MS = 120_000
 # The "join the community" dialog the UI shows on localhost would cover the
 # pages; the webserver's own mutation records it as seen.
 SET_NUX_SEEN = "mutation { setNuxSeen }"
+# The nine stage asset keys, in pipeline order, as the product defines them.
+STAGE_ASSETS = tuple(asset.key.to_user_string() for asset in stage_asset_defs)
 
 # Sections of the repository dagster.yaml that describe how runs are queued and
 # retried; storage is replaced by the test database, everything else is kept.
