@@ -403,9 +403,11 @@ def _rows_per_date(frame: pa.Table, dates: Sequence[dt.date]) -> dict[dt.date, i
             raise FrameStoreError(f"a frame covering several dates must carry a {PARTITION_COLUMN} column")
         counts[dates[0]] = frame.num_rows
     elif frame.num_rows:
-        for item in pc.value_counts(frame[PARTITION_COLUMN]).to_pylist():
-            if item["values"] in counts:
-                counts[item["values"]] += int(item["counts"])
+        tally = pc.value_counts(frame[PARTITION_COLUMN])
+        days, rows = tally.field("values").to_pylist(), tally.field("counts").to_pylist()
+        for day, count in zip(days, rows, strict=True):
+            if day in counts and count is not None:
+                counts[day] += int(count)
     return counts
 
 
