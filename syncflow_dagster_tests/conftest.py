@@ -5,6 +5,10 @@ it to the machine's 127.0.0.1:5432); otherwise an embedded Postgres is started
 from the pgserver wheel for the session. Each test session works in a database
 of its own, created here and dropped at the end, so parallel sessions on one
 server never see each other's rows.
+
+Tests that stop, restart or cut the connections of their Postgres use
+`dedicated_postgres_server` (or `dedicated_postgres`, its database URL): an
+embedded server of the test's own, never the shared one.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,7 +27,7 @@ import psycopg
 import pytest
 
 from syncflow_dagster.store.database import libpq_url
-from syncflow_dagster.store.embedded import start_embedded_postgres
+from syncflow_dagster.store.embedded import EmbeddedPostgres, start_embedded_postgres
 
 TEST_DATABASE_ENV = "SYNCFLOW_TEST_DATABASE_URL"
 
@@ -75,3 +80,35 @@ def fresh_database_url(pg_server_url: str) -> Iterator[str]:
     """A database of this test's own, for tests whose state must start empty (a new deployment)."""
     with scratch_database(pg_server_url) as url:
         yield url
+
+
+@dataclass(frozen=True)
+class DedicatedPostgres:
+    """An embedded server of one test's own and the URL of the database created on it."""
+
+    server: EmbeddedPostgres
+    url: str
+
+    def url_of(self, dbname: str) -> str:
+        return _with_database(self.url, dbname)
+
+
+@pytest.fixture
+def dedicated_postgres_server() -> Iterator[DedicatedPostgres]:
+    """A Postgres of this test's own (never the shared server): the test cuts, stops or restarts it."""
+    data_dir = Path(tempfile.mkdtemp(prefix="syncflow-fault-pg-"))
+    server = start_embedded_postgres(data_dir / "data", keep_data=False)
+    name = f"syncflow_fault_{uuid.uuid4().hex[:8]}"
+    try:
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        yield DedicatedPostgres(server, _with_database(server.url, name))
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def dedicated_postgres(dedicated_postgres_server: DedicatedPostgres) -> str:
+    """The URL of a database on a Postgres of this test's own."""
+    return dedicated_postgres_server.url

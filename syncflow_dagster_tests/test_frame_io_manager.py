@@ -5,6 +5,7 @@ import decimal
 
 import dagster as dg
 import pandas as pd
+import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -12,8 +13,10 @@ import pytest
 from syncflow_dagster.catalog import FieldType, default_catalog
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.normalize import target_type
+from syncflow_dagster.store.database import libpq_url
 from syncflow_dagster.store.frame_io_manager import (
     PARTITION_COLUMN,
+    FrameLostError,
     FrameSlice,
     FrameStoreError,
     PostgresFrameClient,
@@ -144,3 +147,77 @@ def test_unsafe_identifiers_are_refused(client: PostgresFrameClient) -> None:
     frame = pa.table({"bad name": [1], PARTITION_COLUMN: pa.array([DAY1], pa.date32())})
     with pytest.raises(FrameStoreError, match="unsafe SQL identifier"):
         client.replace_slice(FrameSlice("t__bad", "bad", (DAY1,)), frame)
+
+
+def test_a_slice_emptied_under_the_manager_is_refused_not_read_as_empty(
+    client: PostgresFrameClient, database_url: str
+) -> None:
+    """Crash recovery empties UNLOGGED stage tables; a stage must not take that for "no rows"."""
+
+    def frame(day: dt.date, values: list[int]) -> pa.Table:
+        return pa.table(
+            {"v": pa.array(values, pa.int64()), PARTITION_COLUMN: pa.array([day] * len(values), pa.date32())}
+        )
+
+    one = FrameSlice("t__lost", "lost", (DAY1,))
+    both = FrameSlice("t__lost", "lost", (DAY1, DAY2))
+    client.replace_slice(one, frame(DAY1, [1, 2, 3]))
+    client.replace_slice(FrameSlice("t__lost", "lost", (DAY2,)), frame(DAY2, []))
+    assert client.select_slice(both)["v"].to_pylist() == [1, 2, 3]
+    # What crash recovery does to an UNLOGGED table: its rows are gone, the logged catalog is not.
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        conn.execute('TRUNCATE "syncflow_stage_test"."t__lost"')
+    with pytest.raises(FrameLostError, match=r"t__lost of lost lost rows \(2026-11-27: 3 written, 0 found\)"):
+        client.select_slice(one)
+    with pytest.raises(FrameLostError, match="Run the partition again from its first stage"):
+        client.select_slice(both)
+    # A date written empty, or never written, is read as empty: nothing was lost there.
+    assert client.select_slice(FrameSlice("t__lost", "lost", (DAY2,))).num_rows == 0
+    assert client.select_slice(FrameSlice("t__lost", "lost", (dt.date(2026, 11, 1),))).num_rows == 0
+    # Writing the slice again (the partition's rerun) makes it readable again.
+    client.replace_slice(one, frame(DAY1, [7]))
+    assert client.select_slice(both)["v"].to_pylist() == [7]
+    # Pruning forgets the recorded counts with the rows.
+    client.prune(DAY2)
+    assert client.select_slice(one).num_rows == 0
+
+
+def test_a_lost_input_frame_fails_the_step_without_retries(database_url: str) -> None:
+    """A retry cannot bring lost rows back: the step fails at once, saying to rerun the partition."""
+    partitions = dg.MultiPartitionsDefinition(
+        {
+            "entity": dg.StaticPartitionsDefinition(["items"]),
+            "date": dg.DailyPartitionsDefinition("2026-11-01"),
+        }
+    )
+
+    @dg.asset(partitions_def=partitions, io_manager_key="frames")
+    def written(context: dg.AssetExecutionContext) -> pa.Table:
+        return pa.table({"n": pa.array([1, 2, 3], pa.int64())})
+
+    @dg.asset(
+        partitions_def=partitions,
+        io_manager_key="frames",
+        retry_policy=dg.RetryPolicy(max_retries=3, delay=0.01),
+    )
+    def reader(written: pa.Table) -> pa.Table:
+        return written
+
+    manager = PostgresFrameIOManager(database_url=database_url, schema_name="syncflow_stage_lost")
+    key = dg.MultiPartitionKey({"entity": "items", "date": "2026-11-28"})
+    assert dg.materialize([written], partition_key=key, resources={"frames": manager}).success
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        conn.execute('TRUNCATE "syncflow_stage_lost"."written__items"')
+    result = dg.materialize(
+        [written, reader],
+        selection=[reader],
+        partition_key=key,
+        resources={"frames": manager},
+        raise_on_error=False,
+    )
+    assert not result.success
+    assert [e for e in result.all_events if e.is_step_up_for_retry] == []
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = str(failure.step_failure_data.error)
+    assert "written__items of items lost rows (2026-11-28: 3 written, 0 found)" in message
+    assert "Run the partition again from its first stage" in message

@@ -11,12 +11,7 @@ their work centers, items) keep each test to seconds of work.
 from __future__ import annotations
 
 import datetime as dt
-import shutil
-import tempfile
 import threading
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,7 +22,6 @@ import sqlalchemy as sa
 from syncflow_dagster.clients.schedulehub import ScheduleHubClient
 from syncflow_dagster.defs.resources import SyncTuning
 from syncflow_dagster.defs.runner import materialize_sync, report_of
-from syncflow_dagster.store.embedded import start_embedded_postgres
 from syncflow_dagster_tests.reliability_harness import (
     clear_faults,
     faults_served,
@@ -257,21 +251,6 @@ def test_child_days_before_parent_waits_expires_with_reason_then_retry_clears(
         assert database.failures().count("work_centers") == 0
         assert database.pending().count("work_centers") == 0
         _assert_equal(env, FAMILY)
-
-
-@pytest.fixture
-def dedicated_postgres() -> Iterator[str]:
-    """A Postgres of this test's own (never the shared server): its connections are cut."""
-    data_dir = Path(tempfile.mkdtemp(prefix="syncflow-fault-pg-"))
-    server = start_embedded_postgres(data_dir / "data", keep_data=False)
-    name = f"syncflow_fault_{uuid.uuid4().hex[:8]}"
-    try:
-        with psycopg.connect(server.url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        yield _with_db(server.url, name)
-    finally:
-        server.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _with_db(url: str, name: str) -> str:

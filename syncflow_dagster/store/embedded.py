@@ -3,6 +3,10 @@
 Used only when no database URL is configured: a machine with nothing but
 Python still gets a real Postgres (never SQLite). The server listens on a Unix
 socket inside its data directory, so it never takes a TCP port.
+
+`stop_server` and `start_server` stop a running server (pg_ctl's fast or
+immediate mode) and start it again on the same data directory, socket and
+port, so the URL stays valid: the fault tests restart Postgres under a run.
 """
 
 from __future__ import annotations
@@ -22,6 +26,43 @@ class EmbeddedPostgres:
     data_dir: Path
     url: str
     _server: Any
+
+    def stop_server(self, mode: str = "fast", timeout_s: float = 60.0) -> None:
+        """`pg_ctl stop -m <mode>` on the data directory; `start_server` brings it back.
+
+        `fast` rolls back open transactions and shuts down cleanly; `immediate`
+        kills the server, and the next start runs crash recovery (which empties
+        UNLOGGED tables).
+        """
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
+
+        if mode not in ("smart", "fast", "immediate"):
+            raise ValueError(f"pg_ctl stop mode must be smart, fast or immediate, not {mode!r}")
+        wait = str(max(1, int(timeout_s)))
+        pg_ctl(
+            ["-w", "-t", wait, "-m", mode, "stop"],
+            pgdata=self._server.pgdata,
+            user=self._server.system_user,
+            timeout=timeout_s + 10,
+        )
+
+    def start_server(self) -> None:
+        """Start the stopped server again with pgserver's own options: same socket directory and port.
+
+        pgserver's handle is refreshed too, so `stop` still stops (and cleans up
+        after) the new server process rather than the old one.
+        """
+        with type(self._server)._lock:
+            self._server.ensure_postgres_running()
+        url = self._server.get_uri()
+        if url != self.url:
+            raise RuntimeError(f"embedded postgres at {self.data_dir} came back at {url}, not {self.url}")
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's process id (changes on every start)."""
+        pid: int | None = self._server.get_pid()
+        return pid
 
     def stop(self) -> None:
         try:

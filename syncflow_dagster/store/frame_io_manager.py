@@ -10,9 +10,12 @@ no maintained first-party one:
   table `_frames` holding each table's exact Arrow schema so that dtypes
   (decimal scale, 16-byte hashes, int16, tz-aware timestamps) come back as
   they went in. Writing a partition deletes its slice and COPYs the new rows
-  in ONE transaction; bulk transfer uses the Arrow ADBC Postgres driver
-  (binary COPY in C, about 2.4 s per million 8-column rows here) rather than
-  per-row inserts.
+  in ONE transaction, which also records the slice's row count per date in
+  the logged table `_slices`: crash recovery (an immediate stop, a power
+  loss) empties UNLOGGED tables, and a read that finds other than the rows
+  written refuses the frame rather than hand a stage an empty one. Bulk
+  transfer uses the Arrow ADBC Postgres driver (binary COPY in C, about 2.4 s
+  per million 8-column rows here) rather than per-row inserts.
 * `ArrowFrameHandler` and `PandasFrameHandler` convert frames to and from Arrow.
 * `PostgresFrameIOManager` maps Dagster partitions onto slices: one
   (entity, date) key, or a contiguous range of dates for one entity, so
@@ -42,6 +45,7 @@ from syncflow_dagster.store.database import libpq_url
 PARTITION_COLUMN = "_partition_date"
 STAGE_SCHEMA = "syncflow_stage"
 _FRAMES_TABLE = "_frames"
+_SLICES_TABLE = "_slices"
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # Columns may carry the source system's own spelling (APISmith's "CustomerNo"),
 # always double-quoted; a quote or control character is never allowed.
@@ -50,6 +54,10 @@ _COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,62}$")
 
 class FrameStoreError(RuntimeError):
     """A frame could not be stored or loaded; the message names the table and why."""
+
+
+class FrameLostError(FrameStoreError):
+    """A stored slice has fewer rows than were written: crash recovery emptied its UNLOGGED table."""
 
 
 def _quote(identifier: str, pattern: re.Pattern[str] = _IDENT) -> str:
@@ -224,6 +232,12 @@ class PostgresFrameClient:
             f"CREATE TABLE IF NOT EXISTS {self._qualified(_FRAMES_TABLE)} ("
             " table_name text PRIMARY KEY, arrow_schema bytea NOT NULL, updated_at timestamptz NOT NULL)"
         )
+        # Logged, unlike the stage tables: it survives the crash recovery that empties them.
+        cur.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._qualified(_SLICES_TABLE)} ("
+            " table_name text NOT NULL, partition_date date NOT NULL, row_count bigint NOT NULL,"
+            " written_at timestamptz NOT NULL, PRIMARY KEY (table_name, partition_date))"
+        )
 
     def stored_schema(self, cur: Any, table: str) -> pa.Schema | None:
         cur.execute(f"SELECT arrow_schema FROM {self._qualified(_FRAMES_TABLE)} WHERE table_name = '{table}'")
@@ -236,6 +250,7 @@ class PostgresFrameClient:
         columns = ", ".join(f"{_quote(f.name, _COLUMN)} {_pg_type(f.type)}" for f in schema)
         kind = "UNLOGGED TABLE" if self.unlogged else "TABLE"
         cur.execute(f"DROP TABLE IF EXISTS {self._qualified(table)}")
+        cur.execute(f"DELETE FROM {self._qualified(_SLICES_TABLE)} WHERE table_name = '{table}'")
         cur.execute(f"CREATE {kind} {self._qualified(table)} ({columns})")
         cur.execute(f"CREATE INDEX ON {self._qualified(table)} ({_quote(PARTITION_COLUMN)})")
         blob = schema.serialize().to_pybytes().hex()
@@ -277,9 +292,29 @@ class PostgresFrameClient:
                 self._clear_slice(cur, where.table, where.dates)
             if frame.num_rows:
                 cur.adbc_ingest(where.table, _ingestable(frame), mode="append", db_schema_name=self.schema)
+            self._record_slice(cur, where, _rows_per_date(frame, where.dates))
             conn.commit()
             cur.close()
         return recreated
+
+    def _record_slice(self, cur: Any, where: FrameSlice, rows: dict[dt.date, int]) -> None:
+        """Record the rows written per date, in the transaction of the write."""
+        slices = self._qualified(_SLICES_TABLE)
+        values = ", ".join(
+            f"('{where.table}', '{day.isoformat()}'::date, {count}, now())" for day, count in rows.items()
+        )
+        cur.execute(
+            f"INSERT INTO {slices} (table_name, partition_date, row_count, written_at) VALUES {values} "
+            "ON CONFLICT (table_name, partition_date) DO UPDATE "
+            "SET row_count = EXCLUDED.row_count, written_at = EXCLUDED.written_at"
+        )
+
+    def _recorded_rows(self, cur: Any, where: FrameSlice) -> dict[dt.date, int]:
+        cur.execute(
+            f"SELECT partition_date, row_count FROM {self._qualified(_SLICES_TABLE)} "
+            f"WHERE table_name = '{where.table}' AND partition_date IN ({_dates_sql(where.dates)})"
+        )
+        return {day: int(count) for day, count in cur.fetchall()}
 
     def _clear_slice(self, cur: Any, table: str, dates: Sequence[dt.date]) -> None:
         """Remove the slice's rows; TRUNCATE when the table holds nothing else.
@@ -319,8 +354,23 @@ class PostgresFrameClient:
                 f"WHERE {_quote(PARTITION_COLUMN)} IN ({_dates_sql(where.dates)})"
             )
             table = cur.fetch_arrow_table()
+            recorded = self._recorded_rows(cur, where)
+            conn.commit()  # ends the read: an idle pooled session holds no lock on the stage tables
             cur.close()
-        return _restore(table, schema)
+        table = _restore(table, schema)
+        found = _rows_per_date(table, where.dates)
+        # Dates never written through `_slices` (none, or written before it existed) are not checked.
+        short = {day: (count, found[day]) for day, count in recorded.items() if found[day] != count}
+        if short:
+            detail = ", ".join(
+                f"{day}: {wrote} written, {got} found" for day, (wrote, got) in sorted(short.items())
+            )
+            raise FrameLostError(
+                f"stage frame {self.schema}.{where.table} of {where.entity} lost rows ({detail}): "
+                "Postgres crash recovery (an immediate stop, a power loss) empties UNLOGGED stage tables. "
+                "Run the partition again from its first stage; re-executing later stages cannot rebuild it"
+            )
+        return table
 
     def prune(self, older_than: dt.date) -> dict[str, int]:
         """Delete stage rows whose partition date is before `older_than`; rows per table."""
@@ -336,9 +386,29 @@ class PostgresFrameClient:
                     f"WHERE {_quote(PARTITION_COLUMN)} < '{older_than.isoformat()}'::date"
                 )
                 removed[table] = max(cur.rowcount, 0)
+            cur.execute(
+                f"DELETE FROM {self._qualified(_SLICES_TABLE)} "
+                f"WHERE partition_date < '{older_than.isoformat()}'::date"
+            )
             conn.commit()
             cur.close()
         return removed
+
+
+def _rows_per_date(frame: pa.Table, dates: Sequence[dt.date]) -> dict[dt.date, int]:
+    """How many of the frame's rows carry each of the slice's dates (0 for a date without rows)."""
+    counts = dict.fromkeys(dates, 0)
+    if PARTITION_COLUMN not in frame.column_names:
+        if len(dates) != 1:
+            raise FrameStoreError(f"a frame covering several dates must carry a {PARTITION_COLUMN} column")
+        counts[dates[0]] = frame.num_rows
+    elif frame.num_rows:
+        tally = pc.value_counts(frame[PARTITION_COLUMN])
+        days, rows = tally.field("values").to_pylist(), tally.field("counts").to_pylist()
+        for day, count in zip(days, rows, strict=True):
+            if day in counts and count is not None:
+                counts[day] += int(count)
+    return counts
 
 
 def _dates_sql(dates: Sequence[dt.date]) -> str:
@@ -442,7 +512,11 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
         if handed is not None:
             return handler.from_arrow(handed)
         _WRITER.wait()
-        table = self._client().select_slice(where)
+        try:
+            table = self._client().select_slice(where)
+        except FrameLostError as lost:
+            # No retry of this step can bring the rows back: fail it now, with the way out.
+            raise dg.Failure(description=str(lost), allow_retries=False) from lost
         if table is None:
             raise FrameStoreError(
                 f"{context.asset_key.to_user_string()} has never been materialized for {where.entity} "
