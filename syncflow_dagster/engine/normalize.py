@@ -23,6 +23,7 @@ from functools import lru_cache, partial
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as _compute
 
@@ -303,7 +304,8 @@ def _string_layer(spec: FieldSpec, text: pa.Array) -> _Coerced:
     if spec.empty_as_null:
         text = _empty_to_null(text)
     result = _Coerced(text, [])
-    result.reject(pc.match_substring_regex(text, _CONTROL_CHARS), REASON_CONTROL)
+    if _may_hold_control(text):
+        result.reject(pc.match_substring_regex(text, _CONTROL_CHARS), REASON_CONTROL)
     if spec.max_length is not None:
         length = pc.utf8_length(text)
         too_long = pc.greater(length, spec.max_length)
@@ -317,6 +319,27 @@ def _string_layer(spec: FieldSpec, text: pa.Array) -> _Coerced:
             ),
         )
     return result
+
+
+# The bytes of _CONTROL_CHARS. UTF-8 never uses a byte below 0x80 inside a
+# multi-byte character, so a column whose bytes hold none of these has no such
+# character, and one look at its data buffer spares the per-value regex.
+_CONTROL_BYTES = np.zeros(256, dtype=bool)
+_CONTROL_BYTES[[*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F]] = True
+
+
+def _may_hold_control(text: pa.Array) -> bool:
+    """False when no value of a string column can hold a control character (a quick byte scan)."""
+    if not pa.types.is_string(text.type) or len(text) == 0:
+        return len(text) > 0
+    _, offsets_buffer, data_buffer = text.buffers()
+    if data_buffer is None or offsets_buffer is None:
+        return False
+    offsets = np.frombuffer(
+        memoryview(offsets_buffer), dtype=np.int32, count=len(text) + 1, offset=text.offset * 4
+    )
+    data = np.frombuffer(memoryview(data_buffer), dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return bool(_CONTROL_BYTES[data].any())
 
 
 def _enum_layer(spec: FieldSpec, result: _Coerced) -> _Coerced:
