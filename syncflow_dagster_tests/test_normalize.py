@@ -8,11 +8,22 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from syncflow_dagster.catalog.models import EntitySpec
+from syncflow_dagster.catalog.models import EntitySpec, Precision
 from syncflow_dagster.engine.columns import CHANGED_AT, KEY_SEPARATOR, REJECTED_SCHEMA, ROWVERSION
 from syncflow_dagster.engine.identity import add_identity
-from syncflow_dagster.engine.normalize import SchemaDriftError, normalize, rows_schema
+from syncflow_dagster.engine.normalize import (
+    SchemaDriftError,
+    _coerce_datetime,
+    _coerce_datetime_text,
+    _format_regex,
+    _parse_format,
+    _parse_format_general,
+    normalize,
+    rows_schema,
+)
 
 UTC = dt.UTC
 
@@ -343,3 +354,130 @@ def test_threaded_columns_give_the_same_result(monkeypatch: pytest.MonkeyPatch) 
     assert threaded.rows.equals(serial.rows)
     assert threaded.rejected.equals(serial.rejected)
     assert serial.rejected.num_rows == 3
+
+
+# -- fast paths agree with the general ones ------------------------------------------------------
+
+_digits = st.integers(min_value=0, max_value=99)
+_iso_like = st.builds(
+    lambda pad, year, month, day, sep, hour, minute, second, tail: (
+        f"{pad}{year:04d}-{month:02d}-{day:02d}{sep}{hour:02d}:{minute:02d}:{second:02d}{tail}"
+    ),
+    st.sampled_from(["", "", " "]),
+    st.integers(min_value=1, max_value=9999),
+    st.integers(min_value=0, max_value=13),
+    st.integers(min_value=0, max_value=32),
+    st.sampled_from(["T", "T", "t", " "]),
+    st.integers(min_value=0, max_value=25),
+    _digits,
+    _digits,
+    st.sampled_from(
+        [
+            "",
+            "Z",
+            "z",
+            "+00:00",
+            "-00:00",
+            "+0000",
+            "+00",
+            "+01:00",
+            "-05:30",
+            "+0530",
+            "+05",
+            "+1",
+            ".5Z",
+            ".123456789",
+            " ",
+            "+01:75",
+            "Zx",
+            "+00:00 ",
+        ]
+    ),
+)
+_dotted = st.builds(
+    lambda day, month, year, hour, minute, padded: (
+        f"{day:02d}.{month:02d}.{year:04d} {hour:02d}:{minute:02d}"
+        if padded
+        else f"{day}.{month}.{year} {hour}:{minute:02d}"
+    ),
+    st.integers(min_value=0, max_value=32),
+    st.integers(min_value=0, max_value=13),
+    st.integers(min_value=1900, max_value=2100),
+    st.integers(min_value=0, max_value=25),
+    st.integers(min_value=0, max_value=61),
+    st.booleans(),
+)
+_datetime_texts = st.lists(
+    st.one_of(_iso_like, _dotted, st.sampled_from(["", "  ", "garbage", "2024-02-29T12:00:00"]), st.none()),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    texts=_datetime_texts,
+    timezone=st.sampled_from(["Europe/Berlin", "UTC", "America/New_York"]),
+    precision=st.sampled_from(list(Precision)),
+)
+def test_fast_datetime_path_equals_the_general_path(
+    texts: list[str | None], timezone: str, precision: Precision
+) -> None:
+    """The direct read of well-formed ISO values gives exactly the general path's values and rejects."""
+    column = pa.array(texts, pa.string())
+    formats = ("%d.%m.%Y %H:%M",)
+    fast = _coerce_datetime(column, formats=formats, timezone=timezone, precision=precision)
+    general = _coerce_datetime_text(column, formats=formats, timezone=timezone, precision=precision)
+    # As integers: an offset can move year 1 before datetime's range, which to_pylist cannot show.
+    assert fast.values.cast(pa.int64()).to_pylist() == general.values.cast(pa.int64()).to_pylist()
+
+    def rejected(result: Any) -> list[tuple[int, str]]:
+        return sorted(
+            (i, str(reason))
+            for mask, reason in result.problems
+            for i, bad in enumerate(mask.to_pylist())
+            if bad
+        )
+
+    assert rejected(fast) == rejected(general)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    texts=st.lists(st.one_of(_dotted, st.sampled_from(["1.1.2024 0:00", "29.02.2023 10:00"])), max_size=40)
+)
+def test_zero_padded_format_path_equals_the_regex_path(texts: list[str]) -> None:
+    fmt = "%d.%m.%Y %H:%M"
+    compiled = _format_regex(fmt)
+    assert compiled is not None
+    column = pa.array(texts, pa.string())
+    assert _parse_format(column, fmt).to_pylist() == _parse_format_general(column, *compiled).to_pylist()
+
+
+def test_integer_columns_read_as_the_text_path_reads_their_digits() -> None:
+    values = [0, -1, 7, 2**63 - 1, -(2**63), None]
+    typed, _ = one_field({"type": "int"}, values)
+    as_text, _ = one_field({"type": "int"}, [None if v is None else str(v) for v in values])
+    assert typed == as_text == values
+    # A uint64 beyond int64 takes the text path, which names the value as out of range.
+    spec = entity({"source": "V", "target": "v", "type": "int"})
+    result = normalize(spec, raw(2, V=pa.array([1, 2**64 - 1], pa.uint64())))
+    assert result.rows.column("v").to_pylist() == [1]
+    assert [r["reason"] for r in result.rejected.to_pylist()] == ["integer out of range for int64"]
+
+
+@pytest.mark.parametrize("control", ["\x00", "\x08", "\x0b", "\x0c", "\x0e", "\x1f", "\x7f"])
+def test_control_characters_are_found_after_sliced_and_multibyte_values(control: str) -> None:
+    """The byte scan that spares the regex reads the values' own bytes, also of a sliced column."""
+    spec = entity({"source": "V", "target": "v"})
+    values = ["Gehäuse", "ok", f"bad{control}x", "€uro"]
+    full = raw(len(values), V=values)
+    result = normalize(spec, full)
+    assert [r["field"] for r in result.rejected.to_pylist()] == ["V"]
+    assert result.rejected.column("reason").to_pylist() == ["contains a control character"]
+    # A slice that leaves the bad value out scans none of its bytes.
+    clean = normalize(spec, full.slice(0, 2))
+    assert clean.rejected.num_rows == 0
+    assert clean.rows.column("v").to_pylist() == ["Gehäuse", "ok"]
+    tail = normalize(spec, full.slice(2, 2))
+    assert tail.rejected.num_rows == 1

@@ -31,7 +31,7 @@ from syncflow_dagster.engine.delta import dedupe_batch, plan_delta
 from syncflow_dagster.engine.identity import add_identity, key_text_of
 from syncflow_dagster.engine.normalize import normalize
 from syncflow_dagster.engine.relations import parent_key_hashes, split_ready_pending
-from syncflow_dagster.engine.rowversion import split_by_rowversion
+from syncflow_dagster.engine.rowversion import fresh_rows
 from syncflow_dagster.store.schema import failed_records, pending_children
 
 DELETED = "_deleted"
@@ -254,25 +254,46 @@ def rowversion_stage(state: Any, entity: EntitySpec, identified: pa.Table) -> St
     The stored versions ride along (`_stored_*`) so the delta stage compares
     against the same snapshot without asking the database again.
     """
-    stored = state.stored_for_keys(entity.name, identified[c.BK_HASH].combine_chunks())
-    fresh, stale = split_by_rowversion(identified, stored)
-    fresh = _attach_stored(fresh, stored)
-    return StageResult(fresh, {"fresh": fresh.num_rows, "stale": stale.num_rows})
+    stored = stored_for_batch(state, entity.name, identified[c.BK_HASH].combine_chunks())
+    fresh = fresh_with_stored(identified, stored)
+    return StageResult(fresh.frame, {"fresh": fresh.frame.num_rows, "stale": fresh.counts["stale"]})
 
 
-def _attach_stored(rows: pa.Table, stored: pa.Table) -> pa.Table:
+# A batch asking for at least this share of an entity's delivered keys (a full-window
+# re-read, a first run after a restore) reads the whole state with one COPY instead of
+# staging its keys for a join; below it, cost keeps scaling with the keys asked.
+WHOLE_STATE_SHARE = 0.25
+WHOLE_STATE_MIN_KEYS = 50_000
+
+
+def stored_for_batch(state: Any, entity_name: str, keys: pa.Array) -> pa.Table:
+    """The delivered state a batch's keys are compared with (rows of other keys may come along)."""
+    if len(keys) >= WHOLE_STATE_MIN_KEYS:
+        held = state.count(entity_name)
+        if held and len(keys) >= WHOLE_STATE_SHARE * held:
+            stored: pa.Table = state.load_state(entity_name)
+            return stored
+    found: pa.Table = state.stored_for_keys(entity_name, keys)
+    return found
+
+
+def fresh_with_stored(identified: pa.Table, stored: pa.Table) -> StageResult:
+    """The rows newer than `stored`, each with its stored hash, rowversion and recipe (`_stored_*`)."""
+    split = fresh_rows(identified, stored)
+    fresh, positions = split.fresh, split.stored_positions
     if stored.num_rows == 0:
-        return (
-            rows.append_column(STORED_DATA_HASH, pa.nulls(rows.num_rows, c.DATA_HASH_TYPE))
-            .append_column(STORED_ROWVERSION, pa.nulls(rows.num_rows, c.ROWVERSION_TYPE))
-            .append_column(STORED_RECIPE, pa.nulls(rows.num_rows, c.RECIPE_TYPE))
+        fresh = (
+            fresh.append_column(STORED_DATA_HASH, pa.nulls(fresh.num_rows, c.DATA_HASH_TYPE))
+            .append_column(STORED_ROWVERSION, pa.nulls(fresh.num_rows, c.ROWVERSION_TYPE))
+            .append_column(STORED_RECIPE, pa.nulls(fresh.num_rows, c.RECIPE_TYPE))
         )
-    index = pc.index_in(rows[c.BK_HASH], value_set=stored[c.BK_HASH])
-    return (
-        rows.append_column(STORED_DATA_HASH, stored[c.DATA_HASH].take(index))
-        .append_column(STORED_ROWVERSION, stored[c.ROWVERSION].take(index))
-        .append_column(STORED_RECIPE, stored[c.RECIPE].take(index))
-    )
+    else:
+        fresh = (
+            fresh.append_column(STORED_DATA_HASH, stored[c.DATA_HASH].take(positions))
+            .append_column(STORED_ROWVERSION, stored[c.ROWVERSION].take(positions))
+            .append_column(STORED_RECIPE, stored[c.RECIPE].take(positions))
+        )
+    return StageResult(fresh, {"fresh": fresh.num_rows, "stale": split.stale})
 
 
 def _stored_of(fresh: pa.Table) -> pa.Table:

@@ -23,6 +23,7 @@ from functools import lru_cache, partial
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as _compute
 
@@ -164,7 +165,9 @@ def normalize(entity: EntitySpec, raw: pa.Table) -> NormalizeResult:
         return spec.source, spec.source, result
 
     def coerce_rowversion() -> tuple[str, str | None, _Coerced]:
-        result = _coerce_int(_text(entity, entity.rowversion, _combined(raw.column(entity.rowversion))))
+        column = _combined(raw.column(entity.rowversion))
+        typed = _integers(column)
+        result = typed if typed is not None else _coerce_int(_text(entity, entity.rowversion, column))
         result.reject(pc.and_(pc.is_null(result.values), _no_problem(result, n)), REASON_MISSING)
         return entity.rowversion, entity.rowversion, result
 
@@ -264,6 +267,10 @@ def _coerce_field(entity: EntitySpec, spec: FieldSpec, column: pa.Array) -> _Coe
             timezone=spec.timezone,
             precision=spec.precision,
         )
+    if spec.type is FieldType.INT:
+        typed = _integers(column)
+        if typed is not None:
+            return typed
     text = _text(entity, spec.source, column)
     if spec.type in (FieldType.STRING, FieldType.ENUM):
         result = _string_layer(spec, text)
@@ -297,7 +304,8 @@ def _string_layer(spec: FieldSpec, text: pa.Array) -> _Coerced:
     if spec.empty_as_null:
         text = _empty_to_null(text)
     result = _Coerced(text, [])
-    result.reject(pc.match_substring_regex(text, _CONTROL_CHARS), REASON_CONTROL)
+    if _may_hold_control(text):
+        result.reject(pc.match_substring_regex(text, _CONTROL_CHARS), REASON_CONTROL)
     if spec.max_length is not None:
         length = pc.utf8_length(text)
         too_long = pc.greater(length, spec.max_length)
@@ -311,6 +319,27 @@ def _string_layer(spec: FieldSpec, text: pa.Array) -> _Coerced:
             ),
         )
     return result
+
+
+# The bytes of _CONTROL_CHARS. UTF-8 never uses a byte below 0x80 inside a
+# multi-byte character, so a column whose bytes hold none of these has no such
+# character, and one look at its data buffer spares the per-value regex.
+_CONTROL_BYTES = np.zeros(256, dtype=bool)
+_CONTROL_BYTES[[*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F]] = True
+
+
+def _may_hold_control(text: pa.Array) -> bool:
+    """False when no value of a string column can hold a control character (a quick byte scan)."""
+    if not pa.types.is_string(text.type) or len(text) == 0:
+        return len(text) > 0
+    _, offsets_buffer, data_buffer = text.buffers()
+    if data_buffer is None or offsets_buffer is None:
+        return False
+    offsets = np.frombuffer(
+        memoryview(offsets_buffer), dtype=np.int32, count=len(text) + 1, offset=text.offset * 4
+    )
+    data = np.frombuffer(memoryview(data_buffer), dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return bool(_CONTROL_BYTES[data].any())
 
 
 def _enum_layer(spec: FieldSpec, result: _Coerced) -> _Coerced:
@@ -344,6 +373,22 @@ def _coerce_bool(spec: FieldSpec, text: pa.Array) -> _Coerced:
     )
     result.reject(pc.and_(pc.is_valid(text), pc.is_null(values)), reason)
     return result
+
+
+def _integers(column: pa.Array) -> _Coerced | None:
+    """An integer-typed column as int64 with no text round trip, or None when it needs the text path.
+
+    Every value of a signed or narrow unsigned type fits int64; a uint64 column
+    does when its largest value does (otherwise the text path names the values
+    out of range).
+    """
+    if not pa.types.is_integer(column.type):
+        return None
+    if pa.types.is_uint64(column.type):
+        largest = pc.max(column).as_py()
+        if largest is not None and largest > 2**63 - 1:
+            return None
+    return _Coerced(pc.cast(column, pa.int64()), [])
 
 
 def _coerce_int(text: pa.Array) -> _Coerced:
@@ -451,6 +496,62 @@ def _coerce_datetime(
         typed = column if column.type.tz else _localize(column, timezone)
         values = pc.cast(typed, pa.timestamp(column.type.unit, tz="UTC")).cast(CHANGED_AT_TYPE)
         return _Coerced(_at_precision(values, precision), [])
+    fast, done = _fast_iso_datetime(column, timezone)
+    if done is None:
+        return _coerce_datetime_text(column, formats=formats, timezone=timezone, precision=precision)
+    rest = pc.invert(done)
+    if not pc.any(rest).as_py():
+        return _Coerced(fast, [])
+    # Fast values are whole seconds, so the field's precision leaves them as they are.
+    general = _coerce_datetime_text(
+        column.filter(rest), formats=formats, timezone=timezone, precision=precision
+    )
+    result = _Coerced(pc.replace_with_mask(fast, rest, general.values), [])
+    nowhere = pa.repeat(pa.scalar(False, pa.bool_()), len(column))
+    for mask, reason in general.problems:
+        result.reject(pc.replace_with_mask(nowhere, rest, mask), reason)
+    return result
+
+
+# Offsets of the fast path that are UTC itself (the general path reads the same texts as 0).
+_ZERO_OFFSETS = pa.array(["Z", "z", "+00:00", "-00:00", "+0000", "-0000", "+00", "-00"], pa.string())
+
+
+def _fast_iso_datetime(text: pa.Array, timezone: str) -> tuple[pa.Array, pa.Array | None]:
+    """The common shape `YYYY-MM-DDTHH:MM:SS` with nothing, `Z` or `±hh[:mm]` after it, read directly.
+
+    (values, done): `done` is true where the value is null or has that shape
+    and is a real calendar time; those values equal what the general ISO path
+    gives (it accepts the same text the same way), and the general path runs
+    only on the rest. The 19-character head is parsed by strptime and written
+    back by Arrow's cast: equal text means zero-padded and not rolled over (no
+    30 February). `done` is None when no value has the shape.
+    """
+    head = pc.utf8_slice_codeunits(text, 0, 19)
+    parsed = pc.strptime(head, format="%Y-%m-%dT%H:%M:%S", unit="s", error_is_null=True)
+    back = pc.binary_replace_slice(pc.cast(parsed, pa.string()), start=10, stop=11, replacement="T")
+    exact = pc.fill_null(pc.equal(back, head), False)
+    if not pc.any(exact).as_py():
+        return pa.nulls(len(text)).cast(CHANGED_AT_TYPE), None
+    tail = pc.utf8_slice_codeunits(text, 19)
+    naive = pc.fill_null(pc.equal(tail, ""), False)
+    offset = pc.if_else(pc.is_in(tail, value_set=_ZERO_OFFSETS), 0, pa.scalar(None, pa.int64()))
+    others = pc.and_(exact, pc.and_(pc.invert(naive), pc.is_null(offset)))
+    if pc.any(others).as_py():
+        offset = pc.replace_with_mask(offset, others, _offset_micros(tail.filter(others)))
+    local = pc.cast(parsed, pa.timestamp("us"))
+    aware = pc.cast(pc.subtract(local, pc.cast(pc.fill_null(offset, 0), pa.duration("us"))), CHANGED_AT_TYPE)
+    read = pc.and_(exact, pc.or_(naive, pc.is_valid(offset)))
+    if pc.any(naive).as_py():
+        aware = pc.if_else(naive, _localize(local, timezone), aware)
+    values = pc.if_else(read, aware, pa.scalar(None, CHANGED_AT_TYPE))
+    return values, pc.or_(read, pc.is_null(text))
+
+
+def _coerce_datetime_text(
+    column: pa.Array, *, formats: tuple[str, ...], timezone: str, precision: Precision
+) -> _Coerced:
+    """The general text path: ISO-8601 in all its forms, then each declared format."""
     text = _empty_to_null(pc.utf8_trim_whitespace(column))
     values = pa.nulls(len(text)).cast(CHANGED_AT_TYPE)
     waiting = pc.is_valid(text)
@@ -581,6 +682,47 @@ def _parse_format(text: pa.Array, fmt: str) -> pa.Array:
     if compiled is None:
         return _strict_strptime(text, fmt)
     pattern, directives = compiled
+    if "z" in directives:
+        return _parse_format_general(text, pattern, directives)
+    parsed, exact = _parse_zero_padded(text, fmt)
+    rest = pc.invert(exact)
+    if not pc.any(rest).as_py():
+        return parsed
+    return pc.replace_with_mask(parsed, rest, _parse_format_general(text.filter(rest), pattern, directives))
+
+
+# Where each strptime directive sits in Arrow's "YYYY-MM-DD HH:MM:SS" text of a timestamp.
+_ISO_SLICES = {"Y": (0, 4), "m": (5, 7), "d": (8, 10), "H": (11, 13), "M": (14, 16), "S": (17, 19)}
+
+
+def _parse_zero_padded(text: pa.Array, fmt: str) -> tuple[pa.Array, pa.Array]:
+    """(parsed, exact): strptime, kept where the text is exactly the zero-padded rendering of the value.
+
+    The rendering is rebuilt from Arrow's cast of the value to text (the
+    directives' slices with the format's literals between them), which is much
+    cheaper than strftime; equal text means the value is a real calendar time
+    (strptime rolls 30 February over, the rendering then differs) and the
+    general path would read it the same way. Unpadded values are left to it.
+    """
+    parsed = pc.strptime(text, format=fmt, unit="s", error_is_null=True)
+    back = pc.cast(parsed, pa.string())
+    pieces: list[Any] = []
+    i = 0
+    while i < len(fmt):
+        if fmt[i] == "%":
+            directive = fmt[i + 1]
+            pieces.append("%" if directive == "%" else pc.utf8_slice_codeunits(back, *_ISO_SLICES[directive]))
+            i += 2
+        else:
+            pieces.append(fmt[i])
+            i += 1
+    rendered = pc.binary_join_element_wise(*pieces, "")
+    exact = pc.fill_null(pc.equal(rendered, text), False)
+    return pc.if_else(exact, parsed, pa.scalar(None, parsed.type)), exact
+
+
+def _parse_format_general(text: pa.Array, pattern: str, directives: frozenset[str]) -> pa.Array:
+    """A simple format through its regular expression, rewritten to zero-padded ISO and checked."""
     parts = pc.extract_regex(text, pattern)
 
     def group(name: str, default: str = "00") -> pa.Array:
