@@ -1,18 +1,19 @@
 """A step's process killed with SIGKILL mid-stage, then rerun (issue 7).
 
-The sync job runs as production runs it: the code location's `sync` job,
-rebuilt in each step's own process by Dagster's multiprocess executor, against
-a Dagster instance whose run, event-log and schedule storage is Postgres
-(dagster-postgres, a scratch database), both stand-ins over HTTP and a real
-Postgres for SyncFlow's state. While a step is mid-stage the test finds that
-step's OS process (the pid Dagster records in the step's STEP_WORKER_STARTED
-event, checked to be a descendant of this test process and to hold a
-connection to the partner it is busy with) and sends it SIGKILL. Nothing else
-is killed. Every attempt of the step is killed, so the step's retry policy
-runs out and the run fails; the run is then re-executed (from failure, or as a
-fresh run of the partition), the retry job runs, and ScheduleHub's full
-contents are compared with the source: 0 lost, 0 duplicated, 0 different,
-0 extra, nothing held that a retry could clear.
+The killed run runs as production runs it: the code location's `sync` job in
+a run worker process of its own (run_worker.py), each step in its own OS
+process under Dagster's multiprocess executor, against a Dagster instance
+whose run, event-log and schedule storage is Postgres (dagster-postgres, a
+scratch database), with both stand-ins over HTTP and a real Postgres for
+SyncFlow's state. While a step is mid-stage the test finds that step's
+process (the pid Dagster records in the step's STEP_WORKER_STARTED event,
+checked to descend from this test process and to hold a connection to what
+the stage is busy with) and sends it SIGKILL; nothing else is killed. Every
+attempt the step's retry policy allows is killed, so the run fails; it is
+then re-executed from failure (deliver case) or the partition runs afresh
+(persist case), the retry job runs, and ScheduleHub's full contents are
+compared with the source: 0 lost, 0 duplicated, 0 different, 0 extra,
+nothing held that a retry could clear.
 
 Every wait is bounded; a run still going at the end of the test is waited for
 (bounded) before the stand-ins stop.
@@ -112,8 +113,7 @@ class Rig:
     logs: Path
     workers: list[Worker] = field(default_factory=list)
 
-    def _start(self, *args: str) -> Worker:
-        marker = uuid.uuid4().hex
+    def _start(self, *args: str, marker: str = "") -> Worker:
         log = self.logs / f"worker-{len(self.workers)}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
@@ -130,9 +130,7 @@ class Rig:
     def start_sync(self, entity: str) -> Worker:
         """A run of the sync job for entity × today, in a run worker process of its own."""
         marker = uuid.uuid4().hex
-        worker = self._start("sync", entity, TODAY.isoformat(), marker, str(BATCH_ROWS))
-        worker.marker = marker
-        return worker
+        return self._start("sync", entity, TODAY.isoformat(), marker, str(BATCH_ROWS), marker=marker)
 
     def reexecute_from_failure(self, run_id: str) -> dg.DagsterRun:
         return self.finish(self._start("reexecute", run_id))
@@ -298,14 +296,14 @@ def _crash_messages(instance: dg.DagsterInstance, run_id: str, step_key: str) ->
 # --- what SyncFlow's database holds ---------------------------------------------------------------
 
 
-def _state(env: Deployment, entity: str) -> dict[bytes, tuple[bytes, int]]:
+def _state(env: Deployment, entity: str) -> dict[str, tuple[bytes, int]]:
     """entity_state of `entity`: bk_hash -> (data_hash, rowversion)."""
     with env.resources["database"].engine.connect() as conn:
         rows = conn.execute(
             sa.text("SELECT bk_hash, data_hash, rowversion FROM syncflow.entity_state WHERE entity = :e"),
             {"e": entity},
         )
-        return {bytes(k.bytes if hasattr(k, "bytes") else k): (bytes(d), int(v)) for k, d, v in rows}
+        return {str(k): (bytes(d), int(v)) for k, d, v in rows}
 
 
 def _watermark(env: Deployment, entity: str) -> Any:
