@@ -313,6 +313,16 @@ def _watermark(env: Deployment, entity: str) -> Any:
         ).first()
 
 
+def _batches(env: Deployment, entity: str) -> list[tuple[str, str]]:
+    """(run_id, status) of the entity's sync batches, oldest first."""
+    with env.resources["database"].engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT run_id, status FROM syncflow.sync_batches WHERE entity = :e ORDER BY id"),
+            {"e": entity},
+        )
+        return [(str(r), str(s)) for r, s in rows]
+
+
 def _advisory_locks(env: Deployment) -> int:
     with env.resources["database"].engine.connect() as conn:
         return int(
@@ -423,6 +433,10 @@ def test_deliver_step_killed_mid_delivery_then_reexecuted_from_failure(rig: Rig)
     assert started == {"delivered", "committed", "sync_report", "sync_report_entities_synced_recently"}
     report = _report(instance, reexecuted.run_id)
     assert report["committed"] == report["delivered"] == ready == len(_state(env, CHILD))
+    # The re-execution continues the failed run's sync batch and closes it with every stage's
+    # counts, the fetch's included: no batch of the killed run is left running.
+    assert _batches(env, CHILD) == [(failed.run_id, "succeeded")]
+    assert report["fetched"] == _stage_metadata(instance, failed.run_id, "extracted", "rows_fetched") > 0
     assert _hub_counts(env)["work_centers"] == ready
 
     assert run_retry_job(env.resources).success
