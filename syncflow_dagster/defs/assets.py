@@ -52,8 +52,15 @@ def _scope(context: AssetExecutionContext) -> tuple[EntitySpec, tuple[dt.date, .
 
 
 def _batch_id(context: AssetExecutionContext, database: SyncDatabase, entity: str, day: dt.date) -> uuid.UUID:
-    """The sync batch of this run and entity, started by the first stage that needs it."""
-    return bookkeeping.batch_for_run(database, entity, day, context.run.run_id)
+    """The sync batch of this run and entity, started by the first stage that needs it.
+
+    A re-execution (from failure, as the run retries do, or of chosen steps) is a
+    new Dagster run whose root is the run it repeats: it continues that run's
+    batch, so the batch is closed with every stage's counts instead of being
+    left running beside a new one that lacks the stages not re-executed.
+    """
+    run = context.run
+    return bookkeeping.batch_for_run(database, entity, day, run.root_run_id or run.run_id)
 
 
 def _preview(frame: pa.Table) -> dg.MetadataValue:

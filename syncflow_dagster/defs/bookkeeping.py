@@ -56,7 +56,10 @@ def rows_from_payloads(entity: EntitySpec, payloads: pa.Array | pa.ChunkedArray)
 
 
 def batch_for_run(database: Any, entity: str, day: dt.date | None, run_id: str) -> uuid.UUID:
-    """The batch of this run and entity, started by the first stage that asks."""
+    """The batch of this run and entity, started by the first stage that asks.
+
+    `run_id` is the root run of a re-execution (see assets._batch_id).
+    """
     for batch in database.batches().list_by_run(run_id):
         if batch.entity == entity:
             return uuid.UUID(str(batch.id))
