@@ -103,7 +103,11 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
                 for repository in data["repositoriesOrError"]["nodes"]
                 for s in repository["sensors"]
             }
-            assert sensors == {"apismith_change_sensor": "RUNNING", "pending_children_sensor": "RUNNING"}
+            assert sensors == {
+                "apismith_change_sensor": "RUNNING",
+                "pending_children_sensor": "RUNNING",
+                "batch_failure_sensor": "RUNNING",
+            }
             assert httpx.get(f"http://127.0.0.1:{apismith_port}/health", timeout=10).status_code == 200
         finally:
             spawned = _descendants(proc.pid)

@@ -62,6 +62,8 @@ def batch_for_run(database: Any, entity: str, day: dt.date | None, run_id: str) 
     """
     for batch in database.batches().list_by_run(run_id):
         if batch.entity == entity:
+            if batch.status == "failed":  # closed by batch_failure_sensor; the re-execution goes on
+                database.batches().reopen(batch.id)
             return uuid.UUID(str(batch.id))
     return database.batches().start_batch(entity, day, run_id)
 

@@ -6,10 +6,14 @@
   to the watermark so the same change is never synced twice by the sensor.
 * `pending_children_sensor` asks for a retry run for entities whose parked
   children now have their parents in ScheduleHub.
+* `batch_failure_sensor` closes as failed the sync batches of a run that
+  failed before its report stage, so the monitoring API and /metrics never
+  show a dead run as still running (a re-execution reopens and continues it).
 * `retry_schedule` redelivers failed records every 15 minutes;
   `nightly_reconcile_schedule` runs the full key scan at 02:00 UTC.
 
-Default status: STOPPED in a deployment (an operator turns them on), RUNNING
+Default status of the automation (not of `batch_failure_sensor`, which is
+bookkeeping and always RUNNING): STOPPED in a deployment (an operator turns them on), RUNNING
 when SYNCFLOW_AUTOMATION=running, which `syncflow dev` and the demo set.
 """
 
@@ -129,6 +133,23 @@ def pending_children_sensor(
         ],
         cursor=dt.datetime.now(dt.UTC).isoformat(),
     )
+
+
+@dg.run_failure_sensor(
+    name="batch_failure_sensor",
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Closes as failed the sync batches a failed run left running (bookkeeping; starts no run).",
+)
+def batch_failure_sensor(context: dg.RunFailureSensorContext, database: SyncDatabase) -> None:
+    run = context.dagster_run
+    # A re-execution files its stages under the root run's batch (assets._batch_id).
+    closed = database.batches().fail_running(run.root_run_id or run.run_id)
+    if closed:
+        context.log.info(
+            f"run {run.run_id} failed: closed {len(closed)} sync batch(es) as failed: "
+            + ", ".join(str(batch) for batch in closed)
+        )
 
 
 retry_schedule = dg.ScheduleDefinition(

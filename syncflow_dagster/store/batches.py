@@ -100,6 +100,30 @@ class BatchRepository:
         if result.rowcount == 0:
             raise KeyError(f"no sync batch with id {batch_id}")
 
+    def fail_running(self, run_id: str) -> list[uuid.UUID]:
+        """Close as failed every batch the run `run_id` left running; the ids closed.
+
+        A run that dies before its report stage (a step that failed for good, a
+        killed process, a terminated run) never finishes its batch itself.
+        """
+        query = (
+            sync_batches.update()
+            .where(sync_batches.c.run_id == run_id, sync_batches.c.status == "running")
+            .values(status="failed", finished_at=sa.func.now())
+            .returning(sync_batches.c.id)
+        )
+        with self.engine.begin() as conn:
+            return [row.id for row in conn.execute(query)]
+
+    def reopen(self, batch_id: uuid.UUID) -> None:
+        """Mark a failed batch running again: a re-execution of its run continues it."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                sync_batches.update()
+                .where(sync_batches.c.id == batch_id, sync_batches.c.status == "failed")
+                .values(status="running", finished_at=None)
+            )
+
     def get(self, batch_id: uuid.UUID) -> BatchRecord | None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(sync_batches).where(sync_batches.c.id == batch_id)).one_or_none()
