@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
@@ -125,7 +125,7 @@ def copy_in(
     return data.num_rows
 
 
-def _one_ahead(chunks: Iterator[Any]) -> Iterator[Any]:
+def _one_ahead(chunks: Iterator[Any]) -> Generator[Any, None, None]:
     """Yield `chunks`, the next one computed by a worker thread while the caller uses this one.
 
     At most two chunks are alive at once. If the caller stops early, the one
@@ -161,8 +161,9 @@ def encode_binary(
     if len(constants) == len(columns):
         raise ValueError(f"copy into {table!r}: every column is a constant; the frame gives no rows")
     # Encoded once: a one-row array through the same encoder as the columns.
+    repeat: Any = pa.repeat
     fixed = {
-        c.name: _encode_field(pa.repeat(constants[c.name], 1), c)[0] for c in columns if c.name in constants
+        c.name: _encode_field(repeat(constants[c.name], 1), c)[0] for c in columns if c.name in constants
     }
     return _encode_chunks(data.select([c.name for c in columns if c.name not in fixed]), columns, fixed)
 
