@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import uuid
 from collections.abc import Iterator
 
 import numpy as np
@@ -119,6 +120,64 @@ def test_many_rows_span_several_chunks(cursor: psycopg.Cursor) -> None:
     assert cursor.fetchone() == (n, n * (n - 1) // 2, n, "K-99999")
     back = copy_out(cursor, sql.SQL("SELECT * FROM copy_many ORDER BY big"), columns)
     assert back.column("key").combine_chunks().equals(table.column("key").combine_chunks())
+
+
+def test_constants_fill_every_row_including_null(cursor: psycopg.Cursor) -> None:
+    n = 200_000  # two chunks
+    columns = [
+        PgColumn("owner", "text"),
+        PgColumn("big", "int8"),
+        PgColumn("batch", "uuid"),
+        PgColumn("at", "timestamptz"),
+        PgColumn("note", "text"),
+    ]
+    at = dt.datetime(2026, 11, 29, 14, 15, 16, 123456, tzinfo=dt.UTC)
+    batch = os.urandom(16)
+    create_staging(cursor, "copy_constants", columns)
+    sent = copy_in(
+        cursor,
+        "copy_constants",
+        pa.table({"big": pa.array(np.arange(n, dtype=np.int64)), "owner": pa.array(["ignored"] * n)}),
+        columns,
+        constants={
+            "owner": pa.scalar("wörk_orders", pa.string()),
+            "batch": pa.scalar(batch, pa.binary(16)),
+            "at": pa.scalar(at, pa.timestamp("us", tz="UTC")),
+            "note": pa.scalar(None, pa.string()),
+        },
+    )
+    assert sent == n
+    cursor.execute(
+        "SELECT count(*), sum(big), count(DISTINCT (owner, batch, at)), min(owner), min(batch::text),"
+        " min(at), count(note) FROM copy_constants"
+    )
+    assert cursor.fetchone() == (
+        n,
+        n * (n - 1) // 2,
+        1,
+        "wörk_orders",
+        str(uuid.UUID(bytes=batch)),
+        at,
+        0,
+    )
+
+
+def test_constants_must_name_a_column_and_leave_one_to_the_frame() -> None:
+    table = pa.table({"big": pa.array([1], pa.int64())})
+    one = pa.scalar(1, pa.int64())
+    with pytest.raises(ValueError, match=r"constant\(s\) \['nope'\]"):
+        encode_binary(table, [PgColumn("big", "int8")], {"nope": one})
+    with pytest.raises(ValueError, match="every column is a constant"):
+        encode_binary(table, [PgColumn("big", "int8")], {"big": one})
+
+
+def test_a_bad_value_in_a_later_chunk_fails_the_copy_in_the_callers_thread(cursor: psycopg.Cursor) -> None:
+    # The chunks after the first are encoded by a worker thread; its error must reach the caller.
+    values = np.zeros(300_000, dtype=np.int64)
+    values[-1] = 70_000
+    create_staging(cursor, "copy_late_error", [PgColumn("small", "int2")])
+    with pytest.raises(ValueError, match=r"column 'small'.*out of range for int2"):
+        copy_in(cursor, "copy_late_error", pa.table({"small": pa.array(values)}), [PgColumn("small", "int2")])
 
 
 def test_binary_stream_has_header_and_trailer_even_when_empty() -> None:

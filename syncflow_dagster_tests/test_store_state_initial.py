@@ -95,3 +95,98 @@ def test_a_repeated_key_is_found_wherever_it_is() -> None:
     # An offset slice is read from its own start.
     assert not _repeats_a_key(pa.concat_arrays([keys, keys]).slice(2500, 5000))
     assert _repeats_a_key(pa.concat_arrays([keys, keys]).slice(2500, 5001))
+
+
+def _state(repo: StateRepository, entity: str) -> list[sa.Row]:
+    with repo.engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.text(
+                    "SELECT bk_hash, bk, data_hash, rowversion, recipe, schedulehub_id, first_seen_at,"
+                    " last_synced_at, last_batch_id FROM syncflow.entity_state WHERE entity = :e"
+                ),
+                {"e": entity},
+            )
+        )
+
+
+def test_first_commit_stores_every_column_from_unsorted_rows(repo: StateRepository) -> None:
+    entity = f"fresh_{uuid.uuid4().hex[:8]}"
+    rng = np.random.default_rng(4)
+    n = 3000
+    rows = _rows(_hashes(rng, n, 16), _hashes(rng, n, 32), rowversion=7).append_column(
+        "schedulehub_id", pa.array([None if i % 3 else f"sh-{i}" for i in range(n)])
+    )
+    batch = uuid.uuid4()
+    with repo.engine.connect() as conn:
+        before = conn.execute(sa.text("SELECT now()")).scalar_one()
+    assert repo.commit_delivered(entity, batch, rows) == n
+    with repo.engine.connect() as conn:
+        after = conn.execute(sa.text("SELECT now()")).scalar_one()
+
+    stored = {bytes(r.bk_hash.bytes): r for r in _state(repo, entity)}
+    assert len(stored) == n
+    for key, bk, data, shid in zip(
+        rows[BK_HASH].to_pylist(),
+        rows[BK].to_pylist(),
+        rows[DATA_HASH].to_pylist(),
+        rows["schedulehub_id"].to_pylist(),
+        strict=True,
+    ):
+        row = stored[key]
+        assert (row.bk, bytes(row.data_hash), row.schedulehub_id) == (bk, data, shid)
+        assert (row.rowversion, row.recipe, row.last_batch_id) == (7, 1, batch)
+    # One commit, one transaction time: first seen and last synced are the same instant.
+    times = {(r.first_seen_at, r.last_synced_at) for r in stored.values()}
+    assert len(times) == 1
+    first_seen, last_synced = times.pop()
+    assert first_seen == last_synced
+    assert before <= first_seen <= after
+
+
+def test_first_commit_that_fails_leaves_no_state_and_no_watermark(repo: StateRepository) -> None:
+    entity = f"fresh_{uuid.uuid4().hex[:8]}"
+    rng = np.random.default_rng(5)
+    n = 2000
+    # Postgres text cannot hold a NUL byte: the COPY fails at that row, after the rows sorted before it.
+    keys = [f"WO-{i:06d}" for i in range(n - 1)] + ["WO-\x00"]
+    rows = _rows(_hashes(rng, n, 16), _hashes(rng, n, 32), rowversion=3).set_column(1, BK, pa.array(keys))
+    with pytest.raises(Exception, match="0x00"):
+        repo.commit_delivered(entity, uuid.uuid4(), rows)
+    assert repo.count(entity) == 0
+    with repo.engine.connect() as conn:
+        mark = conn.execute(
+            sa.text("SELECT count(*) FROM syncflow.watermarks WHERE entity = :e"), {"e": entity}
+        ).scalar_one()
+    assert mark == 0
+    # The entity is still new: the same rows, repaired, take the first-commit path again.
+    repaired = rows.set_column(1, BK, pa.array([*keys[:-1], "WO-last"]))
+    assert repo.commit_delivered(entity, uuid.uuid4(), repaired) == n
+    assert repo.count(entity) == n
+
+
+def test_first_commit_refuses_a_repeated_key_in_unsorted_rows(repo: StateRepository) -> None:
+    entity = f"fresh_{uuid.uuid4().hex[:8]}"
+    rng = np.random.default_rng(6)
+    keys = _hashes(rng, 500, 16)
+    repeated = pa.concat_arrays([keys, keys.slice(123, 1)])
+    rows = _rows(repeated, _hashes(rng, 501, 32), rowversion=1)
+    with pytest.raises(ValueError, match=f"{entity}.*repeat a key"):
+        repo.commit_delivered(entity, uuid.uuid4(), rows)
+    assert repo.count(entity) == 0
+
+
+def test_key_order_sorts_bytewise_and_sees_an_already_sorted_frame() -> None:
+    from syncflow_dagster.store.state import _key_order, _key_words
+
+    keys = _hashes(np.random.default_rng(7), 4000, 16)
+    # Keys that tie on the first eight bytes are ordered by the last eight.
+    tied = pa.array([b"\x01" * 8 + bytes([9 - i]) * 8 for i in range(5)], pa.binary(16))
+    keys = pa.concat_arrays([keys, tied])
+    order = _key_order(_key_words(keys))
+    assert order is not None
+    assert keys.take(pa.array(order)).to_pylist() == sorted(keys.to_pylist())
+    in_order = keys.take(pa.array(order))
+    assert _key_order(_key_words(in_order)) is None
+    assert _key_order(_key_words(in_order.slice(1, 3000))) is None
+    assert _key_order(_key_words(keys.slice(0, 1))) is None

@@ -14,6 +14,12 @@ hex and are decoded with numpy; timestamps travel as epoch microseconds. CSV
 out is used because a binary COPY stream with variable-width fields cannot be
 split into rows without a sequential scan in Python.
 
+While Postgres parses one chunk of the binary stream, a worker thread
+encodes the next (the Arrow and numpy kernels release the GIL), so the
+encoding mostly hides behind the server's own work. Columns whose value is
+the same on every row (an entity name, a batch id, a timestamp) are encoded
+once and repeated by the join, not materialised as arrays.
+
 All functions take a psycopg 3 cursor, so the COPY runs inside whatever
 transaction the caller opened (typically the one of a SQLAlchemy
 `engine.begin()` block via `conn.connection.driver_connection`) and the merge
@@ -24,7 +30,9 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,35 +104,83 @@ def copy_in(
     columns: Sequence[PgColumn],
     *,
     schema: str | None = None,
+    constants: Mapping[str, pa.Scalar] | None = None,
 ) -> int:
     """Binary-COPY the Arrow columns named in `columns` into `table`; returns rows sent.
 
     Each PgColumn names an Arrow column of `data` and the Postgres type of the
     target column; the Arrow type must fit (e.g. fixed_size_binary(16) for uuid).
+    A column named in `constants` takes that value on every row instead of a
+    column of `data`.
     """
-    for column in columns:
-        if column.name not in data.column_names:
-            raise ValueError(f"copy into {table!r}: the frame has no column {column.name!r}")
-    target = sql.Identifier(schema, table) if schema else sql.Identifier(table)
     statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
-        target, sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
+        sql.Identifier(schema, table) if schema else sql.Identifier(table),
+        sql.SQL(", ").join(sql.Identifier(c.name) for c in columns),
     )
-    with cursor.copy(statement) as copy:
-        for chunk in encode_binary(data, columns):
+    # Checked here, before COPY starts: a refused frame leaves the transaction usable.
+    chunks = encode_binary(data, columns, constants, table=table)
+    with cursor.copy(statement) as copy, closing(_one_ahead(chunks)) as ahead:
+        for chunk in ahead:
             copy.write(chunk)
     return data.num_rows
 
 
-def encode_binary(data: pa.Table, columns: Sequence[PgColumn]) -> Iterator[bytes]:
-    """The Postgres binary COPY stream of `data`'s columns, in chunks of CHUNK_ROWS rows."""
+def _one_ahead(chunks: Iterator[Any]) -> Generator[Any, None, None]:
+    """Yield `chunks`, the next one computed by a worker thread while the caller uses this one.
+
+    At most two chunks are alive at once. If the caller stops early, the one
+    chunk in progress is finished and dropped; an error while computing a
+    chunk is raised here, in the caller's thread.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-encode") as worker:
+        pending = worker.submit(next, chunks, None)
+        while (chunk := pending.result()) is not None:
+            pending = worker.submit(next, chunks, None)
+            yield chunk
+
+
+def encode_binary(
+    data: pa.Table,
+    columns: Sequence[PgColumn],
+    constants: Mapping[str, pa.Scalar] | None = None,
+    *,
+    table: str = "table",
+) -> Iterator[bytes]:
+    """The Postgres binary COPY stream of `data`'s columns, in chunks of CHUNK_ROWS rows.
+
+    Columns named in `constants` are not read from `data`: their one value is
+    encoded once and repeated on every row.
+    """
+    constants = constants or {}
+    unknown = sorted(set(constants) - {c.name for c in columns})
+    if unknown:
+        raise ValueError(f"copy into {table!r}: constant(s) {unknown} name no column of the copy")
+    for column in columns:
+        if column.name not in constants and column.name not in data.column_names:
+            raise ValueError(f"copy into {table!r}: the frame has no column {column.name!r}")
+    if len(constants) == len(columns):
+        raise ValueError(f"copy into {table!r}: every column is a constant; the frame gives no rows")
+    # Encoded once: a one-row array through the same encoder as the columns.
+    repeat: Any = pa.repeat
+    fixed = {
+        c.name: _encode_field(repeat(constants[c.name], 1), c)[0] for c in columns if c.name in constants
+    }
+    return _encode_chunks(data.select([c.name for c in columns if c.name not in fixed]), columns, fixed)
+
+
+def _encode_chunks(
+    selected: pa.Table, columns: Sequence[PgColumn], fixed: Mapping[str, Any]
+) -> Iterator[bytes]:
     yield _HEADER
     field_count = pa.scalar(struct.pack(">h", len(columns)), pa.binary())
-    selected = data.select([c.name for c in columns])
+    join: Any = pc.binary_join_element_wise
     for batch in selected.to_batches(max_chunksize=CHUNK_ROWS):
         if batch.num_rows == 0:
             continue
-        fields = [_encode_field(batch.column(i), col) for i, col in enumerate(columns)]
-        join: Any = pc.binary_join_element_wise
+        fields = [
+            fixed[col.name] if col.name in fixed else _encode_field(batch.column(col.name), col)
+            for col in columns
+        ]
         rows = join(field_count, *fields, _EMPTY)
         yield _contiguous_bytes(rows)
     yield _TRAILER
