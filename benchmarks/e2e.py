@@ -39,9 +39,6 @@ import secrets
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +49,7 @@ import sqlalchemy as sa
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from benchmarks.databases import private_database
 from benchmarks.transport import STARTUP_TIMEOUT_S, start_stand_in, stop, wait_until_healthy
 
 ENTITY = "work_orders"
@@ -103,35 +101,6 @@ def reset_peak_rss(pid: int | None = None) -> None:
 
 
 # -- database ----------------------------------------------------------------------------------
-
-
-@contextmanager
-def private_database(server_url: str | None) -> Iterator[str]:
-    """A fresh database on the server (embedded when no URL), dropped afterwards."""
-    if server_url is None:
-        from syncflow_dagster.store.embedded import start_embedded_postgres
-
-        with tempfile.TemporaryDirectory(prefix="syncflow-e2e-") as tmp:
-            server = start_embedded_postgres(Path(tmp) / "pg", keep_data=False)
-            try:
-                with private_database(server.url) as url:
-                    yield url
-            finally:
-                server.stop()
-        return
-    base = sa.make_url(server_url).set(drivername="postgresql+psycopg")
-    name = f"syncflow_bench_e2e_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield base.set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
 
 
 # -- stand-ins ---------------------------------------------------------------------------------
@@ -358,7 +327,7 @@ def run(rows: int, seed: int, server_url: str | None, profile_dir: Path | None =
     phases: list[dict[str, Any]] = []
     checks: dict[str, Any] = {}
     with (
-        private_database(server_url) as url,
+        private_database(server_url, "syncflow_bench_e2e") as url,
         tempfile.TemporaryDirectory(prefix="syncflow-e2e-home-") as home,
     ):
         stand_ins = StandIns(rows, seed, url)
