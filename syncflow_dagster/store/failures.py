@@ -6,7 +6,9 @@ next retry pushed out exponentially. Retryable failures wait
 `base * 2**(attempts-1)` seconds, at most `cap`, shortened by a random share
 of up to `jitter` so that a burst of failures does not come back as a burst.
 Permanent failures get no retry time: they wait for a person. Resolved rows
-stay as history.
+stay as history. A key that fails while parked as a pending child (a released
+child ScheduleHub refused, a new version normalize refused) leaves
+pending_children in the same transaction: a key is held in one place at a time.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ PERMANENT = "permanent"
 FAILURE_COLUMNS = (BK_HASH, BK, REASON_CODE, REASON_CLASS, DETAIL, PAYLOAD)
 
 _FAILED = sql.Identifier(SCHEMA, "failed_records")
+_PENDING = sql.Identifier(SCHEMA, "pending_children")
 _STAGING = "syncflow_failures"
 _STAGING_COLUMNS = [
     PgColumn("id", "uuid"),
@@ -181,7 +184,15 @@ class FailureRepository:
                     **retry_params(self.settings),
                 },
             )
-            return int(cursor.rowcount)
+            written = int(cursor.rowcount)
+            cursor.execute(
+                sql.SQL(
+                    "DELETE FROM {pending} AS p USING {staging} AS s"
+                    " WHERE p.entity = %(entity)s AND p.bk_hash = s.bk_hash"
+                ).format(pending=_PENDING, staging=sql.Identifier(_STAGING)),
+                {"entity": entity},
+            )
+            return written
 
     def due_for_retry(
         self, entity: str | None = None, now: dt.datetime | None = None, limit: int = 10_000
