@@ -27,8 +27,8 @@ from uuid6 import uuid7
 from syncflow_dagster.engine.columns import BK, BK_HASH
 from syncflow_dagster.store.copy import PgColumn, copy_in, copy_out, create_staging
 from syncflow_dagster.store.database import StoreSettings, driver_cursor
+from syncflow_dagster.store.keys import KEYS, check_keys, execute_for_keys
 from syncflow_dagster.store.schema import REASON_CLASSES, SCHEMA, failed_records
-from syncflow_dagster.store.state import check_keys, stage_keys
 
 REASON_CODE = "reason_code"
 REASON_CLASS = "reason_class"
@@ -247,19 +247,11 @@ class FailureRepository:
 
     def resolve(self, entity: str, bk_hashes: pa.Array | pa.ChunkedArray) -> int:
         """Close the open failures of these keys (delivered at last, or given up); returns how many."""
-        if len(bk_hashes) == 0:
-            return 0
-        with self.engine.begin() as conn:
-            cursor = driver_cursor(conn)
-            stage_keys(cursor, entity, BK_HASH, bk_hashes)
-            cursor.execute(
-                sql.SQL(
-                    "UPDATE {failed} AS f SET resolved_at = now() FROM syncflow_keys AS k"
-                    " WHERE f.entity = %(entity)s AND f.bk_hash = k.bk_hash AND f.resolved_at IS NULL"
-                ).format(failed=_FAILED),
-                {"entity": entity},
-            )
-            return int(cursor.rowcount)
+        statement = sql.SQL(
+            "UPDATE {failed} AS f SET resolved_at = now() FROM {keys} AS k"
+            " WHERE f.entity = %(entity)s AND f.bk_hash = k.bk_hash AND f.resolved_at IS NULL"
+        ).format(failed=_FAILED, keys=KEYS)
+        return execute_for_keys(self.engine, entity, BK_HASH, bk_hashes, statement)
 
     def list_failures(
         self,

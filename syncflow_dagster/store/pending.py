@@ -29,8 +29,8 @@ from syncflow_dagster.engine.columns import BK, BK_HASH
 from syncflow_dagster.store.copy import PgColumn, copy_in, copy_out, create_staging
 from syncflow_dagster.store.database import StoreSettings, driver_cursor
 from syncflow_dagster.store.failures import PAYLOAD, new_ids, next_retry_sql, retry_params
+from syncflow_dagster.store.keys import KEYS, check_keys, execute_for_keys
 from syncflow_dagster.store.schema import REASON_CLASSES, SCHEMA, pending_children
-from syncflow_dagster.store.state import check_keys, stage_keys
 
 MISSING_PARENT = "_missing_parent"  # the parent entity's name
 MISSING_PARENT_BK = "_missing_parent_bk"  # its canonical business key text
@@ -253,19 +253,10 @@ class PendingRepository:
 
     def remove(self, entity: str, bk_hashes: pa.Array | pa.ChunkedArray) -> int:
         """Forget these parked children (delivered after release); returns how many were parked."""
-        if len(bk_hashes) == 0:
-            return 0
-        with self.engine.begin() as conn:
-            cursor = driver_cursor(conn)
-            stage_keys(cursor, entity, BK_HASH, bk_hashes)
-            cursor.execute(
-                sql.SQL(
-                    "DELETE FROM {pending} AS p USING syncflow_keys AS k"
-                    " WHERE p.entity = %(entity)s AND p.bk_hash = k.bk_hash"
-                ).format(pending=_PENDING),
-                {"entity": entity},
-            )
-            return int(cursor.rowcount)
+        statement = sql.SQL(
+            "DELETE FROM {pending} AS p USING {keys} AS k WHERE p.entity = %(entity)s AND p.bk_hash = k.bk_hash"
+        ).format(pending=_PENDING, keys=KEYS)
+        return execute_for_keys(self.engine, entity, BK_HASH, bk_hashes, statement)
 
     def expire(
         self,
