@@ -1,11 +1,21 @@
-"""Helpers shared by the service tests: a migrated database and rows written the way the sync writes them."""
+"""Helpers shared by the service tests: a Dagster webserver, and rows written the way the sync writes them."""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import sqlalchemy as sa
 
 from syncflow_dagster.store.schema import failed_records, pending_children, sync_batches
@@ -67,3 +77,89 @@ def insert_pending(conn: sa.Connection, entity: str, bk: str, parent: str, paren
             missing_parent_bk_hash=uuid.uuid4(),
         )
     )
+
+
+REPO = Path(__file__).resolve().parents[1]
+WEBSERVER_START_S = 180.0
+RUN_FINISH_S = 240.0
+TERMINAL = frozenset({"SUCCESS", "FAILURE", "CANCELED"})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_dagster(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + WEBSERVER_START_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"dagster-webserver exited: {log.read_text()[-3000:]}")
+        try:
+            body = httpx.post(f"{url}/graphql", json={"query": "{ version }"}, timeout=5).json()
+            if body.get("data", {}).get("version"):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(
+        f"dagster-webserver did not answer within {WEBSERVER_START_S}s: {log.read_text()[-3000:]}"
+    )
+
+
+@contextmanager
+def dagster_webserver(home: Path, env: Mapping[str, str]) -> Iterator[str]:
+    """`dagster-webserver` for the repo's workspace.yaml on a free loopback port; yields its URL.
+
+    DAGSTER_HOME is `home` (its log goes to home/webserver.log). Dagster 1.13
+    queues runs by default (the daemon dequeues them); the default coordinator
+    launches them at once, so no daemon is needed. The process group is always ended.
+    """
+    (home / "dagster.yaml").write_text(
+        "telemetry:\n  enabled: false\n"
+        "run_coordinator:\n  module: dagster.core.run_coordinator\n  class: DefaultRunCoordinator\n"
+    )
+    port = free_port()
+    log = home / "webserver.log"
+    bin_dir = Path(sys.executable).parent
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(bin_dir / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
+            cwd=REPO,
+            env={**env, "DAGSTER_HOME": str(home)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_for_dagster(url, proc, log)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def poll_run(
+    api_url: str,
+    headers: Mapping[str, str],
+    run_id: str,
+    until: frozenset[str] | set[str] = TERMINAL,
+    timeout_s: float = RUN_FINISH_S,
+) -> dict[str, Any]:
+    """GET /sync/<run_id> of the monitoring API each second until the run's status is in `until`."""
+    deadline = time.monotonic() + timeout_s
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{api_url}/sync/{run_id}", headers=dict(headers), timeout=60)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        if body["status"] in until:
+            return body
+        time.sleep(1.0)
+    raise AssertionError(f"run {run_id} still {body.get('status')} after {timeout_s}s")

@@ -32,7 +32,7 @@ from syncflow_dagster_tests.reliability_harness import (
     run_retry_job,
 )
 from syncflow_dagster_tests.sync_harness import Deployment, deployment
-from syncflow_dagster_tests.verify import verify_deployment
+from syncflow_dagster_tests.verify import doubly_held, verify_deployment
 
 FAMILY = ["sites", "work_centers"]
 TODAY = dt.datetime.now(dt.UTC).date()
@@ -250,6 +250,74 @@ def test_child_days_before_parent_waits_expires_with_reason_then_retry_clears(
         assert run_retry_job(resources, ["work_centers"]).success
         assert database.failures().count("work_centers") == 0
         assert database.pending().count("work_centers") == 0
+        _assert_equal(env, FAMILY)
+
+
+def _held_once(database: Any, entity: str, keys: int) -> tuple[list[Any], int]:
+    """Every one of `keys` children is held in exactly one place; returns (open failures, parked)."""
+    assert doubly_held(database.engine, entity) == []
+    failures = database.failures().list_failures(entity, limit=10_000)
+    parked = database.pending().count(entity)
+    assert len(failures) + parked == keys
+    return failures, parked
+
+
+def test_an_expired_child_whose_parent_is_still_missing_is_held_in_one_place(
+    fresh_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Production's retry schedule: nothing comes due unless the test says so.
+    monkeypatch.setenv("SYNCFLOW_STORE_RETRY_BASE_SECONDS", "3600")
+    with deployment(fresh_database_url, rows=100, seed=29) as env:
+        database = env.resources["database"]
+        resources = {**env.resources, "tuning": SyncTuning(pending_max_age_hours=72)}
+
+        def come_due() -> None:
+            with database.engine.begin() as conn:
+                conn.execute(
+                    sa.text(
+                        "UPDATE syncflow.failed_records SET next_retry_at = now() - interval '1 second'"
+                        " WHERE entity = 'work_centers' AND resolved_at IS NULL"
+                    )
+                )
+
+        waiting = _sync(env, "work_centers")["work_centers"]["pending"]
+        assert waiting > 0
+        assert _held_once(database, "work_centers", waiting)[1] == waiting
+        with database.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "UPDATE syncflow.pending_children SET since = since - interval '4 days'"
+                    " WHERE entity = 'work_centers'"
+                )
+            )
+        assert run_retry_job(resources, ["work_centers"]).success  # they expire: parent_missing
+        failures, parked = _held_once(database, "work_centers", waiting)
+        assert parked == 0
+        assert {(f.reason_code, f.attempts) for f in failures} == {("parent_missing", 1)}
+
+        # Retried while the parent is still missing: they stay failed records, one more
+        # attempt each and a later retry time, and are not parked a second time.
+        come_due()
+        assert run_retry_job(resources, ["work_centers"]).success
+        failures, parked = _held_once(database, "work_centers", waiting)
+        assert parked == 0
+        assert {(f.reason_code, f.attempts) for f in failures} == {("parent_missing", 2)}
+        assert all(
+            f.next_retry_at is not None and f.next_retry_at > dt.datetime.now(dt.UTC) for f in failures
+        )
+
+        # A sync that sees them changed at the source keeps them where they are, with the new payload.
+        env.apply_changes(updated_pct=100, seed=30, entities=["work_centers"])
+        _sync(env, "work_centers")
+        failures, parked = _held_once(database, "work_centers", waiting)
+        assert parked == 0
+        assert {f.reason_code for f in failures} == {"parent_missing"}
+
+        # The parent arrives; once the failures come due, a retry run clears them.
+        _sync(env, "sites")
+        come_due()
+        assert run_retry_job(resources, ["work_centers"]).success
+        assert _held_once(database, "work_centers", 0) == ([], 0)
         _assert_equal(env, FAMILY)
 
 

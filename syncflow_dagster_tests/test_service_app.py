@@ -2,7 +2,8 @@
 
 `dagster-webserver` runs in a subprocess on a free loopback port, with a temp
 DAGSTER_HOME (default run coordinator: launched runs start at once) and the
-repo's workspace.yaml. Every wait is bounded; the subprocess is always ended.
+repo's workspace.yaml (`_service_fixtures.dagster_webserver`). Every wait is
+bounded; the subprocess is always ended.
 """
 
 from __future__ import annotations
@@ -10,14 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,19 +30,14 @@ from syncflow_dagster.simulators.serve import RunningServer, start_server
 from syncflow_dagster.store.database import make_engine
 from syncflow_dagster.store.migrate import upgrade
 from syncflow_dagster.store.schema import sync_batches
-from syncflow_dagster_tests._service_fixtures import insert_failure, insert_pending
+from syncflow_dagster_tests._service_fixtures import (
+    TERMINAL,
+    dagster_webserver,
+    insert_failure,
+    insert_pending,
+    poll_run,
+)
 from syncflow_dagster_tests.conftest import scratch_database
-
-REPO = Path(__file__).resolve().parents[1]
-WEBSERVER_START_S = 180.0
-RUN_FINISH_S = 180.0
-TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -69,23 +59,6 @@ class Stack:
         return httpx.post(f"{self.url}{path}", headers=self.auth, json=json, timeout=60)
 
 
-def _wait_for_dagster(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + WEBSERVER_START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"dagster-webserver exited: {log.read_text()[-3000:]}")
-        try:
-            body = httpx.post(f"{url}/graphql", json={"query": "{ version }"}, timeout=5).json()
-            if body.get("data", {}).get("version"):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise RuntimeError(
-        f"dagster-webserver did not answer within {WEBSERVER_START_S}s: {log.read_text()[-3000:]}"
-    )
-
-
 @pytest.fixture(scope="module")
 def module_database_url(pg_server_url: str) -> Iterator[str]:
     """A database of this module's own: other modules' syncs of the same seeded keys would make
@@ -102,16 +75,8 @@ def stack(module_database_url: str, tmp_path_factory: pytest.TempPathFactory) ->
     api = start_server(apismith.create_app(rows=300, seed=3, clients={"syncflow": secret_a}))
     hub = start_server(schedulehub.create_app(clients={"syncflow": secret_s}))
     home = tmp_path_factory.mktemp("dagster_home")
-    # Dagster 1.13 queues runs by default (the daemon dequeues them); the default
-    # coordinator launches at once, so the test needs no daemon.
-    (home / "dagster.yaml").write_text(
-        "telemetry:\n  enabled: false\n"
-        "run_coordinator:\n  module: dagster.core.run_coordinator\n  class: DefaultRunCoordinator\n"
-    )
-    port = _free_port()
     env = {
         **os.environ,
-        "DAGSTER_HOME": str(home),
         "SYNCFLOW_DATABASE_URL": database_url,
         "APISMITH_BASE_URL": api.url,
         "APISMITH_CLIENT_ID": "syncflow",
@@ -120,54 +85,24 @@ def stack(module_database_url: str, tmp_path_factory: pytest.TempPathFactory) ->
         "SCHEDULEHUB_CLIENT_ID": "syncflow",
         "SCHEDULEHUB_CLIENT_SECRET": secret_s,
     }
-    log = home / "webserver.log"
-    bin_dir = Path(sys.executable).parent
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(bin_dir / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    service: RunningServer | None = None
     try:
-        dagster_url = f"http://127.0.0.1:{port}"
-        _wait_for_dagster(dagster_url, proc, log)
-        service_settings = ServiceSettings(
-            database_url=SecretStr(database_url),
-            api_token=SecretStr(token),
-            dagster_graphql_url=dagster_url,
-            apismith_base_url=api.url,
-            schedulehub_base_url=hub.url,
-        )
-        service = start_server(create_app(service_settings))
-        yield Stack(service.url, token, database_url, api, hub)
+        with dagster_webserver(home, env) as dagster_url:
+            service_settings = ServiceSettings(
+                database_url=SecretStr(database_url),
+                api_token=SecretStr(token),
+                dagster_graphql_url=dagster_url,
+                apismith_base_url=api.url,
+                schedulehub_base_url=hub.url,
+            )
+            with start_server(create_app(service_settings)) as service:
+                yield Stack(service.url, token, database_url, api, hub)
     finally:
-        if service is not None:
-            service.stop()
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
         api.stop()
         hub.stop()
 
 
-def _poll(stack: Stack, run_id: str, until: set[str]) -> dict[str, Any]:
-    deadline = time.monotonic() + RUN_FINISH_S
-    body: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        response = stack.get(f"/sync/{run_id}")
-        assert response.status_code == 200, response.text
-        body = response.json()
-        if body["status"] in until:
-            return body
-        time.sleep(1.0)
-    raise AssertionError(f"run {run_id} still {body.get('status')} after {RUN_FINISH_S}s")
+def _poll(stack: Stack, run_id: str, until: frozenset[str] | set[str]) -> dict[str, Any]:
+    return poll_run(stack.url, stack.auth, run_id, until)
 
 
 def test_protected_routes_refuse_without_the_token(stack: Stack) -> None:

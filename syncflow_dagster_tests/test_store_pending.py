@@ -18,6 +18,7 @@ from syncflow_dagster.store.pending import (
     MISSING_PARENT,
     MISSING_PARENT_BK,
     MISSING_PARENT_BK_HASH,
+    Parked,
     PendingRepository,
 )
 from syncflow_dagster.store.state import StateRepository
@@ -73,7 +74,7 @@ def test_children_are_released_once_their_parent_is_delivered(
     pending, state = PendingRepository(engine), StateRepository(engine)
     parent_keys = [os.urandom(16) for _ in range(4)]
     child_keys = [os.urandom(16) for _ in range(4)]
-    assert pending.park(child, uuid.uuid4(), _children(parent, parent_keys, child_keys)) == 4
+    assert pending.park(child, uuid.uuid4(), _children(parent, parent_keys, child_keys)) == Parked(4, 0)
     assert pending.release_candidates(child).num_rows == 0
 
     _deliver(state, parent, parent_keys[:3])
@@ -98,7 +99,7 @@ def test_parking_again_keeps_since_and_takes_the_new_payload(
     pending.park(child, None, _children(parent, [parent_key], [key]))
     [before] = pending.list_pending(child)
     again = _children(parent, [parent_key], [key]).set_column(5, "payload", pa.array(['{"line_no": 2}']))
-    assert pending.park(child, None, again) == 1
+    assert pending.park(child, None, again) == Parked(1, 0)
     [after] = pending.list_pending(child)
     assert after.since == before.since
     assert after.id == before.id
@@ -123,6 +124,102 @@ def test_expired_children_move_to_failed_records_as_parent_missing(
     assert all(r.next_retry_at is not None and r.payload["line_no"] == 1 for r in records)
     assert all(f"parent {parent} SO-" in (r.detail or "") for r in records)
     assert all(r.id.version == 7 for r in records)
+
+
+def _held_in_both(engine: sa.Engine, entity: str) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM syncflow.pending_children AS p JOIN syncflow.failed_records AS f"
+                    " ON f.entity = p.entity AND f.bk_hash = p.bk_hash AND f.resolved_at IS NULL"
+                    " WHERE p.entity = :entity"
+                ),
+                {"entity": entity},
+            ).scalar_one()
+        )
+
+
+def test_a_child_with_an_open_failure_stays_a_failed_record_when_parked_again(
+    engine: sa.Engine, names: tuple[str, str]
+) -> None:
+    parent, child = names
+    pending, failures = PendingRepository(engine), FailureRepository(engine)
+    keys = [os.urandom(16) for _ in range(3)]
+    parent_keys = [os.urandom(16) for _ in keys]
+    pending.park(child, None, _children(parent, parent_keys, keys))
+    now = dt.datetime.now(dt.UTC)
+    assert pending.expire(dt.timedelta(hours=1), entity=child, now=now + dt.timedelta(hours=2)) == 3
+    ids_before = {r.id for r in failures.list_failures(child)}
+
+    # A retry (or a sync) finds the parents still missing: two of the three come back to be parked.
+    again = _children(parent, parent_keys[:2], keys[:2]).set_column(
+        5, "payload", pa.array(['{"line_no": 7}', '{"line_no": 7}'])
+    )
+    later = now + dt.timedelta(hours=3)
+    assert pending.park(child, None, again, now=later) == Parked(0, 2)
+    assert pending.count(child) == 0
+    assert _held_in_both(engine, child) == 0
+    records = {r.bk_hash: r for r in failures.list_failures(child)}
+    assert len(records) == 3
+    for key in keys[:2]:
+        kept = records[key]
+        assert (kept.reason_code, kept.reason_class, kept.attempts) == ("parent_missing", "retryable", 2)
+        assert kept.payload == {"line_no": 7}
+        assert kept.last_failed_at == later
+        assert kept.next_retry_at is not None
+        assert kept.next_retry_at > later
+    assert records[keys[2]].attempts == 1
+    assert {r.id for r in records.values()} == ids_before  # the same records, not new ones
+
+    # A new child of the same batch, without a failure, is parked as before.
+    fresh = _children(parent, [os.urandom(16)], [os.urandom(16)])
+    assert pending.park(child, None, fresh) == Parked(1, 0)
+
+
+def test_a_failure_of_another_reason_becomes_parent_missing_and_retryable(
+    engine: sa.Engine, names: tuple[str, str]
+) -> None:
+    parent, child = names
+    pending, failures = PendingRepository(engine), FailureRepository(engine)
+    key = os.urandom(16)
+    refused = pa.table(
+        {
+            BK_HASH: pa.array([key], pa.binary(16)),
+            BK: ["SO-0\x1f1"],
+            "reason_code": ["invalid_value"],
+            "reason_class": ["permanent"],
+            "detail": ["field qty: not a number"],
+            "payload": ["{}"],
+        }
+    )
+    failures.record_failures(child, None, refused)
+    assert pending.park(child, None, _children(parent, [os.urandom(16)], [key])) == Parked(0, 1)
+    [record] = failures.list_failures(child)
+    assert (record.reason_code, record.reason_class) == ("parent_missing", "retryable")
+    assert record.detail == f"parent {parent} SO-0 still missing"
+    assert record.payload == {"order_no": "SO-0", "line_no": 1}
+
+
+def test_a_parked_child_that_fails_leaves_pending(engine: sa.Engine, names: tuple[str, str]) -> None:
+    parent, child = names
+    pending, failures = PendingRepository(engine), FailureRepository(engine)
+    keys = [os.urandom(16) for _ in range(2)]
+    pending.park(child, None, _children(parent, [os.urandom(16) for _ in keys], keys))
+    # Released, delivered, and refused by ScheduleHub: the failure holds it now, not the parking.
+    rejected = pa.table(
+        {
+            BK_HASH: pa.array(keys[:1], pa.binary(16)),
+            BK: ["SO-0\x1f1"],
+            "reason_code": ["transient_failure"],
+            "reason_class": ["retryable"],
+            "detail": ["try again"],
+            "payload": ['{"order_no": "SO-0", "line_no": 1}'],
+        }
+    )
+    assert failures.record_failures(child, None, rejected) == 1
+    assert pending.waiting(child).column(BK_HASH).to_pylist() == keys[1:]
+    assert _held_in_both(engine, child) == 0
 
 
 def test_bad_pending_frames_name_entity_and_field(engine: sa.Engine, names: tuple[str, str]) -> None:

@@ -12,7 +12,8 @@ failed record (reason code) or a parked child (the parent it waits for). It is
 refused by normalize (an open `invalid_value` failed record must exist), or a
 child waits for a parent the source refused or no longer has. Anything else is
 a defect: lost, duplicated, different, or extra (still in ScheduleHub after
-the source deleted it).
+the source deleted it). A key held twice, both an open failed record and a
+parked child, is a defect too: it has two reasons and two retry paths.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class EntityVerdict:
     extra: list[str] = field(default_factory=list)
     # Refused by the engine and silently dropped: no failed record says why.
     unrecorded_refusals: list[str] = field(default_factory=list)
+    # Both an open failed record and a parked child (held in two places at once).
+    doubly_held: list[str] = field(default_factory=list)
     held: dict[str, Holding] = field(default_factory=dict)
     # Held keys whose cause is the source's own data (refused value, parent refused or gone).
     explained: dict[str, str] = field(default_factory=dict)
@@ -91,7 +94,7 @@ class EntityVerdict:
     def defects(self) -> list[str]:
         """Differences no failed record or pending child accounts for."""
         out = []
-        for name in ("lost", "duplicated", "different", "extra", "unrecorded_refusals"):
+        for name in ("lost", "duplicated", "different", "extra", "unrecorded_refusals", "doubly_held"):
             keys = getattr(self, name)
             if keys:
                 out.append(f"{self.entity}: {len(keys)} {name} (e.g. {sorted(keys)[:5]!r})")
@@ -107,6 +110,7 @@ class EntityVerdict:
             "duplicated": len(self.duplicated),
             "different": len(self.different),
             "extra": len(self.extra),
+            "doubly_held": len(self.doubly_held),
             "held": len(self.held),
             "unexplained_held": len(self.unexplained_held),
         }
@@ -225,6 +229,26 @@ def holdings(engine: sa.Engine, entity: str) -> dict[str, Holding]:
         for bk, parent, parent_bk in parked:
             out[bk] = Holding(f"waits for {parent} {parent_bk!r}", "pending", parent, parent_bk)
     return out
+
+
+def doubly_held(engine: sa.Engine, entity: str) -> list[str]:
+    """Keys of `entity` that are an open failed record and a parked child at once (should be none)."""
+    pending, failed = pending_children.alias("p"), failed_records.alias("f")
+    query = (
+        sa.select(pending.c.bk)
+        .join(
+            failed,
+            sa.and_(
+                failed.c.entity == pending.c.entity,
+                failed.c.bk_hash == pending.c.bk_hash,
+                failed.c.resolved_at.is_(None),
+            ),
+        )
+        .where(pending.c.entity == entity)
+        .order_by(pending.c.bk)
+    )
+    with engine.connect() as conn:
+        return [str(bk) for bk in conn.execute(query).scalars()]
 
 
 def _parent_of_failed(engine: sa.Engine, entity: str, bk: str) -> tuple[str | None, str | None]:
@@ -353,6 +377,8 @@ def verify_sync(
         )
         for name in chosen
     }
+    for name, verdict in verdicts.items():
+        verdict.doubly_held = doubly_held(engine, name)
     _explain_parents(verdicts, views, engine)
     return Verification(verdicts)
 

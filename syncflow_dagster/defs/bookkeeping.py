@@ -21,7 +21,7 @@ from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.identity import key_hash_of, key_text_of
 from syncflow_dagster.engine.normalize import target_type
 from syncflow_dagster.store.payload import payload_json, payload_table
-from syncflow_dagster.store.pending import MISSING_PARENT, MISSING_PARENT_BK, MISSING_PARENT_BK_HASH
+from syncflow_dagster.store.pending import MISSING_PARENT, MISSING_PARENT_BK, MISSING_PARENT_BK_HASH, Parked
 from syncflow_dagster.store.schema import sync_batches
 
 PAYLOAD = "payload"
@@ -165,10 +165,13 @@ def due_failures(database: Any, entity: EntitySpec, limit: int) -> pa.Table:
 
 def park_children(
     database: Any, catalog: Catalog, entity: EntitySpec, batch: uuid.UUID, waiting: pa.Table
-) -> int:
-    """Hold children whose parent ScheduleHub lacks, with the parent they wait for."""
+) -> Parked:
+    """Hold children whose parent ScheduleHub lacks, with the parent they wait for.
+
+    Children whose key is an open failed record stay failed records (`Parked.kept_failed`).
+    """
     if waiting.num_rows == 0:
-        return 0
+        return Parked(0, 0)
     parent_bk = pa.nulls(waiting.num_rows, pa.string())
     for relation in reversed(entity.parents):
         text = pc.cast(key_text_of([waiting[f] for f in relation.fields]), pa.string())
@@ -183,7 +186,8 @@ def park_children(
         PAYLOAD: row_payloads(entity, waiting),
     }
     frame = pa.table(columns)
-    return int(database.pending().park(entity.name, batch, frame))
+    parked: Parked = database.pending().park(entity.name, batch, frame)
+    return parked
 
 
 def released_children(database: Any, entity: EntitySpec) -> pa.Table:

@@ -382,7 +382,13 @@ def parent_child_stage(
     ready, waiting = split_ready_pending(catalog, entity.name, plan, known, needed)
     parked = bookkeeping.park_children(database, catalog, entity, batch_id, waiting)
     ready = add_references(catalog, entity, ready)
-    counts = {"ready": ready.num_rows, "pending": parked, "released": released.num_rows}
+    counts = {
+        "ready": ready.num_rows,
+        "pending": parked.waiting,
+        # Waiting for a parent too, but held as the open failed records they already were.
+        "failed_parent_missing_kept": parked.kept_failed,
+        "released": released.num_rows,
+    }
     return StageResult(ready, counts)
 
 

@@ -9,6 +9,7 @@ OpenAPI is served at /openapi.json, /docs and /redoc. Run it with
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal
 import httpx
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from syncflow_dagster.catalog import Catalog, default_catalog
@@ -35,6 +37,12 @@ from syncflow_dagster.service.store_views import (
     pending_children_page,
 )
 from syncflow_dagster.store.database import make_engine
+
+log = logging.getLogger(__name__)
+
+# What "SyncFlow's database cannot be reached" looks like from SQLAlchemy: no connection,
+# a connection lost, or no pooled connection free in time.
+_DATABASE_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": m.Problem, "description": "missing or wrong bearer token"},
@@ -136,6 +144,24 @@ def create_app(
         responses=_ERRORS,
     )
     app.state.settings = settings
+
+    async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        """503 as documented, not a bare 500; the exception's text (which can name the
+        server) stays out of the answer and the log."""
+        log.warning(
+            "%s %s: SyncFlow's database is unavailable (%s)",
+            request.method,
+            request.url.path,
+            type(exc).__name__,
+        )
+        return JSONResponse(
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            content={"detail": f"SyncFlow's database is unavailable ({type(exc).__name__})"},
+        )
+
+    for kind in _DATABASE_UNAVAILABLE:
+        app.add_exception_handler(kind, database_unavailable)
+
     app.state.engine = engine
     app.state.gateway = gateway
 

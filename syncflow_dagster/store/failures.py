@@ -6,7 +6,9 @@ next retry pushed out exponentially. Retryable failures wait
 `base * 2**(attempts-1)` seconds, at most `cap`, shortened by a random share
 of up to `jitter` so that a burst of failures does not come back as a burst.
 Permanent failures get no retry time: they wait for a person. Resolved rows
-stay as history.
+stay as history. A key that fails while parked as a pending child (a released
+child ScheduleHub refused, a new version normalize refused) leaves
+pending_children in the same transaction: a key is held in one place at a time.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from uuid6 import uuid7
 from syncflow_dagster.engine.columns import BK, BK_HASH
 from syncflow_dagster.store.copy import PgColumn, copy_in, copy_out, create_staging
 from syncflow_dagster.store.database import StoreSettings, driver_cursor
+from syncflow_dagster.store.keys import KEYS, check_keys, execute_for_keys
 from syncflow_dagster.store.schema import REASON_CLASSES, SCHEMA, failed_records
-from syncflow_dagster.store.state import check_keys, stage_keys
 
 REASON_CODE = "reason_code"
 REASON_CLASS = "reason_class"
@@ -39,6 +41,7 @@ PERMANENT = "permanent"
 FAILURE_COLUMNS = (BK_HASH, BK, REASON_CODE, REASON_CLASS, DETAIL, PAYLOAD)
 
 _FAILED = sql.Identifier(SCHEMA, "failed_records")
+_PENDING = sql.Identifier(SCHEMA, "pending_children")
 _STAGING = "syncflow_failures"
 _STAGING_COLUMNS = [
     PgColumn("id", "uuid"),
@@ -181,7 +184,15 @@ class FailureRepository:
                     **retry_params(self.settings),
                 },
             )
-            return int(cursor.rowcount)
+            written = int(cursor.rowcount)
+            cursor.execute(
+                sql.SQL(
+                    "DELETE FROM {pending} AS p USING {staging} AS s"
+                    " WHERE p.entity = %(entity)s AND p.bk_hash = s.bk_hash"
+                ).format(pending=_PENDING, staging=sql.Identifier(_STAGING)),
+                {"entity": entity},
+            )
+            return written
 
     def due_for_retry(
         self, entity: str | None = None, now: dt.datetime | None = None, limit: int = 10_000
@@ -236,19 +247,11 @@ class FailureRepository:
 
     def resolve(self, entity: str, bk_hashes: pa.Array | pa.ChunkedArray) -> int:
         """Close the open failures of these keys (delivered at last, or given up); returns how many."""
-        if len(bk_hashes) == 0:
-            return 0
-        with self.engine.begin() as conn:
-            cursor = driver_cursor(conn)
-            stage_keys(cursor, entity, BK_HASH, bk_hashes)
-            cursor.execute(
-                sql.SQL(
-                    "UPDATE {failed} AS f SET resolved_at = now() FROM syncflow_keys AS k"
-                    " WHERE f.entity = %(entity)s AND f.bk_hash = k.bk_hash AND f.resolved_at IS NULL"
-                ).format(failed=_FAILED),
-                {"entity": entity},
-            )
-            return int(cursor.rowcount)
+        statement = sql.SQL(
+            "UPDATE {failed} AS f SET resolved_at = now() FROM {keys} AS k"
+            " WHERE f.entity = %(entity)s AND f.bk_hash = k.bk_hash AND f.resolved_at IS NULL"
+        ).format(failed=_FAILED, keys=KEYS)
+        return execute_for_keys(self.engine, entity, BK_HASH, bk_hashes, statement)
 
     def list_failures(
         self,

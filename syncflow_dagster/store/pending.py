@@ -6,6 +6,11 @@ the child is a release candidate: one join on entity_state's primary key
 finds them all. Released children are removed after their delivery; a child
 that waits longer than allowed is moved to failed_records with reason
 `parent_missing`, in one statement, so nothing is lost between the two tables.
+
+A key is held in one place at a time: a child whose key already has an open
+failed record (it waited too long before, or its delivery failed) is not
+parked again; its failure is kept, as `parent_missing`, and retried on the
+failure schedule until the parent arrives.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from syncflow_dagster.engine.columns import BK, BK_HASH
 from syncflow_dagster.store.copy import PgColumn, copy_in, copy_out, create_staging
 from syncflow_dagster.store.database import StoreSettings, driver_cursor
 from syncflow_dagster.store.failures import PAYLOAD, new_ids, next_retry_sql, retry_params
+from syncflow_dagster.store.keys import KEYS, check_keys, execute_for_keys
 from syncflow_dagster.store.schema import REASON_CLASSES, SCHEMA, pending_children
-from syncflow_dagster.store.state import check_keys, stage_keys
 
 MISSING_PARENT = "_missing_parent"  # the parent entity's name
 MISSING_PARENT_BK = "_missing_parent_bk"  # its canonical business key text
@@ -79,6 +84,55 @@ _UUID7_SQL = (
 )
 
 
+# Children whose key has an open failure: the failure is kept, now for the missing parent.
+# A parent_missing failure keeps its class (expiry may have made it permanent); any
+# other becomes retryable, as the parent may still arrive.
+_KEPT_CLASS = "CASE WHEN f.reason_code = %(reason)s THEN f.reason_class ELSE 'retryable' END"
+
+
+def _keep_failed_sql(**names: sql.Composable) -> sql.Composed:
+    again = next_retry_sql(f"({_KEPT_CLASS})", "%(now)s::timestamptz", "f.attempts + 1")
+    return sql.SQL(
+        "UPDATE {failed} AS f SET attempts = f.attempts + 1, reason_code = %(reason)s,"
+        f" reason_class = {_KEPT_CLASS},"
+        " detail = 'parent ' || s.missing_parent_entity || ' ' || s.missing_parent_bk || ' still missing',"
+        " last_failed_at = %(now)s, next_retry_at = {again},"
+        " payload = COALESCE(s.payload, f.payload), batch_id = %(batch_id)s"
+        " FROM {staging} AS s"
+        " WHERE f.entity = %(entity)s AND f.bk_hash = s.bk_hash AND f.resolved_at IS NULL"
+    ).format(again=again, **names)
+
+
+_OPEN_FAILURE = (
+    "EXISTS (SELECT 1 FROM {failed} AS f WHERE f.entity = %(entity)s AND f.bk_hash = s.bk_hash"
+    " AND f.resolved_at IS NULL)"
+)
+_PARK_SQL = (
+    "INSERT INTO {pending} AS p (id, entity, bk_hash, bk, missing_parent_entity,"
+    " missing_parent_bk, missing_parent_bk_hash, since, payload, batch_id)"
+    " SELECT s.id, %(entity)s, s.bk_hash, s.bk, s.missing_parent_entity, s.missing_parent_bk,"
+    " s.missing_parent_bk_hash, now(), s.payload, %(batch_id)s FROM {staging} AS s"
+    f" WHERE NOT {_OPEN_FAILURE}"
+    " ON CONFLICT (entity, bk_hash) DO UPDATE SET bk = EXCLUDED.bk,"
+    " missing_parent_entity = EXCLUDED.missing_parent_entity,"
+    " missing_parent_bk = EXCLUDED.missing_parent_bk,"
+    " missing_parent_bk_hash = EXCLUDED.missing_parent_bk_hash,"
+    " payload = COALESCE(EXCLUDED.payload, p.payload), batch_id = EXCLUDED.batch_id"
+)
+_UNPARK_FAILED_SQL = (
+    "DELETE FROM {pending} AS p USING {staging} AS s"
+    f" WHERE p.entity = %(entity)s AND p.bk_hash = s.bk_hash AND {_OPEN_FAILURE}"
+)
+
+
+@dataclass(frozen=True)
+class Parked:
+    """What `park` did with its children: parked here, or kept as open failed records."""
+
+    waiting: int
+    kept_failed: int
+
+
 @dataclass(frozen=True)
 class PendingChild:
     id: uuid.UUID
@@ -107,18 +161,24 @@ class PendingRepository:
         self.engine = engine
         self.settings = settings or StoreSettings()
 
-    def park(self, entity: str, batch_id: uuid.UUID | None, children: pa.Table) -> int:
-        """Hold these children (PENDING_COLUMNS) until their parent is delivered; returns rows written.
+    def park(
+        self, entity: str, batch_id: uuid.UUID | None, children: pa.Table, now: dt.datetime | None = None
+    ) -> Parked:
+        """Hold these children (PENDING_COLUMNS) until their parent is delivered.
 
         A child already waiting keeps its `since` (the expiry clock does not
         restart when a run sees it again) and takes the new parent, payload
-        and batch.
+        and batch. A child whose key has an open failed record stays there
+        instead, in the same transaction: reason `parent_missing`, one more
+        attempt, the next retry time by the failure schedule, the new payload.
+        Parking it too would hold the key twice, with two reasons and two
+        retry paths (a retry run would re-park it every time it came due).
         """
         missing = [c for c in PENDING_COLUMNS if c not in children.column_names]
         if missing:
             raise ValueError(f"entity {entity!r}: pending rows lack column(s) {missing}")
         if children.num_rows == 0:
-            return 0
+            return Parked(0, 0)
         keys = check_keys(entity, BK_HASH, children.column(BK_HASH))
         parents = check_keys(entity, MISSING_PARENT_BK_HASH, children.column(MISSING_PARENT_BK_HASH))
         if pc.count_distinct(keys).as_py() != len(keys):
@@ -136,25 +196,26 @@ class PendingRepository:
             "payload": children.column(PAYLOAD).cast(pa.string()),
         }
         frame = pa.table(staged)
+        params = {
+            "entity": entity,
+            "batch_id": batch_id,
+            "now": now or dt.datetime.now(dt.UTC),
+            "reason": PARENT_MISSING,
+            **retry_params(self.settings),
+        }
+        names = {"pending": _PENDING, "failed": _FAILED, "staging": sql.Identifier(_STAGING)}
         with self.engine.begin() as conn:
             cursor = driver_cursor(conn)
             create_staging(cursor, _STAGING, _STAGING_COLUMNS)
             copy_in(cursor, _STAGING, frame, _STAGING_COLUMNS)
-            cursor.execute(
-                sql.SQL(
-                    "INSERT INTO {pending} AS p (id, entity, bk_hash, bk, missing_parent_entity,"
-                    " missing_parent_bk, missing_parent_bk_hash, since, payload, batch_id)"
-                    " SELECT s.id, %(entity)s, s.bk_hash, s.bk, s.missing_parent_entity, s.missing_parent_bk,"
-                    " s.missing_parent_bk_hash, now(), s.payload, %(batch_id)s FROM {staging} AS s"
-                    " ON CONFLICT (entity, bk_hash) DO UPDATE SET bk = EXCLUDED.bk,"
-                    " missing_parent_entity = EXCLUDED.missing_parent_entity,"
-                    " missing_parent_bk = EXCLUDED.missing_parent_bk,"
-                    " missing_parent_bk_hash = EXCLUDED.missing_parent_bk_hash,"
-                    " payload = COALESCE(EXCLUDED.payload, p.payload), batch_id = EXCLUDED.batch_id"
-                ).format(pending=_PENDING, staging=sql.Identifier(_STAGING)),
-                {"entity": entity, "batch_id": batch_id},
-            )
-            return int(cursor.rowcount)
+            cursor.execute(_keep_failed_sql(**names), params)
+            kept = int(cursor.rowcount)
+            cursor.execute(sql.SQL(_PARK_SQL).format(**names), params)
+            waiting = int(cursor.rowcount)
+            if kept:
+                # A key parked before this rule existed, and failed since, is held once from now on.
+                cursor.execute(sql.SQL(_UNPARK_FAILED_SQL).format(**names), params)
+        return Parked(waiting, kept)
 
     def release_candidates(self, entity: str, limit: int | None = None) -> pa.Table:
         """Waiting children of `entity` whose missing parent is now delivered (in entity_state).
@@ -192,19 +253,10 @@ class PendingRepository:
 
     def remove(self, entity: str, bk_hashes: pa.Array | pa.ChunkedArray) -> int:
         """Forget these parked children (delivered after release); returns how many were parked."""
-        if len(bk_hashes) == 0:
-            return 0
-        with self.engine.begin() as conn:
-            cursor = driver_cursor(conn)
-            stage_keys(cursor, entity, BK_HASH, bk_hashes)
-            cursor.execute(
-                sql.SQL(
-                    "DELETE FROM {pending} AS p USING syncflow_keys AS k"
-                    " WHERE p.entity = %(entity)s AND p.bk_hash = k.bk_hash"
-                ).format(pending=_PENDING),
-                {"entity": entity},
-            )
-            return int(cursor.rowcount)
+        statement = sql.SQL(
+            "DELETE FROM {pending} AS p USING {keys} AS k WHERE p.entity = %(entity)s AND p.bk_hash = k.bk_hash"
+        ).format(pending=_PENDING, keys=KEYS)
+        return execute_for_keys(self.engine, entity, BK_HASH, bk_hashes, statement)
 
     def expire(
         self,

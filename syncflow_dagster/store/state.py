@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
@@ -37,6 +36,7 @@ from syncflow_dagster.engine.columns import (
 )
 from syncflow_dagster.store.copy import PgColumn, copy_in, copy_out, create_staging
 from syncflow_dagster.store.database import StoreSettings, driver_cursor
+from syncflow_dagster.store.keys import KEYS, check_keys, prefer_index_joins, stage_keys
 from syncflow_dagster.store.locks import COMMIT_NAMESPACE
 from syncflow_dagster.store.migrate import upgrade
 from syncflow_dagster.store.schema import SCHEMA, entity_state
@@ -75,8 +75,6 @@ ACCEPTED_COLUMNS: tuple[str, ...] = (BK_HASH, BK, DATA_HASH, ROWVERSION, RECIPE)
 
 _STATE_TABLE = sql.Identifier(SCHEMA, "entity_state")
 _ACCEPTED_STAGING = "syncflow_accepted"
-_KEYS_STAGING = "syncflow_keys"
-_KEY_COLUMN = PgColumn("bk_hash", "uuid")
 # The first commit of an entity COPYs straight into entity_state: the frame's
 # columns plus the ones that are the same on every row of the commit.
 _DIRECT_COLUMNS: list[PgColumn] = [
@@ -86,45 +84,6 @@ _DIRECT_COLUMNS: list[PgColumn] = [
     STATE_COLUMNS[LAST_SYNCED_AT],
     STATE_COLUMNS[LAST_BATCH_ID],
 ]
-
-
-def check_keys(entity: str, field: str, keys: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Business-key hashes as one fixed_size_binary(16) array without nulls, or a clear error."""
-    array = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
-    if array.type != BK_HASH_TYPE:
-        raise ValueError(f"entity {entity!r}, field {field!r}: expected {BK_HASH_TYPE}, got {array.type}")
-    if array.null_count:
-        raise ValueError(f"entity {entity!r}, field {field!r}: {array.null_count} null key hash(es)")
-    return array
-
-
-def stage_keys(cursor: psycopg.Cursor[Any], entity: str, field: str, keys: pa.Array | pa.ChunkedArray) -> int:
-    """COPY distinct key hashes, sorted, into TEMP table syncflow_keys(bk_hash uuid); returns the count.
-
-    Also makes the rest of the transaction join by index (see prefer_index_joins).
-    """
-    array = check_keys(entity, field, keys)
-    # Sorted, the index probes of the join walk the primary key in order (and
-    # the heap too, which commit_delivered fills in key order).
-    unique = pc.unique(array)
-    ordered = unique.take(pc.sort_indices(unique))
-    create_staging(cursor, _KEYS_STAGING, [_KEY_COLUMN])
-    copy_in(cursor, _KEYS_STAGING, pa.table({"bk_hash": ordered}), [_KEY_COLUMN])
-    prefer_index_joins(cursor)
-    return len(ordered)
-
-
-def prefer_index_joins(cursor: psycopg.Cursor[Any]) -> None:
-    """Join staged keys to entity_state by primary-key lookups for the rest of this transaction.
-
-    Left to itself, the planner hashes the whole entity (a sequential scan of
-    millions of rows) to look up a few thousand keys as soon as the staging
-    table has statistics, and guesses blindly when it has none. Lookups by
-    index make the cost follow the number of staged keys, which is the
-    contract of stored_for_keys and what keeps incremental commits small.
-    """
-    cursor.execute("SET LOCAL enable_hashjoin = off")
-    cursor.execute("SET LOCAL enable_mergejoin = off")
 
 
 class StateRepository:
@@ -166,7 +125,7 @@ class StateRepository:
             query = sql.SQL(
                 "SELECT s.bk_hash, s.data_hash, s.rowversion, s.recipe, s.schedulehub_id "
                 "FROM {keys} AS k JOIN {state} AS s ON s.entity = {entity} AND s.bk_hash = k.bk_hash"
-            ).format(state=_STATE_TABLE, entity=sql.Literal(entity), keys=sql.Identifier(_KEYS_STAGING))
+            ).format(state=_STATE_TABLE, entity=sql.Literal(entity), keys=KEYS)
             table = copy_out(cursor, query, [STATE_COLUMNS[c] for c in STORED_COLUMNS])
         return table.rename_columns(list(STORED_COLUMNS)).cast(STORED_SCHEMA)
 
@@ -373,7 +332,7 @@ class StateRepository:
                     sql.SQL(
                         "DELETE FROM {state} AS s USING {keys} AS k"
                         " WHERE s.entity = %(entity)s AND s.bk_hash = k.bk_hash"
-                    ).format(state=_STATE_TABLE, keys=sql.Identifier(_KEYS_STAGING)),
+                    ).format(state=_STATE_TABLE, keys=KEYS),
                     {"entity": entity},
                 )
                 written += cursor.rowcount
