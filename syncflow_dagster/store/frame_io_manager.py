@@ -420,6 +420,8 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
             recreated = client.replace_slice(where, frame)
         _HANDED.put(self._key(where), context.run_id, frame)
         _forget_captured_output(context)
+        # The stage's temporaries are gone by now: give their pages back.
+        return_freed_memory()
         context.add_output_metadata(
             {
                 "dagster/table_name": f"{self.schema_name}.{where.table}",
@@ -450,6 +452,17 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
                 f"(table {self.schema_name}.{where.table} does not exist); materialize it first"
             )
         return handler.from_arrow(table)
+
+
+def return_freed_memory() -> None:
+    """Hand the pages Arrow's allocator keeps after frees back to the OS.
+
+    Arrow's pool (mimalloc here) keeps freed pages for reuse, so after a stage
+    the process's RSS still counted its temporaries (150 MB after normalising
+    and hashing 300 000 rows). Returning them at each stage boundary (about
+    10 ms) makes RSS show what is really held.
+    """
+    pa.default_memory_pool().release_unused()
 
 
 def _forget_captured_output(context: dg.OutputContext) -> None:
@@ -542,6 +555,8 @@ class _BackgroundWriter:
                     write()
                 except BaseException as exc:  # surfaced by the next wait()
                     self._error = exc
+                finally:
+                    return_freed_memory()  # the driver-ready copies of the frame
 
             self._what = what
             self._thread = threading.Thread(target=run, name=f"frame-writer {what}", daemon=False)
