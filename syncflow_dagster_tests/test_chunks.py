@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 
 from syncflow_dagster.catalog import default_catalog
@@ -41,3 +42,25 @@ def test_data_hashes_are_the_same_for_any_chunk_size(monkeypatch: pytest.MonkeyP
         ), size
     monkeypatch.setenv("SYNCFLOW_CHUNK_SIZE", "512")
     assert add_identity(entity, rows)["_data_hash"].combine_chunks().equals(whole)
+
+
+def test_normalize_gives_the_same_rows_and_rejections_for_any_chunk_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    catalog = default_catalog()
+    entity = catalog.entity("work_orders")
+    raw = generate_dataset(catalog, 3000, seed=5)[entity.source]
+    n = raw.num_rows
+    whole = normalize(entity, raw, size=n)
+    assert whole.rejected.num_rows > 0, "the generated data should hold some dirty rows"
+
+    def rejected_rows(table: pa.Table) -> list[tuple[object, ...]]:
+        return sorted(tuple(row.values()) for row in table.to_pylist())
+
+    for size in (250, 1000, n - 1):
+        chunked = normalize(entity, raw, size=size)
+        assert chunked.rows.schema == whole.rows.schema
+        assert chunked.rows.combine_chunks().equals(whole.rows.combine_chunks()), size
+        assert rejected_rows(chunked.rejected) == rejected_rows(whole.rejected), size
+    monkeypatch.setenv("SYNCFLOW_CHUNK_SIZE", "600")
+    assert normalize(entity, raw).rows.column(0).num_chunks == 5

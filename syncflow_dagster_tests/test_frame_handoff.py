@@ -4,6 +4,8 @@ large frames are written off the critical path, and a failed background write fa
 from __future__ import annotations
 
 import datetime as dt
+import gc
+import weakref
 
 import dagster as dg
 import numpy as np
@@ -67,6 +69,42 @@ def test_in_process_stage_reads_the_handed_frame_and_postgres_holds_it(
     assert downstream.to_pylist()[0]["total"] == ROWS * (ROWS - 1) // 2
 
 
+def test_a_finished_in_process_run_holds_no_stage_frame(database_url: str) -> None:
+    """`materialize` keeps every output in its result; stored frames must not stay alive through it."""
+    returned: list[weakref.ref[pa.Table]] = []
+    partitions = dg.MultiPartitionsDefinition(
+        {
+            "entity": dg.StaticPartitionsDefinition(["items"]),
+            "date": dg.DailyPartitionsDefinition("2026-11-01"),
+        }
+    )
+
+    @dg.asset(partitions_def=partitions, io_manager_key="frames")
+    def wide_upstream() -> pa.Table:
+        frame = pa.table({"n": pa.array(np.arange(ROWS, dtype=np.int64))})
+        returned.append(weakref.ref(frame))
+        return frame
+
+    @dg.asset(partitions_def=partitions, io_manager_key="frames")
+    def count_downstream(wide_upstream: pa.Table) -> pa.Table:
+        return pa.table({"rows": [wide_upstream.num_rows]})
+
+    manager = PostgresFrameIOManager(database_url=database_url, schema_name="syncflow_stage_capture")
+    key = dg.MultiPartitionKey({"entity": "items", "date": DAY.isoformat()})
+    result = dg.materialize(
+        [wide_upstream, count_downstream], partition_key=key, resources={"frames": manager}
+    )
+    assert result.success
+    gc.collect()
+    assert len(returned) == 1
+    assert returned[0]() is None, "the run result (or the IO manager) still holds the upstream frame"
+    stored = PostgresFrameClient(database_url, "syncflow_stage_capture").select_slice(
+        FrameSlice("wide_upstream__items", "items", (DAY,))
+    )
+    assert stored is not None
+    assert stored.num_rows == ROWS
+
+
 def test_a_frame_from_another_run_is_never_handed_over() -> None:
     handed = fio._HandedFrames()
     frame = pa.table({"n": [1]})
@@ -82,6 +120,11 @@ def test_a_frame_from_another_run_is_never_handed_over() -> None:
     assert handed.take(("url", "schema", "t0", (DAY,)), "run-a") is None
     last = fio._HandedFrames.MAX_FRAMES + 2
     assert handed.take(("url", "schema", f"t{last}", (DAY,)), "run-a") is frame
+    # A new run's frame drops the frames an earlier run left behind.
+    handed.put(("url", "schema", "t1", (DAY,)), "run-a", frame)
+    handed.put(("url", "schema", "t2", (DAY,)), "run-b", frame)
+    assert handed.take(("url", "schema", "t1", (DAY,)), "run-a") is None
+    assert handed.take(("url", "schema", "t2", (DAY,)), "run-b") is frame
 
 
 def test_a_failed_background_write_fails_the_next_wait_naming_the_table() -> None:

@@ -9,12 +9,15 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from pydantic import SecretStr
 
+from syncflow_dagster.clients import schedulehub
 from syncflow_dagster.clients.http import HttpSettings
-from syncflow_dagster.clients.schedulehub import ScheduleHubClient, ScheduleHubSettings
+from syncflow_dagster.clients.schedulehub import ScheduleHubClient, ScheduleHubSettings, wire_timestamp_text
 from syncflow_dagster.simulators.faults import FaultConfig, FaultInjector
 from syncflow_dagster.simulators.schedulehub import create_app
 from syncflow_dagster.simulators.serve import RunningServer, start_server
@@ -152,6 +155,37 @@ def test_a_row_without_business_key_is_reported_and_the_rest_delivered(hub: Hub)
     assert by_status.count(("accepted", None)) == 2
 
 
+def test_wire_batches_are_built_only_for_the_batches_in_flight(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wire form of a batch exists only while it is sent: never more than max_concurrency at once."""
+    alive = {"now": 0, "most": 0, "built": 0}
+    to_wire = schedulehub.to_wire
+    upsert_batch = ScheduleHubClient._upsert_batch
+
+    def counting_to_wire(records: pa.Table) -> pa.Table:
+        alive["now"] += 1
+        alive["built"] += 1
+        alive["most"] = max(alive["most"], alive["now"])
+        return to_wire(records)
+
+    async def counting_upsert_batch(self: ScheduleHubClient, url: str, batch: pa.Table) -> pa.Table:
+        try:
+            return await upsert_batch(self, url, batch)
+        finally:
+            alive["now"] -= 1
+
+    monkeypatch.setattr(schedulehub, "to_wire", counting_to_wire)
+    monkeypatch.setattr(ScheduleHubClient, "_upsert_batch", counting_upsert_batch)
+    run(deliver(hub, ("sites", sites())))
+    (results,) = run(deliver(hub, ("items", items()), batch_size=100))
+    assert_all_accepted(results, ROWS)
+    assert sorted(results.column("_bk").to_pylist()) == items().column("_bk").to_pylist()
+    assert alive["built"] == 1 + ROWS // 100
+    assert 1 < alive["most"] <= FAST.max_concurrency
+    assert alive["now"] == 0
+
+
 def test_token_expiring_mid_run_is_survived(hub: Hub) -> None:
     hub.faults.configure(FaultConfig(token_ttl_s=1))
 
@@ -214,6 +248,58 @@ def test_attributes_are_sent_canonically(hub: Hub) -> None:
         "on": "2025-03-01",
         "note": None,
     }
+
+
+# Microseconds since the epoch of edge instants: year 1, years below 1000, 9999, and
+# beyond (Arrow allows years 0, negative and five-digit ones), around the epoch.
+EDGE_MICROS = [
+    -62135596800 * 10**6,  # 0001-01-01T00:00:00
+    -62135596800 * 10**6 - 1,  # 0000-12-31T23:59:59.999999
+    -2 * 62135596800 * 10**6,  # a negative year
+    -30610310400 * 10**6 + 123456,  # 0999-12-31 + microseconds
+    253402300799 * 10**6 + 999999,  # 9999-12-31T23:59:59.999999
+    253402300800 * 10**6 + 10,  # 10000-01-01
+    -1,
+    0,
+    1,
+    1764419696 * 10**6 + 5,
+]
+
+
+def _strftime_wire(column: pa.Array) -> pa.Array:
+    """The wire text as the client used to build it (the reference)."""
+    value = column if column.type.tz is not None else pc.assume_timezone(column, "UTC")
+    return pc.strftime(value.cast(pa.timestamp("us", tz="UTC")), format="%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.mark.parametrize("tz", [None, "UTC", "Europe/Berlin", "America/St_Johns", "+05:45"])
+def test_wire_timestamps_equal_strftime(tz: str | None) -> None:
+    rng = np.random.default_rng(11)
+    spread = rng.integers(-(2**60), 2**60, 5000, dtype=np.int64) // 16  # years about -2600..5600
+    micros = pa.array([*EDGE_MICROS, None, *spread.tolist(), None], pa.int64())
+    column = micros.cast(pa.timestamp("us", tz=tz))
+    expected = _strftime_wire(column)
+    assert wire_timestamp_text(column).equals(expected)
+    assert wire_timestamp_text(column).null_count == 2
+    assert wire_timestamp_text(pa.chunked_array([column.slice(0, 7), column.slice(7)])).equals(
+        pa.chunked_array([expected.slice(0, 7), expected.slice(7)])
+    )
+    for unit in ("s", "ms"):
+        coarse = pc.divide(micros, 10**6 if unit == "s" else 10**3).cast(pa.timestamp(unit, tz=tz))
+        assert wire_timestamp_text(coarse).equals(_strftime_wire(coarse))
+    assert wire_timestamp_text(column.slice(0, 0)).to_pylist() == []
+
+
+def test_wire_timestamp_examples() -> None:
+    column = pa.array(EDGE_MICROS[:6], pa.int64()).cast(pa.timestamp("us", tz="Europe/Berlin"))
+    assert wire_timestamp_text(column).to_pylist() == [
+        "0001-01-01T00:00:00.000000Z",
+        "0000-12-31T23:59:59.999999Z",
+        "-1968-01-02T00:00:00.000000Z",
+        "0999-12-31T00:00:00.123456Z",
+        "9999-12-31T23:59:59.999999Z",
+        "10000-01-01T00:00:00.000010Z",
+    ]
 
 
 def test_delete_read_counts_and_health(hub: Hub) -> None:

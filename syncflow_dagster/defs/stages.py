@@ -436,26 +436,29 @@ RESULT_COLUMNS = {
 STATUS = RESULT_COLUMNS["status"]
 
 
-async def _deliver(client: Any, entity: EntitySpec, ready: pa.Table) -> tuple[pa.Table, pa.Table]:
+async def _deliver(client: Any, entity: EntitySpec, ready: pa.Table) -> pa.Table | None:
+    """ScheduleHub's results for the rows of `ready` (upserts, then deletes); None for no rows.
+
+    Only the payload columns go to the client, and `ready` is filtered only
+    when it holds deletes: the client builds the wire form batch by batch.
+    """
     is_delete = _is(ready[c.ACTION], c.DELETE)
-    upserts = ready.filter(pc.invert(is_delete))
-    deletes = ready.filter(is_delete)
-    payload = [c.BK, *entity.targets, *[n for n in upserts.column_names if n.startswith(REF_PREFIX)]]
+    deleting = _count(is_delete)
+    names = [c.BK, *entity.targets, *[n for n in ready.column_names if n.startswith(REF_PREFIX)]]
+    payload = ready.select([n for n in names if n in ready.column_names])
+    upserts = payload.filter(pc.invert(is_delete)) if deleting else payload
+    parts: list[pa.Table] = []
     async with client:
-        upserted = (
-            await client.upsert(
-                entity.resource, upserts.select([n for n in payload if n in upserts.column_names])
-            )
-            if upserts.num_rows
-            else None
-        )
-        deleted = (
-            await client.delete(entity.resource, deletes[c.BK].combine_chunks()) if deletes.num_rows else None
-        )
-    return _join_results(upserts, upserted), _join_results(deletes, deleted)
+        if upserts.num_rows:
+            parts.append(await client.upsert(entity.resource, upserts))
+        del upserts, payload
+        if deleting:
+            parts.append(await client.delete(entity.resource, ready[c.BK].filter(is_delete).combine_chunks()))
+    return pa.concat_tables(parts) if parts else None
 
 
 def _join_results(rows: pa.Table, results: pa.Table | None) -> pa.Table:
+    """`rows` with ScheduleHub's result for each of them appended (RESULT_COLUMNS), in `rows`' order."""
     if results is None or rows.num_rows == 0:
         return rows.slice(0, 0)
     index = pc.index_in(rows[c.BK], value_set=results[c.BK])
@@ -469,8 +472,8 @@ def _join_results(rows: pa.Table, results: pa.Table | None) -> pa.Table:
 
 
 def deliver_stage(client: Any, entity: EntitySpec, ready: pa.Table) -> StageResult:
-    upserted, deleted = run_async(_deliver(client, entity, ready))
-    frame = pa.concat_tables([upserted, deleted], promote_options="default") if deleted.num_rows else upserted
+    """Every row of `ready` with ScheduleHub's answer for it: accepted (with its id) or rejected."""
+    frame = _join_results(ready, run_async(_deliver(client, entity, ready)))
     accepted = _count(_is(frame[STATUS], "accepted")) if frame.num_rows else 0
     counts = {"delivered": accepted, "failed": frame.num_rows - accepted}
     return StageResult(frame, counts)

@@ -1,9 +1,11 @@
 """Chunking: how many rows the engine's row-wise work handles at a time (SYNCFLOW_CHUNK_SIZE).
 
 Stages keep whole frames (the frame contract), but work that needs per-row
-temporaries (the canonical payload text, one Python bytes object per row for
-the hash) runs chunk by chunk, so those temporaries are bounded by the chunk
-size rather than by the entity's size.
+temporaries runs chunk by chunk, so those temporaries are bounded by the chunk
+size rather than by the entity's size: normalize (the combined source columns,
+every coercion layer's intermediate columns, the copy without rejected rows)
+and identity (the canonical payload text, one Python bytes object per row for
+the hash).
 """
 
 from __future__ import annotations

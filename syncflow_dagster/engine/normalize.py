@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as _compute
 
 from syncflow_dagster.catalog.models import EntitySpec, FieldSpec, FieldType, Precision, Rounding
+from syncflow_dagster.engine.chunks import chunk_size, chunk_starts
 from syncflow_dagster.engine.columns import (
     CHANGED_AT,
     CHANGED_AT_TYPE,
@@ -132,9 +133,27 @@ class _Coerced:
             self.problems.append((mask, reason() if callable(reason) else reason))
 
 
-def normalize(entity: EntitySpec, raw: pa.Table) -> NormalizeResult:
-    """Map and coerce `raw` (APISmith source names) into typed rows for `entity`."""
-    n = raw.num_rows
+def normalize(entity: EntitySpec, raw: pa.Table, size: int | None = None) -> NormalizeResult:
+    """Map and coerce `raw` (APISmith source names) into typed rows for `entity`.
+
+    Every row is coerced on its own, so a frame of more than `size` rows
+    (SYNCFLOW_CHUNK_SIZE) is normalised chunk by chunk and the pieces joined
+    (without copying): the per-column temporaries, the combined source
+    columns and the filtered copy are then bounded by the chunk, not the frame.
+    """
+    _check_shape(entity, raw)
+    size = size or chunk_size()
+    if raw.num_rows <= size:
+        return _normalize_chunk(entity, raw)
+    parts = [_normalize_chunk(entity, raw.slice(*chunk)) for chunk in chunk_starts(raw.num_rows, size)]
+    return NormalizeResult(
+        rows=pa.concat_tables([part.rows for part in parts]),
+        rejected=pa.concat_tables([part.rejected for part in parts]),
+    )
+
+
+def _check_shape(entity: EntitySpec, raw: pa.Table) -> None:
+    """Raise SchemaDriftError when a column every row needs is missing from the source."""
     columns = set(raw.column_names)
     if entity.rowversion not in columns:
         raise SchemaDriftError(
@@ -153,6 +172,13 @@ def normalize(entity: EntitySpec, raw: pa.Table) -> NormalizeResult:
                 f"entity {entity.name!r}: required source column {spec.source!r} "
                 f"(target {spec.target!r}) is missing from the source records"
             )
+
+
+def _normalize_chunk(entity: EntitySpec, raw: pa.Table) -> NormalizeResult:
+    """`normalize` of rows whose shape `_check_shape` accepted."""
+    n = raw.num_rows
+    columns = set(raw.column_names)
+    key_targets = set(entity.business_key)
 
     def coerce(spec: FieldSpec) -> tuple[str, str | None, _Coerced]:
         """One field through its layers: (source name, raw column read, result)."""
