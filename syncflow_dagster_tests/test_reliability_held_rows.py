@@ -9,9 +9,11 @@ Postgres, then compares ScheduleHub with the source in full.
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import pytest
 
+from syncflow_dagster.defs.runner import materialize_sync, report_of
 from syncflow_dagster_tests.reliability_harness import (
     clear_faults,
     observations,
@@ -36,6 +38,19 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SYNCFLOW_HTTP_BACKOFF_BASE_S", "0.01")
     monkeypatch.setenv("SYNCFLOW_HTTP_BACKOFF_MAX_S", "0.1")
     monkeypatch.setenv("SYNCFLOW_HTTP_MAX_RETRY_SECONDS", "20")
+
+
+def _assert_equal(env: Deployment, entities: list[str]) -> None:
+    verification = verify_deployment(env, entities)
+    assert verification.defects() == [], verification.describe()
+    assert verification.unexplained_held() == [], verification.describe()
+    assert all(v.held == {} for v in verification.verdicts.values()), verification.describe()
+    assert all(v.matched > 0 for v in verification.verdicts.values()), verification.describe()
+
+
+def _stage_metadata(result: Any, asset: str) -> dict[str, Any]:
+    (materialization,) = result.asset_materializations_for_node(asset)
+    return {k: v.value for k, v in materialization.metadata.items()}
 
 
 def _work_centers_failed(env: Deployment) -> int:
@@ -69,5 +84,80 @@ def test_retry_run_whose_rows_all_go_back_to_waiting_succeeds(fresh_database_url
         database = env.resources["database"]
         assert database.pending().count("work_centers") == failed
         assert env.schedulehub_records("work_centers").num_rows == 0
+        # The work centers' run reads the tombstones: what was held for them is closed.
+        counts = sync_stages(env.resources, "work_centers", TODAY)
+        assert counts["held_deleted_at_source"] == failed
+        assert database.failures().count("work_centers") == 0
+        assert database.pending().count("work_centers") == 0
         verification = verify_deployment(env, FAMILY)
         assert verification.defects() == [], verification.describe()
+        assert all(v.held == {} for v in verification.verdicts.values()), verification.describe()
+
+
+def test_tombstone_of_a_failed_key_closes_it_and_the_retry_resends_nothing_deleted(
+    fresh_database_url: str,
+) -> None:
+    """A retry resent work centers the source had deleted (`extra` in ScheduleHub); through Dagster here."""
+    with deployment(fresh_database_url, rows=100, seed=32) as env:
+        _work_centers_failed(env)
+        deleted = env.apply_changes(deleted_pct=20, seed=4, entities=["work_centers"])["applied"]
+        gone = deleted["WorkCenters"]["deleted"]
+        assert gone > 0
+
+        result = materialize_sync("work_centers", TODAY, resources=env.resources)
+
+        resolved = _stage_metadata(result, "resolved")
+        assert resolved["rows_held_deleted_at_source"] == gone
+        committed = _stage_metadata(result, "committed")
+        assert committed["rows_deleted_never_stored"] == gone
+        assert committed["rows_deleted_state"] == 0
+        assert report_of(result)["delete"] == 0  # the delta plan's count: the engine skips unknown keys
+        checks = result.get_asset_check_evaluations()
+        assert checks
+        assert all(check.passed for check in checks), [(c.check_name, c.metadata) for c in checks]
+        assert env.resources["database"].failures().count("work_centers") == 0
+        assert run_retry_job(env.resources).success
+        _assert_equal(env, FAMILY)
+
+
+def test_record_schedulehub_took_without_answering_is_deleted_with_the_source(
+    fresh_database_url: str,
+) -> None:
+    """Dropped answers: ScheduleHub holds records SyncFlow has as failed; the source's delete must reach it."""
+    with deployment(fresh_database_url, rows=100, seed=33) as env:
+        sync_stages(env.resources, "sites", TODAY)
+        put_faults(env.schedulehub_url, drop_connection_probability=1.0, max_faults=1000, seed=5)
+        counts = sync_stages(env.resources, "work_centers", TODAY)
+        clear_faults(env.schedulehub_url)
+        assert counts["failed"] == counts["fetched"] > 0
+        # Every upsert was applied; no answer arrived.
+        assert env.schedulehub_records("work_centers").num_rows == counts["fetched"]
+        gone = env.apply_changes(deleted_pct=20, seed=6, entities=["work_centers"])["applied"]
+        assert gone["WorkCenters"]["deleted"] > 0
+
+        again = sync_stages(env.resources, "work_centers", TODAY)
+
+        assert again["held_deleted_at_source"] == gone["WorkCenters"]["deleted"]
+        _assert_equal(env, FAMILY)
+
+
+def test_parked_child_deleted_at_the_source_is_not_released_later(fresh_database_url: str) -> None:
+    """A child waiting for its parent and then deleted must not reach ScheduleHub when the parent does."""
+    with deployment(fresh_database_url, rows=100, seed=34) as env:
+        put_faults(env.schedulehub_url, seed=2, **EVERY_ROW_FAILS)
+        assert sync_stages(env.resources, "sites", TODAY)["failed"] > 0
+        clear_faults(env.schedulehub_url)
+        parked = sync_stages(env.resources, "work_centers", TODAY)["pending"]
+        assert parked > 0
+        gone = env.apply_changes(deleted_pct=20, seed=7, entities=["work_centers"])["applied"]
+        deleted = gone["WorkCenters"]["deleted"]
+        assert deleted > 0
+
+        counts = sync_stages(env.resources, "work_centers", TODAY)
+
+        assert counts["held_deleted_at_source"] == deleted
+        database = env.resources["database"]
+        assert database.pending().count("work_centers") == parked - deleted
+        # The sites arrive with the retry run; the surviving children are released after them.
+        assert run_retry_job(env.resources).success
+        _assert_equal(env, FAMILY)
