@@ -12,6 +12,7 @@ import datetime as dt
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from syncflow_dagster.defs.runner import materialize_sync, report_of
 from syncflow_dagster_tests.reliability_harness import (
@@ -161,3 +162,36 @@ def test_parked_child_deleted_at_the_source_is_not_released_later(fresh_database
         # The sites arrive with the retry run; the surviving children are released after them.
         assert run_retry_job(env.resources).success
         _assert_equal(env, FAMILY)
+
+
+def test_unreadable_payload_is_recorded_and_the_other_rows_are_retried(fresh_database_url: str) -> None:
+    """A payload the catalog no longer fits (a dropped field) is that row's problem, not the retry run's."""
+    with deployment(fresh_database_url, rows=100, seed=35) as env:
+        failed = _work_centers_failed(env)
+        database = env.resources["database"]
+        with database.engine.begin() as conn:
+            spoiled = conn.execute(
+                sa.text(
+                    "UPDATE syncflow.failed_records SET payload = payload || '{\"retired_field\": 1}'"
+                    " WHERE id = (SELECT id FROM syncflow.failed_records WHERE entity = 'work_centers'"
+                    " ORDER BY id LIMIT 1)"
+                    " RETURNING bk"
+                )
+            ).scalar_one()
+
+        result = run_retry_job(env.resources, ["work_centers"])
+
+        assert result.success
+        (report,) = [o for o in observations(result) if o.get("entity") == "work_centers"]
+        assert report["rows_delivered"] == failed - 1
+        (record,) = database.failures().list_failures("work_centers")
+        assert record.bk == spoiled
+        assert (record.reason_code, record.reason_class) == ("unreadable_payload", "permanent")
+        assert "'work_centers'" in record.detail
+        assert "retired_field" in record.detail
+        held = verify_deployment(env, FAMILY)
+        assert held.defects() == [], held.describe()
+        assert held.unexplained_held() == [f"work_centers: {spoiled!r} held (permanent unreadable_payload)"]
+        # A second run leaves it to a person: nothing is due.
+        again = run_retry_job(env.resources, ["work_centers"])
+        assert [o for o in observations(again) if o.get("entity") == "work_centers"] == []
