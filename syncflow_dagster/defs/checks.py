@@ -71,11 +71,12 @@ def delivered_equals_committed(delivered: pa.Table, counts: dict[str, int]) -> d
     accepted_upserts = accepted_deletes = 0
     if delivered.num_rows:
         accepted = delivered.filter(pc.equal(delivered["_delivery_status"], pa.scalar("accepted")))
-        is_delete = pc.equal(accepted[c.ACTION], pa.scalar(c.DELETE))
+        is_delete: Any = pc.equal(accepted[c.ACTION], pa.scalar(c.DELETE))
         accepted_upserts = accepted.num_rows - accepted.filter(is_delete).num_rows
         # A delete of a key ScheduleHub never confirmed has no state to remove.
         if c.REASON in accepted.column_names:
-            never_stored = pc.fill_null(pc.equal(accepted[c.REASON], pa.scalar(UNKNOWN_KEY)), False)
+            reason: Any = accepted[c.REASON]
+            never_stored: Any = pc.fill_null(pc.equal(reason, pa.scalar(UNKNOWN_KEY)), pa.scalar(False))
             is_delete = pc.and_(is_delete, pc.invert(never_stored))
         accepted_deletes = accepted.filter(is_delete).num_rows
     committed = int(counts.get("committed", 0))
