@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from syncflow_dagster.defs import bookkeeping
+from syncflow_dagster.defs.jobs import retry_job
 from syncflow_dagster.defs.runner import materialize_sync, report_of
 from syncflow_dagster_tests.reliability_harness import (
     clear_faults,
@@ -195,3 +197,41 @@ def test_unreadable_payload_is_recorded_and_the_other_rows_are_retried(fresh_dat
         # A second run leaves it to a person: nothing is due.
         again = run_retry_job(env.resources, ["work_centers"])
         assert [o for o in observations(again) if o.get("entity") == "work_centers"] == []
+
+
+def test_retry_op_that_must_fail_names_the_entity_and_cause_and_retries_the_others(
+    fresh_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a row's problem (here: the store failing for one entity) still raises, but says where and why."""
+    original = bookkeeping.due_failures
+
+    def store_fails_for_items(database: Any, entity: Any, limit: int) -> Any:
+        if entity.name == "items":
+            raise RuntimeError("failed_records unreadable (injected)")
+        return original(database, entity, limit)
+
+    with deployment(fresh_database_url, rows=100, seed=36) as env:
+        put_faults(env.schedulehub_url, seed=3, **EVERY_ROW_FAILS)
+        failed = {name: sync_stages(env.resources, name, TODAY)["failed"] for name in ("sites", "items")}
+        clear_faults(env.schedulehub_url)
+        assert all(failed.values()), failed
+        monkeypatch.setattr(bookkeeping, "due_failures", store_fails_for_items)
+
+        result = retry_job.execute_in_process(
+            resources=env.resources,
+            run_config={"ops": {"retry_failed_and_pending": {"config": {"entities": ["items", "sites"]}}}},
+            raise_on_error=False,
+        )
+
+        assert not result.success
+        failure = result.failure_data_for_node("retry_failed_and_pending")
+        assert failure is not None
+        message = str(failure.user_failure_data.description if failure.user_failure_data else failure.error)
+        assert message == "retry failed for entity items: RuntimeError: failed_records unreadable (injected)"
+        database = env.resources["database"]
+        # Every attempt went on to the next entity: the sites were delivered all the same.
+        assert database.failures().count("sites") == 0
+        assert database.failures().count("items") == failed["items"]
+        verification = verify_deployment(env, ["sites"])
+        assert verification.defects() == [], verification.describe()
+        assert verification.verdicts["sites"].held == {}
