@@ -68,7 +68,7 @@ def _work_centers_failed(env: Deployment) -> int:
 
 
 def test_retry_run_whose_rows_all_go_back_to_waiting_succeeds(fresh_database_url: str) -> None:
-    """Every due row's parent is gone: the rows are parked again, the op must not fail (it raised KeyError)."""
+    """Every due row's parent is gone: nothing is sent, the op must not fail (it raised KeyError)."""
     with deployment(fresh_database_url, rows=100, seed=31) as env:
         failed = _work_centers_failed(env)
         # The source deletes every site (cascading to the work centers); the sites' run
@@ -81,11 +81,14 @@ def test_retry_run_whose_rows_all_go_back_to_waiting_succeeds(fresh_database_url
         assert result.success
         (report,) = [o for o in observations(result) if o.get("entity") == "work_centers"]
         assert report["rows_retried"] == failed
-        assert report["rows_pending"] == failed
+        # Held in one place: they stay the open failed records they were, not parked as well.
+        assert report["rows_failed_parent_missing_kept"] == failed
+        assert report["rows_pending"] == 0
         assert report["rows_delivered"] == 0
         assert report["still_failed"] == 0
         database = env.resources["database"]
-        assert database.pending().count("work_centers") == failed
+        assert database.failures().count("work_centers") == failed
+        assert database.pending().count("work_centers") == 0
         assert env.schedulehub_records("work_centers").num_rows == 0
         # The work centers' run reads the tombstones: what was held for them is closed.
         counts = sync_stages(env.resources, "work_centers", TODAY)
