@@ -155,9 +155,44 @@ def record_delivery_failures(database: Any, entity: EntitySpec, batch: uuid.UUID
     return int(database.failures().record_failures(entity.name, batch, frame))
 
 
+UNREADABLE_PAYLOAD = "unreadable_payload"
+
+
 def due_failures(database: Any, entity: EntitySpec, limit: int) -> pa.Table:
+    """Failed records due for a retry, rebuilt as rows.
+
+    A payload that no longer fits the entity (a field the catalog has since
+    dropped or retyped, a hand edit) is a problem of that row: it becomes a
+    permanent `unreadable_payload` failure naming the cause, for a person to
+    look at, and the other rows are retried.
+    """
     due = database.failures().due_for_retry(entity.name, limit=limit)
-    return rows_from_payloads(entity, due[PAYLOAD]) if due.num_rows else row_schema(entity).empty_table()
+    if due.num_rows == 0:
+        return row_schema(entity).empty_table()
+    try:
+        return rows_from_payloads(entity, due[PAYLOAD])
+    except ValueError:
+        pass
+    readable: list[pa.Table] = []
+    unreadable: list[tuple[int, str]] = []
+    for index in range(due.num_rows):
+        try:
+            readable.append(rows_from_payloads(entity, due[PAYLOAD].slice(index, 1)))
+        except ValueError as exc:
+            unreadable.append((index, str(exc)))
+    bad = due.take(pa.array([index for index, _ in unreadable], pa.int64()))
+    frame = pa.table(
+        {
+            c.BK_HASH: bad[c.BK_HASH],
+            c.BK: bad[c.BK],
+            "reason_code": pa.array([UNREADABLE_PAYLOAD] * bad.num_rows),
+            "reason_class": pa.array(["permanent"] * bad.num_rows),
+            "detail": pa.array([f"cannot rebuild the row for a retry: {cause}" for _, cause in unreadable]),
+            PAYLOAD: bad[PAYLOAD],
+        }
+    )
+    database.failures().record_failures(entity.name, None, frame)
+    return pa.concat_tables(readable) if readable else row_schema(entity).empty_table()
 
 
 # pending children -------------------------------------------------------------------------------

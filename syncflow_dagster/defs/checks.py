@@ -16,6 +16,7 @@ from dagster import AssetCheckExecutionContext
 
 from syncflow_dagster.defs import bookkeeping
 from syncflow_dagster.engine import columns as c
+from syncflow_dagster.engine.delta import UNKNOWN_KEY
 
 KEYS_UNIQUE = dg.AssetCheckSpec(
     "business_keys_unique_and_present",
@@ -70,8 +71,14 @@ def delivered_equals_committed(delivered: pa.Table, counts: dict[str, int]) -> d
     accepted_upserts = accepted_deletes = 0
     if delivered.num_rows:
         accepted = delivered.filter(pc.equal(delivered["_delivery_status"], pa.scalar("accepted")))
-        accepted_deletes = accepted.filter(pc.equal(accepted[c.ACTION], pa.scalar(c.DELETE))).num_rows
-        accepted_upserts = accepted.num_rows - accepted_deletes
+        is_delete: Any = pc.equal(accepted[c.ACTION], pa.scalar(c.DELETE))
+        accepted_upserts = accepted.num_rows - accepted.filter(is_delete).num_rows
+        # A delete of a key ScheduleHub never confirmed has no state to remove.
+        if c.REASON in accepted.column_names:
+            reason: Any = accepted[c.REASON]
+            never_stored: Any = pc.fill_null(pc.equal(reason, pa.scalar(UNKNOWN_KEY)), pa.scalar(False))
+            is_delete = pc.and_(is_delete, pc.invert(never_stored))
+        accepted_deletes = accepted.filter(is_delete).num_rows
     committed = int(counts.get("committed", 0))
     deleted = int(counts.get("deleted_state", 0))
     return dg.AssetCheckResult(

@@ -112,46 +112,69 @@ def retry_failed_and_pending(
     database: SyncDatabase,
     tuning: SyncTuning,
 ) -> None:
+    # A row that cannot be delivered is recorded (failed record or parked child),
+    # never raised. What still raises is not a row's problem (the database or
+    # ScheduleHub unreachable, a bug): the other entities are retried anyway,
+    # and the op then fails naming each entity and its cause.
+    errors: dict[str, str] = {}
+    first: Exception | None = None
+    for entity in _selected(config):
+        try:
+            _retry_entity(context, entity, schedulehub, database, tuning)
+        except Exception as exc:
+            first = first or exc
+            errors[entity.name] = f"{type(exc).__name__}: {exc}"
+            context.log.error(f"retry {entity.name} failed: {errors[entity.name]}")
+    if errors:
+        raise dg.Failure(
+            description="retry failed for "
+            + "; ".join(f"entity {name}: {cause}" for name, cause in errors.items()),
+            metadata={f"error_{name}": cause for name, cause in errors.items()},
+        ) from first
+
+
+def _retry_entity(
+    context: OpExecutionContext,
+    entity: EntitySpec,
+    schedulehub: ScheduleHubResource,
+    database: SyncDatabase,
+    tuning: SyncTuning,
+) -> None:
     from syncflow_dagster.defs.assets import CATALOG
 
-    for entity in _selected(config):
-        started = time.perf_counter()
-        expired = database.pending().expire(
-            dt.timedelta(hours=tuning.pending_max_age_hours), entity=entity.name
+    started = time.perf_counter()
+    expired = database.pending().expire(dt.timedelta(hours=tuning.pending_max_age_hours), entity=entity.name)
+    due = bookkeeping.due_failures(database, entity, tuning.retry_batch_limit)
+    if not due.num_rows and not bookkeeping.releasable_counts(database, _one(entity)):
+        return
+    # Released children join inside the parent-child stage.
+    # A retried row must still have its parents: otherwise it goes back to waiting.
+    batch = bookkeeping.batch_for_run(database, entity.name, None, context.run.run_id)
+    ready = stages.parent_child_stage(CATALOG, entity, database, due, batch)
+    delivered = stages.deliver_stage(schedulehub.client(), entity, ready.frame)
+    persisted = stages.persist_stage(database, entity, delivered.frame, batch)
+    counts = stages.merged_counts(
+        {"retried": due.num_rows, "expired_pending": int(expired or 0)},
+        ready.counts,
+        delivered.counts,
+        persisted.counts,
+    )
+    database.batches().finish_batch(
+        batch, "succeeded", counts, {"retry": round(time.perf_counter() - started, 3)}
+    )
+    context.log.info(f"retry {entity.name}: {counts}")
+    context.log_event(
+        dg.AssetObservation(
+            asset_key="sync_report",
+            metadata={
+                "entity": entity.name,
+                **{f"rows_{k}": v for k, v in counts.items()},
+                # From the counts: when every row went back to waiting, nothing was sent
+                # and the delivered frame has no result column to read.
+                "still_failed": int(delivered.counts.get("failed", 0)),
+            },
         )
-        due = bookkeeping.due_failures(database, entity, tuning.retry_batch_limit)
-        frames = [due] if due.num_rows else []
-        if not frames and not bookkeeping.releasable_counts(database, _one(entity)):
-            continue
-        rows = frames[0] if frames else bookkeeping.row_schema(entity).empty_table()
-        # Released children join inside the parent-child stage.
-        # A retried row must still have its parents: otherwise it goes back to waiting.
-        batch = bookkeeping.batch_for_run(database, entity.name, None, context.run.run_id)
-        ready = stages.parent_child_stage(CATALOG, entity, database, rows, batch)
-        delivered = stages.deliver_stage(schedulehub.client(), entity, ready.frame)
-        persisted = stages.persist_stage(database, entity, delivered.frame, batch)
-        counts = stages.merged_counts(
-            {"retried": due.num_rows, "expired_pending": int(expired or 0)},
-            ready.counts,
-            delivered.counts,
-            persisted.counts,
-        )
-        database.batches().finish_batch(
-            batch, "succeeded", counts, {"retry": round(time.perf_counter() - started, 3)}
-        )
-        context.log.info(f"retry {entity.name}: {counts}")
-        # From the deliver stage's counts: its frame has no status column when nothing was ready.
-        still_failed = delivered.counts["failed"]
-        context.log_event(
-            dg.AssetObservation(
-                asset_key="sync_report",
-                metadata={
-                    "entity": entity.name,
-                    **{f"rows_{k}": v for k, v in counts.items()},
-                    "still_failed": still_failed or 0,
-                },
-            )
-        )
+    )
 
 
 def _one(entity: EntitySpec) -> Any:

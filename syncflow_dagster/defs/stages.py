@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from syncflow_dagster.catalog import Catalog, EntitySpec
 from syncflow_dagster.defs import bookkeeping
 from syncflow_dagster.engine import columns as c
-from syncflow_dagster.engine.delta import dedupe_batch, plan_delta
+from syncflow_dagster.engine.delta import UNKNOWN_KEY, dedupe_batch, plan_delta
 from syncflow_dagster.engine.identity import add_identity, key_text_of
 from syncflow_dagster.engine.normalize import normalize
 from syncflow_dagster.engine.relations import parent_key_hashes, split_ready_pending
@@ -328,6 +328,16 @@ def delta_stage(fresh: pa.Table) -> StageResult:
         ):
             counts[str(action)] = int(count.as_py() or 0)
     counts["duplicates"] = duplicates.num_rows
+    # The engine skips a tombstone of a key ScheduleHub never confirmed. It stays
+    # here as a delete, and the parent-child stage keeps it only if SyncFlow still
+    # holds the key (an open failed record or a parked child): left alone, a retry
+    # would resend a record the source deleted, and one ScheduleHub took without
+    # its answer reaching us (a dropped connection) would stay there for good.
+    if counts[c.SKIP]:
+        unknown = pc.and_(_is(plan[c.ACTION], c.SKIP), _is(plan[c.REASON], UNKNOWN_KEY))
+        if _count(unknown):
+            action = pc.if_else(unknown, pa.scalar(c.DELETE), plan[c.ACTION])
+            plan = plan.set_column(plan.schema.get_field_index(c.ACTION), c.ACTION, action)
     # Skips are counted, not kept; with none (an initial sync) the plan is kept as it is.
     changed = plan.filter(pc.invert(_is(plan[c.ACTION], c.SKIP))) if counts[c.SKIP] else plan
     if DELETED not in changed.column_names:
@@ -354,6 +364,7 @@ def parent_child_stage(
     to this run now, so it takes `run_date` as its partition date.
     """
     state = database.state()
+    plan, held_deletes = _held_tombstones_only(database, entity, plan)
     released = bookkeeping.released_children(database, entity)
     if released.num_rows and run_date is not None:
         released = released.append_column(
@@ -388,8 +399,39 @@ def parent_child_stage(
         # Waiting for a parent too, but held as the open failed records they already were.
         "failed_parent_missing_kept": parked.kept_failed,
         "released": released.num_rows,
+        "held_deleted_at_source": held_deletes,
     }
     return StageResult(ready, counts)
+
+
+def _never_stored_deletes(rows: pa.Table) -> Any:
+    """Mask of the deletes of keys ScheduleHub never confirmed (see `delta_stage`)."""
+    if c.REASON not in rows.column_names or rows.num_rows == 0:
+        return pa.repeat(pa.scalar(False), rows.num_rows)
+    return pc.and_(_is(rows[c.ACTION], c.DELETE), _is(rows[c.REASON], UNKNOWN_KEY))
+
+
+def _held_tombstones_only(database: Any, entity: EntitySpec, plan: pa.Table) -> tuple[pa.Table, int]:
+    """The plan without the never-stored deletes of keys SyncFlow does not hold; and how many it kept.
+
+    A key deleted at the source before anything of it was delivered or held
+    needs nothing. One with an open failed record or a parked child is deleted
+    in ScheduleHub (idempotent: `not_found` is success), which closes both.
+    """
+    unknown = _never_stored_deletes(plan)
+    candidates = _count(unknown)
+    if not candidates:
+        return plan, 0
+    keys = plan.filter(unknown)[c.BK_HASH].combine_chunks()
+    held = pa.concat_arrays(
+        [
+            _held_among(database, failed_records, entity.name, keys, open_only=True),
+            _held_among(database, pending_children, entity.name, keys),
+        ]
+    )
+    keep = pc.or_(pc.invert(unknown), pc.is_in(plan[c.BK_HASH], value_set=held))
+    kept = plan.filter(keep)
+    return kept, kept.num_rows - (plan.num_rows - candidates)
 
 
 def _align(frame: pa.Table, like: pa.Table) -> pa.Table:
@@ -494,7 +536,16 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
     # Only the state columns of accepted rows are needed (rejected rows keep
     # their payload for the failed record): filtering the narrow table spares
     # a copy of every payload column of a million delivered rows.
-    committed_columns = [c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "_schedulehub_id", c.ACTION]
+    committed_columns = [
+        c.BK_HASH,
+        c.BK,
+        c.DATA_HASH,
+        c.ROWVERSION,
+        c.RECIPE,
+        "_schedulehub_id",
+        c.ACTION,
+        c.REASON,
+    ]
     accepted = delivered.select([n for n in committed_columns if n in delivered.column_names])
     if _count(ok) < delivered.num_rows:
         accepted = accepted.filter(ok)
@@ -519,27 +570,30 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
         # the entity lock, so no run adds to them meanwhile.
         if accepted.num_rows:
             accepted_keys = accepted[c.BK_HASH].combine_chunks()
-            failing = _delivered_among(database, failed_records, entity.name, accepted_keys, open_only=True)
+            failing = _held_among(database, failed_records, entity.name, accepted_keys, open_only=True)
             if len(failing):
                 database.failures().resolve(entity.name, failing)
-            parked = _delivered_among(database, pending_children, entity.name, accepted_keys)
+            parked = _held_among(database, pending_children, entity.name, accepted_keys)
             if len(parked):
                 bookkeeping.forget_delivered_children(database, entity, pa.table({c.BK_HASH: parked}))
         parent_missing = _is(rejected["_reason_code"], "parent_missing")
         bookkeeping.record_delivery_failures(database, entity, batch_id, rejected)
+    # A delete of a key that was never stored removes no state (see `delta_stage`).
+    never_stored = _count(_never_stored_deletes(deleted))
     counts = {
         "committed": int(written),
-        "deleted_state": deleted.num_rows,
+        "deleted_state": deleted.num_rows - never_stored,
+        "deleted_never_stored": never_stored,
         "failed_recorded": rejected.num_rows,
         "failed_parent_missing": _count(parent_missing),
     }
     return StageResult(_summary(delivered), counts)
 
 
-def _delivered_among(
+def _held_among(
     database: Any, table: sa.Table, entity: str, accepted_keys: pa.Array, *, open_only: bool = False
 ) -> pa.Array:
-    """The accepted key hashes that have a row in `table` (failed_records or pending_children)."""
+    """The given key hashes that have a row in `table` (failed_records or pending_children)."""
     query = sa.select(table.c.bk_hash).where(table.c.entity == entity)
     if open_only:
         query = query.where(table.c.resolved_at.is_(None))
