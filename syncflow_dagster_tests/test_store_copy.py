@@ -13,7 +13,16 @@ import pyarrow as pa
 import pytest
 from psycopg import sql
 
-from syncflow_dagster.store.copy import PgColumn, copy_in, copy_out, create_staging, decode_hex, encode_binary
+from syncflow_dagster.store.copy import (
+    PgColumn,
+    arrow_type,
+    copy_in,
+    copy_out,
+    create_staging,
+    decode_hex,
+    encode_binary,
+    select_arrow,
+)
 
 COLUMNS = [
     PgColumn("key", "uuid"),
@@ -80,6 +89,39 @@ def test_every_type_round_trips_including_nulls_and_empty_strings(cursor: psycop
         assert got.equals(expected), column.name
     # '' and NULL stay distinct through CSV.
     assert back.column("label").to_pylist()[1:] == ["", None]
+
+
+def test_select_arrow_reads_every_type_like_copy_out(database_url: str) -> None:
+    table = _sample()
+    name = f"copy_select_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        cursor = conn.cursor()
+        # A real table: select_arrow reads on a connection of its own, which sees no TEMP table.
+        cursor.execute(
+            sql.SQL("CREATE TABLE {} ({})").format(
+                sql.Identifier(name),
+                sql.SQL(", ").join(
+                    sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in COLUMNS
+                ),
+            )
+        )
+        try:
+            with conn.transaction():
+                copy_in(cursor, name, table, COLUMNS)
+            query = sql.SQL("SELECT {} FROM {}").format(
+                sql.SQL(", ").join(sql.Identifier(c.name) for c in COLUMNS), sql.Identifier(name)
+            )
+            back = select_arrow(database_url, query.as_string(None), COLUMNS)
+            assert back.schema == pa.schema([(c.name, arrow_type(c)) for c in COLUMNS])
+            assert back.equals(copy_out(cursor, query, COLUMNS))
+            assert back.column("label").to_pylist()[1:] == ["", None]
+            assert back.column("key").equals(table.column("key"))
+            # A bytea whose stored width is not the declared one is refused, naming the column.
+            cursor.execute(sql.SQL("UPDATE {} SET digest = '\\x01'").format(sql.Identifier(name)))
+            with pytest.raises(ValueError, match="digest"):
+                select_arrow(database_url, query.as_string(None), COLUMNS)
+        finally:
+            cursor.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
 
 
 def test_postgres_sees_the_values_it_was_sent(cursor: psycopg.Cursor) -> None:
