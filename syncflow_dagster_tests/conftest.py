@@ -112,3 +112,13 @@ def dedicated_postgres_server() -> Iterator[DedicatedPostgres]:
 def dedicated_postgres(dedicated_postgres_server: DedicatedPostgres) -> str:
     """The URL of a database on a Postgres of this test's own."""
     return dedicated_postgres_server.url
+
+
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backoffs in milliseconds: the fault and soak tests check outcomes, not waiting."""
+    monkeypatch.setenv("SYNCFLOW_STORE_RETRY_BASE_SECONDS", "0.01")
+    monkeypatch.setenv("SYNCFLOW_STORE_RETRY_JITTER", "0")
+    monkeypatch.setenv("SYNCFLOW_HTTP_BACKOFF_BASE_S", "0.01")
+    monkeypatch.setenv("SYNCFLOW_HTTP_BACKOFF_MAX_S", "0.1")
+    monkeypatch.setenv("SYNCFLOW_HTTP_MAX_RETRY_SECONDS", "20")

@@ -33,14 +33,7 @@ TODAY = dt.datetime.now(dt.UTC).date()
 EVERY_ROW_FAILS = {"partial_failure_probability": 1.0}
 
 
-@pytest.fixture(autouse=True)
-def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Backoffs in milliseconds: the tests check outcomes, not waiting."""
-    monkeypatch.setenv("SYNCFLOW_STORE_RETRY_BASE_SECONDS", "0.01")
-    monkeypatch.setenv("SYNCFLOW_STORE_RETRY_JITTER", "0")
-    monkeypatch.setenv("SYNCFLOW_HTTP_BACKOFF_BASE_S", "0.01")
-    monkeypatch.setenv("SYNCFLOW_HTTP_BACKOFF_MAX_S", "0.1")
-    monkeypatch.setenv("SYNCFLOW_HTTP_MAX_RETRY_SECONDS", "20")
+pytestmark = pytest.mark.usefixtures("fast_retries")
 
 
 def _assert_equal(env: Deployment, entities: list[str]) -> None:

@@ -48,14 +48,7 @@ DOWN_S = 2.0
 WAIT_S = 120.0
 
 
-@pytest.fixture(autouse=True)
-def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Backoffs in milliseconds: the test checks outcomes, not waiting."""
-    monkeypatch.setenv("SYNCFLOW_STORE_RETRY_BASE_SECONDS", "0.01")
-    monkeypatch.setenv("SYNCFLOW_STORE_RETRY_JITTER", "0")
-    monkeypatch.setenv("SYNCFLOW_HTTP_BACKOFF_BASE_S", "0.01")
-    monkeypatch.setenv("SYNCFLOW_HTTP_BACKOFF_MAX_S", "0.1")
-    monkeypatch.setenv("SYNCFLOW_HTTP_MAX_RETRY_SECONDS", "20")
+pytestmark = pytest.mark.usefixtures("fast_retries")
 
 
 def _sync(env: Deployment, entity: str, instance: dg.DagsterInstance) -> dict[str, Any]:

@@ -67,16 +67,6 @@ FAULTS: list[tuple[str, str, dict[str, Any] | None]] = [
 ]
 
 
-@pytest.fixture
-def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Backoffs in milliseconds, so the soak measures correctness and not waiting."""
-    monkeypatch.setenv("SYNCFLOW_STORE_RETRY_BASE_SECONDS", "0.01")
-    monkeypatch.setenv("SYNCFLOW_STORE_RETRY_JITTER", "0")
-    monkeypatch.setenv("SYNCFLOW_HTTP_BACKOFF_BASE_S", "0.01")
-    monkeypatch.setenv("SYNCFLOW_HTTP_BACKOFF_MAX_S", "0.1")
-    monkeypatch.setenv("SYNCFLOW_HTTP_MAX_RETRY_SECONDS", "20")
-
-
 @pytest.mark.timeout(1800)
 def test_soak_random_changes_and_faults_converge(fresh_database_url: str, fast_retries: None) -> None:
     seed = int(os.environ.get("SYNCFLOW_SOAK_SEED") or secrets.randbelow(2**31))
