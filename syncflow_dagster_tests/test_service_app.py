@@ -91,6 +91,8 @@ def stack(module_database_url: str, tmp_path_factory: pytest.TempPathFactory) ->
                 database_url=SecretStr(database_url),
                 api_token=SecretStr(token),
                 dagster_graphql_url=dagster_url,
+                # Launching a run loads the code location; on a loaded 2-core box that outlasts 30 s.
+                dagster_timeout_s=180.0,
                 apismith_base_url=api.url,
                 schedulehub_base_url=hub.url,
             )
@@ -258,3 +260,63 @@ def test_openapi_fuzz_finds_no_server_error(case: schemathesis.Case, stack: Stac
     response = case.call(base_url=stack.url, headers=stack.auth, timeout=60)
     assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.text[:500]}"
     assert stack.token not in response.text
+
+
+def test_a_dagster_transport_failure_is_unavailable_and_names_the_cause_type() -> None:
+    from dagster_graphql import DagsterGraphQLClientError
+
+    from syncflow_dagster.service.dagster_gateway import DagsterUnavailable, _translate
+
+    try:
+        try:
+            raise TimeoutError("read timed out after 30 s on http://user:pw@127.0.0.1:3000")
+        except TimeoutError as cause:
+            raise DagsterGraphQLClientError(
+                "Exception occured during execution of query \nmutation {...}\n with variables \n{}\n"
+            ) from cause
+    except DagsterGraphQLClientError as exc:
+        translated = _translate(exc)
+    assert isinstance(translated, DagsterUnavailable)
+    assert str(translated).endswith("(TimeoutError)")
+    assert "pw" not in str(translated)
+
+
+def test_concurrent_launches_do_not_share_one_graphql_transport() -> None:
+    """Two API requests launching runs at once must each reach Dagster (here: a slow, failing one).
+
+    A gateway sharing one DagsterGraphQLClient answered the second caller
+    TransportAlreadyConnected while the first request was still in flight.
+    """
+    import asyncio
+    import threading
+
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    from syncflow_dagster.service.dagster_gateway import DagsterGateway, DagsterUnavailable
+    from syncflow_dagster.simulators.serve import start_server as serve
+
+    slow = FastAPI()
+
+    @slow.post("/graphql")
+    async def graphql() -> JSONResponse:
+        await asyncio.sleep(1.0)
+        return JSONResponse({"errors": [{"message": "webserver overloaded"}]}, status_code=502)
+
+    causes: list[str] = []
+    with serve(slow) as server:
+        gateway = DagsterGateway(server.url, timeout_s=10)
+
+        def launch() -> None:
+            try:
+                gateway.submit_retry([])
+            except DagsterUnavailable as exc:
+                causes.append(str(exc))
+
+        threads = [threading.Thread(target=launch) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert len(causes) == 3
+    assert not [c for c in causes if "TransportAlreadyConnected" in c], causes

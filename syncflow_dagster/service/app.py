@@ -118,7 +118,9 @@ def create_app(
     catalog = catalog or default_catalog()
     owned_engine = engine is None
     engine = engine or make_engine(settings.database_url.get_secret_value(), pool_size=4, max_overflow=2)
-    gateway = gateway or DagsterGateway(settings.dagster_graphql_url, settings.dagster_location)
+    gateway = gateway or DagsterGateway(
+        settings.dagster_graphql_url, settings.dagster_location, timeout_s=settings.dagster_timeout_s
+    )
     entities = list(catalog.topological_order)
 
     @asynccontextmanager

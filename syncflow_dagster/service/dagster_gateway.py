@@ -86,17 +86,24 @@ class DagsterGateway:
         self.graphql_url = f"{self.base_url}/graphql"
         self._location = location
         self._timeout_s = timeout_s
-        self._client = DagsterGraphQLClient(
-            parts.hostname,
-            port_number=parts.port,
-            use_https=parts.scheme == "https",
-            timeout=int(timeout_s),
-            path_prefix=parts.path.rstrip("/"),
+        self._parts = parts
+
+    def _client(self) -> DagsterGraphQLClient:
+        """A client of this call's own: the API serves requests on a thread pool, and one
+        DagsterGraphQLClient holds one gql transport, which refuses a second caller while
+        the first is connected (TransportAlreadyConnected), so shared it turns concurrent
+        launches into 503s."""
+        return DagsterGraphQLClient(
+            self._parts.hostname or "",
+            port_number=self._parts.port,
+            use_https=self._parts.scheme == "https",
+            timeout=int(self._timeout_s),
+            path_prefix=self._parts.path.rstrip("/"),
         )
 
     def _submit(self, job: str, tags: dict[str, str], run_config: dict[str, Any] | None = None) -> str:
         try:
-            return self._client.submit_job_execution(
+            return self._client().submit_job_execution(
                 job,
                 repository_location_name=self._location,
                 repository_name=REPOSITORY if self._location else None,
@@ -124,7 +131,7 @@ class DagsterGateway:
     def cancel(self, run_id: str) -> None:
         self.run(run_id)  # an unknown run is a 404, not an error of the terminate mutation
         try:
-            self._client.terminate_run(run_id)
+            self._client().terminate_run(run_id)
         except DagsterGraphQLClientError as exc:
             raise _translate(exc) from None
 
@@ -172,5 +179,8 @@ def _translate(exc: DagsterGraphQLClientError) -> Exception:
     kind = str(exc.args[0]) if exc.args else "DagsterGraphQLClientError"
     message = str(exc.args[1]) if len(exc.args) > 1 else ""
     if "connecting to url" in kind or kind.startswith(("Server error", "Exception occured")):
-        return DagsterUnavailable(kind.splitlines()[0][:200])
+        # The client hides the transport's exception (a timeout, a refused
+        # connection) in __cause__; its type, never its text, says which.
+        cause = f" ({type(exc.__cause__).__name__})" if exc.__cause__ is not None else ""
+        return DagsterUnavailable(kind.splitlines()[0][:200] + cause)
     return DagsterRefused(kind, message[:500])

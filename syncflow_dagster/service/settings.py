@@ -56,6 +56,14 @@ class ServiceSettings(BaseSettings):
         validation_alias=AliasChoices("SYNCFLOW_API_HEALTH_TIMEOUT_S", "health_timeout_s"),
     )
 
+    dagster_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        validation_alias=AliasChoices("SYNCFLOW_API_DAGSTER_TIMEOUT_S", "dagster_timeout_s"),
+        description="Seconds to wait for Dagster's GraphQL API (launching a run loads the code location).",
+    )
+
     @field_validator("public_paths_csv")
     @classmethod
     def _check_paths(cls, value: str) -> str:
