@@ -145,7 +145,7 @@ def _retry_entity(
     started = time.perf_counter()
     expired = database.pending().expire(dt.timedelta(hours=tuning.pending_max_age_hours), entity=entity.name)
     due = bookkeeping.due_failures(database, entity, tuning.retry_batch_limit)
-    if not due.num_rows and not bookkeeping.releasable_counts(database, _one(entity)):
+    if not due.num_rows and not database.pending().release_candidates(entity.name).num_rows:
         return
     # Released children join inside the parent-child stage.
     # A retried row must still have its parents: otherwise it goes back to waiting.
@@ -175,15 +175,6 @@ def _retry_entity(
             },
         )
     )
-
-
-def _one(entity: EntitySpec) -> Any:
-    """A catalog view with just this entity, for the per-entity releasable count."""
-
-    class _Only:
-        topological_order = (entity.name,)
-
-    return _Only()
 
 
 @dg.op(

@@ -320,7 +320,7 @@ def delta_stage(fresh: pa.Table) -> StageResult:
     live = live.drop_columns([n for n in stored_cols if n in live.column_names])
     live, duplicates = dedupe_batch(live)
     tombstones = dead.select([c.BK_HASH, c.BK, c.ROWVERSION, PARTITION_DATE]) if dead.num_rows else None
-    plan = plan_delta(live, stored.unique() if hasattr(stored, "unique") else stored, tombstones)
+    plan = plan_delta(live, stored, tombstones)
     counts = {action: 0 for action in c.ACTIONS}
     if plan.num_rows:
         for action, count in zip(
