@@ -190,3 +190,28 @@ def test_key_order_sorts_bytewise_and_sees_an_already_sorted_frame() -> None:
     assert _key_order(_key_words(in_order)) is None
     assert _key_order(_key_words(in_order.slice(1, 3000))) is None
     assert _key_order(_key_words(keys.slice(0, 1))) is None
+
+
+def _estimated_rows(repo: StateRepository, entity: str) -> int:
+    with repo.engine.connect() as conn:
+        plan = conn.execute(
+            sa.text("EXPLAIN (FORMAT JSON) SELECT 1 FROM syncflow.entity_state WHERE entity = :e"),
+            {"e": entity},
+        ).scalar_one()
+    return int(plan[0]["Plan"]["Plan Rows"])
+
+
+def test_a_large_first_load_is_known_to_the_planner_before_autovacuum(repo: StateRepository) -> None:
+    # Right after a first load by COPY, a planner that still takes the entity
+    # for one row put the whole entity on the outer side of the key-staged
+    # nested loops: the next run's lookups ran for minutes at 1M rows. The
+    # first commit refreshes the statistics itself.
+    from syncflow_dagster.store.state import ANALYZE_AFTER_FIRST_LOAD_ROWS
+
+    entity = f"fresh_{uuid.uuid4().hex[:8]}"
+    n = ANALYZE_AFTER_FIRST_LOAD_ROWS
+    rng = np.random.default_rng(4)
+    assert _estimated_rows(repo, entity) < 100  # unknown to the planner before the load
+    keys = _hashes(rng, n, 16)
+    assert repo.commit_delivered(entity, uuid.uuid4(), _rows(keys, _hashes(rng, n, 32), rowversion=1)) == n
+    assert _estimated_rows(repo, entity) >= n // 2

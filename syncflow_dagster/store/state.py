@@ -76,6 +76,8 @@ STORED_SCHEMA = pa.schema(_STORED_FIELDS)
 ACCEPTED_COLUMNS: tuple[str, ...] = (BK_HASH, BK, DATA_HASH, ROWVERSION, RECIPE)
 
 _STATE_TABLE = sql.Identifier(SCHEMA, "entity_state")
+# A first load at least this large refreshes the planner's statistics before it commits.
+ANALYZE_AFTER_FIRST_LOAD_ROWS = 10_000
 _ACCEPTED_STAGING = "syncflow_accepted"
 # The first commit of an entity COPYs straight into entity_state: the frame's
 # columns plus the ones that are the same on every row of the commit.
@@ -292,6 +294,14 @@ class StateRepository:
                         "last_batch_id": pa.scalar(batch_id.bytes, BK_HASH_TYPE),
                     },
                 )
+                if written >= ANALYZE_AFTER_FIRST_LOAD_ROWS:
+                    # Until statistics list the new entity the planner takes it for
+                    # one row, and the key-staged joins of the next run (hash and
+                    # merge joins are off there) then scan the staged keys once per
+                    # stored row: minutes at 1M rows, if autovacuum has not come by
+                    # yet. ANALYZE of `entity` alone (about 0.1 s, it also counts
+                    # this transaction's own rows) closes that window at once.
+                    cursor.execute(sql.SQL("ANALYZE {state} (entity)").format(state=_STATE_TABLE))
             elif frame.num_rows:
                 create_staging(cursor, _ACCEPTED_STAGING, columns)
                 copy_in(cursor, _ACCEPTED_STAGING, frame, columns)
