@@ -1,4 +1,4 @@
-"""COPY helpers: every supported type survives Arrow → binary COPY → Postgres → CSV COPY → Arrow."""
+"""COPY helpers: every supported type survives Arrow → binary COPY → Postgres → binary SELECT → Arrow."""
 
 from __future__ import annotations
 
@@ -17,11 +17,10 @@ from syncflow_dagster.store.copy import (
     PgColumn,
     arrow_type,
     copy_in,
-    copy_out,
     create_staging,
-    decode_hex,
     encode_binary,
     select_arrow,
+    select_table,
 )
 
 COLUMNS = [
@@ -78,7 +77,7 @@ def test_every_type_round_trips_including_nulls_and_empty_strings(cursor: psycop
     table = _sample()
     create_staging(cursor, "copy_roundtrip", COLUMNS)
     assert copy_in(cursor, "copy_roundtrip", table, COLUMNS) == 3
-    back = copy_out(cursor, sql.SQL("SELECT * FROM copy_roundtrip"), COLUMNS)
+    back = select_table(cursor, sql.SQL("SELECT * FROM copy_roundtrip"), COLUMNS)
     for column in COLUMNS:
         if column.name == "doc":
             # jsonb normalises spacing; the values are what must survive.
@@ -87,11 +86,11 @@ def test_every_type_round_trips_including_nulls_and_empty_strings(cursor: psycop
         expected = table.column(column.name).combine_chunks()
         got = back.column(column.name).combine_chunks().cast(expected.type)
         assert got.equals(expected), column.name
-    # '' and NULL stay distinct through CSV.
+    # '' and NULL stay distinct on the way back.
     assert back.column("label").to_pylist()[1:] == ["", None]
 
 
-def test_select_arrow_reads_every_type_like_copy_out(database_url: str) -> None:
+def test_select_arrow_reads_every_type_like_select_table(database_url: str) -> None:
     table = _sample()
     name = f"copy_select_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -113,7 +112,7 @@ def test_select_arrow_reads_every_type_like_copy_out(database_url: str) -> None:
             )
             back = select_arrow(database_url, query.as_string(None), COLUMNS)
             assert back.schema == pa.schema([(c.name, arrow_type(c)) for c in COLUMNS])
-            assert back.equals(copy_out(cursor, query, COLUMNS))
+            assert back.equals(select_table(cursor, query, COLUMNS))
             assert back.column("label").to_pylist()[1:] == ["", None]
             assert back.column("key").equals(table.column("key"))
             # A bytea whose stored width is not the declared one is refused, naming the column.
@@ -160,7 +159,7 @@ def test_many_rows_span_several_chunks(cursor: psycopg.Cursor) -> None:
     copy_in(cursor, "copy_many", table, columns)
     cursor.execute("SELECT count(*), sum(big), count(DISTINCT key), max(label) FROM copy_many")
     assert cursor.fetchone() == (n, n * (n - 1) // 2, n, "K-99999")
-    back = copy_out(cursor, sql.SQL("SELECT * FROM copy_many ORDER BY big"), columns)
+    back = select_table(cursor, sql.SQL("SELECT * FROM copy_many ORDER BY big"), columns)
     assert back.column("key").combine_chunks().equals(table.column("key").combine_chunks())
 
 
@@ -245,9 +244,8 @@ def test_unknown_postgres_type_is_refused() -> None:
         PgColumn("x", "money")
 
 
-def test_decode_hex_rejects_bad_digits_and_lengths() -> None:
-    assert decode_hex(pa.array(["00ff", None]), 2).to_pylist() == [b"\x00\xff", None]
-    with pytest.raises(ValueError, match="not hex"):
-        decode_hex(pa.array(["zz00"]), 2)
-    with pytest.raises(ValueError, match="4 hex digits"):
-        decode_hex(pa.array(["00"]), 2)
+def test_select_table_names_the_column_whose_values_do_not_fit(cursor: psycopg.Cursor) -> None:
+    cursor.execute("CREATE TEMP TABLE short_digest (digest bytea)")
+    cursor.execute("INSERT INTO short_digest VALUES ('\\x0102'::bytea)")
+    with pytest.raises(ValueError, match=r"column 'digest'.*fixed_size_binary\[32\]"):
+        select_table(cursor, sql.SQL("SELECT * FROM short_digest"), [PgColumn("digest", "bytea", width=32)])

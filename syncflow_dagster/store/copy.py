@@ -8,17 +8,16 @@ Binary beat CSV written by pyarrow.csv (bytea as \\x hex) at 1M entity_state
 rows, 0.73 s against 2.45 s into a TEMP table on the 2-core machine
 (benchmarks/store_copy_formats.py): Postgres parses no text and decodes no hex.
 
-Out: `copy_out` runs `COPY (SELECT ...) TO STDOUT (FORMAT csv)` and parses
-the result with pyarrow's multi-threaded CSV reader. bytea and uuid travel as
-hex and are decoded with numpy; timestamps travel as epoch microseconds. CSV
-out is used because a binary COPY stream with variable-width fields cannot be
-split into rows without a sequential scan in Python.
+Out: `select_table` runs a SELECT in the caller's transaction (so it sees
+the staged rows) in the binary protocol: psycopg decodes the one result set
+in C and each column goes into Arrow in one call. uuid travels as its 16
+bytes, timestamps as epoch microseconds. (A `COPY ... TO STDOUT` read, used
+before, paid psycopg's Python-level round per row.)
 
 Out of a whole table (no staging to share a transaction with): `select_arrow`
 runs the SELECT on an ADBC connection, whose driver reads the binary COPY
-stream in C straight into Arrow, and casts to the types `copy_out` gives.
-At 1M entity_state rows it costs a fraction of the CSV path's parse and hex
-decode (figures in the commit that introduced it).
+stream in C straight into Arrow, and casts to the types `select_table`
+gives: at 1M entity_state rows, a fraction of any row-by-row read.
 
 While Postgres parses one chunk of the binary stream, a worker thread
 encodes the next (the Arrow and numpy kernels release the GIL), so the
@@ -34,7 +33,6 @@ statement that follows sees the staged rows.
 
 from __future__ import annotations
 
-import io
 import struct
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +44,6 @@ import numpy as np
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 from psycopg import sql
 
 # Postgres epochs: timestamps count microseconds and dates count days from 2000-01-01.
@@ -62,7 +59,7 @@ _EMPTY = pa.scalar(b"", pa.binary())
 # typical state row) while keeping Arrow's per-call overhead negligible.
 CHUNK_ROWS = 131_072
 
-# Postgres types copy_in and copy_out understand, with the fixed byte width of
+# Postgres types copy_in and select_table understand, with the fixed byte width of
 # the binary value (None: variable width).
 PG_TYPES: dict[str, int | None] = {
     "bool": 1,
@@ -307,12 +304,14 @@ def _encode_field(array: Any, column: PgColumn) -> Any:
 
 
 def _select_expression(column: PgColumn) -> sql.Composable:
-    """How a column travels in the CSV: hex for bytes, epoch microseconds for time."""
+    """How a column travels to `select_table`: uuid as its 16 bytes, time as epoch microseconds.
+
+    Every expression yields a type psycopg's C loaders turn into a plain
+    Python value (bytes, int, float, bool, str), which Arrow takes in bulk.
+    """
     ident = sql.Identifier("q", column.name)
     if column.pg_type == "uuid":
-        return sql.SQL("encode(uuid_send({}), 'hex')").format(ident)
-    if column.pg_type == "bytea":
-        return sql.SQL("encode({}, 'hex')").format(ident)
+        return sql.SQL("uuid_send({})").format(ident)
     if column.pg_type == "timestamptz":
         return sql.SQL("(extract(epoch FROM {}) * 1000000)::int8").format(ident)
     if column.pg_type == "date":
@@ -322,7 +321,8 @@ def _select_expression(column: PgColumn) -> sql.Composable:
     return ident
 
 
-_CSV_TYPES: dict[str, pa.DataType] = {
+# The Arrow type each column's `_select_expression` arrives as, before its final cast.
+_WIRE_TYPES: dict[str, pa.DataType] = {
     "bool": pa.bool_(),
     "int2": pa.int16(),
     "int4": pa.int32(),
@@ -330,72 +330,57 @@ _CSV_TYPES: dict[str, pa.DataType] = {
     "float8": pa.float64(),
     "date": pa.int32(),
     "timestamptz": pa.int64(),
-    "uuid": pa.string(),
-    "bytea": pa.string(),
+    "uuid": pa.binary(16),
+    "bytea": pa.binary(),
     "text": pa.string(),
     "jsonb": pa.string(),
 }
 
 
 def arrow_type(column: PgColumn) -> pa.DataType:
-    """The Arrow type copy_out returns for a column."""
-    if column.pg_type == "uuid":
-        return pa.binary(16)
+    """The Arrow type select_table and select_arrow return for a column."""
     if column.pg_type == "bytea":
         return pa.binary(column.width) if column.width else pa.binary()
     if column.pg_type == "timestamptz":
         return pa.timestamp("us", tz="UTC")
     if column.pg_type == "date":
         return pa.date32()
-    if column.pg_type == "jsonb":
-        return pa.string()
-    return _CSV_TYPES[column.pg_type]
+    return _WIRE_TYPES[column.pg_type]
 
 
-def copy_out(
+def select_table(
     cursor: psycopg.Cursor,
     query: sql.Composable,
     columns: Sequence[PgColumn],
 ) -> pa.Table:
-    """Run `query` (a SELECT yielding at least `columns`) through COPY TO and return an Arrow table."""
-    statement = sql.SQL("COPY (SELECT {} FROM ({}) AS q) TO STDOUT (FORMAT csv)").format(
+    """Run `query` (a SELECT yielding at least `columns`) in the cursor's transaction; an Arrow table.
+
+    The result comes back in the binary protocol as one result set, which
+    psycopg decodes in C, and each column goes into Arrow in one call. A
+    `COPY ... TO STDOUT` read paid psycopg's Python-level round per row
+    (about 12 µs: 0.23 s for the 15 000 keys of an incremental lookup); this
+    costs a few µs. Reads of a whole table go through `select_arrow` instead.
+    """
+    statement = sql.SQL("SELECT {} FROM ({}) AS q").format(
         sql.SQL(", ").join(_select_expression(c) for c in columns), query
     )
-    buffer = io.BytesIO()
-    with cursor.copy(statement) as copy:
-        for data in copy:
-            buffer.write(data)
-    names = [c.name for c in columns]
+    cursor.execute(statement, binary=True)
+    rows = cursor.fetchall()
     schema = pa.schema([(c.name, arrow_type(c)) for c in columns])
-    if buffer.tell() == 0:
+    if not rows:
         return schema.empty_table()
-    buffer.seek(0)
-    parsed = pacsv.read_csv(
-        buffer,
-        read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 24),
-        parse_options=pacsv.ParseOptions(newlines_in_values=True),
-        convert_options=pacsv.ConvertOptions(
-            column_types={c.name: _CSV_TYPES[c.pg_type] for c in columns},
-            # Postgres writes NULL as an unquoted empty field and '' as a quoted one.
-            null_values=[""],
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=False,
-            true_values=["t"],
-            false_values=["f"],
-        ),
-    )
+    values = list(zip(*rows, strict=True))
+    del rows
     arrays = []
-    for column in columns:
-        raw = parsed.column(column.name).combine_chunks()
-        if column.pg_type in ("uuid", "bytea"):
-            width = 16 if column.pg_type == "uuid" else column.width
-            arrays.append(decode_hex(raw, width, column.name) if width else _decode_hex_variable(raw))
-        elif column.pg_type == "timestamptz":
-            arrays.append(raw.cast(pa.timestamp("us", tz="UTC")))
-        elif column.pg_type == "date":
-            arrays.append(raw.cast(pa.date32()))
-        else:
-            arrays.append(raw)
+    for column, field, part in zip(columns, schema, values, strict=True):
+        wire_type = _WIRE_TYPES[column.pg_type] if column.pg_type in ("date", "timestamptz") else field.type
+        try:
+            wire = pa.array(part, wire_type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+            raise ValueError(
+                f"column {column.name!r}: cannot read the values as {wire_type}: {error}"
+            ) from None
+        arrays.append(wire if wire.type == field.type else wire.cast(field.type))
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
@@ -403,7 +388,7 @@ def select_arrow(url: str, query: str, columns: Sequence[PgColumn]) -> pa.Table:
     """Run `query` (a SELECT of exactly `columns`, in order) on its own ADBC connection.
 
     The result has the types `arrow_type` names, one chunk per column, like
-    `copy_out`'s. The connection is opened and closed here (~0.1 s): the read
+    `select_table`'s. The connection is opened and closed here (~0.1 s): the read
     runs in its own transaction, outside any the caller holds, so it is for
     reads that need no staged rows. `url` is a libpq URL.
     """
@@ -428,37 +413,3 @@ def select_arrow(url: str, query: str, columns: Sequence[PgColumn]) -> pa.Table:
                 f"column {column.name!r}: cannot read {values.type} as {field.type}: {error}"
             ) from None
     return pa.Table.from_arrays(arrays, schema=schema)
-
-
-_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEX_VALUE[_c] = _i
-for _i, _c in enumerate(b"ABCDEF"):
-    _HEX_VALUE[_c] = 10 + _i
-
-
-def decode_hex(text: Any, width: int, name: str = "value") -> Any:
-    """Fixed-width hex strings (2*width chars each) → fixed_size_binary(width), vectorised."""
-    n = len(text)
-    valid = pc.is_valid(text) if text.null_count else None
-    if valid is not None:
-        text = pc.fill_null(text, "0" * (2 * width))
-    lengths = pc.binary_length(text)
-    if n and (pc.min(lengths).as_py() != 2 * width or pc.max(lengths).as_py() != 2 * width):
-        raise ValueError(f"column {name!r}: expected {2 * width} hex digits per value")
-    text = text.cast(pa.string())
-    offsets = np.frombuffer(_buffer(text, 1), dtype=np.int32, count=n + 1, offset=text.offset * 4)
-    digits = np.frombuffer(_buffer(text, 2), dtype=np.uint8, count=n * 2 * width, offset=int(offsets[0]))
-    nibbles = _HEX_VALUE[digits].reshape(n, width, 2)
-    if n and nibbles.max() == 255:
-        raise ValueError(f"column {name!r}: a value is not hex")
-    raw: Any = np.ascontiguousarray((nibbles[:, :, 0] << 4) | nibbles[:, :, 1])
-    result = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(raw)])
-    if valid is not None:
-        result = pc.if_else(valid, result, pa.scalar(None, pa.binary(width)))
-    return result
-
-
-def _decode_hex_variable(text: pa.Array) -> pa.Array:
-    # Variable-width bytea is rare in SyncFlow's tables (never on a hot path).
-    return pa.array([None if v is None else bytes.fromhex(v) for v in text.to_pylist()], pa.binary())

@@ -25,7 +25,7 @@ from psycopg import sql
 from uuid6 import uuid7
 
 from syncflow_dagster.engine.columns import BK, BK_HASH
-from syncflow_dagster.store.copy import PgColumn, copy_in, copy_out, create_staging
+from syncflow_dagster.store.copy import PgColumn, copy_in, create_staging, select_table
 from syncflow_dagster.store.database import StoreSettings, driver_cursor
 from syncflow_dagster.store.keys import KEYS, check_keys, execute_for_keys
 from syncflow_dagster.store.schema import REASON_CLASSES, SCHEMA, failed_records
@@ -229,7 +229,7 @@ class FailureRepository:
             PgColumn("batch_id", "uuid"),
         ]
         with self.engine.begin() as conn:
-            table = copy_out(driver_cursor(conn), query, columns)
+            table = select_table(driver_cursor(conn), query, columns)
         return table.rename_columns(
             [
                 "entity",

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from syncflow_dagster.engine.columns import BK, BK_HASH
-from syncflow_dagster.store.copy import PgColumn, copy_in, copy_out, create_staging
+from syncflow_dagster.store.copy import PgColumn, copy_in, create_staging, select_table
 from syncflow_dagster.store.database import StoreSettings, driver_cursor
 from syncflow_dagster.store.failures import PAYLOAD, new_ids, next_retry_sql, retry_params
 from syncflow_dagster.store.keys import KEYS, check_keys, execute_for_keys
@@ -248,7 +248,7 @@ class PendingRepository:
 
     def _select(self, query: sql.Composable) -> pa.Table:
         with self.engine.begin() as conn:
-            table = copy_out(driver_cursor(conn), query, _OUT_COLUMNS)
+            table = select_table(driver_cursor(conn), query, _OUT_COLUMNS)
         return table.rename_columns(_OUT_NAMES)
 
     def remove(self, entity: str, bk_hashes: pa.Array | pa.ChunkedArray) -> int:

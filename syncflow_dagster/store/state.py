@@ -5,7 +5,7 @@ for these keys" (stored_for_keys), hands the whole entity to full-key
 reconciliation (load_state, known_keys), and records what ScheduleHub
 confirmed (commit_delivered). Every bulk path is set-based: keys and rows go
 in with binary COPY into a TEMP staging table, one statement merges or joins,
-and results come back with COPY TO, all inside one transaction. The whole
+and results come back as one binary SELECT, all inside one transaction. The whole
 entity (load_state) is read through the ADBC driver's binary path instead,
 which needs no staging. The first
 commit of an entity skips the staging: its rows, sorted by key, are COPYed
@@ -36,7 +36,7 @@ from syncflow_dagster.engine.columns import (
     ROWVERSION,
     ROWVERSION_TYPE,
 )
-from syncflow_dagster.store.copy import PgColumn, copy_in, copy_out, create_staging, select_arrow
+from syncflow_dagster.store.copy import PgColumn, copy_in, create_staging, select_arrow, select_table
 from syncflow_dagster.store.database import StoreSettings, driver_cursor, libpq_url
 from syncflow_dagster.store.keys import KEYS, check_keys, prefer_index_joins, stage_keys
 from syncflow_dagster.store.locks import COMMIT_NAMESPACE
@@ -130,7 +130,7 @@ class StateRepository:
                 "SELECT s.bk_hash, s.data_hash, s.rowversion, s.recipe, s.schedulehub_id "
                 "FROM {keys} AS k JOIN {state} AS s ON s.entity = {entity} AND s.bk_hash = k.bk_hash"
             ).format(state=_STATE_TABLE, entity=sql.Literal(entity), keys=KEYS)
-            table = copy_out(cursor, query, [STATE_COLUMNS[c] for c in STORED_COLUMNS])
+            table = select_table(cursor, query, [STATE_COLUMNS[c] for c in STORED_COLUMNS])
         return table.rename_columns(list(STORED_COLUMNS)).cast(STORED_SCHEMA)
 
     def load_state(self, entity: str, columns: Sequence[str] = STORED_COLUMNS) -> pa.Table:
