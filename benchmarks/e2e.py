@@ -334,7 +334,8 @@ def run(rows: int, seed: int, server_url: str | None, profile_dir: Path | None =
         try:
             stand_ins.wait()
             resources = stand_ins.resources()
-            instance = dg.DagsterInstance.local_temp(home)
+            # No telemetry banner in the benchmark's output.
+            instance = dg.DagsterInstance.local_temp(home, overrides={"telemetry": {"enabled": False}})
             day = dt.datetime.now(dt.UTC).date()
 
             stand_ins.reset_peaks()

@@ -7,7 +7,15 @@ import pytest
 
 from syncflow_dagster.catalog import default_catalog
 from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE, chunk_size, chunk_starts
-from syncflow_dagster.engine.identity import add_identity, canonical_payload, data_hash_of, data_hashes
+from syncflow_dagster.engine.identity import (
+    add_identity,
+    canonical_key_text,
+    canonical_payload,
+    data_hash_of,
+    data_hashes,
+    identity_hashes,
+    key_hash_of,
+)
 from syncflow_dagster.engine.normalize import normalize
 from syncflow_dagster.simulators.datagen import generate_dataset
 
@@ -42,6 +50,22 @@ def test_data_hashes_are_the_same_for_any_chunk_size(monkeypatch: pytest.MonkeyP
         ), size
     monkeypatch.setenv("SYNCFLOW_CHUNK_SIZE", "512")
     assert add_identity(entity, rows)["_data_hash"].combine_chunks().equals(whole)
+
+
+def test_key_hashes_taken_beside_the_payloads_are_the_same_for_any_chunk_size() -> None:
+    catalog = default_catalog()
+    entity = catalog.entity("work_orders")
+    rows = normalize(entity, generate_dataset(catalog, 3000, seed=6)[entity.source]).rows
+    key = canonical_key_text(entity, rows)
+    whole_keys, whole_data = key_hash_of(key), data_hash_of(canonical_payload(entity, rows))
+    assert len(whole_keys) == rows.num_rows > 1000
+    for size in (7, 1000, rows.num_rows - 1, rows.num_rows, rows.num_rows + 1):
+        keys, data = identity_hashes(entity, rows, key, size)
+        assert keys.equals(whole_keys), size
+        assert data.equals(whole_data), size
+    no_keys, data = identity_hashes(entity, rows, None, 1000)
+    assert len(no_keys) == 0
+    assert data.equals(whole_data)
 
 
 def test_normalize_gives_the_same_rows_and_rejections_for_any_chunk_size(

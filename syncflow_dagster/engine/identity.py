@@ -208,33 +208,49 @@ def add_identity(entity: EntitySpec, rows: pa.Table) -> pa.Table:
     for name in (BK, BK_HASH, DATA_HASH, RECIPE):
         if name in table.column_names:
             table = table.drop_columns([name])
+    key_hashes, payload_hashes = identity_hashes(entity, rows, key)
     recipe = pa.repeat(pa.scalar(RECIPE_VERSION, RECIPE_TYPE), rows.num_rows)
     table = table.append_column(pa.field(BK, pa.string()), key)
-    table = table.append_column(pa.field(BK_HASH, BK_HASH_TYPE), key_hash_of(key))
-    table = table.append_column(pa.field(DATA_HASH, DATA_HASH_TYPE), data_hashes(entity, rows))
+    table = table.append_column(pa.field(BK_HASH, BK_HASH_TYPE), key_hashes)
+    table = table.append_column(pa.field(DATA_HASH, DATA_HASH_TYPE), payload_hashes)
     return table.append_column(pa.field(RECIPE, RECIPE_TYPE), recipe)
 
 
 def data_hashes(entity: EntitySpec, rows: pa.Table, size: int | None = None) -> pa.Array:
-    """DATA_HASH of every row, computed chunk by chunk (SYNCFLOW_CHUNK_SIZE rows).
+    """DATA_HASH of every row, computed chunk by chunk (SYNCFLOW_CHUNK_SIZE rows)."""
+    return identity_hashes(entity, rows, None, size)[1]
+
+
+def identity_hashes(
+    entity: EntitySpec, rows: pa.Table, key: pa.Array | None, size: int | None = None
+) -> tuple[pa.Array, pa.Array]:
+    """(BK_HASH of each `key` text, DATA_HASH of each row), chunk by chunk (SYNCFLOW_CHUNK_SIZE rows).
 
     A row's canonical payload depends on that row alone, so chunking changes
     no hash. It bounds the per-row temporaries (payload text, one bytes object
     per row) by the chunk, and lets a worker thread build the next chunk's
     payload with Arrow kernels (which release the GIL) while this thread runs
-    the GIL-bound hash loop over the current one.
+    the GIL-bound hash loops: the key hashes of a chunk are taken while its
+    payload is still being built, so neither core waits for the other at the
+    start. With `key` None the first array is empty.
     """
     size = size or chunk_size()
+    no_keys = pa.array([], BK_HASH_TYPE)
     if rows.num_rows <= size:
-        return data_hash_of(canonical_payload(entity, rows))
+        return (key_hash_of(key) if key is not None else no_keys), data_hash_of(
+            canonical_payload(entity, rows)
+        )
     chunks = list(chunk_starts(rows.num_rows, size))
+    keys: list[pa.Array] = []
     digests: list[pa.Array] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncflow-payload") as pool:
         pending = pool.submit(canonical_payload, entity, rows.slice(*chunks[0]))
-        for index in range(len(chunks)):
+        for index, (start, length) in enumerate(chunks):
+            if key is not None:
+                keys.append(key_hash_of(key.slice(start, length)))
             payload = pending.result()
             if index + 1 < len(chunks):
                 pending = pool.submit(canonical_payload, entity, rows.slice(*chunks[index + 1]))
             digests.append(data_hash_of(payload))
             del payload
-    return pa.concat_arrays(digests)
+    return (pa.concat_arrays(keys) if keys else no_keys), pa.concat_arrays(digests)
