@@ -2,6 +2,7 @@
 
 import datetime as dt
 import decimal
+import uuid
 
 import dagster as dg
 import pandas as pd
@@ -221,3 +222,48 @@ def test_a_lost_input_frame_fails_the_step_without_retries(database_url: str) ->
     message = str(failure.step_failure_data.error)
     assert "written__items of items lost rows (2026-11-28: 3 written, 0 found)" in message
     assert "Run the partition again from its first stage" in message
+
+
+def _table_state(database_url: str, schema: str, table: str) -> tuple[list[str], object]:
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        row = conn.execute(
+            "SELECT c.reloptions, s.last_vacuum FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "JOIN pg_stat_user_tables s ON s.relid = c.oid WHERE n.nspname = %s AND c.relname = %s",
+            (schema, table),
+        ).fetchone()
+    assert row is not None, table
+    return list(row[0] or []), row[1]
+
+
+def test_stage_tables_skip_autovacuum_and_prune_vacuums_them(
+    client: PostgresFrameClient, database_url: str
+) -> None:
+    # Autovacuum on a freshly written million-row stage table made the next run's
+    # TRUNCATE wait deadlock_timeout for it to be cancelled; prune cleans up instead.
+    from syncflow_dagster.store import frame_io_manager
+
+    def frame(day: dt.date, values: list[int]) -> pa.Table:
+        return pa.table(
+            {"v": pa.array(values, pa.int64()), PARTITION_COLUMN: pa.array([day] * len(values), pa.date32())}
+        )
+
+    table = f"t__vacuum_{uuid.uuid4().hex[:8]}"  # a new table: last_vacuum starts empty
+    client.replace_slice(FrameSlice(table, "vacuum", (DAY1,)), frame(DAY1, [1, 2]))
+    options, _ = _table_state(database_url, client.schema, table)
+    assert "autovacuum_enabled=false" in options
+
+    # A table made before this setting existed gets it on its next write.
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        conn.execute(f'ALTER TABLE "{client.schema}"."{table}" RESET (autovacuum_enabled)')
+    frame_io_manager._SETTLED.clear()
+    client.replace_slice(FrameSlice(table, "vacuum", (DAY2,)), frame(DAY2, [3]))
+    options, last_vacuum = _table_state(database_url, client.schema, table)
+    assert "autovacuum_enabled=false" in options
+    assert last_vacuum is None
+
+    assert client.prune(DAY2)[table] == 2
+    _, last_vacuum = _table_state(database_url, client.schema, table)
+    assert last_vacuum is not None
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        conn.execute(f'DROP TABLE "{client.schema}"."{table}"')
+        conn.execute(f'DELETE FROM "{client.schema}"."_frames" WHERE table_name = %s', (table,))
