@@ -11,7 +11,7 @@ import pytest
 from syncflow_dagster.catalog import default_catalog
 from syncflow_dagster.engine.columns import ACTION, BK_HASH, REASON
 from syncflow_dagster.engine.delta import plan_delta
-from syncflow_dagster.engine.identity import add_identity
+from syncflow_dagster.engine.identity import add_identity, key_hash_of, key_text_of
 from syncflow_dagster.engine.normalize import normalize
 from syncflow_dagster.engine.relations import (
     MISSING_PARENT,
@@ -127,3 +127,24 @@ def test_delivery_order_puts_parents_first() -> None:
     for name in order:
         for parent in CATALOG.entity(name).parent_entities:
             assert order.index(parent) < order.index(name)
+
+
+def test_parent_key_hashes_equal_hashing_every_row() -> None:
+    # Hashed once per distinct foreign key and spread back: the same as per row, nulls kept.
+    catalog = default_catalog()
+    spec = catalog.entity("work_orders")
+    rows = pa.table(
+        {
+            "item_no": ["IT-1", "IT-2", "IT-1", None, "IT-3", "IT-2"],
+            "site_code": ["S1", "S1", "S1", "S2", "S2", "S1"],
+            "order_no": ["SO-1", None, "SO-1", "SO-2", "SO-2", "SO-1"],
+            "line_no": pa.array([1, 2, 1, 1, None, 2], pa.int32()),
+        }
+    )
+    hashes = parent_key_hashes(catalog, spec, rows)
+    assert set(hashes) == {"items", "sites", "sales_order_lines"}
+    for relation in spec.parents:
+        expected = key_hash_of(key_text_of([rows.column(f) for f in relation.fields]))
+        assert hashes[relation.entity].equals(expected), relation.entity
+    assert hashes["items"].null_count == 1
+    assert hashes["sales_order_lines"].null_count == 2
