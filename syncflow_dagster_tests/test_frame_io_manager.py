@@ -144,10 +144,58 @@ def test_io_manager_stores_and_loads_partitions_through_dagster(database_url: st
     assert stored["double"].to_pylist() == [2, 4]
 
 
-def test_unsafe_identifiers_are_refused(client: PostgresFrameClient) -> None:
-    frame = pa.table({"bad name": [1], PARTITION_COLUMN: pa.array([DAY1], pa.date32())})
+def test_unsafe_table_names_are_refused_and_any_column_name_round_trips(client: PostgresFrameClient) -> None:
+    frame = pa.table({'bad "name"; --': [1], PARTITION_COLUMN: pa.array([DAY1], pa.date32())})
     with pytest.raises(FrameStoreError, match="unsafe SQL identifier"):
-        client.replace_slice(FrameSlice("t__bad", "bad", (DAY1,)), frame)
+        client.replace_slice(FrameSlice('t__bad"; drop', "bad", (DAY1,)), frame)
+    # Column names never become SQL: the source system's own spelling is kept as it is.
+    where = FrameSlice("t__names", "names", (DAY1,))
+    client.replace_slice(where, frame)
+    assert client.select_slice(where) == frame
+
+
+def test_a_frame_over_several_dates_is_stored_in_chunks_and_read_by_any_dates(
+    client: PostgresFrameClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from syncflow_dagster.store import frame_io_manager
+
+    monkeypatch.setattr(frame_io_manager, "CHUNK_ROWS", 7)
+    days = [DAY1, DAY2, DAY1] * 10 + [DAY2]  # interleaved: 20 rows of DAY1, 11 of DAY2
+    frame = pa.table(
+        {
+            "v": pa.array(range(len(days)), pa.int64()),
+            "amount": pa.array([decimal.Decimal(f"{i}.25") for i in range(len(days))], pa.decimal128(12, 2)),
+            PARTITION_COLUMN: pa.array(days, pa.date32()),
+        }
+    )
+    both = FrameSlice("t__chunked", "chunked", (DAY1, DAY2))
+    client.replace_slice(both, frame)
+    back = client.select_slice(both)
+    assert back.schema == frame.schema
+    assert sorted(back.to_pylist(), key=lambda row: row["v"]) == frame.to_pylist()
+    first = client.select_slice(FrameSlice("t__chunked", "chunked", (DAY1,)))
+    assert first["v"].to_pylist() == [v for v, day in enumerate(days) if day == DAY1]
+    assert client.prune(DAY2)["t__chunked"] == 20  # frame rows, not stored chunks
+    assert client.select_slice(FrameSlice("t__chunked", "chunked", (DAY2,))).num_rows == 11
+
+
+def test_a_table_of_the_row_layout_is_replaced_on_write_and_refused_on_read(
+    client: PostgresFrameClient, database_url: str
+) -> None:
+    from syncflow_dagster.store import frame_io_manager
+
+    frame = pa.table({"v": pa.array([1, 2], pa.int64()), PARTITION_COLUMN: pa.array([DAY1] * 2, pa.date32())})
+    where = FrameSlice("t__legacy", "legacy", (DAY1,))
+    client.replace_slice(where, frame)
+    # What an earlier release left: one table row per frame row.
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        conn.execute('DROP TABLE "syncflow_stage_test"."t__legacy"')
+        conn.execute('CREATE TABLE "syncflow_stage_test"."t__legacy" (v bigint, "_partition_date" date)')
+    frame_io_manager._SETTLED.clear()
+    with pytest.raises(FrameStoreError, match="row layout; materialize the partition again"):
+        client.select_slice(where)
+    assert client.replace_slice(where, frame) is True  # re-created
+    assert client.select_slice(where) == frame
 
 
 def test_a_slice_emptied_under_the_manager_is_refused_not_read_as_empty(

@@ -98,7 +98,8 @@ def _assert_state_is_hub(env: Deployment, entities: list[str]) -> None:
 def _stage_rows(url: str, table: str) -> tuple[int, int]:
     """(rows found, rows the frame IO manager recorded as written) of one stage table."""
     with psycopg.connect(url) as conn:
-        found = conn.execute(f'SELECT count(*) FROM syncflow_stage."{table}"').fetchone()
+        # Each stored chunk of the frame records its row count.
+        found = conn.execute(f'SELECT coalesce(sum(rows), 0) FROM syncflow_stage."{table}"').fetchone()
         recorded = conn.execute(
             "SELECT coalesce(sum(row_count), 0) FROM syncflow_stage._slices WHERE table_name = %s", (table,)
         ).fetchone()
