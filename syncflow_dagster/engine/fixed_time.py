@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -227,22 +226,14 @@ def iso_datetime_candidate() -> Candidate:
 
 
 def _string_parts(text: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
-    """(offsets, data bytes) of a string or large_string array, or None for other types."""
-    width: type[np.signedinteger[Any]]
-    if pa.types.is_string(text.type):
-        width = np.int32
-    elif pa.types.is_large_string(text.type):
-        width = np.int64
-    else:
+    """(offsets, data bytes) of a string array (what normalize's text layer gives), else None."""
+    if not pa.types.is_string(text.type):
         return None
     _, offsets_buffer, data_buffer = text.buffers()
     if offsets_buffer is None:
         return None
     offsets = np.frombuffer(
-        memoryview(offsets_buffer),
-        dtype=width,
-        count=len(text) + 1,
-        offset=text.offset * np.dtype(width).itemsize,
+        memoryview(offsets_buffer), dtype=np.int32, count=len(text) + 1, offset=text.offset * 4
     ).astype(np.int64)
     data = (
         np.frombuffer(memoryview(data_buffer), dtype=np.uint8)
