@@ -771,6 +771,22 @@ def test_fixed_position_reader_on_sliced_columns() -> None:
         _assert_dates_agree(pc.utf8_slice_codeunits(piece, 0, 10), CATALOG_DATE_FORMATS)
 
 
+def test_fixed_position_reader_across_its_blocks_of_rows() -> None:
+    """More rows of one length than one block (32 768), with odd values at the block edges."""
+    rng = np.random.default_rng(11)
+    seconds = rng.integers(-2_000_000_000, 4_000_000_000, 80_000)
+    stamps = pc.strftime(pa.array(seconds, pa.timestamp("s")), format="%Y-%m-%dT%H:%M:%S").to_pylist()
+    for edge in (0, 32_767, 32_768, 65_535, 65_536, 79_999):
+        stamps[edge] = "2023-02-29T10:00:00"
+    stamps[40_000] = None
+    stamps[40_001] = ""
+    _assert_datetimes_agree(stamps, CATALOG_DATETIME_FORMATS, "Europe/Berlin", Precision.SECOND)
+    _assert_dates_agree([None if s is None else s[:10] for s in stamps], CATALOG_DATE_FORMATS)
+    read = read_fixed(pa.array(stamps, pa.string()), _datetime_candidates(CATALOG_DATETIME_FORMATS))
+    assert read is not None
+    assert np.flatnonzero(~read.done).tolist() == [0, 32_767, 32_768, 65_535, 65_536, 79_999]
+
+
 def test_days_from_civil_matches_the_proleptic_gregorian_calendar() -> None:
     days = [dt.date(1, 1, 1) + dt.timedelta(days=d) for d in range(0, 3_652_059, 997)] + [
         dt.date(9999, 12, 31), dt.date(1970, 1, 1), dt.date(2000, 2, 29), dt.date(1969, 12, 31)

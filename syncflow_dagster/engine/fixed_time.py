@@ -31,8 +31,8 @@ _WIDTHS = {"Y": 4, "m": 2, "d": 2, "H": 2, "M": 2, "S": 2}
 _REGEX_WIDTHS = {"Y": (4, 4), "m": (1, 2), "d": (1, 2), "H": (1, 2), "M": (2, 2), "S": (2, 2), "z": (1, 6)}
 _WHITESPACE = frozenset(b" \t\n\v\f\r")
 _MICROS = 1_000_000
-# Days before each month in a common year, and the month lengths (index 0 unused).
-_MONTH_DAYS = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], dtype=np.int64)
+# Rows read at a time: a block's few dozen temporaries then fit in the CPU's cache.
+_BLOCK_ROWS = 32_768
 
 
 @dataclass(frozen=True)
@@ -283,6 +283,21 @@ def days_from_civil(year: np.ndarray, month: np.ndarray, day: np.ndarray) -> np.
     return result
 
 
+# The calendar of the years four digits can write (proleptic Gregorian, with year 0 as Arrow has it):
+# per year its leap flag and the days from 1970-01-01 to its 1 January; per (leap, month) the
+# month's length and the days before it (month 0 stands for every impossible month).
+_YEARS = np.arange(10_000, dtype=np.int32)
+_YEAR_LEAP = ((_YEARS % 4 == 0) & ((_YEARS % 100 != 0) | (_YEARS % 400 == 0))).astype(np.int32)
+_YEAR_START = days_from_civil(_YEARS, np.ones_like(_YEARS), np.ones_like(_YEARS)).astype(np.int32)
+_COMMON = [0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
+_LEAP = [0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
+_MONTH_LENGTH = np.array(_COMMON + _LEAP, dtype=np.int32)
+_MONTH_START = np.array(
+    [sum(_COMMON[1:month]) for month in range(13)] + [sum(_LEAP[1:month]) for month in range(13)],
+    dtype=np.int32,
+)
+
+
 def _read_layout(
     layout: Layout, matrix: np.ndarray, digits: np.ndarray, rows: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -307,12 +322,11 @@ def _read_layout(
     zero = np.zeros(len(hit), np.int32)
     year, month, day = values["Y"], values["m"], values["d"]
     hour, minute, second = values.get("H", zero), values.get("M", zero), values.get("S", zero)
-    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
-    good = (month >= 1) & (month <= 12)
-    month_days = _MONTH_DAYS[np.where(good, month, 0)] + (leap & (month == 2))
-    good &= (day >= 1) & (day <= month_days) & (hour <= 23) & (minute <= 59) & (second <= 59)
-    days = days_from_civil(year, month, day).astype(np.int64)
-    local = (days * 86400 + (hour * 3600 + minute * 60 + second)) * _MICROS
+    # Month 0 and 13-99 index a month of no days, which no day fits.
+    month_of_year = _YEAR_LEAP[year] * 13 + np.where(month <= 12, month, 0)
+    good = (day >= 1) & (day <= _MONTH_LENGTH[month_of_year]) & (hour <= 23) & (minute <= 59) & (second <= 59)
+    days = _YEAR_START[year] + _MONTH_START[month_of_year] + (day - 1)
+    local = (days.astype(np.int64) * 86400 + (hour * 3600 + minute * 60 + second)) * _MICROS
     if "f" in values:
         width = next(width for name, _, width in layout.fields if name == "f")
         # The general path pads the fraction to nanoseconds and divides by 1000 (truncating).
@@ -323,6 +337,8 @@ def _read_layout(
             matrix[next(start for name, start, _ in layout.fields if name == "zs"), hit] == ord("-"), -1, 1
         )
         offset = sign * (values["zh"] * 60 + values.get("zm", zero)).astype(np.int64) * 60 * _MICROS
+    if good.all():
+        return hit, local, offset
     return hit[good], local[good], offset[good]
 
 
@@ -359,35 +375,44 @@ def read_fixed(text: pa.Array, candidates: Sequence[Candidate]) -> FixedRead | N
     for length in sorted(layout_lengths):
         if length > 64 or present[length] == 0:
             continue
-        rows = np.flatnonzero(valid & (lengths == length))
-        # One row-wise gather of `length` bytes per value, then position-major for the checks.
+        group = np.flatnonzero(valid & (lengths == length))
         windows = np.lib.stride_tricks.sliding_window_view(data, length)
-        matrix = np.ascontiguousarray(windows[offsets[rows]].T)
-        digits = matrix - np.uint8(48)  # ASCII digits become 0-9, everything else wraps above 9
-        open_rows = np.ones(len(rows), bool)  # every earlier candidate certainly refuses these
         last = max(
-            i for i, candidate in enumerate(usable) for layout in candidate.layouts if layout.length == length
+            i for i, candidate in enumerate(usable) if any(x.length == length for x in candidate.layouts)
         )
-        for candidate in usable[: last + 1]:
-            for layout in candidate.layouts:
-                if layout.length != length:
-                    continue
-                hit, local, offset = _read_layout(layout, matrix, digits, open_rows)
-                if len(hit) == 0:
-                    continue
-                target = rows[hit]
-                read.done[target] = True
-                read.local_us[target] = local
-                read.offset_us[target] = offset
-                read.naive[target] = layout.zone == "naive"
-                read.fraction = read.fraction or any(name == "f" for name, _, _ in layout.fields)
-                open_rows[hit] = False
-            if candidate.opaque:
-                break
-            open_rows &= ~_may_accept(candidate, matrix, digits, length)
-            if not open_rows.any():
-                break
+        # In blocks, so that every temporary stays in the CPU cache.
+        for start in range(0, len(group), _BLOCK_ROWS):
+            rows = group[start : start + _BLOCK_ROWS]
+            _read_block(read, usable[: last + 1], length, rows, windows[offsets[rows]].T)
     return read
+
+
+def _read_block(
+    read: FixedRead, candidates: Sequence[Candidate], length: int, rows: np.ndarray, bytes_: np.ndarray
+) -> None:
+    """Read `rows` (all of byte length `length`; `bytes_` their bytes, position-major) into `read`."""
+    matrix = np.ascontiguousarray(bytes_)
+    digits = matrix - np.uint8(48)  # ASCII digits become 0-9, everything else wraps above 9
+    open_rows = np.ones(len(rows), bool)  # every earlier candidate certainly refuses these
+    for candidate in candidates:
+        for layout in candidate.layouts:
+            if layout.length != length:
+                continue
+            hit, local, offset = _read_layout(layout, matrix, digits, open_rows)
+            if len(hit) == 0:
+                continue
+            target = rows[hit]
+            read.done[target] = True
+            read.local_us[target] = local
+            read.offset_us[target] = offset
+            read.naive[target] = layout.zone == "naive"
+            read.fraction = read.fraction or any(name == "f" for name, _, _ in layout.fields)
+            open_rows[hit] = False
+        if candidate.opaque:
+            break
+        open_rows &= ~_may_accept(candidate, matrix, digits, length)
+        if not open_rows.any():
+            break
 
 
 def _may_accept(candidate: Candidate, matrix: np.ndarray, digits: np.ndarray, length: int) -> np.ndarray:
