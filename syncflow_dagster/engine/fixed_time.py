@@ -244,6 +244,7 @@ def _string_parts(text: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _check(matrix: np.ndarray, digits: np.ndarray, position: int, allowed: bytes | None) -> np.ndarray:
+    """Rows whose byte at `position` is an ASCII digit (allowed None) or one of `allowed`."""
     if allowed is None:
         result: np.ndarray = digits[position] < 10
         return result
@@ -255,6 +256,7 @@ def _check(matrix: np.ndarray, digits: np.ndarray, position: int, allowed: bytes
 
 
 def _number(digits: np.ndarray, start: int, width: int) -> np.ndarray:
+    """The decimal number in positions start..start+width of rows known to hold digits there."""
     value = digits[start].astype(np.int32)
     for position in range(start + 1, start + width):
         value = value * 10 + digits[position]
@@ -299,16 +301,16 @@ _MONTH_START = np.array(
 
 
 def _read_layout(
-    layout: Layout, matrix: np.ndarray, digits: np.ndarray, rows: np.ndarray
+    layout: Layout, matrix: np.ndarray, digits: np.ndarray, open_rows: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(matching rows' indices into `rows`, local µs, offset µs) of a layout on one length group.
+    """(indices of the matching open rows of a block, local µs, offset µs) of one layout.
 
     A row matches when every literal and digit is in place and the fields make
     a real calendar time (month 1-12, the month's days with leap years, hour
     0-23, minute and second 0-59); offsets are any two digits, as in the
     general path.
     """
-    ok = rows.copy()
+    ok = open_rows.copy()
     for position, allowed in layout.literals:
         ok &= _check(matrix, digits, position, allowed)
     for start, stop in _digit_runs(layout.digits):
