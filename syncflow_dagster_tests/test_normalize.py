@@ -6,18 +6,25 @@ import datetime as dt
 from decimal import Decimal
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as _compute
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncflow_dagster.catalog.models import EntitySpec, Precision
+from syncflow_dagster.catalog.models import EntitySpec, FieldSpec, Precision
 from syncflow_dagster.engine.columns import CHANGED_AT, KEY_SEPARATOR, REJECTED_SCHEMA, ROWVERSION
+from syncflow_dagster.engine.fixed_time import days_from_civil, read_fixed
 from syncflow_dagster.engine.identity import add_identity
 from syncflow_dagster.engine.normalize import (
     SchemaDriftError,
+    _coerce_date,
+    _coerce_date_column,
     _coerce_datetime,
     _coerce_datetime_text,
+    _date_candidates,
+    _datetime_candidates,
     _format_regex,
     _parse_format,
     _parse_format_general,
@@ -26,6 +33,7 @@ from syncflow_dagster.engine.normalize import (
 )
 
 UTC = dt.UTC
+pc: Any = _compute  # the stubs cannot type run-time array types
 
 
 def entity(*fields: dict[str, Any], key: tuple[str, ...] = ("code",)) -> EntitySpec:
@@ -481,3 +489,312 @@ def test_control_characters_are_found_after_sliced_and_multibyte_values(control:
     assert clean.rows.column("v").to_pylist() == ["Gehäuse", "ok"]
     tail = normalize(spec, full.slice(2, 2))
     assert tail.rejected.num_rows == 1
+
+
+# -- the fixed-position reader gives exactly the general path's results ----------------------------
+
+CATALOG_DATETIME_FORMATS = ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%d.%m.%Y %H:%M")
+CATALOG_DATE_FORMATS = ("%Y-%m-%d", "%d.%m.%Y", "%m/%d/%Y")
+_ZONES = [
+    "", "Z", "z", "+00:00", "-00:00", "+0000", "+00", "+02:00", "+0200", "+02", "-05:30", "-0930",
+    "+14:00", "-12:00", "+25", "+99:99", "+01:75", "+1", "+123", "+01:0", "Zz", "GMT", "+0:00",
+]  # fmt: skip
+# Characters that look like digits or separators but are not the ASCII ones.
+_LOOKALIKES = ["\u0663", "\uff12", "\u00b2", "\u2013", "\u2212", "\u00a0", "\u3000", "\ufe55", "\u0660"]
+
+
+def _datetime_text(
+    year: int, month: int, day: int, hour: int, minute: int, second: int, shape: str, fraction: str, zone: str
+) -> str:
+    """One value in one of the shapes ERP data (and its dirt) comes in."""
+    date, time = f"{year:04d}-{month:02d}-{day:02d}", f"{hour:02d}:{minute:02d}"
+    shapes = {
+        "iso": f"{date}T{time}:{second:02d}{fraction}{zone}",
+        "iso_space": f"{date} {time}:{second:02d}{fraction}{zone}",
+        "iso_lower": f"{date}t{time}:{second:02d}{fraction}{zone}",
+        "iso_minutes": f"{date}T{time}{zone}",
+        "dotted": f"{day:02d}.{month:02d}.{year:04d} {time}",
+        "dotted_unpadded": f"{day}.{month}.{year} {hour}:{minute:02d}",
+        "dotted_seconds": f"{day:02d}.{month:02d}.{year:04d} {time}:{second:02d}",
+        "slashed": f"{month:02d}/{day:02d}/{year:04d}",
+        "date": date,
+        "date_dotted": f"{day:02d}.{month:02d}.{year:04d}",
+        "wrong_separators": f"{year:04d}/{month:02d}/{day:02d}T{time}:{second:02d}",
+        "compact": f"{year:04d}{month:02d}{day:02d}T{hour:02d}{minute:02d}{second:02d}",
+    }
+    return shapes[shape]
+
+
+def _mutate(text: str, how: str, where: int, extra: str) -> str:
+    """Dirt: whitespace around, a character added, dropped or replaced by a look-alike."""
+    at = where % (len(text) + 1)
+    if how == "pad":
+        return f" {text}\t"
+    if how == "insert":
+        return text[:at] + extra + text[at:]
+    if how == "drop":
+        return text[:at] + text[at + 1 :]
+    if how == "replace":
+        return text[:at] + extra + text[at + 1 :]
+    return text
+
+
+_years = st.one_of(
+    st.integers(min_value=2020, max_value=2030),
+    st.sampled_from([0, 1, 4, 100, 1582, 1600, 1700, 1893, 1900, 1969, 1970, 2000, 2100, 2400, 9999]),
+    st.integers(min_value=0, max_value=9999),
+)
+_datetime_values = st.one_of(
+    st.builds(
+        _mutate,
+        st.builds(
+            _datetime_text,
+            _years,
+            st.integers(min_value=0, max_value=13),
+            st.one_of(st.integers(min_value=1, max_value=28), st.integers(min_value=0, max_value=32)),
+            st.one_of(st.integers(min_value=0, max_value=23), st.sampled_from([24, 25, 99])),
+            st.one_of(st.integers(min_value=0, max_value=59), st.sampled_from([60, 61, 99])),
+            st.one_of(st.integers(min_value=0, max_value=59), st.sampled_from([60, 61, 99])),
+            st.sampled_from(
+                [
+                    "shape", "iso", "iso", "iso_space", "iso_lower", "iso_minutes", "dotted",
+                    "dotted_unpadded", "dotted_seconds", "slashed", "date", "date_dotted",
+                    "wrong_separators", "compact",
+                ]
+            ).map(lambda shape: "iso" if shape == "shape" else shape),
+            st.one_of(
+                st.just(""),
+                st.builds(lambda sep, digits: sep + digits, st.sampled_from([".", ","]), st.from_regex(r"[0-9]{1,10}", fullmatch=True)),
+                st.sampled_from([".", ",5", ".x"]),
+            ),
+            st.sampled_from(_ZONES),
+        ),
+        st.sampled_from(["none", "none", "none", "pad", "insert", "drop", "replace"]),
+        st.integers(min_value=0, max_value=40),
+        st.sampled_from(["0", "9", "-", ":", "T", " ", "x", "+", *_LOOKALIKES]),
+    ),
+    st.sampled_from(["", " ", "\t", "\u00a0", "garbage", "2024-02-29T12:00:00", "0000-02-29T00:00:00"]),
+    st.none(),
+)  # fmt: skip
+
+
+def _rejections(result: Any) -> list[tuple[int, str]]:
+    return sorted(
+        (i, str(reason)) for mask, reason in result.problems for i, bad in enumerate(mask.to_pylist()) if bad
+    )
+
+
+def _assert_datetimes_agree(
+    texts: list[str | None] | pa.Array, formats: tuple[str, ...], timezone: str, precision: Precision
+) -> None:
+    column = texts if isinstance(texts, pa.Array) else pa.array(texts, pa.string())
+    fixed = _coerce_datetime(column, formats=formats, timezone=timezone, precision=precision)
+    general = _coerce_datetime_text(column, formats=formats, timezone=timezone, precision=precision)
+    assert fixed.values.type == general.values.type
+    # As integers: an offset can move year 1 before datetime's range, which to_pylist cannot show.
+    assert fixed.values.cast(pa.int64()).to_pylist() == general.values.cast(pa.int64()).to_pylist()
+    assert _rejections(fixed) == _rejections(general)
+
+
+def _date_spec(formats: tuple[str, ...]) -> FieldSpec:
+    return FieldSpec.model_validate({"source": "D", "target": "d", "type": "date", "formats": list(formats)})
+
+
+def _assert_dates_agree(texts: list[str | None] | pa.Array, formats: tuple[str, ...]) -> None:
+    column = texts if isinstance(texts, pa.Array) else pa.array(texts, pa.string())
+    spec = _date_spec(formats)
+    fixed = _coerce_date_column(spec, column)
+    general = _coerce_date(
+        spec, pc.if_else(pc.equal(pc.utf8_trim_whitespace(column), ""), None, pc.utf8_trim_whitespace(column))
+    )
+    assert fixed.values.cast(pa.int32()).to_pylist() == general.values.cast(pa.int32()).to_pylist()
+    assert _rejections(fixed) == _rejections(general)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    texts=st.lists(_datetime_values, min_size=1, max_size=60),
+    formats=st.sampled_from(
+        [
+            CATALOG_DATETIME_FORMATS,
+            (),
+            ("%d.%m.%Y %H:%M",),
+            ("%d.%m.%Y %H:%M", "%m.%d.%Y %H:%M"),
+            ("%Y-%m-%d %H:%M", "%d.%m.%Y %H:%M:%S"),
+            ("%b %d %Y %H:%M", "%d.%m.%Y %H:%M"),  # an opaque format first: later ones are not read here
+            ("%Y%m%dT%H%M%S", "%Y/%m/%dT%H:%M:%S%z"),
+        ]
+    ),
+    timezone=st.sampled_from(["Europe/Berlin", "UTC", "America/New_York", "Asia/Kolkata"]),
+    precision=st.sampled_from(list(Precision)),
+)
+def test_fixed_position_datetimes_equal_the_general_path(
+    texts: list[str | None], formats: tuple[str, ...], timezone: str, precision: Precision
+) -> None:
+    _assert_datetimes_agree(texts, formats, timezone, precision)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    texts=st.lists(_datetime_values, min_size=1, max_size=60),
+    formats=st.sampled_from(
+        [
+            CATALOG_DATE_FORMATS,
+            (),
+            ("%d.%m.%Y", "%m/%d/%Y"),
+            ("%d.%m.%Y", "%m.%d.%Y"),  # ambiguous: the first that reads a value wins
+            ("%Y%m%d",),
+            ("%d.%m.%Y %H:%M",),  # a time of day in a date format: left to the general path
+            ("%d %b %Y", "%d.%m.%Y"),
+            ("%Y-%m-%dT%H:%M:%S%z",),
+        ]
+    ),
+)
+def test_fixed_position_dates_equal_the_general_path(
+    texts: list[str | None], formats: tuple[str, ...]
+) -> None:
+    _assert_dates_agree(texts, formats)
+
+
+def _calendar_texts() -> list[str]:
+    """Every day (and the impossible days 29-31 of every month) of years that test the leap rules."""
+    texts = []
+    for year in (0, 1, 4, 100, 1900, 1969, 1970, 2000, 2023, 2024, 2100, 2400, 9999):
+        for month in range(0, 14):
+            for day in range(0, 33):
+                texts.append(f"{year:04d}-{month:02d}-{day:02d}T12:34:56")
+                texts.append(f"{day:02d}.{month:02d}.{year:04d} 23:59")
+                texts.append(f"{year:04d}-{month:02d}-{day:02d}")
+                texts.append(f"{month:02d}/{day:02d}/{year:04d}")
+    return texts
+
+
+@pytest.mark.parametrize("timezone", ["Europe/Berlin", "UTC"])
+def test_fixed_position_calendar_matches_the_general_path_on_every_day(timezone: str) -> None:
+    texts = _calendar_texts()
+    _assert_datetimes_agree(texts, CATALOG_DATETIME_FORMATS, timezone, Precision.SECOND)
+    _assert_dates_agree(texts, CATALOG_DATE_FORMATS)
+
+
+def test_fixed_position_times_of_day_and_offsets_match_the_general_path() -> None:
+    texts = [
+        f"2024-03-15T{hour:02d}:{minute:02d}:{second:02d}{zone}"
+        for hour in (0, 1, 9, 10, 19, 20, 23, 24, 25, 29, 30, 99)
+        for minute in (0, 59, 60, 99)
+        for second in (0, 59, 60, 61)
+        for zone in _ZONES
+    ]
+    texts += [
+        f"15.03.2024 {hour:02d}:{minute:02d}" for hour in range(0, 30) for minute in (0, 30, 59, 60, 61)
+    ]
+    _assert_datetimes_agree(texts, CATALOG_DATETIME_FORMATS, "Europe/Berlin", Precision.MICROSECOND)
+
+
+def test_fixed_position_dst_gap_and_overlap_in_berlin_match_the_general_path() -> None:
+    """Every minute around the spring gap and the autumn overlap, in every naive shape."""
+    texts = []
+    for day, month in ((31, 3), (27, 10), (30, 3), (26, 10), (29, 3), (25, 10)):
+        for year in (2024, 2025, 2026, 2027):
+            for hour in (0, 1, 2, 3, 4):
+                for minute in range(0, 60, 7):
+                    texts.append(f"{year}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:30")
+                    texts.append(f"{year}-{month:02d}-{day:02d} {hour:02d}:{minute:02d}:00")
+                    texts.append(f"{year}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}")
+                    texts.append(f"{day:02d}.{month:02d}.{year} {hour:02d}:{minute:02d}")
+    for precision in (Precision.SECOND, Precision.MICROSECOND):
+        _assert_datetimes_agree(texts, CATALOG_DATETIME_FORMATS, "Europe/Berlin", precision)
+    fixed = _coerce_datetime(
+        pa.array(texts),
+        formats=CATALOG_DATETIME_FORMATS,
+        timezone="Europe/Berlin",
+        precision=Precision.SECOND,
+    )
+    # The gap means the moment it ends; the overlap the earlier instant (as the general path does).
+    at = dict(zip(texts, fixed.values.to_pylist(), strict=True))
+    assert at["31.03.2024 02:21"] == dt.datetime(2024, 3, 31, 1, 0, tzinfo=UTC)
+    assert at["2024-10-27T02:21:30"] == dt.datetime(2024, 10, 27, 0, 21, 30, tzinfo=UTC)
+
+
+def test_fixed_position_fractions_match_the_general_path() -> None:
+    texts = [
+        f"{stamp}{sep}{digits}{zone}"
+        for stamp in (
+            "2026-11-29T17:59:17",
+            "1969-12-31T23:59:59",
+            "0001-01-01T00:00:00",
+            "2024-06-01 00:00:00",
+        )
+        for sep in (".", ",")
+        for digits in ("0", "5", "999", "000001", "9999999", "123456789", "1234567890", "")
+        for zone in ("", "Z", "+00:00", "-0930", "+14:00", "+25")
+    ]
+    for precision in Precision:
+        _assert_datetimes_agree(texts, (), "UTC", precision)
+        _assert_datetimes_agree(texts, CATALOG_DATETIME_FORMATS, "Europe/Berlin", precision)
+
+
+def test_fixed_position_reader_takes_the_catalog_shapes_and_leaves_the_rest() -> None:
+    """The comparisons above only mean something if the reader really takes the common shapes."""
+    common = [
+        "2026-08-16T05:59:17+0200",
+        "2026-06-10 00:29:17",
+        "2026-08-22T02:44:17",
+        "16.01.2027 11:59",
+        "2026-11-29T17:59:17.999+00:00",
+        "2026-01-01T00:00:00Z",
+        "2000-02-29T23:59:59-14:00",  # leap days of the 400-year rule and of year 0
+        "0000-02-29 00:00:00",
+        "29.02.2024 12:00",
+        "",
+        None,
+    ]
+    odd = ["2026-02-30T10:00:00", " 2026-06-10 00:29:17", "16.1.2027 11:59", "2026-06-10T00:29:17.5+1", "x"]
+    read = read_fixed(pa.array(common + odd, pa.string()), _datetime_candidates(CATALOG_DATETIME_FORMATS))
+    assert read is not None
+    assert read.done.tolist() == [True] * len(common) + [False] * len(odd)
+    dates = ["2025-12-15", "31.10.2027", "08/31/2026", "", None, "31.02.2027", "8/31/2026", " 2025-12-15"]
+    read = read_fixed(pa.array(dates, pa.string()), _date_candidates(tuple(CATALOG_DATE_FORMATS)))
+    assert read is not None
+    assert read.done.tolist() == [True] * 5 + [False] * 3
+    # An opaque format (one the general path reads by strptime alone) hides the formats after it.
+    read = read_fixed(pa.array(["16.01.2027 11:59"]), _datetime_candidates(("%b %d %Y", "%d.%m.%Y %H:%M")))
+    assert read is not None
+    assert read.done.tolist() == [False]
+
+
+def test_fixed_position_reader_on_sliced_columns() -> None:
+    texts = ["2026-08-16T05:59:17+0200", None, "16.01.2027 11:59", "bad", "2026-06-10 00:29:17", ""] * 5
+    column = pa.array(texts, pa.string())
+    for start, length in ((0, 30), (1, 7), (3, 20), (29, 1), (5, 0)):
+        piece = column.slice(start, length)
+        _assert_datetimes_agree(piece, CATALOG_DATETIME_FORMATS, "Europe/Berlin", Precision.SECOND)
+        _assert_dates_agree(pc.utf8_slice_codeunits(piece, 0, 10), CATALOG_DATE_FORMATS)
+
+
+def test_fixed_position_reader_across_its_blocks_of_rows() -> None:
+    """More rows of one length than one block (32 768), with odd values at the block edges."""
+    rng = np.random.default_rng(11)
+    seconds = rng.integers(-2_000_000_000, 4_000_000_000, 80_000)
+    stamps = pc.strftime(pa.array(seconds, pa.timestamp("s")), format="%Y-%m-%dT%H:%M:%S").to_pylist()
+    for edge in (0, 32_767, 32_768, 65_535, 65_536, 79_999):
+        stamps[edge] = "2023-02-29T10:00:00"
+    stamps[40_000] = None
+    stamps[40_001] = ""
+    _assert_datetimes_agree(stamps, CATALOG_DATETIME_FORMATS, "Europe/Berlin", Precision.SECOND)
+    _assert_dates_agree([None if s is None else s[:10] for s in stamps], CATALOG_DATE_FORMATS)
+    read = read_fixed(pa.array(stamps, pa.string()), _datetime_candidates(CATALOG_DATETIME_FORMATS))
+    assert read is not None
+    assert np.flatnonzero(~read.done).tolist() == [0, 32_767, 32_768, 65_535, 65_536, 79_999]
+
+
+def test_days_from_civil_matches_the_proleptic_gregorian_calendar() -> None:
+    days = [dt.date(1, 1, 1) + dt.timedelta(days=d) for d in range(0, 3_652_059, 997)] + [
+        dt.date(9999, 12, 31), dt.date(1970, 1, 1), dt.date(2000, 2, 29), dt.date(1969, 12, 31)
+    ]  # fmt: skip
+    year, month, day = (np.array([getattr(d, part) for d in days]) for part in ("year", "month", "day"))
+    expected = [(d - dt.date(1970, 1, 1)).days for d in days]
+    assert days_from_civil(year, month, day).tolist() == expected
+    # Year 0 (1 BC) is a leap year in the proleptic calendar, as in Arrow's.
+    # 0001-01-01 is day -719162, so 0000-02-29 is 366 - 59 days before it.
+    leap_day = days_from_civil(np.array([0, 0]), np.array([2, 3]), np.array([29, 1]))
+    assert leap_day.tolist() == [-719469, -719468]

@@ -37,6 +37,13 @@ from syncflow_dagster.engine.columns import (
     ROWVERSION,
     ROWVERSION_TYPE,
 )
+from syncflow_dagster.engine.fixed_time import (
+    Candidate,
+    FixedRead,
+    format_candidate,
+    iso_datetime_candidate,
+    read_fixed,
+)
 
 # The pyarrow stubs type each compute function per concrete array class; the
 # arrays here get their types at run time, so compute calls are left untyped.
@@ -303,15 +310,15 @@ def _coerce_field(entity: EntitySpec, spec: FieldSpec, column: pa.Array) -> _Coe
         if spec.type is FieldType.ENUM:
             result = _enum_layer(spec, result)
         return result
+    if spec.type is FieldType.DATE:
+        return _coerce_date_column(spec, text)
     text = pc.utf8_trim_whitespace(text)
     if spec.type is FieldType.BOOL:
         return _coerce_bool(spec, text)
     text = _empty_to_null(text)
     if spec.type is FieldType.INT:
         return _coerce_int(text)
-    if spec.type is FieldType.DECIMAL:
-        return _coerce_decimal(spec, text)
-    return _coerce_date(spec, text)
+    return _coerce_decimal(spec, text)
 
 
 def _empty_to_null(text: pa.Array) -> pa.Array:
@@ -497,8 +504,27 @@ def _coerce_decimal_general(spec: FieldSpec, text: pa.Array) -> _Coerced:
     return result
 
 
+def _date_formats(spec: FieldSpec) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((*spec.formats, _ISO_DATE)))  # ISO always accepted, last
+
+
+def _coerce_date_column(spec: FieldSpec, text: pa.Array) -> _Coerced:
+    """Dates: zero-padded values by fixed position, the rest trimmed and through `_coerce_date`."""
+    read = read_fixed(text, _date_candidates(_date_formats(spec)))
+    if read is None or not read.done.any():
+        return _coerce_date(spec, _empty_to_null(pc.utf8_trim_whitespace(text)))
+    days = (read.local_us // 86_400_000_000).astype(np.int32)  # date-only layouts: whole days
+    fast = pa.array(days, pa.date32(), mask=~read.done | read.empty)
+    rest = ~read.done
+    if not rest.any():
+        return _Coerced(fast, [])
+    general = _coerce_date(spec, _empty_to_null(pc.utf8_trim_whitespace(text.filter(pa.array(rest)))))
+    return _merge_general(fast, rest, general)
+
+
 def _coerce_date(spec: FieldSpec, text: pa.Array) -> _Coerced:
-    formats = tuple(dict.fromkeys((*spec.formats, _ISO_DATE)))  # ISO always accepted, last
+    """The general date path (trimmed text, empty as null): each format in order, calendar-checked."""
+    formats = _date_formats(spec)
     values = pa.nulls(len(text)).cast(pa.date32())
     waiting = pc.is_valid(text)
     for fmt in formats:  # each tried only on what earlier formats could not read
@@ -522,56 +548,63 @@ def _coerce_datetime(
         typed = column if column.type.tz else _localize(column, timezone)
         values = pc.cast(typed, pa.timestamp(column.type.unit, tz="UTC")).cast(CHANGED_AT_TYPE)
         return _Coerced(_at_precision(values, precision), [])
-    fast, done = _fast_iso_datetime(column, timezone)
-    if done is None:
+    read = read_fixed(column, _datetime_candidates(formats))
+    if read is None or not read.done.any():
         return _coerce_datetime_text(column, formats=formats, timezone=timezone, precision=precision)
-    rest = pc.invert(done)
-    if not pc.any(rest).as_py():
+    fast = _fixed_datetimes(read, timezone, precision)
+    rest = ~read.done
+    if not rest.any():
         return _Coerced(fast, [])
-    # Fast values are whole seconds, so the field's precision leaves them as they are.
     general = _coerce_datetime_text(
-        column.filter(rest), formats=formats, timezone=timezone, precision=precision
+        column.filter(pa.array(rest)), formats=formats, timezone=timezone, precision=precision
     )
-    result = _Coerced(pc.replace_with_mask(fast, rest, general.values), [])
-    nowhere = pa.repeat(pa.scalar(False, pa.bool_()), len(column))
+    return _merge_general(fast, rest, general)
+
+
+def _merge_general(fast: pa.Array, rest: np.ndarray, general: _Coerced) -> _Coerced:
+    """The fixed-position values with the general path's values and rejections put in at `rest`."""
+    where = pa.array(rest)
+    result = _Coerced(pc.replace_with_mask(fast, where, general.values), [])
+    nowhere = pa.repeat(pa.scalar(False, pa.bool_()), len(rest))
     for mask, reason in general.problems:
-        result.reject(pc.replace_with_mask(nowhere, rest, mask), reason)
+        result.reject(pc.replace_with_mask(nowhere, where, mask), reason)
     return result
 
 
-# Offsets of the fast path that are UTC itself (the general path reads the same texts as 0).
-_ZERO_OFFSETS = pa.array(["Z", "z", "+00:00", "-00:00", "+0000", "-0000", "+00", "-00"], pa.string())
+def _format_candidate(fmt: str, *, readable: bool) -> Candidate:
+    """A declared format as a candidate of the fixed-position reader (opaque unless regex-compiled)."""
+    if _format_regex(fmt) is None:
+        return Candidate(opaque=True)
+    return format_candidate(fmt, readable=readable)
 
 
-def _fast_iso_datetime(text: pa.Array, timezone: str) -> tuple[pa.Array, pa.Array | None]:
-    """The common shape `YYYY-MM-DDTHH:MM:SS` with nothing, `Z` or `±hh[:mm]` after it, read directly.
+@lru_cache(maxsize=64)
+def _datetime_candidates(formats: tuple[str, ...]) -> tuple[Candidate, ...]:
+    """The general datetime path's candidates in its order: ISO-8601, then each declared format."""
+    return (iso_datetime_candidate(), *(_format_candidate(fmt, readable=True) for fmt in formats))
 
-    (values, done): `done` is true where the value is null or has that shape
-    and is a real calendar time; those values equal what the general ISO path
-    gives (it accepts the same text the same way), and the general path runs
-    only on the rest. The 19-character head is parsed by strptime and written
-    back by Arrow's cast: equal text means zero-padded and not rolled over (no
-    30 February). `done` is None when no value has the shape.
-    """
-    head = pc.utf8_slice_codeunits(text, 0, 19)
-    parsed = pc.strptime(head, format="%Y-%m-%dT%H:%M:%S", unit="s", error_is_null=True)
-    back = pc.binary_replace_slice(pc.cast(parsed, pa.string()), start=10, stop=11, replacement="T")
-    exact = pc.fill_null(pc.equal(back, head), False)
-    if not pc.any(exact).as_py():
-        return pa.nulls(len(text)).cast(CHANGED_AT_TYPE), None
-    tail = pc.utf8_slice_codeunits(text, 19)
-    naive = pc.fill_null(pc.equal(tail, ""), False)
-    offset = pc.if_else(pc.is_in(tail, value_set=_ZERO_OFFSETS), 0, pa.scalar(None, pa.int64()))
-    others = pc.and_(exact, pc.and_(pc.invert(naive), pc.is_null(offset)))
-    if pc.any(others).as_py():
-        offset = pc.replace_with_mask(offset, others, _offset_micros(tail.filter(others)))
-    local = pc.cast(parsed, pa.timestamp("us"))
-    aware = pc.cast(pc.subtract(local, pc.cast(pc.fill_null(offset, 0), pa.duration("us"))), CHANGED_AT_TYPE)
-    read = pc.and_(exact, pc.or_(naive, pc.is_valid(offset)))
-    if pc.any(naive).as_py():
-        aware = pc.if_else(naive, _localize(local, timezone), aware)
-    values = pc.if_else(read, aware, pa.scalar(None, CHANGED_AT_TYPE))
-    return values, pc.or_(read, pc.is_null(text))
+
+@lru_cache(maxsize=64)
+def _date_candidates(formats: tuple[str, ...]) -> tuple[Candidate, ...]:
+    """`_coerce_date`'s formats in its order; only formats without a time of day are read."""
+    candidates = []
+    for fmt in formats:
+        compiled = _format_regex(fmt)
+        date_only = compiled is not None and compiled[1] <= {"Y", "m", "d"}
+        candidates.append(_format_candidate(fmt, readable=date_only))
+    return tuple(candidates)
+
+
+def _fixed_datetimes(read: FixedRead, timezone: str, precision: Precision) -> pa.Array:
+    """UTC values of the rows `read_fixed` took; naive ones through `_localize` like the general path."""
+    utc = read.local_us - read.offset_us
+    naive = read.naive & read.done
+    if naive.any():
+        localized = _localize(pa.array(read.local_us[naive], pa.timestamp("us")), timezone)
+        utc[naive] = localized.view(pa.int64()).to_numpy()
+    values = pa.array(utc, CHANGED_AT_TYPE, mask=~read.done | read.empty)
+    # Without a fraction every value is a whole second, which no precision changes.
+    return _at_precision(values, precision) if read.fraction else values
 
 
 def _coerce_datetime_text(
