@@ -72,6 +72,13 @@ def _every_catalog_type() -> pa.Table:
     return pa.table(columns)
 
 
+def dated_frame(day: dt.date, values: list[int]) -> pa.Table:
+    """A one-column frame of `values`, every row on `day`."""
+    return pa.table(
+        {"v": pa.array(values, pa.int64()), PARTITION_COLUMN: pa.array([day] * len(values), pa.date32())}
+    )
+
+
 @pytest.fixture
 def client(database_url: str) -> PostgresFrameClient:
     return PostgresFrameClient(database_url, schema="syncflow_stage_test")
@@ -89,16 +96,11 @@ def test_every_catalog_type_round_trips_with_its_dtype(client: PostgresFrameClie
 
 
 def test_replacing_a_slice_leaves_other_dates_alone(client: PostgresFrameClient) -> None:
-    def frame(day: dt.date, values: list[int]) -> pa.Table:
-        return pa.table(
-            {"v": pa.array(values, pa.int64()), PARTITION_COLUMN: pa.array([day] * len(values), pa.date32())}
-        )
-
     one = FrameSlice("t__slices", "slices", (DAY1,))
     two = FrameSlice("t__slices", "slices", (DAY2,))
-    client.replace_slice(one, frame(DAY1, [1, 2, 3]))
-    client.replace_slice(two, frame(DAY2, [10]))
-    assert client.replace_slice(one, frame(DAY1, [4])) is False  # same schema: no re-create
+    client.replace_slice(one, dated_frame(DAY1, [1, 2, 3]))
+    client.replace_slice(two, dated_frame(DAY2, [10]))
+    assert client.replace_slice(one, dated_frame(DAY1, [4])) is False  # same schema: no re-create
     both = client.select_slice(FrameSlice("t__slices", "slices", (DAY1, DAY2)))
     assert sorted(both["v"].to_pylist()) == [4, 10]
     pruned = client.prune(DAY2)
@@ -184,9 +186,9 @@ def test_a_table_of_the_row_layout_is_replaced_on_write_and_refused_on_read(
 ) -> None:
     from syncflow_dagster.store import frame_io_manager
 
-    frame = pa.table({"v": pa.array([1, 2], pa.int64()), PARTITION_COLUMN: pa.array([DAY1] * 2, pa.date32())})
+    written = dated_frame(DAY1, [1, 2])
     where = FrameSlice("t__legacy", "legacy", (DAY1,))
-    client.replace_slice(where, frame)
+    client.replace_slice(where, written)
     # What an earlier release left: one table row per frame row.
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         conn.execute('DROP TABLE "syncflow_stage_test"."t__legacy"')
@@ -194,8 +196,8 @@ def test_a_table_of_the_row_layout_is_replaced_on_write_and_refused_on_read(
     frame_io_manager._SETTLED.clear()
     with pytest.raises(FrameStoreError, match="row layout; materialize the partition again"):
         client.select_slice(where)
-    assert client.replace_slice(where, frame) is True  # re-created
-    assert client.select_slice(where) == frame
+    assert client.replace_slice(where, written) is True  # re-created
+    assert client.select_slice(where) == written
 
 
 def test_a_slice_emptied_under_the_manager_is_refused_not_read_as_empty(
@@ -203,15 +205,10 @@ def test_a_slice_emptied_under_the_manager_is_refused_not_read_as_empty(
 ) -> None:
     """Crash recovery empties UNLOGGED stage tables; a stage must not take that for "no rows"."""
 
-    def frame(day: dt.date, values: list[int]) -> pa.Table:
-        return pa.table(
-            {"v": pa.array(values, pa.int64()), PARTITION_COLUMN: pa.array([day] * len(values), pa.date32())}
-        )
-
     one = FrameSlice("t__lost", "lost", (DAY1,))
     both = FrameSlice("t__lost", "lost", (DAY1, DAY2))
-    client.replace_slice(one, frame(DAY1, [1, 2, 3]))
-    client.replace_slice(FrameSlice("t__lost", "lost", (DAY2,)), frame(DAY2, []))
+    client.replace_slice(one, dated_frame(DAY1, [1, 2, 3]))
+    client.replace_slice(FrameSlice("t__lost", "lost", (DAY2,)), dated_frame(DAY2, []))
     assert client.select_slice(both)["v"].to_pylist() == [1, 2, 3]
     # What crash recovery does to an UNLOGGED table: its rows are gone, the logged catalog is not.
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
@@ -224,7 +221,7 @@ def test_a_slice_emptied_under_the_manager_is_refused_not_read_as_empty(
     assert client.select_slice(FrameSlice("t__lost", "lost", (DAY2,))).num_rows == 0
     assert client.select_slice(FrameSlice("t__lost", "lost", (dt.date(2026, 11, 1),))).num_rows == 0
     # Writing the slice again (the partition's rerun) makes it readable again.
-    client.replace_slice(one, frame(DAY1, [7]))
+    client.replace_slice(one, dated_frame(DAY1, [7]))
     assert client.select_slice(both)["v"].to_pylist() == [7]
     # Pruning forgets the recorded counts with the rows.
     client.prune(DAY2)
@@ -290,13 +287,8 @@ def test_stage_tables_skip_autovacuum_and_prune_vacuums_them(
     # TRUNCATE wait deadlock_timeout for it to be cancelled; prune cleans up instead.
     from syncflow_dagster.store import frame_io_manager
 
-    def frame(day: dt.date, values: list[int]) -> pa.Table:
-        return pa.table(
-            {"v": pa.array(values, pa.int64()), PARTITION_COLUMN: pa.array([day] * len(values), pa.date32())}
-        )
-
     table = f"t__vacuum_{uuid.uuid4().hex[:8]}"  # a new table: last_vacuum starts empty
-    client.replace_slice(FrameSlice(table, "vacuum", (DAY1,)), frame(DAY1, [1, 2]))
+    client.replace_slice(FrameSlice(table, "vacuum", (DAY1,)), dated_frame(DAY1, [1, 2]))
     options, _ = _table_state(database_url, client.schema, table)
     assert "autovacuum_enabled=false" in options
 
@@ -304,7 +296,7 @@ def test_stage_tables_skip_autovacuum_and_prune_vacuums_them(
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         conn.execute(f'ALTER TABLE "{client.schema}"."{table}" RESET (autovacuum_enabled)')
     frame_io_manager._SETTLED.clear()
-    client.replace_slice(FrameSlice(table, "vacuum", (DAY2,)), frame(DAY2, [3]))
+    client.replace_slice(FrameSlice(table, "vacuum", (DAY2,)), dated_frame(DAY2, [3]))
     options, last_vacuum = _table_state(database_url, client.schema, table)
     assert "autovacuum_enabled=false" in options
     assert last_vacuum is None
