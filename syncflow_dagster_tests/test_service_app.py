@@ -320,3 +320,19 @@ def test_concurrent_launches_do_not_share_one_graphql_transport() -> None:
             thread.join(timeout=60)
     assert len(causes) == 3
     assert not [c for c in causes if "TransportAlreadyConnected" in c], causes
+
+
+def test_a_re_execution_reports_the_batches_of_its_lineage() -> None:
+    # Batches are filed under the first run of a lineage (a re-execution continues
+    # that run's batch), so /sync/{run_id} of a re-execution reads them there.
+    from dagster._core.storage.tags import ROOT_RUN_ID_TAG as DAGSTERS_TAG
+
+    from syncflow_dagster.service.dagster_gateway import ROOT_RUN_ID_TAG, RunInfo
+
+    assert ROOT_RUN_ID_TAG == DAGSTERS_TAG  # the tag Dagster puts on re-executions
+
+    def run(run_id: str, tags: dict[str, str]) -> RunInfo:
+        return RunInfo(run_id, "SUCCESS", "sync", None, None, tags)
+
+    assert run("first", {}).batch_run_id == "first"
+    assert run("again", {ROOT_RUN_ID_TAG: "first", "dagster/parent_run_id": "first"}).batch_run_id == "first"

@@ -209,10 +209,10 @@ def create_app(
         "/sync/{run_id}", response_model=m.RunStatus, tags=["sync"], responses={404: {"model": m.Problem}}
     )
     def sync_status(run_id: RunId) -> m.RunStatus:
-        """The run's Dagster status and the metrics of every batch it wrote."""
+        """The run's Dagster status and the metrics of every batch it wrote (a re-execution: its lineage's)."""
         run = dagster_call("run status", gateway.run, run_id)
         with engine.connect() as conn:
-            batches = batches_of_run(conn, run_id)
+            batches = batches_of_run(conn, run.batch_run_id)
         return m.RunStatus(
             run_id=run.run_id,
             status=run.status,

@@ -58,6 +58,19 @@ class RunInfo:
     ended_at: dt.datetime | None
     tags: dict[str, str]
 
+    @property
+    def batch_run_id(self) -> str:
+        """The run id SyncFlow files this run's batches under.
+
+        A re-execution continues the batch of the run it re-executes (see
+        `defs/assets.py`), which Dagster names in the `dagster/root_run_id` tag.
+        """
+        return self.tags.get(ROOT_RUN_ID_TAG) or self.run_id
+
+
+# Dagster's tag on a re-execution naming the first run of its lineage.
+ROOT_RUN_ID_TAG = "dagster/root_run_id"
+
 
 def sync_partition_tags(entity: str, day: dt.date) -> dict[str, str]:
     """The tags Dagster's UI sets when it launches one entity x date partition of the sync job."""
