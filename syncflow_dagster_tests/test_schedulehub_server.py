@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pyarrow as pa
@@ -239,3 +241,24 @@ def test_snapshot_survives_a_restart(tmp_path: Path) -> None:
             f"{server.url}/v1/resources/sites/records/S1", headers={"Authorization": f"Bearer {token}"}
         ).json()
     assert record == {"id": "sh_sites_1", "external_key": "S1", "attributes": {"name": "N"}, "references": {}}
+
+
+def test_a_client_gone_mid_body_leaves_no_error_trace_and_nothing_applied(
+    hub: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A step killed while it uploads a batch: the stand-in must not log an ASGI
+    # exception for it, and no row of the half-sent batch may be applied.
+    url = urlsplit(str(hub.base_url))
+    head = (
+        f"PUT /v1/resources/items/records:batch-upsert HTTP/1.1\r\nHost: {url.hostname}\r\n"
+        f"Authorization: {hub.headers['Authorization']}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 100000\r\n\r\n"
+    )
+    with caplog.at_level("INFO"), socket.create_connection((url.hostname, url.port), timeout=10) as raw:
+        raw.sendall(head.encode() + b'{"records": [{"external_key": "IT-GONE", "attributes": {}')
+        raw.shutdown(socket.SHUT_WR)
+        raw.recv(1024)  # the server closes its side once it has seen the disconnect
+    listed = hub.get("/v1/resources/items/records").json()
+    assert "IT-GONE" not in str(listed)
+    assert upsert(hub, "items", [rec("IT-AFTER", name="x")])[0]["status"] == "accepted"
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 
 from syncflow_dagster.simulators.faults import FaultConfig, FaultInjector
 from syncflow_dagster.simulators.tokens import TokenIssuer
@@ -532,7 +533,12 @@ def create_app(
     )
     async def batch_upsert(resource: str, request: Request) -> Response:
         _check_resource(resource)
-        body = await request.body()
+        try:
+            body = await request.body()
+        except ClientDisconnect:
+            # The client went away mid-body (a killed step): nothing was applied and
+            # nobody is left to answer, so no error trace; the status is for the access log.
+            return Response(status_code=499)
         content_type = request.headers.get("content-type", "")
         partial = injector.config.partial_failure_probability
         if content_type.startswith(ARROW_STREAM) and _wants_arrow(request) and partial <= 0:
