@@ -34,22 +34,26 @@ def stored_lookup(rows: pa.Table, stored: pa.Table | None, column: str) -> pa.Ar
     return looked_up.combine_chunks() if isinstance(looked_up, pa.ChunkedArray) else looked_up
 
 
-def stale_mask(rows: pa.Table, stored: pa.Table | None) -> pa.Array:
-    """True where the row's `_rowversion` is not newer than the stored one."""
-    stored_rowversion = stored_lookup(rows, stored, ROWVERSION)
-    if stored_rowversion.null_count == len(stored_rowversion):
-        return pa.repeat(pa.scalar(False, pa.bool_()), rows.num_rows)
-    return pc.fill_null(pc.less_equal(rows.column(ROWVERSION), stored_rowversion), False)
+def _positions_and_stale(rows: pa.Table, stored: pa.Table) -> tuple[pa.Array, pa.Array]:
+    """(each row's position in `stored`, null when never delivered; whether the row is stale).
 
-
-def split_by_rowversion(rows: pa.Table, stored: pa.Table | None) -> tuple[pa.Table, pa.Table]:
-    """(fresh, stale): `stored` holds `_bk_hash`, `_rowversion` of what was last delivered."""
-    if stored is None or stored.num_rows == 0:
-        return rows, rows.slice(0, 0)
+    The one key lookup both splits are made of: `stored` holds at least
+    `_bk_hash` and `_rowversion` of what was last delivered.
+    """
     for name in (BK_HASH, ROWVERSION):
         if name not in stored.column_names:
             raise ValueError(f"stored state has no {name!r} column (columns: {stored.column_names})")
-    stale = stale_mask(rows, stored)
+    positions = pc.index_in(rows.column(BK_HASH), value_set=stored.column(BK_HASH))
+    stored_rowversion = pc.take(stored.column(ROWVERSION), positions)
+    stale = pc.fill_null(pc.less_equal(rows.column(ROWVERSION), stored_rowversion), False)
+    return positions, stale
+
+
+def split_by_rowversion(rows: pa.Table, stored: pa.Table | None) -> tuple[pa.Table, pa.Table]:
+    """(fresh, stale): the rows newer than what was last delivered for their key, and the rest."""
+    if stored is None or stored.num_rows == 0:
+        return rows, rows.slice(0, 0)
+    _, stale = _positions_and_stale(rows, stored)
     return rows.filter(pc.invert(stale)), rows.filter(stale)
 
 
@@ -73,12 +77,7 @@ def fresh_rows(rows: pa.Table, stored: pa.Table | None) -> FreshRows:
     """
     if stored is None or stored.num_rows == 0:
         return FreshRows(rows, pa.nulls(rows.num_rows, pa.int32()), 0)
-    for name in (BK_HASH, ROWVERSION):
-        if name not in stored.column_names:
-            raise ValueError(f"stored state has no {name!r} column (columns: {stored.column_names})")
-    positions = pc.index_in(rows.column(BK_HASH), value_set=stored.column(BK_HASH))
-    stored_rowversion = pc.take(stored.column(ROWVERSION), positions)
-    stale = pc.fill_null(pc.less_equal(rows.column(ROWVERSION), stored_rowversion), False)
+    positions, stale = _positions_and_stale(rows, stored)
     stale_count = int(pc.sum(stale).as_py() or 0)
     if stale_count == 0:
         return FreshRows(rows, _one(positions), 0)
