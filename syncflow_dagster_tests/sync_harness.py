@@ -26,6 +26,18 @@ class Deployment:
     secret: str
     resources: dict[str, Any]
 
+    def environment(self) -> dict[str, str]:
+        """The variables a code-location process needs to reach this deployment (its EnvVars)."""
+        return {
+            "SYNCFLOW_DATABASE_URL": self.database_url,
+            "APISMITH_BASE_URL": self.apismith_url,
+            "APISMITH_CLIENT_ID": "syncflow",
+            "APISMITH_CLIENT_SECRET": self.secret,
+            "SCHEDULEHUB_BASE_URL": self.schedulehub_url,
+            "SCHEDULEHUB_CLIENT_ID": "syncflow",
+            "SCHEDULEHUB_CLIENT_SECRET": self.secret,
+        }
+
     def admin(self, base: str, method: str, path: str, **kwargs: Any) -> Any:
         response = httpx.request(method, base + path, timeout=60, **kwargs)
         response.raise_for_status()

@@ -308,7 +308,7 @@ def _environment(
         {
             "DAGSTER_HOME": str(dagster_home),
             "DAGSTER_POSTGRES_URL": dagster_postgres_url(instance_url),
-            "SYNCFLOW_DATABASE_URL": env.database_url,
+            **env.environment(),
             "SYNCFLOW_PARTITIONS_START": (today - dt.timedelta(days=7)).isoformat(),
             # Sensors and schedules stay stopped: the test counts exactly the runs it launched.
             "SYNCFLOW_AUTOMATION": "stopped",
@@ -316,12 +316,6 @@ def _environment(
             "SYNCFLOW_CELERY_BROKER": DEFAULT_CELERY_BROKER,
             "SYNCFLOW_CELERY_BACKEND": DEFAULT_CELERY_BACKEND,
             "SYNCFLOW_CELERY_QUEUE": queue,
-            "APISMITH_BASE_URL": env.apismith_url,
-            "APISMITH_CLIENT_ID": "syncflow",
-            "APISMITH_CLIENT_SECRET": env.secret,
-            "SCHEDULEHUB_BASE_URL": env.schedulehub_url,
-            "SCHEDULEHUB_CLIENT_ID": "syncflow",
-            "SCHEDULEHUB_CLIENT_SECRET": env.secret,
             "PYTHONUNBUFFERED": "1",
         }
     )
