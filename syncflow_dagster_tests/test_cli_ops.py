@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from syncflow_dagster.store.database import make_engine
+from syncflow_dagster.store.frame_io_manager import (
+    PARTITION_COLUMN,
+    FrameSlice,
+    PostgresFrameClient,
+    stage_table_name,
+)
 from syncflow_dagster.store.migrate import upgrade
 from syncflow_dagster_tests._service_fixtures import insert_batch, insert_failure, insert_pending
 
@@ -111,3 +122,45 @@ def test_db_upgrade_then_status_failed_and_pending(database_url: str) -> None:
     unknown = syncflow("pending", "list", "--entity", "widgets", database_url=database_url)
     assert unknown.returncode == 2
     assert "widgets" in _one_line_error(unknown)
+
+
+def test_frame_show_prints_a_stage_frame_and_writes_it_to_parquet(database_url: str, tmp_path: Path) -> None:
+    day = dt.date(2026, 11, 20)
+    frame = pa.table(
+        {
+            "item_no": ["IT-1", "IT-2", "IT-3"],
+            "weight_kg": pa.array(
+                [decimal.Decimal("1.50"), None, decimal.Decimal("2.25")], pa.decimal128(9, 2)
+            ),
+            "_bk_hash": pa.array([bytes([i]) * 16 for i in range(3)], pa.binary(16)),
+            PARTITION_COLUMN: pa.array([day] * 3, pa.date32()),
+        }
+    )
+    client = PostgresFrameClient(database_url)
+    client.replace_slice(FrameSlice(stage_table_name("normalized", "items"), "items", (day,)), frame)
+    out = tmp_path / "normalized.parquet"
+    result = syncflow(
+        "frame",
+        "show",
+        "normalized",
+        "items",
+        "2026-11-20",
+        "--limit",
+        "2",
+        "--parquet",
+        str(out),
+        database_url=database_url,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 rows, 4 columns" in result.stdout
+    assert "IT-2" in result.stdout
+    assert "IT-3" not in result.stdout  # --limit 2
+    assert "decimal128(9, 2)" in result.stdout
+    assert pq.read_table(out).equals(frame)
+
+    unknown = syncflow("frame", "show", "normalised", "items", "2026-11-20", database_url=database_url)
+    assert unknown.returncode == 2
+    assert "unknown stage asset 'normalised'" in _one_line_error(unknown)
+    never = syncflow("frame", "show", "delivered", "sites", "2026-11-20", database_url=database_url)
+    assert never.returncode == 2
+    assert "delivered has never been materialized for sites" in _one_line_error(never)

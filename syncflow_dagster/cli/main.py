@@ -6,6 +6,7 @@ from syncflow_dagster.cli import ops
 from syncflow_dagster.cli.demo import demo
 from syncflow_dagster.cli.dev import dev
 from syncflow_dagster.cli.errors import SyncflowTyper
+from syncflow_dagster.cli.frames import frame_app
 from syncflow_dagster.cli.simulate import simulate_app
 
 # SyncflowTyper: known errors end in one line and a non-zero exit (cli/errors.py).
@@ -16,6 +17,7 @@ app = SyncflowTyper(
     add_completion=False,
 )
 app.add_typer(simulate_app, name="simulate")
+app.add_typer(frame_app, name="frame")
 ops.register(app)
 app.command("demo")(demo)
 app.command("dev")(dev)
