@@ -140,6 +140,7 @@ def test_io_manager_stores_and_loads_partitions_through_dagster(database_url: st
     metadata = result.asset_materializations_for_node("downstream")[0].metadata
     assert metadata["dagster/row_count"].value == 2
     assert metadata["dagster/table_name"].value == "syncflow_stage_dg.downstream__items"
+    assert metadata["read_back"].value == "syncflow frame show downstream items 2026-11-28"
     stored = PostgresFrameClient(database_url, "syncflow_stage_dg").select_slice(
         FrameSlice("downstream__items", "items", (DAY2,))
     )

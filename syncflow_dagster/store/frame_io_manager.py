@@ -571,6 +571,12 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
                 ),
                 "partition_dates": ", ".join(d.isoformat() for d in where.dates),
                 "table_recreated": recreated,
+                # The table holds Arrow IPC chunks: how to look at the rows themselves.
+                "read_back": " ; ".join(
+                    f"syncflow frame show {context.asset_key.path[-1]} {where.entity} {day.isoformat()}"
+                    for day in where.dates[:3]
+                )
+                + (" ; ..." if len(where.dates) > 3 else ""),
             }
         )
 
