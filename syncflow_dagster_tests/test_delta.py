@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from syncflow_dagster.engine.columns import BK, BK_HASH, DATA_HASH, RECIPE, ROWVERSION
-from syncflow_dagster.engine.delta import dedupe_batch, key_order, plan_delta, plan_reconcile_deletes
+from syncflow_dagster.engine.delta import (
+    dedupe_batch,
+    key_order,
+    plan_delta,
+    plan_reconcile_deletes,
+    word_order,
+)
 from syncflow_dagster_tests.engine_frames import identified, plan_view, stored_from
 
 
@@ -139,3 +146,15 @@ def test_key_order_is_arrows_bytewise_order() -> None:
     sliced = keys.slice(7, 50)
     part: list[Any] = sliced.to_pylist()
     assert sliced.take(pa.array(key_order(sliced))).to_pylist() == sorted(part)
+
+
+def test_key_order_stays_bytewise_when_keys_share_their_first_eight_bytes() -> None:
+    # The fast path sorts by the first 8 bytes; equal first halves must still order by the rest.
+    shared = bytes(range(8))
+    keys = pa.array(
+        [shared + bytes([9 - i] * 8) for i in range(5)] + [bytes([200] * 16), bytes([1] * 16)], pa.binary(16)
+    )
+    everything: list[Any] = keys.to_pylist()
+    assert keys.take(pa.array(key_order(keys))).to_pylist() == sorted(everything)
+    words = np.array([[1, 5], [0, 7], [1, 2], [0, 9]], dtype=np.uint64)
+    assert word_order(words).tolist() == [1, 3, 2, 0]

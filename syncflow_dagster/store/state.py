@@ -36,6 +36,7 @@ from syncflow_dagster.engine.columns import (
     ROWVERSION,
     ROWVERSION_TYPE,
 )
+from syncflow_dagster.engine.delta import word_order
 from syncflow_dagster.store.copy import PgColumn, copy_in, create_staging, select_arrow, select_table
 from syncflow_dagster.store.database import StoreSettings, driver_cursor, libpq_url
 from syncflow_dagster.store.keys import KEYS, check_keys, prefer_index_joins, stage_keys
@@ -380,7 +381,7 @@ def _key_words(keys: pa.Array) -> np.ndarray:
 def _key_order(words: np.ndarray) -> np.ndarray | None:
     """The row order that sorts the keys, or None when they are already strictly ascending.
 
-    A sort on the two words (numpy's lexsort): several times faster than
+    A sort on the words (`delta.word_order`): several times faster than
     Arrow's sort of a million fixed-size binaries. Frames from the delta
     engine usually arrive in key order already, which costs one comparison
     of neighbours.
@@ -388,8 +389,7 @@ def _key_order(words: np.ndarray) -> np.ndarray | None:
     high, low = words[:, 0], words[:, 1]
     if bool(np.all((high[1:] > high[:-1]) | ((high[1:] == high[:-1]) & (low[1:] > low[:-1])))):
         return None
-    order: np.ndarray = np.lexsort((low, high))
-    return order
+    return word_order(words)
 
 
 def _repeats_in_order(words: np.ndarray, order: np.ndarray | None) -> bool:
