@@ -216,13 +216,8 @@ def add_identity(entity: EntitySpec, rows: pa.Table) -> pa.Table:
     return table.append_column(pa.field(RECIPE, RECIPE_TYPE), recipe)
 
 
-def data_hashes(entity: EntitySpec, rows: pa.Table, size: int | None = None) -> pa.Array:
-    """DATA_HASH of every row, computed chunk by chunk (SYNCFLOW_CHUNK_SIZE rows)."""
-    return identity_hashes(entity, rows, None, size)[1]
-
-
 def identity_hashes(
-    entity: EntitySpec, rows: pa.Table, key: pa.Array | None, size: int | None = None
+    entity: EntitySpec, rows: pa.Table, key: pa.Array, size: int | None = None
 ) -> tuple[pa.Array, pa.Array]:
     """(BK_HASH of each `key` text, DATA_HASH of each row), chunk by chunk (SYNCFLOW_CHUNK_SIZE rows).
 
@@ -232,25 +227,21 @@ def identity_hashes(
     payload with Arrow kernels (which release the GIL) while this thread runs
     the GIL-bound hash loops: the key hashes of a chunk are taken while its
     payload is still being built, so neither core waits for the other at the
-    start. With `key` None the first array is empty.
+    start.
     """
     size = size or chunk_size()
-    no_keys = pa.array([], BK_HASH_TYPE)
     if rows.num_rows <= size:
-        return (key_hash_of(key) if key is not None else no_keys), data_hash_of(
-            canonical_payload(entity, rows)
-        )
+        return key_hash_of(key), data_hash_of(canonical_payload(entity, rows))
     chunks = list(chunk_starts(rows.num_rows, size))
     keys: list[pa.Array] = []
     digests: list[pa.Array] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncflow-payload") as pool:
         pending = pool.submit(canonical_payload, entity, rows.slice(*chunks[0]))
         for index, (start, length) in enumerate(chunks):
-            if key is not None:
-                keys.append(key_hash_of(key.slice(start, length)))
+            keys.append(key_hash_of(key.slice(start, length)))
             payload = pending.result()
             if index + 1 < len(chunks):
                 pending = pool.submit(canonical_payload, entity, rows.slice(*chunks[index + 1]))
             digests.append(data_hash_of(payload))
             del payload
-    return (pa.concat_arrays(keys) if keys else no_keys), pa.concat_arrays(digests)
+    return pa.concat_arrays(keys), pa.concat_arrays(digests)
