@@ -177,19 +177,20 @@ def test_first_commit_refuses_a_repeated_key_in_unsorted_rows(repo: StateReposit
 
 
 def test_key_order_sorts_bytewise_and_sees_an_already_sorted_frame() -> None:
-    from syncflow_dagster.store.state import _key_order, _key_words
+    from syncflow_dagster.engine.delta import key_words
+    from syncflow_dagster.store.state import _key_order
 
     keys = _hashes(np.random.default_rng(7), 4000, 16)
     # Keys that tie on the first eight bytes are ordered by the last eight.
     tied = pa.array([b"\x01" * 8 + bytes([9 - i]) * 8 for i in range(5)], pa.binary(16))
     keys = pa.concat_arrays([keys, tied])
-    order = _key_order(_key_words(keys))
+    order = _key_order(key_words(keys))
     assert order is not None
     assert keys.take(pa.array(order)).to_pylist() == sorted(keys.to_pylist())
     in_order = keys.take(pa.array(order))
-    assert _key_order(_key_words(in_order)) is None
-    assert _key_order(_key_words(in_order.slice(1, 3000))) is None
-    assert _key_order(_key_words(keys.slice(0, 1))) is None
+    assert _key_order(key_words(in_order)) is None
+    assert _key_order(key_words(in_order.slice(1, 3000))) is None
+    assert _key_order(key_words(keys.slice(0, 1))) is None
 
 
 def _estimated_rows(repo: StateRepository, entity: str) -> int:

@@ -67,14 +67,22 @@ def key_order(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
     array = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
     if array.null_count:
         raise ValueError(f"{BK_HASH} has {array.null_count} null(s): every row needs identity")
-    width = array.type.byte_width
-    buffer = array.buffers()[1]
+    return word_order(key_words(array))
+
+
+def key_words(keys: pa.Array) -> np.ndarray:
+    """Null-free fixed-width key hashes as an (n, width/8) array of uint64 words, most significant first.
+
+    Ordered by the words left to right, the keys are in byte-wise order: Arrow's
+    for fixed_size_binary and Postgres's for uuid.
+    """
+    width = keys.type.byte_width
+    buffer = keys.buffers()[1]
     if buffer is None:
-        return np.arange(len(array))
+        return np.empty((0, width // 8), dtype=np.uint64)
     raw = np.frombuffer(memoryview(buffer), dtype=np.uint8)
-    data = raw[array.offset * width : (array.offset + len(array)) * width]
-    words = data.view(">u8").reshape(len(array), width // 8).astype(np.uint64)
-    return word_order(words)
+    data = raw[keys.offset * width : (keys.offset + len(keys)) * width]
+    return data.view(">u8").reshape(len(keys), width // 8).astype(np.uint64)
 
 
 def word_order(words: np.ndarray) -> np.ndarray:
@@ -275,6 +283,7 @@ __all__ = [
     "ReconcilePlan",
     "dedupe_batch",
     "key_order",
+    "key_words",
     "plan_delta",
     "plan_reconcile_deletes",
     "word_order",

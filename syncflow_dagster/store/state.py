@@ -36,7 +36,7 @@ from syncflow_dagster.engine.columns import (
     ROWVERSION,
     ROWVERSION_TYPE,
 )
-from syncflow_dagster.engine.delta import word_order
+from syncflow_dagster.engine.delta import key_words, word_order
 from syncflow_dagster.store.copy import PgColumn, copy_in, create_staging, select_arrow, select_table
 from syncflow_dagster.store.database import StoreSettings, driver_cursor, libpq_url
 from syncflow_dagster.store.keys import KEYS, check_keys, prefer_index_joins, stage_keys
@@ -220,7 +220,7 @@ class StateRepository:
                 f"entity {entity!r}, field {DATA_HASH!r}: expected {DATA_HASH_TYPE}, "
                 f"got {accepted.column(DATA_HASH).type}"
             )
-        words = _key_words(keys)
+        words = key_words(keys)
         order = _key_order(words)
         if _repeats_in_order(words, order):
             raise ValueError(
@@ -362,22 +362,6 @@ class StateRepository:
         return written
 
 
-def _key_words(keys: pa.Array) -> np.ndarray:
-    """16-byte key hashes as an (n, 2) array of unsigned 64-bit words, most significant first.
-
-    Ordered by (word 0, word 1), the keys are in Postgres's uuid order (a
-    byte-wise compare). `keys` is already checked null-free.
-    """
-    n = len(keys)
-    buffer = keys.buffers()[1]
-    assert buffer is not None
-    width = keys.type.byte_width
-    big_endian = np.frombuffer(memoryview(buffer), dtype=">u8")[
-        keys.offset * width // 8 : (keys.offset + n) * width // 8
-    ]
-    return big_endian.astype(np.uint64).reshape(n, width // 8)
-
-
 def _key_order(words: np.ndarray) -> np.ndarray | None:
     """The row order that sorts the keys, or None when they are already strictly ascending.
 
@@ -406,7 +390,7 @@ def _repeats_a_key(keys: pa.Array) -> bool:
     About five times faster than Arrow's hash-based count_distinct on a
     million fixed-size binaries, and `keys` is already checked null-free.
     """
-    words = _key_words(keys)
+    words = key_words(keys)
     return _repeats_in_order(words, _key_order(words))
 
 
