@@ -101,9 +101,12 @@ _CHUNK_FIELDS: list[Any] = [
 _CHUNK_SCHEMA = pa.schema(_CHUNK_FIELDS)
 
 
-def _chunks(frame: pa.Table, dates: Sequence[dt.date]) -> Iterator[pa.RecordBatch]:
-    """The frame as stored chunks: per date, runs of CHUNK_ROWS rows, each one IPC stream."""
-    for day, rows in _by_date(frame, dates):
+def _chunks(frame: pa.Table, counts: dict[dt.date, int]) -> Iterator[pa.RecordBatch]:
+    """The frame as stored chunks: per date, runs of CHUNK_ROWS rows, each one IPC stream.
+
+    `counts` is the frame's rows per date (`_rows_per_date`).
+    """
+    for day, rows in _by_date(frame, counts):
         for seq, start in enumerate(range(0, rows.num_rows, CHUNK_ROWS)):
             piece = rows.slice(start, CHUNK_ROWS)
             sink = pa.BufferOutputStream()
@@ -122,9 +125,9 @@ def _chunks(frame: pa.Table, dates: Sequence[dt.date]) -> Iterator[pa.RecordBatc
             )
 
 
-def _by_date(frame: pa.Table, dates: Sequence[dt.date]) -> Iterator[tuple[dt.date, pa.Table]]:
-    """(date, that date's rows) for each date with rows; one pass when there is one date."""
-    counts = {day: rows for day, rows in _rows_per_date(frame, dates).items() if rows}
+def _by_date(frame: pa.Table, counts: dict[dt.date, int]) -> Iterator[tuple[dt.date, pa.Table]]:
+    """(date, that date's rows) for each date with rows; no copy when there is one date."""
+    counts = {day: rows for day, rows in counts.items() if rows}
     if len(counts) <= 1:
         for day in counts:
             yield day, frame
@@ -319,28 +322,33 @@ class PostgresFrameClient:
                 self._clear_slice(cur, where.table, where.dates)
             if frame.num_rows:
                 # Chunks are encoded as the driver streams them: one in memory at a time.
-                chunks = pa.RecordBatchReader.from_batches(_CHUNK_SCHEMA, _chunks(frame, where.dates))
+                chunks = pa.RecordBatchReader.from_batches(_CHUNK_SCHEMA, _chunks(frame, rows))
                 cur.adbc_ingest(where.table, chunks, mode="append", db_schema_name=self.schema)
             self._record_slice(cur, where, rows)
             conn.commit()
             cur.close()
         return recreated
 
-    def _settle(self, cur: Any, table: str) -> bool:
-        """Whether an existing stage table has the chunk layout; if so, autovacuum goes off (once per process).
-
-        Tables written by an earlier release (one table row per frame row) are
-        reported as not reusable, and the write re-creates them.
-        """
-        qualified = self._qualified(table)
-        if (self._url, qualified) in _SETTLED:
+    def _has_chunk_layout(self, cur: Any, table: str) -> bool:
+        """Whether an existing stage table holds chunks (an earlier release wrote one row per frame row)."""
+        if (self._url, self._qualified(table)) in _SETTLED:
             return True
         cur.execute(
             "SELECT count(*) FROM pg_attribute WHERE attrelid = "
             f"'{self.schema}.{table}'::regclass AND attname = '{_IPC}' AND NOT attisdropped"
         )
         row = cur.fetchone()
-        if row is None or not row[0]:
+        return row is not None and bool(row[0])
+
+    def _settle(self, cur: Any, table: str) -> bool:
+        """Whether an existing stage table can be written as it is; if so, autovacuum goes off (once per process).
+
+        Tables of the row layout are reported as not reusable, and the write re-creates them.
+        """
+        qualified = self._qualified(table)
+        if (self._url, qualified) in _SETTLED:
+            return True
+        if not self._has_chunk_layout(cur, table):
             return False
         cur.execute(f"ALTER TABLE {qualified} SET ({_NO_AUTOVACUUM})")
         _SETTLED.add((self._url, qualified))
@@ -397,7 +405,7 @@ class PostgresFrameClient:
             if schema is None:
                 cur.close()
                 return None
-            if not self._settle(cur, where.table):
+            if not self._has_chunk_layout(cur, where.table):
                 conn.commit()
                 cur.close()
                 raise FrameStoreError(
