@@ -36,7 +36,7 @@ from syncflow_dagster.engine.identity import (
 )
 from syncflow_dagster.engine.normalize import normalize
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "identity.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "identity.md"
 
 
 def documented_vectors() -> list[dict[str, Any]]:

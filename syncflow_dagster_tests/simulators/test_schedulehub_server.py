@@ -16,7 +16,7 @@ import pytest
 from syncflow_dagster.simulators.schedulehub import ARROW_STREAM, create_app
 from syncflow_dagster.simulators.serve import start_server
 
-CONTRACT = Path(__file__).resolve().parents[1] / "docs" / "contracts" / "schedulehub.md"
+CONTRACT = Path(__file__).resolve().parents[2] / "docs" / "contracts" / "schedulehub.md"
 SECRET = "hub-client-secret-123"
 
 

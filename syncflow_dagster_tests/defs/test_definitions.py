@@ -11,7 +11,7 @@ import dagster as dg
 from syncflow_dagster.definitions import defs
 from syncflow_dagster.defs.assets import STAGE_ASSETS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = [
     "extracted",
     "normalized",

@@ -23,7 +23,7 @@ from syncflow_dagster.simulators.serve import RunningServer, start_server
 
 AS_OF = datetime(2024, 5, 10, 12, 0, tzinfo=UTC)
 CLIENT = {"syncflow-test": "apismith-test-secret"}
-CONTRACT = Path(__file__).resolve().parents[1] / "docs" / "contracts" / "apismith.md"
+CONTRACT = Path(__file__).resolve().parents[2] / "docs" / "contracts" / "apismith.md"
 ARROW = {"Accept": ARROW_STREAM}
 
 

@@ -51,7 +51,7 @@ from syncflow_dagster_tests.webserver import dagster_postgres_url, scratch_datab
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.timeout(600)]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTANCE_YAML = REPO_ROOT / "deploy" / "dagster-celery.yaml"
 WORKSPACE_YAML = REPO_ROOT / "workspace.yaml"
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"

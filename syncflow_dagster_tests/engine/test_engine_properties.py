@@ -18,7 +18,7 @@ from syncflow_dagster.engine.delta import plan_delta
 from syncflow_dagster_tests.engine_frames import identified, stored_from
 
 pc: Any = _compute  # the stubs cannot type run-time array types
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 part_nos = st.sampled_from([f"P{i}" for i in range(12)])
 qtys = st.one_of(st.none(), st.decimals(min_value=-1000, max_value=1000, places=3).map(str))

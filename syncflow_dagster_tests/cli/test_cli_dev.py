@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from syncflow_dagster_tests.test_definitions import STAGES as STAGE_NAMES
+from syncflow_dagster_tests.defs.test_definitions import STAGES as STAGE_NAMES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = set(STAGE_NAMES)
 
 
