@@ -4,8 +4,9 @@
   serves the seeded dataset (or a folder of <source>.parquet/.csv) on 127.0.0.1.
   It accepts the client APISMITH_CLIENT_ID (default syncflow) with the secret
   APISMITH_CLIENT_SECRET, which must be set (the same variables the client reads).
-- `simulate schedulehub --port P` serves ScheduleHub for SCHEDULEHUB_CLIENT_ID /
-  SCHEDULEHUB_CLIENT_SECRET.
+- `simulate schedulehub --port P [--data-dir D]` serves ScheduleHub for
+  SCHEDULEHUB_CLIENT_ID / SCHEDULEHUB_CLIENT_SECRET, its records kept in D
+  (a restart on the same D keeps them) or in a temporary directory removed at exit.
 - `simulate changes --url U --updated 1 --inserted 0.5 --deleted 0.2` applies a
   generated change set (percentages of live records) through APISmith's admin API.
 """
@@ -82,15 +83,31 @@ def simulate_schedulehub(
     rate_limit: Annotated[
         float | None, typer.Option(help="Requests per second before 429 (default: no limit).")
     ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Keep the records in this directory (created if missing); a restart on it keeps them. "
+            "Default: a temporary directory removed when the stand-in stops."
+        ),
+    ] = None,
     host: Host = "127.0.0.1",
 ) -> None:
     """Serve the ScheduleHub stand-in (blocks until interrupted)."""
+    from syncflow_dagster.simulators.hub_store import DataDirInUseError, HubStore
     from syncflow_dagster.simulators.schedulehub import create_app
     from syncflow_dagster.simulators.serve import run_server
 
     client_id, secret = _secret("SCHEDULEHUB")
-    app = create_app(clients={client_id: secret}, rate_limit_per_s=rate_limit)
-    console.print(f"ScheduleHub stand-in on http://{host}:{port} (client {client_id!r})")
+    if data_dir is not None:
+        try:
+            # Refuse a directory another stand-in holds now, not after uvicorn has started.
+            HubStore(data_dir).open().close()
+        except (DataDirInUseError, OSError) as exc:
+            console.print(f"[red]cannot start ScheduleHub:[/red] {exc}")
+            raise typer.Exit(2) from None
+    app = create_app(clients={client_id: secret}, rate_limit_per_s=rate_limit, data_dir=data_dir)
+    where = f"records in {data_dir}" if data_dir is not None else "records in a temporary directory"
+    console.print(f"ScheduleHub stand-in on http://{host}:{port} (client {client_id!r}, {where})")
     run_server(app, host, port)
 
 
