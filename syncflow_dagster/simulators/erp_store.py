@@ -12,7 +12,7 @@ contiguous. RowVersion is one counter across all sources: unique, increasing.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -25,6 +25,8 @@ from syncflow_dagster.simulators.changes import ChangeSet, ChangeSetError, joine
 from syncflow_dagster.simulators.datagen import format_changed_at
 
 DELETED_AT = "DeletedAt"
+# Rows per Arrow batch of a streamed listing (keys, snapshot).
+BATCH_ROWS = 65_536
 
 
 class SourceDataError(ValueError):
@@ -211,6 +213,58 @@ class ErpStore:
 
     def live_dataset(self) -> dict[str, pa.Table]:
         return {source: state.records for source, state in self._states.items()}
+
+    # The interface the API uses, shared with `parquet_store.ParquetErpStore`.
+
+    def watermark(self, source: str) -> tuple[int, int, int | None]:
+        """(max_rowversion, row_count, max_changed_us) of one source."""
+        state = self.state(source)
+        return state.max_rowversion, state.records.num_rows, state.max_changed_us
+
+    def window(
+        self,
+        source: str,
+        kind: str,
+        *,
+        after_rowversion: int,
+        upper_rowversion: int,
+        changed_from_us: int | None,
+        changed_to_us: int | None,
+        limit: int,
+        snapshot_rowversion: int,
+    ) -> Page:
+        """Rows with after < RowVersion <= upper, changed in [from, to), in RowVersion order (one page)."""
+        state = self.state(source)
+        if kind == "changes":
+            rows, rowversions, changed = state.records, state.record_rowversions, state.record_changed_us
+        else:
+            rows, rowversions, changed = (
+                state.tombstones,
+                state.tombstone_rowversions,
+                state.tombstone_changed_us,
+            )
+        return page_of(
+            rows,
+            rowversions,
+            changed,
+            changed_from_us=changed_from_us,
+            changed_to_us=changed_to_us,
+            after_rowversion=after_rowversion,
+            snapshot_rowversion=snapshot_rowversion,
+            limit=limit,
+            rowversion_to=upper_rowversion,
+        )
+
+    def key_batches(self, source: str) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+        """Every live record's key columns and RowVersion."""
+        entity = self.entity(source)
+        keys = self.state(source).records.select([*key_sources(entity), entity.rowversion])
+        return keys.schema, iter(keys.to_batches(max_chunksize=BATCH_ROWS))
+
+    def record_batches(self, source: str) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+        """Every live record as the API serves it, in RowVersion order."""
+        records = self.state(source).records
+        return records.schema, iter(records.to_batches(max_chunksize=BATCH_ROWS))
 
     def apply(self, change_set: ChangeSet, now: datetime | None = None) -> dict[str, dict[str, int]]:
         """Apply deletes then upserts, each bumping the rowversion; returns counts per source."""

@@ -465,7 +465,8 @@ class HubStore:
             was_refs = old_refs.take(taken)
             same_attributes = _pc.fill_null(_pc.equal(attributes, was_attributes), False)
             same_refs = _pc.or_(
-                _pc.and_(_pc.is_null(refs), _pc.is_null(was_refs)), _pc.fill_null(_pc.equal(refs, was_refs), False)
+                _pc.and_(_pc.is_null(refs), _pc.is_null(was_refs)),
+                _pc.fill_null(_pc.equal(refs, was_refs), False),
             )
             same = np.asarray(_pc.and_(same_attributes, same_refs).to_numpy(zero_copy_only=False), dtype=bool)
             seq = old_seq[np.asarray(taken.to_numpy(zero_copy_only=False), dtype=np.int64)]
