@@ -9,11 +9,15 @@
   (a restart on the same D keeps them) or in a temporary directory removed at exit.
 - `simulate changes --url U --updated 1 --inserted 0.5 --deleted 0.2` applies a
   generated change set (percentages of live records) through APISmith's admin API.
+- `simulate history-source --rows N --out D` writes a source folder of N work
+  orders whose changes spread over a year (and their parents), which
+  `simulate apismith --source-dir D` serves from disk.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import date
 from pathlib import Path
 from typing import Annotated
 
@@ -158,3 +162,52 @@ def simulate_changes(
             str(counts["delete_not_found"]),
         )
     Console().print(table)
+
+
+@simulate_app.command("history-source")
+def simulate_history_source(
+    out: Annotated[Path, typer.Option(help="New folder to write (must be empty or absent).")],
+    rows: Annotated[int, typer.Option(min=1, help="Work orders to write.")] = 1_000_000,
+    start: Annotated[
+        str | None,
+        typer.Option(
+            help="First partition day, YYYY-MM-DD (default: SYNCFLOW_PARTITIONS_START, 2025-01-01)."
+        ),
+    ] = None,
+    days: Annotated[int, typer.Option(min=1, help="Days from START over which the changes spread.")] = 365,
+    before_share: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of work orders changed before START.")
+    ] = 0.05,
+    seed: Annotated[int, typer.Option(help="Seed of the data.")] = 0,
+    catalog: Annotated[
+        Path | None, typer.Option(help="Catalog YAML (default: SYNCFLOW_CATALOG_PATH).")
+    ] = None,
+) -> None:
+    """Write a source folder of ROWS work orders whose changes spread over DAYS days (for the history benchmark)."""
+    from syncflow_dagster.catalog.loader import CatalogError, load_catalog
+    from syncflow_dagster.simulators.datagen import DatagenError
+    from syncflow_dagster.simulators.history_source import write_history_source
+
+    first = start or os.environ.get("SYNCFLOW_PARTITIONS_START") or "2025-01-01"
+    try:
+        day = date.fromisoformat(first)
+    except ValueError:
+        console.print(f"[red]--start {first!r} is not a date (YYYY-MM-DD)[/red]")
+        raise typer.Exit(2) from None
+    try:
+        written = write_history_source(
+            load_catalog(catalog), out, rows=rows, start=day, days=days, before_share=before_share, seed=seed
+        )
+    except (CatalogError, DatagenError) as exc:
+        console.print(f"[red]cannot write the history source:[/red] {exc}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"history source in {written.folder}")
+    table.add_column("source")
+    table.add_column("rows", justify="right")
+    for source, count in written.rows.items():
+        table.add_row(source, str(count))
+    Console().print(table)
+    console.print(
+        f"work orders changed {written.first_changed_at:%Y-%m-%d} .. {written.last_changed_at:%Y-%m-%d}; "
+        f"serve it with: syncflow simulate apismith --source-dir {written.folder}"
+    )

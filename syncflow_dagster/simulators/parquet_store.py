@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,9 +40,12 @@ import pyarrow.parquet as pq
 
 from syncflow_dagster.catalog.models import Catalog, EntitySpec
 from syncflow_dagster.simulators.changes import ChangeSet, ChangeSetError, joined_keys, key_sources
+from syncflow_dagster.simulators.datagen import iso_millis
 from syncflow_dagster.simulators.erp_store import DELETED_AT, Page, SourceDataError, parse_changed_at
 
 CHANGES_DIR = "_changes"
+# Decoded row groups kept for the next page (each about 10 MB at 65 536 rows of an ERP entity).
+DECODED_GROUPS = 4
 KEY_SCAN_BATCH_ROWS = 262_144
 _compute: Any = pc
 _UTC_US = pa.timestamp("us", tz="UTC")
@@ -55,11 +59,7 @@ def changed_text(column: Any) -> pa.Array | pa.ChunkedArray:
     if not pa.types.is_timestamp(column.type):
         result: pa.Array = column if column.type == pa.string() else column.cast(pa.string())
         return result
-    if column.type.tz is None:
-        column = pc.assume_timezone(column, "UTC")
-    text = _compute.strftime(pc.cast(column, pa.timestamp("ms", tz="UTC")), format="%Y-%m-%dT%H:%M:%S")
-    joined: pa.Array = _compute.binary_join_element_wise(text, "+00:00", "")
-    return joined
+    return iso_millis(column)
 
 
 def _micros(column: Any, entity: EntitySpec, name: str) -> np.ndarray:
@@ -213,6 +213,10 @@ class ParquetErpStore:
         self.folder = folder
         self._by_source = {entity.source: entity for entity in catalog.entities}
         self._lock = threading.Lock()
+        self._cache_lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, int, bool], tuple[pa.Table, np.ndarray, np.ndarray]] = (
+            OrderedDict()
+        )
         self._sources: dict[str, DiskSource] = {}
         self._rowversion = 0
         self.reset(remove_changes=False)
@@ -236,6 +240,8 @@ class ParquetErpStore:
         with self._lock:
             self._sources = sources
             self._rowversion = max((s.max_rowversion for s in sources.values()), default=0)
+        with self._cache_lock:
+            self._cache.clear()
 
     def _load_change_set(self, sources: dict[str, DiskSource], folder: Path) -> None:
         for source in sources.values():
@@ -289,7 +295,6 @@ class ParquetErpStore:
         entity = state.entity
         tombstones = kind == "tombstones"
         groups = state.tombstones if tombstones else state.records
-        changed = DELETED_AT if tombstones else entity.changed_at
         candidates = sorted(
             (
                 g
@@ -301,16 +306,23 @@ class ParquetErpStore:
             ),
             key=lambda g: g.min_rv,
         )
-        columns = self._columns(entity, tombstones)
         parts: list[pa.Table] = []
         ready = 0
         for index, group in enumerate(candidates):
-            table = self._read(group, entity, columns, changed, after_rowversion, upper_rowversion)
-            table = self._in_window(table, entity, changed, changed_from_us, changed_to_us)
+            table, rowversions, micros = self._decoded(group, entity, tombstones)
+            lo = int(np.searchsorted(rowversions, after_rowversion, side="right"))
+            hi = int(np.searchsorted(rowversions, upper_rowversion, side="right"))
+            keep = np.ones(hi - lo, dtype=bool)
+            if changed_from_us is not None:
+                keep &= micros[lo:hi] >= changed_from_us
+            if changed_to_us is not None:
+                keep &= micros[lo:hi] < changed_to_us
             if not tombstones:
-                table = self._live(table, entity, state.superseded)
-            if table.num_rows:
-                parts.append(self._served(table, entity, changed))
+                keep &= ~_superseded(rowversions[lo:hi], state.superseded)
+            # The common case is a zero-copy slice of the cached group.
+            part = table.slice(lo, hi - lo) if keep.all() else table.take(lo + np.flatnonzero(keep))
+            if part.num_rows:
+                parts.append(part)
             # Rows below the next group's smallest rowversion can no longer be preceded by an unread one.
             bound = candidates[index + 1].min_rv if index + 1 < len(candidates) else None
             ready = sum(
@@ -321,12 +333,16 @@ class ParquetErpStore:
             )
             if ready > limit:
                 break
-        rows = (
-            pa.concat_tables(parts) if parts else self._empty(entity, columns, tombstones, changed)
-        ).combine_chunks()
+        if not parts:
+            rows = self._served_schema(entity, tombstones).empty_table()
+        elif len(parts) == 1:
+            rows = parts[0]
+        else:
+            rows = pa.concat_tables(parts)
         if rows.num_rows:
-            order = np.argsort(rows.column(entity.rowversion).to_numpy(), kind="stable")
-            rows = rows.take(order[: limit + 1])
+            rowversions = np.asarray(rows.column(entity.rowversion).to_numpy(), dtype=np.int64)
+            if rowversions.size > 1 and not bool(np.all(rowversions[1:] > rowversions[:-1])):
+                rows = rows.take(np.argsort(rowversions, kind="stable")[: limit + 1])
         has_more = rows.num_rows > limit
         rows = rows.slice(0, limit)
         served = rows
@@ -370,6 +386,42 @@ class ParquetErpStore:
 
     # --- reading helpers ----------------------------------------------------------------------------
 
+    def _decoded(
+        self, group: RowGroup, entity: EntitySpec, tombstones: bool
+    ) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+        """One row group as served (RowVersion order), its rowversions and change times, cached.
+
+        Consecutive pages mostly continue in the same row group: the last few
+        decoded groups are kept (`DECODED_GROUPS`), so paging decodes each once.
+        """
+        key = (group.fragment.path, group.fragment.row_groups[0].id, tombstones)
+        with self._cache_lock:
+            found = self._cache.get(key)
+            if found is not None:
+                self._cache.move_to_end(key)
+                return found
+        changed = DELETED_AT if tombstones else entity.changed_at
+        try:
+            table = group.fragment.to_table(columns=self._columns(entity, tombstones))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise SourceDataError(
+                f"entity {entity.name!r}: cannot read {group.fragment.path} ({exc})"
+            ) from None
+        micros = _micros(table.column(changed), entity, changed)
+        rowversions = np.asarray(
+            pc.cast(table.column(entity.rowversion), pa.int64()).to_numpy(), dtype=np.int64
+        )
+        served = self._served(table, entity, changed)
+        if rowversions.size > 1 and not bool(np.all(rowversions[1:] >= rowversions[:-1])):
+            order = np.argsort(rowversions, kind="stable")
+            served, rowversions, micros = served.take(order), rowversions[order], micros[order]
+        decoded = (served.combine_chunks(), rowversions, micros)
+        with self._cache_lock:
+            self._cache[key] = decoded
+            while len(self._cache) > DECODED_GROUPS:
+                self._cache.popitem(last=False)
+        return decoded
+
     @staticmethod
     def _columns(entity: EntitySpec, tombstones: bool) -> list[str]:
         if tombstones:
@@ -382,33 +434,6 @@ class ParquetErpStore:
         return pa.schema(
             [(n, pa.string()) for n in names[:-2]] + [(names[-2], pa.int64()), (names[-1], pa.string())]
         )
-
-    def _read(
-        self, group: RowGroup, entity: EntitySpec, columns: list[str], changed: str, after: int, upper: int
-    ) -> pa.Table:
-        rv = ds.field(entity.rowversion)
-        condition = (rv > after) & (rv <= upper)
-        try:
-            table: pa.Table = group.fragment.to_table(columns=columns, filter=condition)
-        except (pa.ArrowInvalid, KeyError) as exc:
-            raise SourceDataError(
-                f"entity {entity.name!r}: cannot read {group.fragment.path} ({exc})"
-            ) from None
-        return table
-
-    @staticmethod
-    def _in_window(
-        table: pa.Table, entity: EntitySpec, changed: str, from_us: int | None, to_us: int | None
-    ) -> pa.Table:
-        if table.num_rows == 0 or (from_us is None and to_us is None):
-            return table
-        micros = _micros(table.column(changed), entity, changed)
-        mask = np.ones(micros.size, dtype=bool)
-        if from_us is not None:
-            mask &= micros >= from_us
-        if to_us is not None:
-            mask &= micros < to_us
-        return table if mask.all() else table.filter(pa.array(mask))
 
     @staticmethod
     def _live(table: pa.Table, entity: EntitySpec, superseded: np.ndarray) -> pa.Table:
@@ -431,9 +456,6 @@ class ParquetErpStore:
             else:
                 columns.append(column if column.type == pa.string() else pc.cast(column, pa.string()))
         return pa.table(columns, names=table.column_names)
-
-    def _empty(self, entity: EntitySpec, columns: list[str], tombstones: bool, changed: str) -> pa.Table:
-        return self._served_schema(entity, tombstones).empty_table()
 
     # --- change sets -------------------------------------------------------------------------------
 
@@ -588,6 +610,15 @@ class ParquetErpStore:
             schema, batches = self.record_batches(source)
             out[source] = pa.Table.from_batches(list(batches), schema=schema)
         return out
+
+
+def _superseded(rowversions: np.ndarray, superseded: np.ndarray) -> np.ndarray:
+    """Which of `rowversions` a change set superseded (`superseded` is sorted)."""
+    if superseded.size == 0 or rowversions.size == 0:
+        return np.zeros(rowversions.size, dtype=bool)
+    at = np.minimum(np.searchsorted(superseded, rowversions), superseded.size - 1)
+    found: np.ndarray = superseded[at] == rowversions
+    return found
 
 
 def _split_keys(joined: pa.Array, parts: int) -> list[pa.Array]:
