@@ -12,6 +12,7 @@ travel as text.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pa_json
 
 NULL = "null"
 _compute: Any = pc  # pyarrow's stubs do not type the kernels' array-and-scalar forms
@@ -102,3 +104,35 @@ def json_references(names: Sequence[str], columns: Sequence[pa.Array], length: i
     wrapped = _compute.binary_join_element_wise("{", _compute.utf8_slice_codeunits(joined, 1), "}", "")
     result: pa.Array = _compute.if_else(_compute.equal(joined, ""), pa.scalar(None, pa.string()), wrapped)
     return result
+
+
+def objects_table(texts: Sequence[str]) -> pa.Table | None:
+    """The JSON objects of `texts` (one per row) as Arrow columns, or None when they do not fit columns.
+
+    Types as `pa.array` infers them from the Python values (int, double, bool,
+    string, null), by Arrow's JSON reader in one pass over the page instead
+    of a dict per row; the reader's guess that ISO text is a timestamp is
+    undone by a second parse with those columns as text. None when a column
+    mixes kinds (text and numbers): the caller then builds the page from Python.
+    """
+    if not texts:
+        return pa.table({})
+    data = "\n".join(texts).encode()
+    options = pa_json.ReadOptions(block_size=max(1 << 20, len(data) + 1))
+    try:
+        table = pa_json.read_json(io.BytesIO(data), read_options=options)
+        guessed = {f.name for f in table.schema if pa.types.is_timestamp(f.type) or pa.types.is_date(f.type)}
+        if guessed:
+            schema = pa.schema(
+                [pa.field(f.name, pa.string()) if f.name in guessed else f for f in table.schema]
+            )
+            table = pa_json.read_json(
+                io.BytesIO(data),
+                read_options=options,
+                parse_options=pa_json.ParseOptions(explicit_schema=schema),
+            )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if table.num_rows != len(texts) or any(pa.types.is_nested(f.type) for f in table.schema):
+        return None
+    return table.combine_chunks()

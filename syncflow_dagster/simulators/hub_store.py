@@ -75,6 +75,15 @@ class StoredRecord:
         return record_id(resource, self.seq)
 
 
+def records_of(
+    seqs: Sequence[int], keys: Sequence[str], attributes: Sequence[str], refs: Sequence[str | None]
+) -> list[StoredRecord]:
+    return [
+        StoredRecord(seq, key, orjson.loads(attrs), orjson.loads(ref) if ref else {})
+        for seq, key, attrs, ref in zip(seqs, keys, attributes, refs, strict=True)
+    ]
+
+
 def record_id(resource: str, seq: int) -> str:
     return f"sh_{resource}_{seq}"
 
@@ -207,21 +216,29 @@ class HubStore:
         seq, attributes, refs = row
         return StoredRecord(seq, key, orjson.loads(attributes), orjson.loads(refs) if refs else {})
 
-    def page(self, resource: str, after: int, limit: int) -> tuple[list[StoredRecord], int | None]:
-        """Up to `limit` records created after sequence `after`, and the cursor of the next page (or None)."""
+    def page_texts(
+        self, resource: str, after: int, limit: int
+    ) -> tuple[list[int], list[str], list[str], list[str | None], int | None]:
+        """Up to `limit` records created after sequence `after`, as stored (seq, key, attributes and
+        references JSON), and the cursor of the next page (None at the end)."""
         if resource not in self._meta:
-            return [], None
+            return [], [], [], [], None
         rows = self.conn.execute(
             f"SELECT seq, external_key, attributes, refs FROM {_table(resource)} "
             "WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, limit + 1),
         ).fetchall()
         more = len(rows) > limit
-        records = [
-            StoredRecord(seq, key, orjson.loads(attributes), orjson.loads(refs) if refs else {})
-            for seq, key, attributes, refs in rows[:limit]
-        ]
-        return records, (records[-1].seq if more else None)
+        rows = rows[:limit]
+        if not rows:
+            return [], [], [], [], None
+        seqs, keys, attributes, refs = (list(column) for column in zip(*rows, strict=True))
+        return seqs, keys, attributes, refs, (seqs[-1] if more else None)
+
+    def page(self, resource: str, after: int, limit: int) -> tuple[list[StoredRecord], int | None]:
+        """Up to `limit` records created after sequence `after`, and the cursor of the next page (or None)."""
+        seqs, keys, attributes, refs, next_seq = self.page_texts(resource, after, limit)
+        return records_of(seqs, keys, attributes, refs), next_seq
 
     def iter_records(self, resource: str, batch: int = 10_000) -> Iterator[StoredRecord]:
         """Every record of `resource` in creation order, read `batch` at a time."""

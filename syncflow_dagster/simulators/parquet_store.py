@@ -104,18 +104,23 @@ class DiskSource:
     tombstones: list[RowGroup] = field(default_factory=list)
     superseded: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
-    @property
-    def max_rowversion(self) -> int:
-        return max((g.max_rv for g in [*self.records, *self.tombstones]), default=0)
+    # Kept as the row groups come in (`add`), so a watermark is O(1).
+    max_rowversion: int = 0
+    max_changed_us: int | None = None
+    record_rows: int = 0
 
-    @property
-    def max_changed_us(self) -> int | None:
-        known = [g.max_us for g in [*self.records, *self.tombstones] if g.max_us is not None]
-        return max(known) if known else None
+    def add(self, groups: list[RowGroup], *, tombstones: bool = False) -> None:
+        (self.tombstones if tombstones else self.records).extend(groups)
+        for group in groups:
+            self.max_rowversion = max(self.max_rowversion, group.max_rv)
+            if group.max_us is not None:
+                self.max_changed_us = max(self.max_changed_us or group.max_us, group.max_us)
+            if not tombstones:
+                self.record_rows += group.rows
 
     @property
     def row_count(self) -> int:
-        return sum(g.rows for g in self.records) - int(self.superseded.size)
+        return self.record_rows - int(self.superseded.size)
 
 
 def _row_groups(entity: EntitySpec, path: Path, changed: str) -> list[RowGroup]:
@@ -232,7 +237,7 @@ class ParquetErpStore:
         for entity in self.catalog.entities:
             source = DiskSource(entity)
             for path in _source_files(entity, self.folder):
-                source.records.extend(_row_groups(entity, path, entity.changed_at))
+                source.add(_row_groups(entity, path, entity.changed_at))
             sources[entity.source] = source
         if changes.is_dir():
             for applied in sorted(p for p in changes.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -250,9 +255,9 @@ class ParquetErpStore:
             tombstones = folder / f"{entity.source}.tombstones.parquet"
             superseded = folder / f"{entity.source}.superseded.parquet"
             if upserts.is_file():
-                source.records.extend(_row_groups(entity, upserts, entity.changed_at))
+                source.add(_row_groups(entity, upserts, entity.changed_at))
             if tombstones.is_file():
-                source.tombstones.extend(_row_groups(entity, tombstones, DELETED_AT))
+                source.add(_row_groups(entity, tombstones, DELETED_AT), tombstones=True)
             if superseded.is_file():
                 gone = pq.read_table(superseded).column(entity.rowversion).to_numpy()
                 source.superseded = np.union1d(source.superseded, np.asarray(gone, dtype=np.int64))

@@ -28,7 +28,12 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Respons
 from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
-from syncflow_dagster.simulators.arrow_json import canonical_arrow, json_objects, json_references
+from syncflow_dagster.simulators.arrow_json import (
+    canonical_arrow,
+    json_objects,
+    json_references,
+    objects_table,
+)
 from syncflow_dagster.simulators.faults import FaultConfig, FaultInjector
 from syncflow_dagster.simulators.hub_store import (
     ACCEPTED,
@@ -47,6 +52,7 @@ from syncflow_dagster.simulators.hub_store import (
     HubStore,
     Result,
     StoredRecord,
+    records_of,
     validate,
 )
 from syncflow_dagster.simulators.tokens import TokenIssuer
@@ -479,11 +485,12 @@ def create_app(
                 status_code=400,
                 detail={"error": "invalid_cursor", "detail": f"cursor {cursor!r} is not valid"},
             ) from None
-        page, next_seq = store.page(resource, after, limit)
+        seqs, keys, attributes, refs, next_seq = store.page_texts(resource, after, limit)
         next_cursor = str(next_seq) if next_seq is not None else None
         headers = {"X-Next-Cursor": next_cursor} if next_cursor else None
         if _wants_arrow(request):
-            return _arrow(_records_table(page, resource), headers)
+            return _arrow(_records_arrow(resource, seqs, keys, attributes, refs), headers)
+        page = records_of(seqs, keys, attributes, refs)
         return _json(
             {"records": [_record_json(resource, r) for r in page], "next_cursor": next_cursor},
             headers=headers,
@@ -549,6 +556,26 @@ def _record_json(resource: str, record: StoredRecord) -> dict[str, Any]:
         "attributes": record.attributes,
         "references": record.references,
     }
+
+
+def _records_arrow(
+    resource: str, seqs: list[int], keys: list[str], attributes: list[str], refs: list[str | None]
+) -> pa.Table:
+    """A read-back page as Arrow, its JSON texts parsed by Arrow's JSON reader (`_records_table` when they do not fit)."""
+    attribute_columns = objects_table(attributes)
+    reference_columns = objects_table([r or "{}" for r in refs])
+    if attribute_columns is None or reference_columns is None:
+        return _records_table(records_of(seqs, keys, attributes, refs), resource)
+    compute: Any = pc  # pyarrow's stubs do not type the kernels' array-and-scalar forms
+    ids = compute.binary_join_element_wise(
+        f"sh_{resource}_", pc.cast(pa.array(seqs, pa.int64()), pa.string()), ""
+    )
+    columns: dict[str, Any] = {"id": ids, "external_key": pa.array(keys, pa.string())}
+    for name in reference_columns.column_names:
+        columns[REF_PREFIX + name] = reference_columns.column(name).cast(pa.string())
+    for name in attribute_columns.column_names:
+        columns[name] = attribute_columns.column(name)
+    return pa.table(columns)
 
 
 def _records_table(page: list[StoredRecord], resource: str) -> pa.Table:

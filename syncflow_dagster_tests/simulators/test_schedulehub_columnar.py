@@ -131,3 +131,26 @@ def test_arrow_json_writes_what_orjson_writes(values: list[tuple[Any, Any, Any]]
     for (first, second, _), text in zip(values, refs, strict=True):
         present = {k: v for k, v in zip(names[:2], (first, second), strict=True) if v is not None}
         assert text == (orjson.dumps(present, option=orjson.OPT_SORT_KEYS).decode() if present else None)
+
+
+def test_a_read_back_page_parsed_by_arrow_equals_the_one_built_from_python(tmp_path: Path) -> None:
+    from syncflow_dagster.simulators.hub_store import records_of
+    from syncflow_dagster.simulators.schedulehub import _records_arrow, _records_table
+
+    rows = [
+        ("K1", {"due": "2025-03-01", "at": "2025-03-01T08:00:01.000005Z", "n": 1, "ok": True, "x": None}, {}),
+        ("K2", {"due": "2025-03-02", "n": 2.5, "ok": False, "late": "2024-05-10 12:00:00"}, {"sites": "S1"}),
+        ("K3", {"note": 'é " \\ \x01'}, {"sites": "S1", "items": "I1"}),
+    ]
+    mixed = [("M1", {"v": 1}, {}), ("M2", {"v": "one"}, {})]
+    with HubStore(tmp_path) as store:
+        store.upsert("sites", [("S1", {}, {})])
+        store.upsert("items", [("I1", {}, {})])
+        for resource, batch in (("things", rows), ("mixed", mixed)):
+            store.upsert(resource, batch)
+            seqs, keys, attributes, refs, _ = store.page_texts(resource, 0, 100)
+            fast = _records_arrow(resource, seqs, keys, attributes, refs)
+            slow = _records_table(records_of(seqs, keys, attributes, refs), resource)
+            assert fast.to_pylist() == slow.to_pylist()
+            assert fast.schema.names == slow.schema.names
+            assert [f.type for f in fast.schema] == [f.type for f in slow.schema], resource
