@@ -22,24 +22,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
+from syncflow_dagster.clients.schedulehub import canonical_attribute
+
 NULL = "null"
 _compute: Any = pc  # pyarrow's stubs do not type the kernels' array-and-scalar forms
 
 
 def canonical_arrow(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """An attribute column as the stand-in stores it: decimals, dates, times and timestamps as text."""
-    value: Any = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    kind = value.type
-    if pa.types.is_timestamp(kind):
-        if kind.tz is None:
-            value = pc.assume_timezone(value, "UTC")
-        value = pc.strftime(value.cast(pa.timestamp("us", tz="UTC")), format="%Y-%m-%dT%H:%M:%SZ")
-    elif pa.types.is_decimal(kind) or pa.types.is_date(kind) or pa.types.is_time(kind):
-        value = value.cast(pa.string())
-    elif pa.types.is_dictionary(kind):
-        value = value.cast(kind.value_type)
-    elif pa.types.is_large_string(kind):
-        value = value.cast(pa.string())
+    """An attribute column as the stand-in stores it: decimals, dates, times and timestamps as the
+    contract's canonical text (the form SyncFlow's client sends, `canonical_attribute`)."""
+    value: Any = canonical_attribute(column)
+    if isinstance(value, pa.ChunkedArray):
+        value = value.combine_chunks()
     result: pa.Array = value
     return result
 

@@ -170,7 +170,29 @@ def page_of(
     return Page(page_rows, int(rowversions[last]), snapshot_rowversion, has_more)
 
 
-class ErpStore:
+class SourceCatalog:
+    """What both source stores share: the catalog's sources by name and the current rowversion."""
+
+    catalog: Catalog
+    _by_source: dict[str, EntitySpec]
+    _rowversion: int
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.catalog.entity(name).source for name in self.catalog.topological_order]
+
+    @property
+    def current_rowversion(self) -> int:
+        return self._rowversion
+
+    def entity(self, source: str) -> EntitySpec:
+        try:
+            return self._by_source[source]
+        except KeyError:
+            raise KeyError(source) from None
+
+
+class ErpStore(SourceCatalog):
     """All sources of one stand-in, with change sets applied atomically."""
 
     def __init__(self, catalog: Catalog, dataset: Mapping[str, pa.Table]) -> None:
@@ -193,20 +215,6 @@ class ErpStore:
         with self._lock:
             self._states = states
             self._rowversion = max((s.max_rowversion for s in states.values()), default=0)
-
-    @property
-    def sources(self) -> list[str]:
-        return [self.catalog.entity(name).source for name in self.catalog.topological_order]
-
-    @property
-    def current_rowversion(self) -> int:
-        return self._rowversion
-
-    def entity(self, source: str) -> EntitySpec:
-        try:
-            return self._by_source[source]
-        except KeyError:
-            raise KeyError(source) from None
 
     def state(self, source: str) -> SourceState:
         return self._states[self.entity(source).source]

@@ -41,7 +41,13 @@ import pyarrow.parquet as pq
 from syncflow_dagster.catalog.models import Catalog, EntitySpec
 from syncflow_dagster.simulators.changes import ChangeSet, ChangeSetError, joined_keys, key_sources
 from syncflow_dagster.simulators.datagen import iso_millis
-from syncflow_dagster.simulators.erp_store import DELETED_AT, Page, SourceDataError, parse_changed_at
+from syncflow_dagster.simulators.erp_store import (
+    DELETED_AT,
+    Page,
+    SourceCatalog,
+    SourceDataError,
+    parse_changed_at,
+)
 
 CHANGES_DIR = "_changes"
 # Decoded row groups kept for the next page (each about 10 MB at 65 536 rows of an ERP entity).
@@ -208,7 +214,7 @@ def is_disk_source(catalog: Catalog, folder: Path) -> bool:
     return True
 
 
-class ParquetErpStore:
+class ParquetErpStore(SourceCatalog):
     """All sources of a folder of Parquet files, served without loading them (see module doc)."""
 
     def __init__(self, catalog: Catalog, folder: Path) -> None:
@@ -263,20 +269,6 @@ class ParquetErpStore:
                 source.superseded = np.union1d(source.superseded, np.asarray(gone, dtype=np.int64))
 
     # --- the store interface the API uses -------------------------------------------------------------
-
-    @property
-    def sources(self) -> list[str]:
-        return [self.catalog.entity(name).source for name in self.catalog.topological_order]
-
-    @property
-    def current_rowversion(self) -> int:
-        return self._rowversion
-
-    def entity(self, source: str) -> EntitySpec:
-        try:
-            return self._by_source[source]
-        except KeyError:
-            raise KeyError(source) from None
 
     def watermark(self, source: str) -> tuple[int, int, int | None]:
         """(max_rowversion, row_count, max_changed_us) from the row groups' statistics."""
