@@ -309,7 +309,7 @@ class ApiSmith:
             else:
                 shape = ChangeShape.model_validate(body)
                 change_set = make_change_set(
-                    self.store.live_dataset(),
+                    self.store.live_records(),
                     catalog,
                     shape.updated_pct,
                     shape.inserted_pct,

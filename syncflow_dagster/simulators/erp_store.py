@@ -21,7 +21,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from syncflow_dagster.catalog.models import Catalog, EntitySpec
-from syncflow_dagster.simulators.changes import ChangeSet, ChangeSetError, joined_keys, key_sources
+from syncflow_dagster.simulators.changes import (
+    ChangeSet,
+    ChangeSetError,
+    TableRecords,
+    joined_keys,
+    key_sources,
+)
 from syncflow_dagster.simulators.datagen import format_changed_at
 
 DELETED_AT = "DeletedAt"
@@ -221,6 +227,10 @@ class ErpStore(SourceCatalog):
 
     def live_dataset(self) -> dict[str, pa.Table]:
         return {source: state.records for source, state in self._states.items()}
+
+    def live_records(self) -> TableRecords:
+        """What a generated change set draws from."""
+        return TableRecords(self.live_dataset(), self.catalog)
 
     # The interface the API uses, shared with `parquet_store.ParquetErpStore`.
 

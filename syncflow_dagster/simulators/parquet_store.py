@@ -18,7 +18,9 @@ Change sets are appended, never rewritten: each one becomes a directory
 (`<Source>.superseded.parquet`: the old versions of updated and deleted
 records, which reads skip). The directory is written under a temporary name
 and renamed, so a crash leaves a change set applied whole or not at all; a
-restart replays `_changes/`, and `POST /admin/reset` removes it.
+restart replays `_changes/`, and `POST /admin/reset` removes it. A generated
+change set draws from `DiskRecords`, which reads only the columns and rows it
+asks for.
 """
 
 from __future__ import annotations
@@ -595,18 +597,96 @@ class ParquetErpStore(SourceCatalog):
             )
         return counts, counter
 
-    def live_dataset(self) -> dict[str, pa.Table]:
-        """Every source's live records in memory (what a generated change set draws from).
+    def live_records(self) -> DiskRecords:
+        """What a generated change set draws from, read column by column as it asks (bounded memory)."""
+        return DiskRecords(self)
 
-        This loads the whole folder: fine for a folder of a few million rows,
-        not for 10M (use the explicit change-set form, or
-        `benchmarks/history_source.py`'s change sets, there).
-        """
-        out = {}
-        for source in self.sources:
-            schema, batches = self.record_batches(source)
-            out[source] = pa.Table.from_batches(list(batches), schema=schema)
-        return out
+
+class DiskRecords:
+    """`changes.LiveRecords` over a Parquet store: each question reads only the columns it needs.
+
+    Live records are addressed by position in RowVersion order, as in memory;
+    an entity's live rowversions (8 bytes a record) are read once and kept
+    for the change set being drawn.
+    """
+
+    def __init__(self, store: ParquetErpStore) -> None:
+        self.store = store
+        self._rowversions: dict[str, np.ndarray] = {}
+
+    def _state(self, entity: EntitySpec) -> DiskSource:
+        return self.store._sources[entity.source]
+
+    def live_rowversions(self, entity: EntitySpec) -> np.ndarray:
+        found = self._rowversions.get(entity.source)
+        if found is None:
+            state = self._state(entity)
+            parts = [
+                np.asarray(
+                    pc.cast(
+                        g.fragment.to_table(columns=[entity.rowversion]).column(0), pa.int64()
+                    ).to_numpy(),
+                    dtype=np.int64,
+                )
+                for g in state.records
+            ]
+            every = np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+            found = every[~_superseded(every, state.superseded)]
+            self._rowversions[entity.source] = found
+        return found
+
+    def count(self, entity: EntitySpec) -> int:
+        return self._state(entity).row_count
+
+    def hits(self, entity: EntitySpec, columns: list[str], values: pa.Array) -> np.ndarray:
+        live = self.live_rowversions(entity)
+        mask = np.zeros(live.size, dtype=bool)
+        for group in self._state(entity).records:
+            table = group.fragment.to_table(columns=[*columns, entity.rowversion])
+            text = pa.table([pc.cast(table.column(c), pa.string()) for c in columns], names=columns)
+            hit: Any = pc.is_in(joined_keys(text, columns), value_set=values)
+            hit = np.asarray(hit.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+            if hit.any():
+                rowversions = np.asarray(
+                    pc.cast(table.column(entity.rowversion), pa.int64()).to_numpy(), dtype=np.int64
+                )
+                found = rowversions[hit]
+                at = np.searchsorted(live, found)
+                inside = at < live.size
+                at, found = at[inside], found[inside]
+                mask[at[live[at] == found]] = True
+        return mask
+
+    def rows(self, entity: EntitySpec, positions: np.ndarray, columns: list[str]) -> pa.Table:
+        wanted = self.live_rowversions(entity)[positions]
+        if wanted.size == 0:
+            return pa.schema([(c, pa.string()) for c in columns]).empty_table()
+        parts: list[pa.Table] = []
+        for group in self._state(entity).records:
+            lo = int(np.searchsorted(wanted, group.min_rv, side="left"))
+            hi = int(np.searchsorted(wanted, group.max_rv, side="right"))
+            if hi <= lo:
+                continue
+            table = group.fragment.to_table(columns=[*columns, entity.rowversion])
+            rowversions = np.asarray(
+                pc.cast(table.column(entity.rowversion), pa.int64()).to_numpy(), dtype=np.int64
+            )
+            at = np.minimum(np.searchsorted(wanted, rowversions), wanted.size - 1)
+            keep = wanted[at] == rowversions
+            if keep.any():
+                parts.append(table.filter(pa.array(keep)))
+        schema = pa.schema([(c, pa.string()) for c in columns] + [(entity.rowversion, pa.int64())])
+        if not parts:
+            return pa.schema([(c, pa.string()) for c in columns]).empty_table()
+        found = pa.concat_tables([t.cast(schema) for t in parts])
+        order = np.argsort(
+            np.asarray(found.column(entity.rowversion).to_numpy(), dtype=np.int64), kind="stable"
+        )
+        return found.take(order).select(columns)
+
+    def max_rowversion(self) -> int:
+        highest = [self.live_rowversions(e) for e in self.store.catalog.entities]
+        return max((int(r[-1]) for r in highest if r.size), default=0)
 
 
 def _superseded(rowversions: np.ndarray, superseded: np.ndarray) -> np.ndarray:
