@@ -64,6 +64,11 @@ def _load() -> str:
     return f"{one:.1f} / {five:.1f}"
 
 
+def _n(value: int) -> str:
+    """A count with a thin space between thousands, as the docs write them."""
+    return f"{value:,}".replace(",", " ")
+
+
 def _rate(rows: int, seconds: float) -> int | None:
     return round(rows / seconds) if seconds > 0 else None
 
@@ -279,11 +284,11 @@ def table(figures: dict[str, Any]) -> str:
         ),
         ("APISmith watermark, mean of 20", f"{api['watermark_ms']} ms", api),
         (
-            f"APISmith one day's window ({api['day_window_rows']:,} rows)",
+            f"APISmith one day's window ({_n(api['day_window_rows'])} rows)",
             f"{api['day_window_seconds']} s",
             api,
         ),
-        (f"APISmith keys listing ({api['keys']:,} keys, streamed)", f"{api['keys_seconds']} s", api),
+        (f"APISmith keys listing ({_n(api['keys'])} keys, streamed)", f"{api['keys_seconds']} s", api),
         ("APISmith every work order, pages of 50 000", f"{api['full_read_rows_per_s']:,} rows/s", api),
         ("**APISmith peak RSS**", f"**{peaks['apismith_peak_rss_mb']} MB**", api),
         ("ScheduleHub delivery (Arrow batches of 5 000)", f"{deliver['rows_per_s']:,} rows/s", deliver),
