@@ -54,7 +54,6 @@ from syncflow_dagster.simulators.erp_store import (
 CHANGES_DIR = "_changes"
 # Decoded row groups kept for the next page (each about 10 MB at 65 536 rows of an ERP entity).
 DECODED_GROUPS = 4
-KEY_SCAN_BATCH_ROWS = 262_144
 _compute: Any = pc
 _UTC_US = pa.timestamp("us", tz="UTC")
 
@@ -704,8 +703,3 @@ def _split_keys(joined: pa.Array, parts: int) -> list[pa.Array]:
         return [joined]
     split = _compute.split_pattern(joined, "\x1f")
     return [_compute.list_element(split, i) for i in range(parts)]
-
-
-def store_rows(table: pa.Table, path: Path, row_group_rows: int) -> None:
-    """Write a source table as Parquet with statistics and row groups a page read can prune."""
-    pq.write_table(table, path, row_group_size=row_group_rows, write_statistics=True, compression="zstd")
