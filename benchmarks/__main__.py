@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "datetimes": "benchmarks.normalize_datetimes",
     "e2e": "benchmarks.e2e",
     "engine": "benchmarks.engine",
+    "standins": "benchmarks.standins",
     "transport": "benchmarks.transport",
 }
 

@@ -4,7 +4,9 @@ Starts an embedded Postgres when SYNCFLOW_DATABASE_URL is unset (SyncFlow's
 state in database `postgres`, Dagster's instance in database `dagster`),
 both stand-ins on loopback, and `dagster dev -w workspace.yaml` with
 SYNCFLOW_AUTOMATION=running and the code location's variables set. Its data
-lives in --home (default .syncflow-dev) so a restart keeps history. Ctrl-C
+lives in --home (default .syncflow-dev): the embedded Postgres, DAGSTER_HOME and
+ScheduleHub's records (<home>/schedulehub), so a restart on the same --home
+keeps SyncFlow's state and ScheduleHub's contents together. Ctrl-C
 stops `dagster dev` (its whole process group), the stand-ins and Postgres.
 """
 
@@ -30,6 +32,8 @@ STOP_TIMEOUT_S = 30
 # The op pools of the fetch and deliver stages (defs/assets.py) and their limit here.
 POOLS = ("apismith", "schedulehub")
 POOL_LIMIT = 2
+# ScheduleHub's records under --home: kept with SyncFlow's state, which says what was delivered.
+SCHEDULEHUB_DIR = "schedulehub"
 
 
 def _with_database(url: str, name: str) -> str:
@@ -57,7 +61,8 @@ def _repo_file(name: str) -> Path:
 
 def dev(
     home: Annotated[
-        Path, typer.Option(help="Where dev data lives (embedded Postgres, DAGSTER_HOME).")
+        Path,
+        typer.Option(help="Where dev data lives (embedded Postgres, DAGSTER_HOME, ScheduleHub's records)."),
     ] = Path(".syncflow-dev"),
     port: Annotated[int, typer.Option(min=1, max=65535, help="Dagster UI port.")] = 3000,
     apismith_port: Annotated[int, typer.Option(min=0, max=65535)] = 8001,
@@ -94,7 +99,10 @@ def dev(
         api = start_server(api_app, port=apismith_port)
         stack.callback(api.stop)
         hub = start_server(
-            schedulehub.create_app(clients={"syncflow": client_secrets["schedulehub"]}), port=schedulehub_port
+            schedulehub.create_app(
+                clients={"syncflow": client_secrets["schedulehub"]}, data_dir=home / SCHEDULEHUB_DIR
+            ),
+            port=schedulehub_port,
         )
         stack.callback(hub.stop)
 
@@ -127,7 +135,7 @@ def dev(
             )
         command = [str(dagster_bin), "dev", "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port)]
         console.print(f"APISmith stand-in   {api.url}   (syncflow simulate changes --url {api.url})")
-        console.print(f"ScheduleHub stand-in {hub.url}")
+        console.print(f"ScheduleHub stand-in {hub.url}   (records in {home / SCHEDULEHUB_DIR})")
         console.print(f"Dagster UI          http://127.0.0.1:{port}   (Ctrl-C stops everything)")
         proc = subprocess.Popen(command, cwd=workspace.parent, env=env, start_new_session=True)
         stack.callback(_stop_process_group, proc)

@@ -4,15 +4,20 @@
   serves the seeded dataset (or a folder of <source>.parquet/.csv) on 127.0.0.1.
   It accepts the client APISMITH_CLIENT_ID (default syncflow) with the secret
   APISMITH_CLIENT_SECRET, which must be set (the same variables the client reads).
-- `simulate schedulehub --port P` serves ScheduleHub for SCHEDULEHUB_CLIENT_ID /
-  SCHEDULEHUB_CLIENT_SECRET.
+- `simulate schedulehub --port P [--data-dir D]` serves ScheduleHub for
+  SCHEDULEHUB_CLIENT_ID / SCHEDULEHUB_CLIENT_SECRET, its records kept in D
+  (a restart on the same D keeps them) or in a temporary directory removed at exit.
 - `simulate changes --url U --updated 1 --inserted 0.5 --deleted 0.2` applies a
   generated change set (percentages of live records) through APISmith's admin API.
+- `simulate history-source --rows N --out D` writes a source folder of N work
+  orders whose changes spread over a year (and their parents), which
+  `simulate apismith --source-dir D` serves from disk.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import date
 from pathlib import Path
 from typing import Annotated
 
@@ -82,15 +87,31 @@ def simulate_schedulehub(
     rate_limit: Annotated[
         float | None, typer.Option(help="Requests per second before 429 (default: no limit).")
     ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Keep the records in this directory (created if missing); a restart on it keeps them. "
+            "Default: a temporary directory removed when the stand-in stops."
+        ),
+    ] = None,
     host: Host = "127.0.0.1",
 ) -> None:
     """Serve the ScheduleHub stand-in (blocks until interrupted)."""
+    from syncflow_dagster.simulators.hub_store import DataDirInUseError, HubStore
     from syncflow_dagster.simulators.schedulehub import create_app
     from syncflow_dagster.simulators.serve import run_server
 
     client_id, secret = _secret("SCHEDULEHUB")
-    app = create_app(clients={client_id: secret}, rate_limit_per_s=rate_limit)
-    console.print(f"ScheduleHub stand-in on http://{host}:{port} (client {client_id!r})")
+    if data_dir is not None:
+        try:
+            # Refuse a directory another stand-in holds now, not after uvicorn has started.
+            HubStore(data_dir).open().close()
+        except (DataDirInUseError, OSError) as exc:
+            console.print(f"[red]cannot start ScheduleHub:[/red] {exc}")
+            raise typer.Exit(2) from None
+    app = create_app(clients={client_id: secret}, rate_limit_per_s=rate_limit, data_dir=data_dir)
+    where = f"records in {data_dir}" if data_dir is not None else "records in a temporary directory"
+    console.print(f"ScheduleHub stand-in on http://{host}:{port} (client {client_id!r}, {where})")
     run_server(app, host, port)
 
 
@@ -141,3 +162,52 @@ def simulate_changes(
             str(counts["delete_not_found"]),
         )
     Console().print(table)
+
+
+@simulate_app.command("history-source")
+def simulate_history_source(
+    out: Annotated[Path, typer.Option(help="New folder to write (must be empty or absent).")],
+    rows: Annotated[int, typer.Option(min=1, help="Work orders to write.")] = 1_000_000,
+    start: Annotated[
+        str | None,
+        typer.Option(
+            help="First partition day, YYYY-MM-DD (default: SYNCFLOW_PARTITIONS_START, 2025-01-01)."
+        ),
+    ] = None,
+    days: Annotated[int, typer.Option(min=1, help="Days from START over which the changes spread.")] = 365,
+    before_share: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of work orders changed before START.")
+    ] = 0.05,
+    seed: Annotated[int, typer.Option(help="Seed of the data.")] = 0,
+    catalog: Annotated[
+        Path | None, typer.Option(help="Catalog YAML (default: SYNCFLOW_CATALOG_PATH).")
+    ] = None,
+) -> None:
+    """Write a source folder of ROWS work orders whose changes spread over DAYS days (for the history benchmark)."""
+    from syncflow_dagster.catalog.loader import CatalogError, load_catalog
+    from syncflow_dagster.simulators.datagen import DatagenError
+    from syncflow_dagster.simulators.history_source import write_history_source
+
+    first = start or os.environ.get("SYNCFLOW_PARTITIONS_START") or "2025-01-01"
+    try:
+        day = date.fromisoformat(first)
+    except ValueError:
+        console.print(f"[red]--start {first!r} is not a date (YYYY-MM-DD)[/red]")
+        raise typer.Exit(2) from None
+    try:
+        written = write_history_source(
+            load_catalog(catalog), out, rows=rows, start=day, days=days, before_share=before_share, seed=seed
+        )
+    except (CatalogError, DatagenError) as exc:
+        console.print(f"[red]cannot write the history source:[/red] {exc}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"history source in {written.folder}")
+    table.add_column("source")
+    table.add_column("rows", justify="right")
+    for source, count in written.rows.items():
+        table.add_row(source, str(count))
+    Console().print(table)
+    console.print(
+        f"work orders changed {written.first_changed_at:%Y-%m-%d} .. {written.last_changed_at:%Y-%m-%d}; "
+        f"serve it with: syncflow simulate apismith --source-dir {written.folder}"
+    )

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from syncflow_dagster.catalog.loader import default_catalog
@@ -32,12 +32,12 @@ from syncflow_dagster.catalog.models import Catalog, EntitySpec
 from syncflow_dagster.simulators.changes import (
     ChangeSetError,
     change_set_from_json,
-    key_sources,
     make_change_set,
 )
 from syncflow_dagster.simulators.datagen import DatagenError, generate_dataset, uncoercible_value
-from syncflow_dagster.simulators.erp_store import ErpStore, Page, SourceState, page_of
+from syncflow_dagster.simulators.erp_store import ErpStore, Page
 from syncflow_dagster.simulators.faults import FaultConfig, FaultInjector
+from syncflow_dagster.simulators.parquet_store import ParquetErpStore, is_disk_source
 from syncflow_dagster.simulators.source_dir import load_source_dir
 from syncflow_dagster.simulators.tokens import TokenIssuer
 
@@ -80,6 +80,9 @@ class ChangeShape(BaseModel):
     changed_at: datetime | None = None
 
 
+_CHANGED_AT: TypeAdapter[datetime | None] = TypeAdapter(datetime | None)
+
+
 class ApiError(Exception):
     """An error answer: HTTP status, a stable code and a message naming what is wrong."""
 
@@ -112,6 +115,27 @@ def wants_arrow(request: Request) -> bool:
     return ARROW_STREAM in request.headers.get("accept", "")
 
 
+def arrow_stream(schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> Iterator[bytes]:
+    """An Arrow IPC stream, one message per batch: a streamed body never holds the whole listing."""
+    yield schema.serialize().to_pybytes()
+    for batch in batches:
+        yield batch.serialize().to_pybytes()
+    yield _ARROW_EOS
+
+
+def json_records(batches: Iterator[pa.RecordBatch]) -> Iterator[bytes]:
+    """`{"records": [...]}` written a batch at a time."""
+    yield b'{"records":['
+    first = True
+    for batch in batches:
+        if not batch.num_rows:
+            continue
+        rows = b",".join(orjson.dumps(row) for row in batch.to_pylist())
+        yield rows if first else b"," + rows
+        first = False
+    yield b"]}"
+
+
 def arrow_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -124,7 +148,7 @@ class ApiSmith:
 
     def __init__(
         self,
-        store: ErpStore,
+        store: ErpStore | ParquetErpStore,
         issuer: TokenIssuer,
         faults: FaultInjector,
     ) -> None:
@@ -193,7 +217,7 @@ class ApiSmith:
 
     def read_page(
         self,
-        state: SourceState,
+        source: str,
         kind: str,
         *,
         changed_from: str | None,
@@ -223,88 +247,81 @@ class ApiSmith:
             raise ApiError(
                 400, "bad_parameter", f"changed_to={changed_to!r} is before changed_from={changed_from!r}"
             )
-        if kind == "changes":
-            rows, rowversions, changed = state.records, state.record_rowversions, state.record_changed_us
-        else:
-            rows, rowversions, changed = (
-                state.tombstones,
-                state.tombstone_rowversions,
-                state.tombstone_changed_us,
-            )
-        return page_of(
-            rows,
-            rowversions,
-            changed,
+        upper = snapshot_rowversion if rowversion_to is None else min(snapshot_rowversion, rowversion_to)
+        return self.store.window(
+            source,
+            kind,
+            after_rowversion=after_rowversion,
+            upper_rowversion=upper,
             changed_from_us=start_us,
             changed_to_us=end_us,
-            after_rowversion=after_rowversion,
-            snapshot_rowversion=snapshot_rowversion,
             limit=limit,
-            rowversion_to=rowversion_to,
+            snapshot_rowversion=snapshot_rowversion,
         )
 
     def keys_stream(self, request: Request, entity: EntitySpec) -> StreamingResponse:
-        state = self.store.state(entity.source)
-        keys = state.records.select([*key_sources(entity), entity.rowversion])
+        schema, batches = self.store.key_batches(entity.source)
         fraction = self.faults.config.keys_drop_fraction
-        if fraction > 0 and keys.num_rows:
-            # The partial-read fault: silently omit a share of the keys.
-            drop = round(keys.num_rows * fraction)
-            budget = self.faults.budget_left()
-            drop = drop if budget is None else min(drop, budget)
-            if drop:
-                rng = np.random.default_rng(self.faults.random().randrange(2**32))
-                keep = np.ones(keys.num_rows, dtype=bool)
-                keep[rng.choice(keys.num_rows, size=drop, replace=False)] = False
-                keys = keys.filter(pa.array(keep))
-                self.faults.count("keys_dropped", drop)
-        batches = keys.to_batches(max_chunksize=KEYS_BATCH_ROWS)
+        if fraction > 0:
+            batches = self._drop_keys(batches, fraction)
         if wants_arrow(request):
-
-            def arrow_chunks() -> Iterator[bytes]:
-                yield keys.schema.serialize().to_pybytes()
-                for batch in batches:
-                    yield batch.serialize().to_pybytes()
-                yield _ARROW_EOS
-
-            return StreamingResponse(arrow_chunks(), media_type=ARROW_STREAM)
+            return StreamingResponse(arrow_stream(schema, batches), media_type=ARROW_STREAM)
 
         def ndjson_chunks() -> Iterator[bytes]:
             for batch in batches:
-                lines = [orjson.dumps(row) for row in batch.to_pylist()]
-                yield b"\n".join(lines) + b"\n"
+                if batch.num_rows:
+                    lines = [orjson.dumps(row) for row in batch.to_pylist()]
+                    yield b"\n".join(lines) + b"\n"
 
         return StreamingResponse(ndjson_chunks(), media_type=NDJSON)
 
+    def _drop_keys(self, batches: Iterator[pa.RecordBatch], fraction: float) -> Iterator[pa.RecordBatch]:
+        """The partial-read fault: silently omit a share of the keys (of each streamed batch)."""
+        rng = np.random.default_rng(self.faults.random().randrange(2**32))
+        for batch in batches:
+            drop = round(batch.num_rows * fraction)
+            budget = self.faults.budget_left()
+            drop = drop if budget is None else min(drop, budget)
+            if drop:
+                keep = np.ones(batch.num_rows, dtype=bool)
+                keep[rng.choice(batch.num_rows, size=drop, replace=False)] = False
+                batch = batch.filter(pa.array(keep))
+                self.faults.count("keys_dropped", drop)
+            yield batch
+
     def watermark(self, entity: EntitySpec) -> dict[str, Any]:
-        state = self.store.state(entity.source)
+        max_rowversion, row_count, max_changed_us = self.store.watermark(entity.source)
         return {
             "source": entity.source,
-            "max_rowversion": state.max_rowversion,
-            "row_count": state.records.num_rows,
-            "max_changed_at": _iso_from_us(state.max_changed_us),
+            "max_rowversion": max_rowversion,
+            "row_count": row_count,
+            "max_changed_at": _iso_from_us(max_changed_us),
         }
 
     def apply_changes(self, body: Mapping[str, Any]) -> dict[str, Any]:
         catalog = self.store.catalog
         try:
             if "upserts" in body or "deletes" in body:
-                change_set = change_set_from_json(catalog, body)
-                changed_at = None
+                change_set = change_set_from_json(
+                    catalog, {k: v for k, v in body.items() if k != "changed_at"}
+                )
+                changed_at = _CHANGED_AT.validate_python(body.get("changed_at"))
             else:
                 shape = ChangeShape.model_validate(body)
                 change_set = make_change_set(
-                    self.store.live_dataset(),
+                    self.store.live_records(),
                     catalog,
                     shape.updated_pct,
                     shape.inserted_pct,
                     shape.deleted_pct,
                     shape.seed,
                     shape.entities,
+                    # Value pools drawn around the change time: a seed and a changed_at give one change set.
+                    as_of=shape.changed_at,
                 )
                 changed_at = shape.changed_at
             applied = self.store.apply(change_set, now=changed_at)
-        except (ChangeSetError, DatagenError, ValueError) as exc:
+        except (ChangeSetError, DatagenError, ValueError, ValidationError) as exc:
             raise ApiError(400, "bad_change_set", str(exc)) from None
         for source, cascaded in change_set.cascaded.items():
             if source in applied:
@@ -338,11 +355,17 @@ def create_app(
 ) -> FastAPI:
     """The APISmith stand-in app. Data: `dataset`, else `source_dir`, else generated from `rows`/`seed`."""
     catalog = catalog or default_catalog()
-    if dataset is None:
-        if source_dir is not None:
-            dataset = load_source_dir(catalog, Path(source_dir), as_of=as_of)
-        else:
-            dataset = generate_dataset(catalog, rows, seed, as_of=as_of, history_days=history_days)
+    store: ErpStore | ParquetErpStore
+    if dataset is None and source_dir is not None and is_disk_source(catalog, Path(source_dir)):
+        # Parquet with RowVersion and ModifiedAt throughout: served from disk, never loaded whole.
+        store = ParquetErpStore(catalog, Path(source_dir))
+    else:
+        if dataset is None:
+            if source_dir is not None:
+                dataset = load_source_dir(catalog, Path(source_dir), as_of=as_of)
+            else:
+                dataset = generate_dataset(catalog, rows, seed, as_of=as_of, history_days=history_days)
+        store = ErpStore(catalog, dataset)
     injector = faults if isinstance(faults, FaultInjector) else FaultInjector(faults)
     issuer = TokenIssuer(
         clients if clients is not None else _default_clients(),
@@ -351,7 +374,7 @@ def create_app(
         ttl_s=token_ttl_s,
         ttl_override=injector.token_ttl_s,
     )
-    api = ApiSmith(ErpStore(catalog, dataset), issuer, injector)
+    api = ApiSmith(store, issuer, injector)
     app = FastAPI(
         title="APISmith (SyncFlow stand-in)",
         version="1.0",
@@ -398,7 +421,7 @@ def create_app(
         ) -> Response:
             entity = api.entity(source)
             page = api.read_page(
-                api.store.state(entity.source),
+                entity.source,
                 kind,
                 changed_from=changed_from,
                 changed_to=changed_to,
@@ -440,10 +463,10 @@ def create_app(
     )
     def snapshot(request: Request, source: str) -> Response:
         entity = api.entity(source)
-        records = api.store.state(entity.source).records
+        schema, batches = api.store.record_batches(entity.source)
         if wants_arrow(request):
-            return Response(arrow_bytes(records), media_type=ARROW_STREAM)
-        return Response(orjson.dumps({"records": records.to_pylist()}), media_type="application/json")
+            return StreamingResponse(arrow_stream(schema, batches), media_type=ARROW_STREAM)
+        return StreamingResponse(json_records(batches), media_type="application/json")
 
     @app.post("/admin/tokens:revoke", summary="Invalidate every token issued so far")
     def revoke_tokens() -> dict[str, str]:

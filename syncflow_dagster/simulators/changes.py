@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -84,8 +84,88 @@ def resolve_entities(catalog: Catalog, names: Iterable[str] | None) -> list[Enti
     return chosen
 
 
+class LiveRecords(Protocol):
+    """The live records a generated change set draws from, one entity at a time, in RowVersion order.
+
+    `TableRecords` reads them from Arrow tables in memory; the Parquet store
+    answers the same questions with scans of the columns asked for, so a change
+    set on a 10M-row folder never holds the folder.
+    """
+
+    def count(self, entity: EntitySpec) -> int:
+        """Live records of `entity`."""
+        ...
+
+    def hits(self, entity: EntitySpec, columns: list[str], values: pa.Array) -> np.ndarray:
+        """Per live record: whether its `columns`, joined as `joined_keys` joins them, are in `values`."""
+        ...
+
+    def rows(self, entity: EntitySpec, positions: np.ndarray, columns: list[str]) -> pa.Table:
+        """The live records at `positions` (ascending, no repeats), those columns only."""
+        ...
+
+    def max_rowversion(self) -> int:
+        """The highest RowVersion of any live record."""
+        ...
+
+
+class TableRecords:
+    """`LiveRecords` over one Arrow table per source (the in-memory store's live records)."""
+
+    def __init__(self, dataset: Mapping[str, pa.Table], catalog: Catalog) -> None:
+        self.dataset = dataset
+        self.catalog = catalog
+
+    def _table(self, entity: EntitySpec) -> pa.Table:
+        table = self.dataset.get(entity.source)
+        if table is None:
+            raise ChangeSetError(f"entity {entity.name!r}: the dataset has no table {entity.source!r}")
+        return table
+
+    def count(self, entity: EntitySpec) -> int:
+        return int(self._table(entity).num_rows)
+
+    def hits(self, entity: EntitySpec, columns: list[str], values: pa.Array) -> np.ndarray:
+        found: Any = pc.is_in(joined_keys(self._table(entity), columns), value_set=values)
+        return np.asarray(found.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+
+    def rows(self, entity: EntitySpec, positions: np.ndarray, columns: list[str]) -> pa.Table:
+        return self._table(entity).select(columns).take(pa.array(positions, pa.int64()))
+
+    def max_rowversion(self) -> int:
+        return max((_max_rowversion(self.dataset, e) for e in self.catalog.entities), default=0)
+
+
+@dataclass
+class _LiveKeys:
+    """An entity's live keys after the change set: the survivors (read on demand) then the inserted."""
+
+    records: LiveRecords
+    entity: EntitySpec
+    survivors: np.ndarray
+    inserted: pa.Table | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.survivors.size) + (self.inserted.num_rows if self.inserted is not None else 0)
+
+    def take(self, column: str, positions: np.ndarray) -> pa.Array:
+        """`column` of the live keys at `positions` (any order, repeats allowed)."""
+        unique, inverse = np.unique(positions, return_inverse=True)
+        old = unique < self.survivors.size  # ascending: the survivors' positions come first
+        parts: list[pa.Array] = []
+        if old.any():
+            read = self.records.rows(self.entity, self.survivors[unique[old]], [column]).column(0)
+            parts.append(read.combine_chunks())
+        if (~old).any():
+            assert self.inserted is not None
+            new = self.inserted.column(column).take(unique[~old] - self.survivors.size)
+            parts.append(new.combine_chunks())
+        return pa.concat_arrays(parts).take(inverse)
+
+
 def make_change_set(
-    dataset: Mapping[str, pa.Table],
+    dataset: Mapping[str, pa.Table] | LiveRecords,
     catalog: Catalog,
     updated_pct: float,
     inserted_pct: float,
@@ -95,7 +175,11 @@ def make_change_set(
     *,
     as_of: datetime | None = None,
 ) -> ChangeSet:
-    """A change set of the given shape (percentages of each chosen entity's live records)."""
+    """A change set of the given shape (percentages of each chosen entity's live records).
+
+    `dataset` is one table per source, or any `LiveRecords`: the same seed
+    draws the same change set from the same live records either way.
+    """
     for label, pct in (
         ("updated_pct", updated_pct),
         ("inserted_pct", inserted_pct),
@@ -103,24 +187,22 @@ def make_change_set(
     ):
         if not 0.0 <= pct <= 100.0:
             raise ChangeSetError(f"{label} must be within [0, 100], got {pct}")
+    records: LiveRecords = TableRecords(dataset, catalog) if isinstance(dataset, Mapping) else dataset
     chosen = {e.name for e in resolve_entities(catalog, entities)}
     rng = np.random.default_rng(seed)
     as_of = as_of or datetime.now(UTC)
-    next_number = 1 + max((_max_rowversion(dataset, e) for e in catalog.entities), default=0)
+    next_number = 1 + records.max_rowversion()
 
     deleted_keys: dict[str, pa.Array] = {}  # entity name → joined keys deleted (chosen + cascaded)
-    live_after: dict[str, pa.Table] = {}  # entity name → records alive after the change set
+    live_after: dict[str, _LiveKeys] = {}  # entity name → keys alive after the change set
     upserts: dict[str, pa.Table] = {}
     deletes: dict[str, pa.Table] = {}
     cascaded: dict[str, int] = {}
     for name in catalog.topological_order:
         entity = catalog.entity(name)
-        records = dataset.get(entity.source)
-        if records is None:
-            raise ChangeSetError(f"entity {name!r}: the dataset has no table {entity.source!r}")
         keys = key_sources(entity)
-        payload = records.select([spec.source for spec in entity.fields])
-        n = payload.num_rows
+        payload = [spec.source for spec in entity.fields]
+        n = records.count(entity)
 
         # Cascade: rows whose FK points at a deleted parent go with it.
         cascade_mask = np.zeros(n, dtype=bool)
@@ -129,10 +211,7 @@ def make_change_set(
             if gone is None or len(gone) == 0:
                 continue
             fk_sources = [entity.field_by_target[f].source for f in relation.fields]
-            refs = joined_keys(payload, fk_sources)
-            hits: Any = pc.is_in(refs, value_set=gone)
-            hits = hits.fill_null(False)
-            cascade_mask |= hits.to_numpy(zero_copy_only=False)
+            cascade_mask |= records.hits(entity, fk_sources, gone)
         delete_mask = cascade_mask.copy()
         n_delete = round(n * deleted_pct / 100.0) if name in chosen else 0
         if n_delete:
@@ -140,24 +219,31 @@ def make_change_set(
             pick = rng.choice(candidates, size=min(n_delete, candidates.size), replace=False)
             delete_mask[pick] = True
         if delete_mask.any():
-            gone_rows = payload.filter(pa.array(delete_mask))
+            gone_rows = records.rows(entity, np.flatnonzero(delete_mask), keys)
             deleted_keys[name] = joined_keys(gone_rows, keys)
-            deletes[entity.source] = gone_rows.select(keys)
+            deletes[entity.source] = gone_rows
             cascaded[entity.source] = int(cascade_mask.sum())
-        survivors = payload.filter(pa.array(~delete_mask))
+        survivors = np.flatnonzero(~delete_mask)
+        live = _LiveKeys(records, entity, survivors)
 
         parts: list[pa.Table] = []
         n_update = round(n * updated_pct / 100.0) if name in chosen else 0
-        if n_update and survivors.num_rows:
-            rows = rng.choice(survivors.num_rows, size=min(n_update, survivors.num_rows), replace=False)
-            parts.append(_redraw_payload(rng, entity, survivors.take(np.sort(rows)), as_of))
+        if n_update and survivors.size:
+            rows = rng.choice(survivors.size, size=min(n_update, survivors.size), replace=False)
+            parts.append(
+                _redraw_payload(rng, entity, records.rows(entity, survivors[np.sort(rows)], payload), as_of)
+            )
         n_insert = round(n * inserted_pct / 100.0) if name in chosen else 0
         if n_insert:
-            inserted = _new_records(rng, catalog, entity, n_insert, survivors, live_after, next_number, as_of)
+            inserted = _new_records(rng, catalog, entity, n_insert, live_after, next_number, as_of)
+            clash = records.hits(entity, keys, joined_keys(inserted, keys)) & ~delete_mask
+            if clash.any():
+                first = records.rows(entity, np.flatnonzero(clash)[:1], keys).to_pylist()[0]
+                raise ChangeSetError(f"entity {entity.name!r}: generated key {first} already exists")
             next_number += n_insert
             parts.append(inserted)
-            survivors = pa.concat_tables([survivors, inserted])
-        live_after[name] = survivors
+            live.inserted = inserted
+        live_after[name] = live
         if parts:
             upserts[entity.source] = pa.concat_tables(parts)
     return ChangeSet(upserts=upserts, deletes=deletes, cascaded=cascaded)
@@ -193,12 +279,11 @@ def _new_records(
     catalog: Catalog,
     entity: EntitySpec,
     count: int,
-    existing: pa.Table,
-    live: Mapping[str, pa.Table],
+    live: Mapping[str, _LiveKeys],
     first_number: int,
     as_of: datetime,
 ) -> pa.Table:
-    """`count` new records with keys not in `existing`, FKs drawn from live parents."""
+    """`count` new records, keys numbered from `first_number`, FKs drawn from live parents."""
     owner: dict[str, int] = {}
     for index, relation in enumerate(entity.parents):
         for target in relation.fields:
@@ -220,9 +305,7 @@ def _new_records(
             parent = catalog.entity(relation.entity)
             parent_target = parent.business_key[relation.fields.index(spec.target)]
             parent_source = parent.field_by_target[parent_target].source
-            columns[spec.source] = (
-                live[relation.entity].column(parent_source).take(parent_rows[owner[spec.target]])
-            )
+            columns[spec.source] = live[relation.entity].take(parent_source, parent_rows[owner[spec.target]])
         elif spec.target in entity.business_key:
             if spec.type is FieldType.INT:
                 # Above every number in use (rowversion-based), so the composite key is new.
@@ -232,13 +315,7 @@ def _new_records(
         else:
             pool = value_pool(rng, spec, as_of)
             columns[spec.source] = pool.take(rng.integers(0, len(pool), count))
-    inserted = pa.table(columns).cast(existing.schema)
-    keys = key_sources(entity)
-    clash = pc.is_in(joined_keys(inserted, keys), value_set=joined_keys(existing, keys))
-    if pc.any(clash).as_py():
-        first = inserted.filter(clash).slice(0, 1).to_pylist()[0]
-        raise ChangeSetError(f"entity {entity.name!r}: generated key {first} already exists")
-    return inserted
+    return pa.table({name: pc.cast(column, pa.string()) for name, column in columns.items()})
 
 
 def change_set_from_json(catalog: Catalog, body: Mapping[str, Any]) -> ChangeSet:

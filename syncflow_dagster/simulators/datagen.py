@@ -188,10 +188,28 @@ def generate_dataset(
 
 def format_changed_at(epoch_ms: np.ndarray) -> pa.Array:
     """ISO-8601 text with a UTC offset and milliseconds, e.g. 2024-05-01T12:34:56.123+00:00."""
-    stamps: Any = pa.array(np.asarray(epoch_ms, dtype=np.int64), type=pa.timestamp("ms", tz="UTC"))
-    text: Any = pc.strftime(stamps, format="%Y-%m-%dT%H:%M:%S")
-    joined: pa.Array = pc.binary_join_element_wise(text, "+00:00", "")
-    return joined
+    return iso_millis(pa.array(np.asarray(epoch_ms, dtype=np.int64), type=pa.timestamp("ms", tz="UTC")))
+
+
+def iso_millis(stamps: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Timestamps (naive = UTC) as ISO-8601 text with milliseconds and +00:00.
+
+    Arrow's timestamp-to-text cast writes `YYYY-MM-DD HH:MM:SS.mmm` for a naive
+    millisecond timestamp in a quarter of strftime's time; the space becomes the T.
+    """
+    value: Any = stamps
+    if value.type.tz is not None:
+        value = pc.cast(pc.cast(value, pa.timestamp("ms", tz="UTC")), pa.timestamp("ms"))
+    else:
+        value = pc.cast(value, pa.timestamp("ms"))
+    text: Any = pc.cast(value, pa.string())
+    joined: Any = pc.binary_join_element_wise(
+        pc.replace_substring(text, " ", "T", max_replacements=1), "+00:00", ""
+    )
+    if isinstance(joined, pa.ChunkedArray):
+        joined = joined.combine_chunks()
+    result: pa.Array = joined
+    return result
 
 
 # --- keys ------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ contiguous. RowVersion is one counter across all sources: unique, increasing.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -21,10 +21,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from syncflow_dagster.catalog.models import Catalog, EntitySpec
-from syncflow_dagster.simulators.changes import ChangeSet, ChangeSetError, joined_keys, key_sources
+from syncflow_dagster.simulators.changes import (
+    ChangeSet,
+    ChangeSetError,
+    TableRecords,
+    joined_keys,
+    key_sources,
+)
 from syncflow_dagster.simulators.datagen import format_changed_at
 
 DELETED_AT = "DeletedAt"
+# Rows per Arrow batch of a streamed listing (keys, snapshot).
+BATCH_ROWS = 65_536
 
 
 class SourceDataError(ValueError):
@@ -168,7 +176,29 @@ def page_of(
     return Page(page_rows, int(rowversions[last]), snapshot_rowversion, has_more)
 
 
-class ErpStore:
+class SourceCatalog:
+    """What both source stores share: the catalog's sources by name and the current rowversion."""
+
+    catalog: Catalog
+    _by_source: dict[str, EntitySpec]
+    _rowversion: int
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.catalog.entity(name).source for name in self.catalog.topological_order]
+
+    @property
+    def current_rowversion(self) -> int:
+        return self._rowversion
+
+    def entity(self, source: str) -> EntitySpec:
+        try:
+            return self._by_source[source]
+        except KeyError:
+            raise KeyError(source) from None
+
+
+class ErpStore(SourceCatalog):
     """All sources of one stand-in, with change sets applied atomically."""
 
     def __init__(self, catalog: Catalog, dataset: Mapping[str, pa.Table]) -> None:
@@ -192,25 +222,67 @@ class ErpStore:
             self._states = states
             self._rowversion = max((s.max_rowversion for s in states.values()), default=0)
 
-    @property
-    def sources(self) -> list[str]:
-        return [self.catalog.entity(name).source for name in self.catalog.topological_order]
-
-    @property
-    def current_rowversion(self) -> int:
-        return self._rowversion
-
-    def entity(self, source: str) -> EntitySpec:
-        try:
-            return self._by_source[source]
-        except KeyError:
-            raise KeyError(source) from None
-
     def state(self, source: str) -> SourceState:
         return self._states[self.entity(source).source]
 
     def live_dataset(self) -> dict[str, pa.Table]:
         return {source: state.records for source, state in self._states.items()}
+
+    def live_records(self) -> TableRecords:
+        """What a generated change set draws from."""
+        return TableRecords(self.live_dataset(), self.catalog)
+
+    # The interface the API uses, shared with `parquet_store.ParquetErpStore`.
+
+    def watermark(self, source: str) -> tuple[int, int, int | None]:
+        """(max_rowversion, row_count, max_changed_us) of one source."""
+        state = self.state(source)
+        return state.max_rowversion, state.records.num_rows, state.max_changed_us
+
+    def window(
+        self,
+        source: str,
+        kind: str,
+        *,
+        after_rowversion: int,
+        upper_rowversion: int,
+        changed_from_us: int | None,
+        changed_to_us: int | None,
+        limit: int,
+        snapshot_rowversion: int,
+    ) -> Page:
+        """Rows with after < RowVersion <= upper, changed in [from, to), in RowVersion order (one page)."""
+        state = self.state(source)
+        if kind == "changes":
+            rows, rowversions, changed = state.records, state.record_rowversions, state.record_changed_us
+        else:
+            rows, rowversions, changed = (
+                state.tombstones,
+                state.tombstone_rowversions,
+                state.tombstone_changed_us,
+            )
+        return page_of(
+            rows,
+            rowversions,
+            changed,
+            changed_from_us=changed_from_us,
+            changed_to_us=changed_to_us,
+            after_rowversion=after_rowversion,
+            snapshot_rowversion=snapshot_rowversion,
+            limit=limit,
+            rowversion_to=upper_rowversion,
+        )
+
+    def key_batches(self, source: str) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+        """Every live record's key columns and RowVersion."""
+        entity = self.entity(source)
+        keys = self.state(source).records.select([*key_sources(entity), entity.rowversion])
+        return keys.schema, iter(keys.to_batches(max_chunksize=BATCH_ROWS))
+
+    def record_batches(self, source: str) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+        """Every live record as the API serves it, in RowVersion order."""
+        records = self.state(source).records
+        return records.schema, iter(records.to_batches(max_chunksize=BATCH_ROWS))
 
     def apply(self, change_set: ChangeSet, now: datetime | None = None) -> dict[str, dict[str, int]]:
         """Apply deletes then upserts, each bumping the rowversion; returns counts per source."""

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -109,6 +110,77 @@ def test_simulate_schedulehub_serves() -> None:
             f"{url}/v1/resources", headers={"Authorization": f"Bearer {token(url, 'hub-cli')}"}
         )
         assert listed.status_code == 200
+
+
+def test_simulate_schedulehub_keeps_its_records_in_its_data_dir_across_a_restart(tmp_path: Path) -> None:
+    environment = env(SCHEDULEHUB_CLIENT_ID="hub-cli", SCHEDULEHUB_CLIENT_SECRET=SECRET)
+    data_dir = tmp_path / "hub"
+    records = [{"external_key": f"S{i}", "attributes": {"n": i}} for i in range(25)]
+    held: list[dict[str, object]] = []
+    for attempt in range(2):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = syncflow("simulate", "schedulehub", "--port", str(port), "--data-dir", str(data_dir))
+        with running(command, url, "/v1/resources", environment):
+            headers = {"Authorization": f"Bearer {token(url, 'hub-cli')}"}
+            if attempt == 0:
+                answer = httpx.put(
+                    f"{url}/v1/resources/sites/records:batch-upsert",
+                    json={"records": records},
+                    headers=headers,
+                )
+                assert answer.status_code == 200
+                # A second stand-in on the same directory is refused with a reason.
+                refused = subprocess.run(
+                    syncflow(
+                        "simulate", "schedulehub", "--port", str(free_port()), "--data-dir", str(data_dir)
+                    ),
+                    env=environment,
+                    capture_output=True,
+                    timeout=120,
+                    check=False,
+                )
+                assert refused.returncode == 2
+                assert "in use by another stand-in" in " ".join(refused.stderr.decode().split())
+            page = httpx.get(
+                f"{url}/v1/resources/sites/records", params={"limit": 100}, headers=headers
+            ).json()
+            held.append(page)
+    assert held[1] == held[0]
+    assert [r["external_key"] for r in held[1]["records"]] == [f"S{i}" for i in range(25)]
+
+
+def test_simulate_history_source_writes_a_folder_apismith_serves(tmp_path: Path) -> None:
+    folder = tmp_path / "history"
+    written = subprocess.run(
+        syncflow(
+            "simulate", "history-source", "--rows", "3000", "--out", str(folder), "--start", "2025-01-01"
+        ),
+        env=env(),
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    assert written.returncode == 0, written.stderr.decode()
+    assert "ProductionOrders" in written.stdout.decode()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    environment = env(APISMITH_CLIENT_ID="cli", APISMITH_CLIENT_SECRET=SECRET)
+    command = syncflow("simulate", "apismith", "--port", str(port), "--source-dir", str(folder))
+    with running(command, url, "/health", environment):
+        headers = {"Authorization": f"Bearer {token(url, 'cli')}"}
+        mark = httpx.get(f"{url}/v1/entities/ProductionOrders/watermark", headers=headers).json()
+        assert mark["row_count"] == 3000
+        assert mark["max_changed_at"].startswith("2025-")
+    again = subprocess.run(
+        syncflow("simulate", "history-source", "--rows", "10", "--out", str(folder)),
+        env=env(),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert again.returncode == 2
+    assert "is not empty" in " ".join(again.stderr.decode().split())
 
 
 def test_servers_refuse_to_start_without_their_secret() -> None:

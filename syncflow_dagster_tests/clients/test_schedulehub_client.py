@@ -241,7 +241,8 @@ def test_attributes_are_sent_canonically(hub: Hub) -> None:
         }
     )
     run(deliver(hub, ("sites", table)))
-    record = hub.app.state.store.tables["sites"].records["S1"]
+    record = hub.app.state.store.get("sites", "S1")
+    assert record is not None
     assert record.attributes == {
         "amount": "-0.50",
         "at": "2025-03-01T08:00:01.000005Z",

@@ -13,6 +13,7 @@ import httpx
 import pyarrow as pa
 import pytest
 
+from syncflow_dagster.simulators.hub_store import DataDirInUseError, HubStore
 from syncflow_dagster.simulators.schedulehub import ARROW_STREAM, create_app
 from syncflow_dagster.simulators.serve import start_server
 
@@ -217,30 +218,86 @@ def test_revoked_tokens_and_reset(hub: httpx.Client) -> None:
     assert hub.get("/v1/resources").status_code == 401
 
 
-def test_snapshot_survives_a_restart(tmp_path: Path) -> None:
-    path = tmp_path / "hub.json"
-    app = create_app(clients={"c": SECRET}, snapshot_path=path)
-    with start_server(app) as server:
-        token = httpx.post(
-            f"{server.url}/oauth/token",
-            data={"grant_type": "client_credentials", "client_id": "c", "client_secret": SECRET},
-        ).json()["access_token"]
-        httpx.put(
-            f"{server.url}/v1/resources/sites/records:batch-upsert",
-            json={"records": [rec("S1", name="N")]},
-            headers={"Authorization": f"Bearer {token}"},
+def _token(client: httpx.Client) -> None:
+    token = client.post(
+        "/oauth/token",
+        data={"grant_type": "client_credentials", "client_id": "c", "client_secret": SECRET},
+    ).json()["access_token"]
+    client.headers["Authorization"] = f"Bearer {token}"
+
+
+def _read_back(client: httpx.Client, resource: str) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    cursor = None
+    for _ in range(1000):  # bounded
+        params: dict[str, Any] = {"limit": 7, **({"cursor": cursor} if cursor else {})}
+        page = client.get(f"/v1/resources/{resource}/records", params=params).json()
+        records.extend(page["records"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return records
+    raise AssertionError("read-back did not end")
+
+
+def test_a_restart_with_the_same_data_dir_keeps_every_record(tmp_path: Path) -> None:
+    data_dir = tmp_path / "hub"
+    first = create_app(clients={"c": SECRET}, data_dir=data_dir)
+    with start_server(first) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        _token(client)
+        sites = [rec(f"S{i}", name=f"site {i}", open=i % 2 == 0) for i in range(30)]
+        assert (
+            client.put("/v1/resources/sites/records:batch-upsert", json={"records": sites}).status_code == 200
         )
-    assert path.exists()
-    again = create_app(clients={"c": SECRET}, snapshot_path=path)
-    with start_server(again) as server:
-        token = httpx.post(
-            f"{server.url}/oauth/token",
-            data={"grant_type": "client_credentials", "client_id": "c", "client_secret": SECRET},
-        ).json()["access_token"]
-        record = httpx.get(
-            f"{server.url}/v1/resources/sites/records/S1", headers={"Authorization": f"Bearer {token}"}
-        ).json()
-    assert record == {"id": "sh_sites_1", "external_key": "S1", "attributes": {"name": "N"}, "references": {}}
+        items = [rec(f"I{i}", {"sites": f"S{i % 30}"}, qty=i, price=i / 4) for i in range(120)]
+        upsert(client, "items", items[:60])
+        upsert(client, "items", items[60:])
+        upsert(client, "items", [rec("I5", {"sites": "S1"}, qty=-5, price=None)])  # an update
+        client.post("/v1/resources/items/records:batch-delete", json={"external_keys": ["I7", "I8"]})
+        before = {r: _read_back(client, r) for r in ("sites", "items")}
+        counts = client.get("/v1/resources").json()
+    assert counts == {"resources": [{"resource": "items", "count": 118}, {"resource": "sites", "count": 30}]}
+
+    again = create_app(clients={"c": SECRET}, data_dir=data_dir)
+    with start_server(again) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        _token(client)
+        assert client.get("/v1/resources").json() == counts
+        assert {r: _read_back(client, r) for r in ("sites", "items")} == before
+        assert client.get("/v1/resources/items/records/I5").json() == {
+            "id": "sh_items_6",
+            "external_key": "I5",
+            "attributes": {"qty": -5, "price": None},
+            "references": {"sites": "S1"},
+        }
+        # Same content again is unchanged, ids and the sequence carry on, parents are still known.
+        again_results = upsert(
+            client, "items", [items[0], rec("I7", {"sites": "S7"}, qty=7), rec("I999", {"sites": "S99"})]
+        )
+        assert [r.get("outcome") or r.get("reason_code") for r in again_results] == [
+            "unchanged",
+            "created",
+            "parent_missing",
+        ]
+        assert again_results[0]["id"] == "sh_items_1"
+        assert again_results[1]["id"] == "sh_items_121"  # a deleted key comes back with a new id
+        storage = httpx.get(f"{server.url}/admin/storage").json()
+        assert storage["data_dir"] == str(data_dir)
+        assert storage["temporary"] is False
+        assert storage["disk_bytes"] > 0
+
+
+def test_a_second_stand_in_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    with HubStore(tmp_path).open(), pytest.raises(DataDirInUseError, match=f"{tmp_path} is in use"):
+        HubStore(tmp_path).open()
+    HubStore(tmp_path).open().close()  # free again once the first one closed
+
+
+def test_without_a_data_dir_records_live_in_a_temporary_directory_removed_at_stop() -> None:
+    with start_server(create_app(clients={"c": SECRET})) as server:
+        storage = httpx.get(f"{server.url}/admin/storage").json()
+        folder = Path(storage["data_dir"])
+        assert storage["temporary"] is True
+        assert folder.is_dir()
+    assert not folder.exists()
 
 
 def test_a_client_gone_mid_body_leaves_no_error_trace_and_nothing_applied(
