@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 
 from syncflow_dagster.catalog import default_catalog
@@ -57,10 +58,9 @@ class FakeDagster:
             tags = {t["key"]: t["value"] for t in params["executionMetadata"]["tags"]}
             assert params["selector"]["pipelineName"] == "sync"
             if self.fail_after is not None and len(self.submitted) >= self.fail_after:
-                from fastapi.responses import JSONResponse
-
                 return JSONResponse({"errors": [{"message": "webserver down"}]}, status_code=502)
             self.submitted.append(tags)
+            result: dict[str, Any]
             if tags["syncflow/entity"] in self.refuse:
                 result = {"__typename": "PythonError", "message": "no code location named syncflow"}
             else:
