@@ -68,7 +68,14 @@ STAGE_ASSETS = tuple(asset.key.to_user_string() for asset in stage_asset_defs)
 
 # Sections of the repository dagster.yaml that describe how runs are queued and
 # retried; storage is replaced by the test database, everything else is kept.
-_INSTANCE_SECTIONS_KEPT = ("run_coordinator", "run_launcher", "concurrency", "run_retries", "telemetry")
+_INSTANCE_SECTIONS_KEPT = (
+    "run_coordinator",
+    "run_launcher",
+    "run_monitoring",
+    "concurrency",
+    "run_retries",
+    "telemetry",
+)
 
 
 class DeploymentError(RuntimeError):
