@@ -38,7 +38,7 @@ query SyncflowRunProgress($runId: ID!) {
   runOrError(runId: $runId) {
     __typename
     ... on Run {
-      runId status creationTime startTime endTime
+      runId status creationTime startTime endTime tags { key value }
       assetMaterializations {
         assetKey { path }
         metadataEntries { label ... on IntMetadataEntry { intValue } }
@@ -92,14 +92,28 @@ class RunProgress:
     started_at: float | None
     ended_at: float | None
     materialized: dict[str, dict[str, int]]
+    tags: dict[str, str]
 
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL_STATUSES
 
+    @property
+    def retry_pending(self) -> bool:
+        """A failed run that the daemon's run retries will retry (the retry may not exist yet)."""
+        return self.status == "FAILURE" and self.tags.get(WILL_RETRY_TAG) == "true"
+
+    @property
+    def retried_by(self) -> str | None:
+        """The run id of the automatic retry of this run, once the daemon launched it."""
+        return self.tags.get(AUTO_RETRY_RUN_ID_TAG)
+
 
 # Dagster's run statuses after which nothing more happens to a run.
 TERMINAL_STATUSES = frozenset({"SUCCESS", "FAILURE", "CANCELED"})
+# Dagster's tags on a failed run that run retries will retry, and naming the retry once launched.
+WILL_RETRY_TAG = "dagster/will_retry"
+AUTO_RETRY_RUN_ID_TAG = "dagster/auto_retry_run_id"
 # Dagster's tag on a re-execution naming the first run of its lineage.
 ROOT_RUN_ID_TAG = "dagster/root_run_id"
 
@@ -207,6 +221,7 @@ class DagsterGateway:
             started_at=data.get("startTime"),
             ended_at=data.get("endTime"),
             materialized=materialized,
+            tags={t["key"]: t["value"] for t in data.get("tags") or []},
         )
 
     def ping(self) -> tuple[str, float]:
