@@ -133,7 +133,8 @@ def run_figures(instance: Any, record: Any) -> dict[str, Any]:
     stage_seconds: dict[str, float] = {}
     for event in instance.all_logs(run.run_id):
         kind = event.dagster_event_type
-        if kind == dg.DagsterEventType.RUN_DEQUEUED:
+        if kind in (dg.DagsterEventType.RUN_DEQUEUED, dg.DagsterEventType.RUN_STARTING):
+            # The daemon's dequeue reports RUN_STARTING: the run leaves the queue and is being launched.
             marks.setdefault("dequeued", event.timestamp)
         elif kind == dg.DagsterEventType.RUN_START:
             marks.setdefault("started", event.timestamp)
