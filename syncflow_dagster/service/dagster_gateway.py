@@ -182,13 +182,18 @@ class DagsterGateway:
         except DagsterGraphQLClientError as exc:
             raise _translate(exc) from None
 
-    def run(self, run_id: str) -> RunInfo:
-        data = self._graphql(_RUN_QUERY, {"runId": run_id})["runOrError"]
+    def _run_or_error(self, query: str, run_id: str) -> dict[str, Any]:
+        """`runOrError` of `query` for the run: its fields, or 404-like / 503-like errors."""
+        data: dict[str, Any] = self._graphql(query, {"runId": run_id})["runOrError"]
         kind = data["__typename"]
         if kind == "RunNotFoundError":
             raise DagsterRefused(kind, f"run {run_id!r} not found")
         if kind != "Run":
             raise DagsterUnavailable(f"Dagster could not read run {run_id!r}: {kind}")
+        return data
+
+    def run(self, run_id: str) -> RunInfo:
+        data = self._run_or_error(_RUN_QUERY, run_id)
         return RunInfo(
             run_id=data["runId"],
             status=data["status"],
@@ -200,12 +205,7 @@ class DagsterGateway:
 
     def progress(self, run_id: str) -> RunProgress:
         """The run's status and what it materialised so far (asset name -> integer metadata)."""
-        data = self._graphql(_PROGRESS_QUERY, {"runId": run_id})["runOrError"]
-        kind = data["__typename"]
-        if kind == "RunNotFoundError":
-            raise DagsterRefused(kind, f"run {run_id!r} not found")
-        if kind != "Run":
-            raise DagsterUnavailable(f"Dagster could not read run {run_id!r}: {kind}")
+        data = self._run_or_error(_PROGRESS_QUERY, run_id)
         materialized: dict[str, dict[str, int]] = {}
         for event in data.get("assetMaterializations") or []:
             name = "/".join(event["assetKey"]["path"])

@@ -34,7 +34,7 @@ import pytest
 from syncflow_dagster.catalog import default_catalog
 from syncflow_dagster.service import launch
 from syncflow_dagster.service.dagster_gateway import DagsterGateway
-from syncflow_dagster_tests.reliability_harness import clear_faults, faults_served, put_faults
+from syncflow_dagster_tests.reliability_harness import clear_faults, faults_served, put_faults, wait_for
 from syncflow_dagster_tests.sync_harness import Deployment, deployment
 from syncflow_dagster_tests.verify import verify_deployment
 from syncflow_dagster_tests.webserver import DagsterDeployment, dagster_deployment
@@ -65,14 +65,7 @@ T = TypeVar("T")
 
 
 def _wait_for(what: str, probe: Callable[[], T | None], timeout: float = WAIT_S) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(POLL_S)
+    return wait_for(what, probe, timeout, POLL_S)
 
 
 @dataclass
