@@ -431,6 +431,35 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"target {name} {result['targets'].get(name)}: {verdict}")
 
 
+def _median(runs: list[dict[str, Any]], field: str) -> float:
+    return round(statistics.median(float(r[field]) for r in runs), 2) if runs else float("nan")
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """The docs' table: per result and phase, medians of queued -> end and of its parts, and the load."""
+    lines = [
+        "| executor | rows | phase | runs | queued → end s (median) | in queue | launch | worker set-up "
+        "| execute | of which stage work | load (1 min) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for result in results:
+        for phase in result["phases"].values():
+            runs = phase["runs"]
+            if phase["phase"] == "parents":
+                continue  # waits on one another by design (one run per plan at a time)
+            load = phase["load_average"][0]
+            extra = ""
+            if phase["phase"] == "backfill":
+                extra = f" ({phase['run_count']} runs, parent-first {phase['parent_first']}, parked {phase['parked_rows']})"
+            lines.append(
+                f"| {result['executor']} | {result['rows']:,} | {phase['phase']}{extra} | {len(runs)} "
+                f"| {_median(runs, 'seconds')} | {_median(runs, 'queued_s')} | {_median(runs, 'launch_s')} "
+                f"| {_median(runs, 'worker_setup_s')} | {_median(runs, 'execute_s')} | {_median(runs, 'stage_work_s')} "
+                f"| {load:.1f} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks daemon", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="work orders in the APISmith stand-in")
@@ -449,13 +478,24 @@ def main(argv: list[str]) -> int:
         default=2000,
         help="work orders of the backfill phase's source (0: skip it)",
     )
+    parser.add_argument(
+        "--table",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="print the docs' markdown table of earlier runs and stop",
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table([json.loads(path.read_text()) for path in args.table]))
+        return 0
     if args.rows < 1000:
         parser.error("--rows must be at least 1000 (the change set is a share of it)")
     configured = E2EBenchSettings().database_url
     server = args.database_url or (configured.get_secret_value() if configured else None)
     result = run(args.rows, args.seed, server, args.executor, args.small_runs, args.backfill_rows)
     print_table(result)
+    print(markdown_table([result]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     return 0
