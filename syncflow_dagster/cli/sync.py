@@ -35,6 +35,8 @@ console = Console()
 
 EXIT_RUN_FAILED = 1
 WAIT_POLL_S = 1.0
+# --wait gives up (exit 3) when the webserver has not answered for this long.
+UNREACHABLE_GIVE_UP_S = 120.0
 # Counts shown at the end, in the sync_report's names.
 FINAL_COUNTS = ("fetched", "insert", "update", "delete", "skip", "pending", "delivered", "failed")
 
@@ -143,6 +145,7 @@ def follow(gateway: DagsterGateway, runs: list[LaunchedRun]) -> list[FinalRun]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from syncflow_dagster.defs.assets import STAGE_ASSETS
+    from syncflow_dagster.service.dagster_gateway import DagsterUnavailable
 
     stages = [a.key.to_user_string() for a in STAGE_ASSETS]
     current = {
@@ -164,11 +167,20 @@ def follow(gateway: DagsterGateway, runs: list[LaunchedRun]) -> list[FinalRun]:
             for run in runs
         }
         started = {run.run_id: time.monotonic() for run in runs}
+        last_answer = time.monotonic()
         while len(done) < len(runs):
             for run in runs:
                 if run.run_id in done:
                     continue
-                progress = gateway.progress(current[run.run_id])
+                try:
+                    progress = gateway.progress(current[run.run_id])
+                except DagsterUnavailable:
+                    # A busy or restarting webserver: the run goes on; so does waiting, within a bound.
+                    if time.monotonic() - last_answer > UNREACHABLE_GIVE_UP_S:
+                        raise
+                    bar.update(tasks[run.run_id], status="(Dagster not answering)")
+                    continue
+                last_answer = time.monotonic()
                 if progress.retried_by:
                     current[run.run_id] = progress.retried_by
                     progress = gateway.progress(progress.retried_by)
