@@ -37,8 +37,6 @@ EXIT_RUN_FAILED = 1
 WAIT_POLL_S = 1.0
 # --wait gives up (exit 3) when the webserver has not answered for this long.
 UNREACHABLE_GIVE_UP_S = 120.0
-# Counts shown at the end, in the sync_report's names.
-FINAL_COUNTS = ("fetched", "insert", "update", "delete", "skip", "pending", "delivered", "failed")
 
 
 def _parse_dates(value: str) -> tuple[dt.date, dt.date]:
@@ -152,17 +150,18 @@ def follow(gateway: DagsterGateway, runs: list[LaunchedRun]) -> list[FinalRun]:
         run.run_id: run.run_id for run in runs
     }  # launched run id -> the run of its lineage followed now
     done: dict[str, FinalRun] = {}
+    # One line per run within 80 columns: the dates are on the "launched" lines above.
     with Progress(
-        TextColumn("{task.fields[label]}"),
-        BarColumn(),
+        TextColumn("{task.fields[label]:<17.17}"),
+        BarColumn(bar_width=10),
         MofNCompleteColumn(),
-        TextColumn("stages  {task.fields[rows]:>9} rows  {task.fields[elapsed]:>6}  {task.fields[status]}"),
+        TextColumn("stages {task.fields[rows]:>9} rows {task.fields[elapsed]:>7} {task.fields[status]}"),
         console=console,
         transient=False,
     ) as bar:
         tasks = {
             run.run_id: bar.add_task(
-                "", total=len(stages), label=f"{run.entity} {run.span}", rows="-", elapsed="", status="QUEUED"
+                "", total=len(stages), label=run.entity, rows="-", elapsed="", status="QUEUED"
             )
             for run in runs
         }
@@ -211,17 +210,33 @@ def _elapsed(progress: RunProgress) -> float | None:
 
 
 def _print_finals(finals: list[FinalRun]) -> None:
-    table = Table(title="final counts per entity")
-    table.add_column("entity")
-    table.add_column("status")
-    for name in (*FINAL_COUNTS, "seconds"):
-        table.add_column(name, justify="right")
+    """Counts per entity, in columns that fold rather than hide anything at 80 columns."""
+    from rich import box
+
+    table = Table(title="final counts per entity", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name, justify in (
+        ("entity", "left"),
+        ("status", "left"),
+        ("fetched", "right"),
+        ("inserted updated deleted", "right"),
+        ("delivered", "right"),
+        ("parked failed", "right"),
+        ("s", "right"),
+    ):
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for final in finals:
-        style = "" if final.status == "SUCCESS" else "[red]"
+        counts = final.counts
+
+        def count(name: str, counts: dict[str, int] = counts) -> str:
+            return str(counts.get(name, "-"))
+
         table.add_row(
             final.entity,
-            f"{style}{final.status}",
-            *(str(final.counts.get(name, "-")) for name in FINAL_COUNTS),
+            final.status if final.status == "SUCCESS" else f"[red]{final.status}[/red]",
+            count("fetched"),
+            f"{count('insert')} {count('update')} {count('delete')}",
+            count("delivered"),
+            f"{count('pending')} {count('failed')}",
             f"{final.seconds:.1f}",
         )
     console.print(table)
