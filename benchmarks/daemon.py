@@ -150,7 +150,8 @@ def run_figures(instance: Any, record: Any) -> dict[str, Any]:
     started = marks.get("started", worker_up)
     return {
         "run_id": run.run_id,
-        "entity": run.tags.get("syncflow/entity"),
+        # A backfill's runs carry Dagster's partition tags, the launcher's also syncflow/entity.
+        "entity": run.tags.get("syncflow/entity") or run.tags.get("dagster/partition/entity"),
         "status": run.status.value,
         "seconds": round(end - created, 3),
         "queued_s": round(dequeued - created, 3),
