@@ -209,7 +209,12 @@ def daemon_stack(
     import dagster as dg
 
     from syncflow_dagster.store.database import libpq_url
-    from syncflow_dagster_tests.webserver import WORKSPACE_YAML, dagster_deployment, dagster_postgres_url
+    from syncflow_dagster_tests.webserver import (
+        STAGE_POOL_LIMITS,
+        WORKSPACE_YAML,
+        dagster_deployment,
+        dagster_postgres_url,
+    )
 
     with (
         private_database(server_url, "syncflow_bench_daemon") as state_url,
@@ -246,7 +251,7 @@ def daemon_stack(
                 dagster_home=Path(home) / "dagster",
                 code_location_env=code_location_env,
                 with_daemon=True,
-                pool_limits={"apismith": 2, "schedulehub": 2},
+                pool_limits=STAGE_POOL_LIMITS,
                 workspace=workspace,
             ) as dagster:
                 os.environ["DAGSTER_POSTGRES_URL"] = dagster_postgres_url(dagster.instance_database_url)

@@ -26,7 +26,7 @@ import pytest
 from syncflow_dagster.catalog import default_catalog
 from syncflow_dagster_tests.sync_harness import Deployment, deployment
 from syncflow_dagster_tests.verify import verify_deployment
-from syncflow_dagster_tests.webserver import DagsterDeployment, dagster_deployment
+from syncflow_dagster_tests.webserver import STAGE_POOL_LIMITS, DagsterDeployment, dagster_deployment
 
 ORDER = list(default_catalog().topological_order)
 TODAY = dt.datetime.now(dt.UTC).date()
@@ -109,7 +109,7 @@ def stack(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             dagster_home=tmp_path_factory.mktemp("dagster_home_cli_sync"),
             code_location_env=code_location_env,
             with_daemon=True,
-            pool_limits={"apismith": 2, "schedulehub": 2},
+            pool_limits=STAGE_POOL_LIMITS,
         ) as dagster:
             try:
                 yield Stack(env, dagster)

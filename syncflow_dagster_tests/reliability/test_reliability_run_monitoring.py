@@ -37,7 +37,7 @@ from syncflow_dagster.service.dagster_gateway import DagsterGateway
 from syncflow_dagster_tests.reliability_harness import clear_faults, faults_served, put_faults, wait_for
 from syncflow_dagster_tests.sync_harness import Deployment, deployment
 from syncflow_dagster_tests.verify import verify_deployment
-from syncflow_dagster_tests.webserver import DagsterDeployment, dagster_deployment
+from syncflow_dagster_tests.webserver import STAGE_POOL_LIMITS, DagsterDeployment, dagster_deployment
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -99,7 +99,7 @@ def stack(
             dagster_home=tmp_path / "dagster_home",
             code_location_env=code_location_env,
             with_daemon=True,
-            pool_limits={"apismith": 2, "schedulehub": 2},
+            pool_limits=STAGE_POOL_LIMITS,
         ) as dagster:
             try:
                 yield Stack(env, dagster)
