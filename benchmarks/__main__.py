@@ -12,6 +12,7 @@ import sys
 
 # name → module holding `main(argv) -> int`
 BENCHMARKS: dict[str, str] = {
+    "daemon": "benchmarks.daemon",
     "datetimes": "benchmarks.normalize_datetimes",
     "e2e": "benchmarks.e2e",
     "engine": "benchmarks.engine",

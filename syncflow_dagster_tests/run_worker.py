@@ -1,12 +1,13 @@
 """A run worker for the process-kill tests: one run of the code location's `sync` job in this process.
 
 It plays the part of the process a Dagster run launcher starts for a run: it
-executes the run against the instance in DAGSTER_HOME, and the multiprocess
-executor starts one OS process per step. The steps are forked from a
-forkserver that preloaded the code location, so a step does not import
-Dagster, pyarrow and the definitions again (ten seconds a step on a loaded
-2-core machine under the default `spawn`); a step is still a process of its
-own, which is what the tests kill.
+executes the run against the instance in DAGSTER_HOME, and the executor the
+environment picks (SYNCFLOW_EXECUTOR=multiprocess in the step-kill tests)
+starts one OS process per step. The code location's multiprocess executor
+forks the steps from a forkserver that preloaded the code location
+(deploy/executor.py), so a step does not import Dagster, pyarrow and the
+definitions again; a step is still a process of its own, which is what the
+tests kill.
 
     python -m syncflow_dagster_tests.run_worker sync <entity> <YYYY-MM-DD> <marker> <batch_rows>
     python -m syncflow_dagster_tests.run_worker reexecute <failed_run_id>
@@ -40,11 +41,6 @@ SYNC_JOB = dg.reconstructable(sync_job)
 
 def sync_run_config(batch_rows: int) -> dict[str, Any]:
     return {
-        "execution": {
-            "config": {
-                "start_method": {"forkserver": {"preload_modules": ["syncflow_dagster.definitions"]}},
-            }
-        },
         # Smaller delivery batches than production's, so that a delivery is several calls;
         # the other fields as the code location sets them (env references, never values).
         "resources": {

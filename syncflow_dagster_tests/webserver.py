@@ -66,9 +66,20 @@ SET_NUX_SEEN = "mutation { setNuxSeen }"
 # The nine stage asset keys, in pipeline order, as the product defines them.
 STAGE_ASSETS = tuple(asset.key.to_user_string() for asset in stage_asset_defs)
 
+# The fetch and deliver stages' op pools (defs/assets.py) at dagster.yaml's default limit,
+# created up front (set_pool_limits) by every deployment that runs syncs.
+STAGE_POOL_LIMITS = {"apismith": 2, "schedulehub": 2}
+
 # Sections of the repository dagster.yaml that describe how runs are queued and
 # retried; storage is replaced by the test database, everything else is kept.
-_INSTANCE_SECTIONS_KEPT = ("run_coordinator", "run_launcher", "concurrency", "run_retries", "telemetry")
+_INSTANCE_SECTIONS_KEPT = (
+    "run_coordinator",
+    "run_launcher",
+    "run_monitoring",
+    "concurrency",
+    "run_retries",
+    "telemetry",
+)
 
 
 class DeploymentError(RuntimeError):

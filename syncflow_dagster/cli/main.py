@@ -8,6 +8,7 @@ from syncflow_dagster.cli.dev import dev
 from syncflow_dagster.cli.errors import SyncflowTyper
 from syncflow_dagster.cli.frames import frame_app
 from syncflow_dagster.cli.simulate import simulate_app
+from syncflow_dagster.cli.sync import sync
 
 # SyncflowTyper: known errors end in one line and a non-zero exit (cli/errors.py).
 app = SyncflowTyper(
@@ -21,6 +22,7 @@ app.add_typer(frame_app, name="frame")
 ops.register(app)
 app.command("demo")(demo)
 app.command("dev")(dev)
+app.command("sync")(sync)
 
 
 if __name__ == "__main__":  # `python -m syncflow_dagster.cli.main`

@@ -21,6 +21,7 @@ from dagster import AssetExecutionContext
 
 from syncflow_dagster.catalog import Catalog, EntitySpec, default_catalog
 from syncflow_dagster.defs import bookkeeping, checks, stages
+from syncflow_dagster.defs.interrupts import stop_means_stop
 from syncflow_dagster.defs.partitions import sync_partitions
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
 from syncflow_dagster.engine import columns as c
@@ -112,7 +113,8 @@ def _stage_asset(
     pool: str | None = None,
     checks: tuple[dg.AssetCheckSpec, ...] = (),
 ) -> Callable[[Callable[..., Any]], dg.AssetsDefinition]:
-    return dg.asset(
+    # stop_means_stop: a terminated run stops instead of retrying the interrupted stage (interrupts.py).
+    return lambda body: dg.asset(
         check_specs=list(checks),
         name=name,
         group_name=GROUP,
@@ -124,7 +126,7 @@ def _stage_asset(
         retry_policy=retry,
         pool=pool,
         code_version="1",
-    )
+    )(stop_means_stop(body))
 
 
 @_stage_asset(

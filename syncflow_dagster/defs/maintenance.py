@@ -11,6 +11,7 @@ from pydantic import Field
 
 from syncflow_dagster.catalog import DeletePolicy, EntitySpec
 from syncflow_dagster.defs import bookkeeping, stages
+from syncflow_dagster.defs.interrupts import stop_means_stop
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.delta import plan_reconcile_deletes
@@ -44,6 +45,7 @@ async def _source_keys(client: Any, entity: EntitySpec) -> pa.Table:
     ),
     pool="apismith",
 )
+@stop_means_stop
 def reconcile_entities(
     context: OpExecutionContext,
     config: EntitiesConfig,
@@ -105,6 +107,7 @@ def reconcile_entities(
     ),
     pool="schedulehub",
 )
+@stop_means_stop
 def retry_failed_and_pending(
     context: OpExecutionContext,
     config: EntitiesConfig,

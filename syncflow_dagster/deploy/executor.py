@@ -1,9 +1,16 @@
 """Executor selection: which Dagster executor runs a sync's steps, read from the environment.
 
-    SYNCFLOW_EXECUTOR        multiprocess (default) | in_process | celery | k8s
+    SYNCFLOW_EXECUTOR        in_process (default) | multiprocess | celery | k8s
     SYNCFLOW_CELERY_BROKER   the Celery broker URL (default amqp://guest:guest@127.0.0.1:5672//)
     SYNCFLOW_CELERY_BACKEND  the Celery result backend URL (default redis://127.0.0.1:6379/0)
     SYNCFLOW_CELERY_QUEUE    the queue the run's steps are sent to and the workers consume (default dagster)
+
+`in_process` is the default because a sync run's nine stages are short and
+sequential: one run worker process executes them all, so a run pays Python's
+start-up and the code location's import once (docs/architecture.md, "The
+executor", has the daemon-path figures). `multiprocess` runs each step in a
+process of its own, forked from a forkserver that preloaded the code location
+(so a step does not import Dagster and the definitions again).
 
 The broker and backend URLs may carry passwords: they reach the executor's
 config as `{"env": ...}` references, so Dagster resolves them in the run's
@@ -34,8 +41,8 @@ DEFAULT_CELERY_QUEUE = "dagster"
 class ExecutorKind(StrEnum):
     """The executors a deployment may choose; all of them Dagster's own."""
 
-    MULTIPROCESS = "multiprocess"
     IN_PROCESS = "in_process"
+    MULTIPROCESS = "multiprocess"
     CELERY = "celery"
     # dagster-k8s's k8s_job_executor: one Kubernetes Job per step, configured
     # by the K8sRunLauncher of the Helm chart (image, env secrets, resources).
@@ -47,7 +54,7 @@ class ExecutorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SYNCFLOW_", extra="ignore")
 
-    executor: ExecutorKind = Field(default=ExecutorKind.MULTIPROCESS, description=EXECUTOR_ENV)
+    executor: ExecutorKind = Field(default=ExecutorKind.IN_PROCESS, description=EXECUTOR_ENV)
     celery_broker: SecretStr = Field(default=SecretStr(DEFAULT_CELERY_BROKER), description=BROKER_ENV)
     celery_backend: SecretStr = Field(default=SecretStr(DEFAULT_CELERY_BACKEND), description=BACKEND_ENV)
     celery_queue: str = Field(
@@ -136,6 +143,16 @@ def _celery_executor(settings: ExecutorSettings, environ: Mapping[str, str]) -> 
     )
 
 
+# The module whose import loads the whole code location: the forkserver imports it once,
+# and every step's process is forked from it with Dagster, pyarrow and the definitions loaded.
+PRELOADED_MODULES = ("syncflow_dagster.definitions",)
+
+MULTIPROCESS_EXECUTOR = dg.multiprocess_executor.configured(
+    {"start_method": {"forkserver": {"preload_modules": list(PRELOADED_MODULES)}}},
+    name="multiprocess",
+)
+
+
 def _k8s_executor() -> dg.ExecutorDefinition:
     try:
         from dagster_k8s import k8s_job_executor
@@ -155,6 +172,6 @@ def executor_from_env(environ: Mapping[str, str] | None = None) -> dg.ExecutorDe
         return _celery_executor(settings, env)
     if settings.executor is ExecutorKind.K8S:
         return _k8s_executor()
-    if settings.executor is ExecutorKind.IN_PROCESS:
-        return dg.in_process_executor
-    return dg.multiprocess_executor
+    if settings.executor is ExecutorKind.MULTIPROCESS:
+        return MULTIPROCESS_EXECUTOR
+    return dg.in_process_executor

@@ -8,7 +8,6 @@ OpenAPI is served at /openapi.json, /docs and /redoc. Run it with
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from syncflow_dagster.catalog import Catalog, default_catalog
+from syncflow_dagster.service import launch
 from syncflow_dagster.service import models as m
 from syncflow_dagster.service.auth import bearer_scheme, check_bearer
 from syncflow_dagster.service.dagster_gateway import DagsterGateway, DagsterRefused, DagsterUnavailable
@@ -185,25 +185,62 @@ def create_app(
             code = status.HTTP_404_NOT_FOUND if "NotFound" in exc.kind else status.HTTP_409_CONFLICT
             raise HTTPException(code, detail=f"{what}: {exc}") from None
 
-    @app.post("/sync", status_code=status.HTTP_202_ACCEPTED, response_model=m.SyncStarted, tags=["sync"])
+    @app.post(
+        "/sync",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=m.SyncStarted,
+        tags=["sync"],
+        responses={
+            409: {"model": m.Problem, "description": "Dagster refused every run of the request"},
+            422: {
+                "description": "an unknown entity, a date outside the partitions (`detail` names the "
+                "valid range), or a malformed body (FastAPI's list of field errors)",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "anyOf": [
+                                {"$ref": "#/components/schemas/Problem"},
+                                {"$ref": "#/components/schemas/HTTPValidationError"},
+                            ]
+                        }
+                    }
+                },
+            },
+        },
+    )
     def start_sync(request: m.SyncRequest) -> m.SyncStarted:
-        """Start one Dagster run of job `sync` per entity x date (parents first); 202 with the run ids."""
-        names = known_entities(request.entities, "entities") if request.entities else entities
-        days = sorted(set(request.dates)) or [dt.datetime.now(dt.UTC).date()]
-        if len(names) * len(days) > m.MAX_RUNS_PER_REQUEST:
-            raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_CONTENT,
-                detail=f"{len(names)} entities x {len(days)} dates is more than "
-                f"{m.MAX_RUNS_PER_REQUEST} runs; use a Dagster backfill for ranges this large",
-            )
-        runs = [
-            m.StartedRun(
-                run_id=dagster_call("start sync", gateway.submit_sync, name, day), entity=name, date=day
-            )
-            for day in days
-            for name in names
-        ]
-        return m.SyncStarted(runs=runs)
+        """Start one Dagster run of job `sync` per entity (parents first), over one date, a date range
+        or the whole history; 202 with every run launched and every run that could not be."""
+        wanted = launch.SyncRequest(
+            entities=request.entities,
+            date=request.date,
+            dates=(request.dates.start, request.dates.end) if request.dates else None,
+            history=request.history,
+            full_window=request.full_window,
+            trigger="api",
+        )
+        try:
+            plan_id, planned = launch.plan_sync(catalog, wanted)
+        except launch.SyncRefused as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+        outcome = launch.launch(gateway, plan_id, planned)
+        if not outcome.launched:
+            # Nothing to lose: the caller retries the whole request.
+            reasons = "; ".join(f"{n.entity}: {n.reason}" for n in outcome.not_launched)
+            unavailable = any(n.unavailable for n in outcome.not_launched)
+            code = status.HTTP_503_SERVICE_UNAVAILABLE if unavailable else status.HTTP_409_CONFLICT
+            raise HTTPException(code, detail=f"start sync: no run launched: {reasons}"[:2000])
+        return m.SyncStarted(
+            plan=outcome.plan_id,
+            launched=[
+                m.StartedRun(entity=r.entity, run_id=r.run_id, dates=_date_range(r.span))
+                for r in outcome.launched
+            ],
+            not_launched=[
+                m.RunNotStarted(entity=n.entity, dates=_date_range(n.span), reason=n.reason)
+                for n in outcome.not_launched
+            ],
+        )
 
     @app.get(
         "/sync/{run_id}", response_model=m.RunStatus, tags=["sync"], responses={404: {"model": m.Problem}}
@@ -318,6 +355,10 @@ def create_app(
         return Response(content=exposition(engine, entities), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _date_range(span: launch.DateSpan) -> m.DateRange:
+    return m.DateRange(start=span.first, end=span.last)
 
 
 def _ping_database(engine: sa.Engine) -> None:

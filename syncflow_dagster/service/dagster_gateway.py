@@ -16,13 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import dagster as dg
 import httpx
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
 REPOSITORY = "__repository__"  # the implicit repository of a `Definitions`
-ENTITY_DIMENSION = "entity"
-DATE_DIMENSION = "date"
 
 _RUN_QUERY = """
 query SyncflowRun($runId: ID!) {
@@ -35,6 +32,23 @@ query SyncflowRun($runId: ID!) {
 }
 """
 _VERSION_QUERY = "query SyncflowPing { version }"
+# A run's progress: which assets it materialised so far, with their integer metadata (row counts).
+_PROGRESS_QUERY = """
+query SyncflowRunProgress($runId: ID!) {
+  runOrError(runId: $runId) {
+    __typename
+    ... on Run {
+      runId status creationTime startTime endTime tags { key value }
+      assetMaterializations {
+        assetKey { path }
+        metadataEntries { label ... on IntMetadataEntry { intValue } }
+      }
+    }
+    ... on RunNotFoundError { message }
+    ... on PythonError { message }
+  }
+}
+"""
 
 
 class DagsterUnavailable(Exception):
@@ -68,20 +82,40 @@ class RunInfo:
         return self.tags.get(ROOT_RUN_ID_TAG) or self.run_id
 
 
+@dataclass(frozen=True)
+class RunProgress:
+    """Where a run is: its status, times, and the integer metadata of each asset it materialised."""
+
+    run_id: str
+    status: str
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    materialized: dict[str, dict[str, int]]
+    tags: dict[str, str]
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def retry_pending(self) -> bool:
+        """A failed run that the daemon's run retries will retry (the retry may not exist yet)."""
+        return self.status == "FAILURE" and self.tags.get(WILL_RETRY_TAG) == "true"
+
+    @property
+    def retried_by(self) -> str | None:
+        """The run id of the automatic retry of this run, once the daemon launched it."""
+        return self.tags.get(AUTO_RETRY_RUN_ID_TAG)
+
+
+# Dagster's run statuses after which nothing more happens to a run.
+TERMINAL_STATUSES = frozenset({"SUCCESS", "FAILURE", "CANCELED"})
+# Dagster's tags on a failed run that run retries will retry, and naming the retry once launched.
+WILL_RETRY_TAG = "dagster/will_retry"
+AUTO_RETRY_RUN_ID_TAG = "dagster/auto_retry_run_id"
 # Dagster's tag on a re-execution naming the first run of its lineage.
 ROOT_RUN_ID_TAG = "dagster/root_run_id"
-
-
-def sync_partition_tags(entity: str, day: dt.date) -> dict[str, str]:
-    """The tags Dagster's UI sets when it launches one entity x date partition of the sync job."""
-    key = dg.MultiPartitionKey({ENTITY_DIMENSION: entity, DATE_DIMENSION: day.isoformat()})
-    return {
-        "dagster/partition": str(key),
-        f"dagster/partition/{ENTITY_DIMENSION}": entity,
-        f"dagster/partition/{DATE_DIMENSION}": day.isoformat(),
-        "syncflow/entity": entity,
-        "syncflow/trigger": "api",
-    }
 
 
 def _timestamp(value: float | None) -> dt.datetime | None:
@@ -126,11 +160,11 @@ class DagsterGateway:
         except DagsterGraphQLClientError as exc:
             raise _translate(exc) from None
 
-    def submit_sync(self, entity: str, day: dt.date) -> str:
-        """Launch the sync job for one entity x date; returns the run id."""
+    def submit_sync_run(self, tags: dict[str, str]) -> str:
+        """Launch the sync job with `tags` (a partition or a partition range, built by service/launch.py)."""
         from syncflow_dagster.defs.jobs import sync_job
 
-        return self._submit(sync_job.name, sync_partition_tags(entity, day))
+        return self._submit(sync_job.name, tags)
 
     def submit_retry(self, entities: list[str]) -> str:
         """Launch the retry job (failed records due and released children) for `entities` (empty: all)."""
@@ -148,19 +182,45 @@ class DagsterGateway:
         except DagsterGraphQLClientError as exc:
             raise _translate(exc) from None
 
-    def run(self, run_id: str) -> RunInfo:
-        data = self._graphql(_RUN_QUERY, {"runId": run_id})["runOrError"]
+    def _run_or_error(self, query: str, run_id: str) -> dict[str, Any]:
+        """`runOrError` of `query` for the run: its fields, or 404-like / 503-like errors."""
+        data: dict[str, Any] = self._graphql(query, {"runId": run_id})["runOrError"]
         kind = data["__typename"]
         if kind == "RunNotFoundError":
             raise DagsterRefused(kind, f"run {run_id!r} not found")
         if kind != "Run":
             raise DagsterUnavailable(f"Dagster could not read run {run_id!r}: {kind}")
+        return data
+
+    def run(self, run_id: str) -> RunInfo:
+        data = self._run_or_error(_RUN_QUERY, run_id)
         return RunInfo(
             run_id=data["runId"],
             status=data["status"],
             job_name=data["jobName"],
             started_at=_timestamp(data.get("startTime")),
             ended_at=_timestamp(data.get("endTime")),
+            tags={t["key"]: t["value"] for t in data.get("tags") or []},
+        )
+
+    def progress(self, run_id: str) -> RunProgress:
+        """The run's status and what it materialised so far (asset name -> integer metadata)."""
+        data = self._run_or_error(_PROGRESS_QUERY, run_id)
+        materialized: dict[str, dict[str, int]] = {}
+        for event in data.get("assetMaterializations") or []:
+            name = "/".join(event["assetKey"]["path"])
+            materialized[name] = {
+                entry["label"]: int(entry["intValue"])
+                for entry in event.get("metadataEntries") or []
+                if entry.get("intValue") is not None
+            }
+        return RunProgress(
+            run_id=data["runId"],
+            status=data["status"],
+            created_at=float(data["creationTime"]),
+            started_at=data.get("startTime"),
+            ended_at=data.get("endTime"),
+            materialized=materialized,
             tags={t["key"]: t["value"] for t in data.get("tags") or []},
         )
 

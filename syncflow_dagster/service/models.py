@@ -7,30 +7,59 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_RUNS_PER_REQUEST = 200
+
+class DateRange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    start: dt.date = Field(description="First date (UTC), inclusive.")
+    end: dt.date = Field(description="Last date (UTC), inclusive.")
 
 
 class SyncRequest(BaseModel):
-    """Which partitions to sync: every entity x every date listed."""
+    """What to sync: one run per entity, over one date, a date range or the whole history.
+
+    Give at most one of `date`, `dates` and `history`; none means today (UTC).
+    Dates must lie between SYNCFLOW_PARTITIONS_START and today (UTC), else 422.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     entities: list[str] = Field(
         default_factory=list, max_length=100, description="Catalog entity names; empty means every entity."
     )
-    dates: list[dt.date] = Field(
-        default_factory=list, max_length=366, description="Partition dates (UTC days); empty means today."
+    date: dt.date | None = Field(default=None, description="One partition date (UTC day).")
+    dates: DateRange | None = Field(
+        default=None, description="A range of partition dates: one run per entity covers all of them."
+    )
+    history: bool = Field(
+        default=False,
+        description="Every date from SYNCFLOW_PARTITIONS_START to today: a first load, one run per entity.",
+    )
+    full_window: bool = Field(
+        default=False,
+        description="Read the dates' whole window from APISmith again (run tag syncflow/full_window=true) "
+        "instead of resuming after what the last finished run read.",
     )
 
 
 class StartedRun(BaseModel):
-    run_id: str
     entity: str
-    date: dt.date
+    run_id: str
+    dates: DateRange
+
+
+class RunNotStarted(BaseModel):
+    entity: str
+    dates: DateRange
+    reason: str = Field(description="Why it was not launched (Dagster refused it, or could not be reached).")
 
 
 class SyncStarted(BaseModel):
-    runs: list[StartedRun]
+    """Every run the request launched and every one it could not, parents first."""
+
+    plan: str = Field(description="The request's plan id: every run carries it as tag syncflow/plan.")
+    launched: list[StartedRun]
+    not_launched: list[RunNotStarted]
 
 
 class BatchMetrics(BaseModel):

@@ -13,10 +13,32 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_PUBLIC_PATHS = ("/health", "/metrics")
 
 
-class ServiceSettings(BaseSettings):
-    """Where the API finds the store, Dagster and the partner systems, and how it authenticates callers."""
+class DagsterSettings(BaseSettings):
+    """Where the Dagster webserver is, whose GraphQL API launches and watches runs (`syncflow sync` needs only this)."""
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    dagster_graphql_url: str = Field(
+        default="http://127.0.0.1:3000",
+        validation_alias=AliasChoices("SYNCFLOW_DAGSTER_URL", "dagster_graphql_url"),
+        description="Base URL of the Dagster webserver whose GraphQL API launches and watches runs.",
+    )
+    dagster_location: str | None = Field(
+        default="syncflow",
+        validation_alias=AliasChoices("SYNCFLOW_DAGSTER_LOCATION", "dagster_location"),
+        description="Code location holding the sync and retry jobs.",
+    )
+    dagster_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        validation_alias=AliasChoices("SYNCFLOW_API_DAGSTER_TIMEOUT_S", "dagster_timeout_s"),
+        description="Seconds to wait for Dagster's GraphQL API (launching a run loads the code location).",
+    )
+
+
+class ServiceSettings(DagsterSettings):
+    """Where the API finds the store, Dagster and the partner systems, and how it authenticates callers."""
 
     database_url: SecretStr = Field(
         validation_alias=AliasChoices("SYNCFLOW_DATABASE_URL", "database_url"),
@@ -33,16 +55,6 @@ class ServiceSettings(BaseSettings):
         validation_alias=AliasChoices("SYNCFLOW_API_PUBLIC_PATHS", "public_paths"),
         description="Comma-separated paths served without the token.",
     )
-    dagster_graphql_url: str = Field(
-        default="http://127.0.0.1:3000",
-        validation_alias=AliasChoices("SYNCFLOW_DAGSTER_URL", "dagster_graphql_url"),
-        description="Base URL of the Dagster webserver whose GraphQL API launches and watches runs.",
-    )
-    dagster_location: str | None = Field(
-        default="syncflow",
-        validation_alias=AliasChoices("SYNCFLOW_DAGSTER_LOCATION", "dagster_location"),
-        description="Code location holding the sync and retry jobs.",
-    )
     apismith_base_url: str | None = Field(
         default=None, validation_alias=AliasChoices("APISMITH_BASE_URL", "apismith_base_url")
     )
@@ -54,14 +66,6 @@ class ServiceSettings(BaseSettings):
         gt=0,
         le=60,
         validation_alias=AliasChoices("SYNCFLOW_API_HEALTH_TIMEOUT_S", "health_timeout_s"),
-    )
-
-    dagster_timeout_s: float = Field(
-        default=30.0,
-        gt=0,
-        le=600,
-        validation_alias=AliasChoices("SYNCFLOW_API_DAGSTER_TIMEOUT_S", "dagster_timeout_s"),
-        description="Seconds to wait for Dagster's GraphQL API (launching a run loads the code location).",
     )
 
     @field_validator("public_paths_csv")

@@ -17,13 +17,22 @@ from syncflow_dagster.deploy import (
 from syncflow_dagster.deploy.executor import ExecutorConfigError
 
 
-def test_multiprocess_is_the_default() -> None:
-    assert executor_from_env({}) is dg.multiprocess_executor
-    assert executor_from_env({"SYNCFLOW_EXECUTOR": "multiprocess"}) is dg.multiprocess_executor
-
-
-def test_in_process_profile() -> None:
+def test_in_process_is_the_default() -> None:
+    # A run's nine stages in its one run worker: start-up paid once per run (docs/architecture.md).
+    assert executor_from_env({}) is dg.in_process_executor
     assert executor_from_env({"SYNCFLOW_EXECUTOR": "in_process"}) is dg.in_process_executor
+
+
+def test_multiprocess_profile_forks_steps_from_a_preloaded_forkserver() -> None:
+    executor = executor_from_env({"SYNCFLOW_EXECUTOR": "multiprocess"})
+    assert executor.name == "multiprocess"
+    schema = executor.config_schema
+    assert isinstance(schema, ConfiguredDefinitionConfigSchema)
+    resolved = schema.resolve_config({})
+    assert resolved.success, resolved.errors
+    assert resolved.value is not None
+    start = resolved.value["config"]["start_method"]
+    assert start == {"forkserver": {"preload_modules": ["syncflow_dagster.definitions"]}}
 
 
 def test_celery_profile_references_secret_urls_by_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,7 +30,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,7 +42,13 @@ import pytest
 import sqlalchemy as sa
 
 from syncflow_dagster.defs.runner import materialize_sync, report_of
-from syncflow_dagster_tests.reliability_harness import clear_faults, faults_served, put_faults, run_retry_job
+from syncflow_dagster_tests.reliability_harness import (
+    clear_faults,
+    faults_served,
+    put_faults,
+    run_retry_job,
+    wait_for,
+)
 from syncflow_dagster_tests.run_worker import MARKER_TAG
 from syncflow_dagster_tests.sync_harness import Deployment, deployment
 from syncflow_dagster_tests.verify import Verification, verify_deployment
@@ -80,15 +85,7 @@ T = TypeVar("T")
 
 
 def _wait_for(what: str, probe: Callable[[], T | None], timeout: float = WAIT_TIMEOUT_S) -> T:
-    """Poll `probe` until it returns something truthy (a pid, a non-empty list, True); fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(POLL_S)
+    return wait_for(what, probe, timeout, POLL_S)
 
 
 # --- the deployment: stand-ins, SyncFlow's database, a Postgres-backed Dagster instance ---------------

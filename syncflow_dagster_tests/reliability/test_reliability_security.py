@@ -259,7 +259,7 @@ def test_the_monitoring_api_leaks_no_secret(
                 assert started.status_code == 202, started.text
                 runs = [
                     poll_run(service.url, known.auth, run["run_id"], timeout_s=RUN_FINISH_S)
-                    for run in started.json()["runs"]
+                    for run in started.json()["launched"]
                 ]
                 assert [run["status"] for run in runs] == ["SUCCESS", "SUCCESS"], runs
                 # The state the scan reads is not empty: the bodies have something to leak into.
