@@ -6,13 +6,15 @@
   to the watermark so the same change is never synced twice by the sensor.
 * `pending_children_sensor` asks for a retry run for entities whose parked
   children now have their parents in ScheduleHub.
-* `batch_failure_sensor` closes as failed the sync batches of a run that
-  failed before its report stage, so the monitoring API and /metrics never
-  show a dead run as still running (a re-execution reopens and continues it).
+* `batch_failure_sensor` and `batch_cancel_sensor` close as failed or
+  cancelled the sync batches of a run that stopped before its report stage,
+  with the counts of the stages that finished, so the monitoring API and
+  /metrics never show a dead run as still running (a re-execution reopens and
+  continues the batch).
 * `retry_schedule` redelivers failed records every 15 minutes;
   `nightly_reconcile_schedule` runs the full key scan at 02:00 UTC.
 
-Default status of the automation (not of `batch_failure_sensor`, which is
+Default status of the automation (not of the two batch sensors, which are
 bookkeeping and always RUNNING): STOPPED in a deployment (an operator turns them on), RUNNING
 when SYNCFLOW_AUTOMATION=running, which `syncflow dev` and the demo set.
 """
@@ -135,6 +137,22 @@ def pending_children_sensor(
     )
 
 
+def close_stopped_batches(context: dg.RunStatusSensorContext, database: SyncDatabase, status: str) -> None:
+    """Close as `status` (failed, cancelled) the batches a stopped run left running.
+
+    They keep the counts of the stages that finished; a re-execution of the run
+    (it files its stages under the root run's batch, assets._batch_id) reopens
+    and continues them.
+    """
+    run = context.dagster_run
+    closed = database.batches().close_running(run.root_run_id or run.run_id, status)
+    if closed:
+        context.log.info(
+            f"run {run.run_id} stopped: closed {len(closed)} sync batch(es) as {status}: "
+            + ", ".join(str(batch) for batch in closed)
+        )
+
+
 @dg.run_failure_sensor(
     name="batch_failure_sensor",
     minimum_interval_seconds=30,
@@ -142,14 +160,19 @@ def pending_children_sensor(
     description="Closes as failed the sync batches a failed run left running (bookkeeping; starts no run).",
 )
 def batch_failure_sensor(context: dg.RunFailureSensorContext, database: SyncDatabase) -> None:
-    run = context.dagster_run
-    # A re-execution files its stages under the root run's batch (assets._batch_id).
-    closed = database.batches().fail_running(run.root_run_id or run.run_id)
-    if closed:
-        context.log.info(
-            f"run {run.run_id} failed: closed {len(closed)} sync batch(es) as failed: "
-            + ", ".join(str(batch) for batch in closed)
-        )
+    close_stopped_batches(context, database, "failed")
+
+
+@dg.run_status_sensor(
+    name="batch_cancel_sensor",
+    run_status=dg.DagsterRunStatus.CANCELED,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Closes as cancelled the sync batches a cancelled run left running, with the counts of "
+    "the stages that finished (bookkeeping; starts no run).",
+)
+def batch_cancel_sensor(context: dg.RunStatusSensorContext, database: SyncDatabase) -> None:
+    close_stopped_batches(context, database, "cancelled")
 
 
 retry_schedule = dg.ScheduleDefinition(
