@@ -136,16 +136,46 @@ def failed_retry(
     entity: Annotated[
         list[str] | None, typer.Option(help="Entity to retry (repeatable); default all.")
     ] = None,
+    include_permanent: Annotated[
+        bool, typer.Option("--include-permanent", help="Also retry open permanent failures.")
+    ] = False,
+    include_dead: Annotated[
+        bool, typer.Option("--include-dead", help="Also retry failures that gave up (dead).")
+    ] = False,
 ) -> None:
-    """Launch the Dagster `retry` job (failed records due, released children) via SYNCFLOW_DAGSTER_URL."""
-    from syncflow_dagster.service.dagster_gateway import DagsterGateway
+    """Launch the Dagster `retry` job, one run per entity with something to retry (via SYNCFLOW_DAGSTER_URL)."""
+    from syncflow_dagster.catalog import default_catalog
+    from syncflow_dagster.service.dagster_gateway import DagsterGateway, DagsterRefused, DagsterUnavailable
+    from syncflow_dagster.service.store_views import entities_with_retry_work
 
     for name in entity or []:
         _known_entity(name)
+    names = [n for n in default_catalog().topological_order if not entity or n in entity]
+    engine = _engine()
+    try:
+        with_work = entities_with_retry_work(
+            engine, include_permanent=include_permanent, include_dead=include_dead
+        )
+    finally:
+        engine.dispose()
     settings = _settings()
     gateway = DagsterGateway(settings.dagster_graphql_url, settings.dagster_location)
-    run_id = gateway.submit_retry(list(entity or []))
-    console.print(f"retry run {run_id} launched: {gateway.base_url}/runs/{run_id}")
+    launched, refused = gateway.submit_each(
+        [n for n in names if n in with_work],
+        lambda name: gateway.submit_retry(
+            name, include_permanent=include_permanent, include_dead=include_dead, trigger="cli"
+        ),
+    )
+    if refused and not launched:
+        why = "; ".join(f"{r.entity}: {r.detail}" for r in refused)
+        raise DagsterUnavailable(why) if refused[0].unavailable else DagsterRefused("retry", why)
+    for run in launched:
+        console.print(f"retry run of {run.entity} launched: {gateway.base_url}/runs/{run.run_id}")
+    for refusal in refused:
+        console.print(f"[red]retry of {refusal.entity} not launched:[/red] {refusal.detail}")
+    idle = [n for n in names if n not in with_work]
+    if idle:
+        console.print(f"nothing to retry for: {', '.join(idle)}")
 
 
 @pending_app.command("list")

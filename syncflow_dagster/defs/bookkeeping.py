@@ -154,7 +154,14 @@ def record_delivery_failures(database: Any, entity: EntitySpec, batch: uuid.UUID
 UNREADABLE_PAYLOAD = "unreadable_payload"
 
 
-def due_failures(database: Any, entity: EntitySpec, limit: int) -> pa.Table:
+def due_failures(
+    database: Any,
+    entity: EntitySpec,
+    limit: int,
+    *,
+    include_permanent: bool = False,
+    include_dead: bool = False,
+) -> pa.Table:
     """Failed records due for a retry, rebuilt as rows.
 
     A payload that no longer fits the entity (a field the catalog has since
@@ -162,7 +169,9 @@ def due_failures(database: Any, entity: EntitySpec, limit: int) -> pa.Table:
     permanent `unreadable_payload` failure naming the cause, for a person to
     look at, and the other rows are retried.
     """
-    due = database.failures().due_for_retry(entity.name, limit=limit)
+    due = database.failures().due_for_retry(
+        entity.name, limit=limit, include_permanent=include_permanent, include_dead=include_dead
+    )
     if due.num_rows == 0:
         return row_schema(entity).empty_table()
     try:
@@ -250,12 +259,9 @@ def pending_stats(database: Any, entity: str) -> dict[str, Any]:
 
 
 def releasable_counts(database: Any, catalog: Catalog) -> dict[str, int]:
-    counts = {}
-    for name in catalog.topological_order:
-        n = database.pending().release_candidates(name).num_rows
-        if n:
-            counts[name] = n
-    return counts
+    """Per entity (of `catalog`), how many parked children now have their parent."""
+    keys = database.pending().releasable_keys()
+    return {name: len(keys[name]) for name in catalog.topological_order if name in keys}
 
 
 def last_success_per_entity(database: Any) -> dict[str, dt.datetime]:

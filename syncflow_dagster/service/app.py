@@ -24,7 +24,13 @@ from syncflow_dagster.catalog import Catalog, default_catalog
 from syncflow_dagster.service import launch
 from syncflow_dagster.service import models as m
 from syncflow_dagster.service.auth import bearer_scheme, check_bearer
-from syncflow_dagster.service.dagster_gateway import DagsterGateway, DagsterRefused, DagsterUnavailable
+from syncflow_dagster.service.dagster_gateway import (
+    DagsterGateway,
+    DagsterRefused,
+    DagsterUnavailable,
+    Launched,
+    Refused,
+)
 from syncflow_dagster.service.metrics import CONTENT_TYPE, exposition
 from syncflow_dagster.service.settings import ServiceSettings
 from syncflow_dagster.service.store_views import (
@@ -32,6 +38,7 @@ from syncflow_dagster.service.store_views import (
     BatchView,
     EntityStatsView,
     batches_of_run,
+    entities_with_retry_work,
     entity_stats,
     failed_records_page,
     pending_children_page,
@@ -302,17 +309,63 @@ def create_app(
         items = [m.FailedRecord.model_validate(item) for item in page.items]
         return m.FailedRecordsPage(total=page.total, limit=limit, offset=offset, items=items)
 
+    def runs_started(
+        what: str, launched: list[Launched], refused: list[Refused], nothing_to_do: list[str]
+    ) -> m.RunsStarted:
+        if refused and not launched:
+            # Nothing was launched: the answer is the error, as for a single launch.
+            code = (
+                status.HTTP_503_SERVICE_UNAVAILABLE
+                if any(r.unavailable for r in refused)
+                else status.HTTP_409_CONFLICT
+            )
+            detail = "; ".join(f"{r.entity}: {r.detail}" for r in refused)
+            raise HTTPException(code, detail=f"{what}: {detail}"[:2000])
+        return m.RunsStarted(
+            runs=[m.LaunchedRun(run_id=r.run_id, entity=r.entity) for r in launched],
+            refused=[m.RefusedRun(entity=r.entity, detail=r.detail) for r in refused],
+            nothing_to_do=nothing_to_do,
+        )
+
     @app.post(
         "/failed-records/retry",
         status_code=status.HTTP_202_ACCEPTED,
-        response_model=m.RetryStarted,
+        response_model=m.RunsStarted,
         tags=["state"],
+        responses={409: {"model": m.Problem}},
     )
-    def retry_failed(request: m.RetryRequest) -> m.RetryStarted:
-        """Launch the `retry` job: failed records that are due, and children whose parent arrived."""
-        names = known_entities(request.entities, "entities") if request.entities else []
-        run_id = dagster_call("start retry", gateway.submit_retry, names)
-        return m.RetryStarted(run_id=run_id, entities=names or entities)
+    def retry_failed(request: m.RetryRequest) -> m.RunsStarted:
+        """Launch the `retry` job, one run per entity with something to retry (failed records due, or
+        permanent / dead ones when asked for, and children whose parent arrived); 202 with the runs
+        launched, the ones Dagster refused, and the entities that had nothing to retry."""
+        names = known_entities(request.entities, "entities") if request.entities else entities
+        with_work = entities_with_retry_work(
+            engine, include_permanent=request.include_permanent, include_dead=request.include_dead
+        )
+        chosen = [n for n in names if n in with_work]
+        launched, refused = gateway.submit_each(
+            chosen,
+            lambda name: gateway.submit_retry(
+                name, include_permanent=request.include_permanent, include_dead=request.include_dead
+            ),
+        )
+        return runs_started("start retry", launched, refused, [n for n in names if n not in with_work])
+
+    @app.post(
+        "/reconcile",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=m.RunsStarted,
+        tags=["sync"],
+        responses={409: {"model": m.Problem}},
+    )
+    def reconcile(request: m.ReconcileRequest) -> m.RunsStarted:
+        """Launch the `reconcile` job (full key scan; deletes from ScheduleHub what APISmith no longer
+        has, unless the delete guard blocks it), one run per entity; `dry_run` only reports."""
+        names = known_entities(request.entities, "entities") if request.entities else entities
+        launched, refused = gateway.submit_each(
+            names, lambda name: gateway.submit_reconcile(name, dry_run=request.dry_run)
+        )
+        return runs_started("start reconcile", launched, refused, [])
 
     @app.get("/pending-children", response_model=m.PendingChildrenPage, tags=["state"])
     def pending_children(

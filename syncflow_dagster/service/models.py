@@ -148,11 +148,40 @@ class RetryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     entities: list[str] = Field(default_factory=list, max_length=100, description="Empty means every entity.")
+    include_permanent: bool = Field(
+        default=False,
+        description="Also retry open permanent failures (they are never retried on a timer).",
+    )
+    include_dead: bool = Field(default=False, description="Also retry failures that gave up (state `dead`).")
 
 
-class RetryStarted(BaseModel):
+class LaunchedRun(BaseModel):
     run_id: str
-    entities: list[str]
+    entity: str
+
+
+class RefusedRun(BaseModel):
+    entity: str
+    detail: str = Field(description="Why Dagster did not launch it (unreachable, or what it answered).")
+
+
+class RunsStarted(BaseModel):
+    """One run per entity: the ones launched, the ones Dagster refused, and entities with nothing to do."""
+
+    runs: list[LaunchedRun]
+    refused: list[RefusedRun]
+    nothing_to_do: list[str] = Field(
+        default_factory=list, description="Entities asked for that had nothing to retry: no run was started."
+    )
+
+
+class ReconcileRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    entities: list[str] = Field(default_factory=list, max_length=100, description="Empty means every entity.")
+    dry_run: bool = Field(
+        default=False, description="Compare keys and report what would be deleted; delete nothing."
+    )
 
 
 class PendingChild(BaseModel):

@@ -166,6 +166,19 @@ def entity_stats(conn: sa.Connection, entities: list[str] | None = None) -> dict
     return stats
 
 
+def entities_with_retry_work(
+    engine: sa.Engine, *, include_permanent: bool = False, include_dead: bool = False
+) -> set[str]:
+    """Entities a retry run would have work for now: failed records it takes, children it can release."""
+    from syncflow_dagster.store.failures import FailureRepository
+    from syncflow_dagster.store.pending import PendingRepository
+
+    due = FailureRepository(engine).entities_to_retry(
+        include_permanent=include_permanent, include_dead=include_dead
+    )
+    return due | set(PendingRepository(engine).releasable_keys())
+
+
 @dataclass(frozen=True)
 class Page:
     """A page of rows and the total that matched the filter."""

@@ -264,7 +264,7 @@ class FailureRepository:
         if limit < 1:
             raise ValueError(f"due_for_retry: limit must be positive, got {limit}")
         moment = now or dt.datetime.now(dt.UTC)
-        chosen = [
+        chosen: list[sql.Composable] = [
             sql.SQL(
                 "(state = 'open' AND reason_class = 'retryable' AND next_retry_at <= {}::timestamptz)"
             ).format(sql.Literal(moment))
@@ -273,7 +273,10 @@ class FailureRepository:
             chosen.append(sql.SQL("(state = 'open' AND reason_class = 'permanent')"))
         if include_dead:
             chosen.append(sql.SQL("state = 'dead'"))
-        where = [sql.SQL("resolved_at IS NULL"), sql.SQL("(") + sql.SQL(" OR ").join(chosen) + sql.SQL(")")]
+        where: list[sql.Composable] = [
+            sql.SQL("resolved_at IS NULL"),
+            sql.SQL("(") + sql.SQL(" OR ").join(chosen) + sql.SQL(")"),
+        ]
         if entity is not None:
             where.append(sql.SQL("entity = {}").format(sql.Literal(entity)))
         query = sql.SQL(
@@ -369,6 +372,27 @@ class FailureRepository:
         )
         with self.engine.begin() as conn:
             return [_record(row) for row in conn.execute(query)]
+
+    def entities_to_retry(
+        self,
+        now: dt.datetime | None = None,
+        *,
+        include_permanent: bool = False,
+        include_dead: bool = False,
+    ) -> set[str]:
+        """Entities holding failures a retry run would take now (the rule of due_for_retry); one query."""
+        t = failed_records
+        moment = now or dt.datetime.now(dt.UTC)
+        chosen: list[sa.ColumnElement[bool]] = [
+            sa.and_(t.c.state == "open", t.c.reason_class == "retryable", t.c.next_retry_at <= moment)
+        ]
+        if include_permanent:
+            chosen.append(sa.and_(t.c.state == "open", t.c.reason_class == "permanent"))
+        if include_dead:
+            chosen.append(t.c.state == "dead")
+        query = sa.select(t.c.entity).distinct().where(t.c.resolved_at.is_(None), sa.or_(*chosen))
+        with self.engine.connect() as conn:
+            return {row.entity for row in conn.execute(query)}
 
     def give_up_stale(self, entity: str | None = None, now: dt.datetime | None = None) -> int:
         """Retryable open failures older than `retry_max_age_hours` become `dead`; returns how many.

@@ -240,6 +240,22 @@ class PendingRepository:
         )
         return self._select(query)
 
+    def releasable_keys(self) -> dict[str, list[bytes]]:
+        """Per entity, the sorted key hashes of its parked children whose parent is now delivered (one query)."""
+        query = sql.SQL(
+            "SELECT p.entity, p.bk_hash FROM {pending} AS p JOIN {state} AS s"
+            " ON s.entity = p.missing_parent_entity AND s.bk_hash = p.missing_parent_bk_hash"
+        ).format(pending=_PENDING, state=_STATE)
+        with self.engine.begin() as conn:
+            table = select_table(
+                driver_cursor(conn), query, [PgColumn("entity", "text"), PgColumn("bk_hash", "uuid")]
+            )
+        out: dict[str, list[bytes]] = {}
+        for entity, key in zip(table["entity"].to_pylist(), table["bk_hash"].to_pylist(), strict=True):
+            if entity is not None and key is not None:  # both columns are NOT NULL
+                out.setdefault(str(entity), []).append(bytes(key))
+        return {entity: sorted(keys) for entity, keys in out.items()}
+
     def waiting(self, entity: str) -> pa.Table:
         """Every child of `entity` still parked, as release_candidates' columns."""
         query = sql.SQL(
