@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from syncflow_dagster.catalog import Catalog, default_catalog
+from syncflow_dagster.engine.columns import KEY_SEPARATOR
 from syncflow_dagster.service import launch
 from syncflow_dagster.service import models as m
 from syncflow_dagster.service.auth import bearer_scheme, check_bearer
@@ -38,6 +40,7 @@ from syncflow_dagster.service.store_views import (
     BatchView,
     EntityStatsView,
     batches_of_run,
+    batches_page,
     entities_with_retry_work,
     entity_stats,
     failed_records_page,
@@ -61,6 +64,8 @@ def _batch_metrics(view: BatchView) -> m.BatchMetrics:
     counts = {name: view.counts.get(name, 0) for name in BATCH_METRICS}
     return m.BatchMetrics(
         batch_id=view.id,
+        run_id=view.run_id,
+        kind=view.kind,  # type: ignore[arg-type]  # the table's check constraint holds it to the three
         entity=view.entity,
         partition_date=view.partition_date,
         status=view.status,
@@ -68,6 +73,19 @@ def _batch_metrics(view: BatchView) -> m.BatchMetrics:
         finished_at=view.finished_at,
         stage_seconds=view.stage_seconds,
         seconds=view.seconds,
+        counts=dict(view.counts),
+        stages=[
+            m.StageProgress(
+                stage=stage.stage,
+                status=stage.status,  # type: ignore[arg-type]  # succeeded or failed (_stage_views)
+                rows=stage.rows,
+                seconds=stage.seconds,
+                finished_at=stage.at,
+                counts=stage.counts,
+                error=stage.error,
+            )
+            for stage in view.stages
+        ],
         **counts,
     )
 
@@ -249,11 +267,32 @@ def create_app(
             ],
         )
 
+    @app.get("/sync", response_model=m.SyncList, tags=["sync"])
+    def list_syncs(
+        entity: Annotated[str | None, Query(max_length=63)] = None,
+        batch_status: Annotated[
+            Literal["running", "succeeded", "failed", "cancelled"] | None, Query(alias="status")
+        ] = None,
+        kind: Annotated[Literal["sync", "retry", "reconcile"] | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    ) -> m.SyncList:
+        """Recent batches, newest first (syncs, retries and reconciles), each with its run id and its stages
+        as far as they got; filtered by entity, status and kind."""
+        with engine.connect() as conn:
+            page = batches_page(
+                conn, entity=entity, status=batch_status, kind=kind, limit=limit, offset=offset
+            )
+        return m.SyncList(
+            total=page.total, limit=limit, offset=offset, items=[_batch_metrics(b) for b in page.items]
+        )
+
     @app.get(
         "/sync/{run_id}", response_model=m.RunStatus, tags=["sync"], responses={404: {"model": m.Problem}}
     )
     def sync_status(run_id: RunId) -> m.RunStatus:
-        """The run's Dagster status and the metrics of every batch it wrote (a re-execution: its lineage's)."""
+        """The run's Dagster status and the metrics of every batch it wrote (a re-execution: its lineage's),
+        with each stage's counts and seconds as it finishes; a failed or cancelled run's up to where it stopped."""
         run = dagster_call("run status", gateway.run, run_id)
         with engine.connect() as conn:
             batches = batches_of_run(conn, run.batch_run_id)
@@ -295,8 +334,14 @@ def create_app(
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
         include_resolved: bool = False,
+        state: Annotated[
+            Literal["open", "dead", "delivered", "resolved", "dismissed"] | None,
+            Query(
+                description="Only records in this state (default: open and dead, the ones holding their key)."
+            ),
+        ] = None,
     ) -> m.FailedRecordsPage:
-        """Open failed records (newest first), filtered by entity and reason."""
+        """Failed records that hold their key (open and dead; newest first), filtered by entity, reason and state."""
         with engine.connect() as conn:
             page = failed_records_page(
                 conn,
@@ -305,6 +350,7 @@ def create_app(
                 limit=limit,
                 offset=offset,
                 include_resolved=include_resolved,
+                state=state,
             )
         items = [m.FailedRecord.model_validate(item) for item in page.items]
         return m.FailedRecordsPage(total=page.total, limit=limit, offset=offset, items=items)
@@ -366,6 +412,57 @@ def create_app(
             names, lambda name: gateway.submit_reconcile(name, dry_run=request.dry_run)
         )
         return runs_started("start reconcile", launched, refused, [])
+
+    def close_failed(state: str, request: m.CloseFailedRequest) -> m.FailedClosed:
+        from syncflow_dagster.store.failures import FailureRepository
+
+        ids: list[uuid.UUID] = []
+        for text in request.ids:
+            try:
+                ids.append(uuid.UUID(text))
+            except ValueError:
+                raise HTTPException(
+                    status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"ids: {text!r} is not a failed record id"
+                ) from None
+        if request.entity is not None:
+            known_entities([request.entity], "entity")
+        keys = [KEY_SEPARATOR.join(k) if isinstance(k, list) else k for k in request.keys]
+        if not ids and not (request.entity and (keys or request.reason_code)):
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                detail="choose failed records by `ids`, or by `entity` with `keys` or a `reason_code`",
+            )
+        closed = FailureRepository(engine).close_by_person(
+            state,
+            by=request.by,
+            reason=request.reason,
+            ids=ids or None,
+            entity=request.entity,
+            bks=keys or None,
+            reason_code=request.reason_code,
+        )
+        items = [
+            m.FailedRecord.model_validate(
+                {
+                    **{k: v for k, v in vars(record).items() if k not in ("payload", "bk_hash")},
+                    "id": str(record.id),
+                    "batch_id": None if record.batch_id is None else str(record.batch_id),
+                }
+            )
+            for record in closed
+        ]
+        return m.FailedClosed(closed=len(items), items=items)
+
+    @app.post("/failed-records/resolve", response_model=m.FailedClosed, tags=["state"])
+    def resolve_failed(request: m.CloseFailedRequest) -> m.FailedClosed:
+        """Close held failed records as `resolved` (fixed elsewhere, e.g. by hand in ScheduleHub), with who
+        and why; they are no longer retried. A later failure of the same key opens a new record."""
+        return close_failed("resolved", request)
+
+    @app.post("/failed-records/dismiss", response_model=m.FailedClosed, tags=["state"])
+    def dismiss_failed(request: m.CloseFailedRequest) -> m.FailedClosed:
+        """Close held failed records as `dismissed` (not worth delivering), with who and why."""
+        return close_failed("dismissed", request)
 
     @app.get("/pending-children", response_model=m.PendingChildrenPage, tags=["state"])
     def pending_children(

@@ -62,10 +62,28 @@ class SyncStarted(BaseModel):
     not_launched: list[RunNotStarted]
 
 
+class StageProgress(BaseModel):
+    """A stage of a batch that finished (or failed), with what it counted."""
+
+    stage: str
+    status: Literal["succeeded", "failed"]
+    rows: int | None = Field(description="Rows in the stage's output frame.")
+    seconds: float | None
+    finished_at: dt.datetime
+    counts: dict[str, int]
+    error: str | None = Field(default=None, description="Why a failed stage failed (type and message).")
+
+
 class BatchMetrics(BaseModel):
-    """One batch of a run: counts per stage outcome and seconds per stage."""
+    """One batch of a run: counts per stage outcome and seconds per stage.
+
+    While the batch runs, and after its run failed or was cancelled, the counts
+    are those of the stages that finished (`stages`).
+    """
 
     batch_id: str
+    run_id: str | None = Field(description="The run the batch is filed under (the root of a re-execution).")
+    kind: Literal["sync", "retry", "reconcile"] = Field(description="The job that wrote the batch.")
     entity: str
     partition_date: dt.date | None
     status: str
@@ -86,8 +104,20 @@ class BatchMetrics(BaseModel):
     delivered: int
     failed: int
     committed: int
+    counts: dict[str, int] = Field(
+        description="Every count the batch's stages reported, the ones above included (a retry's "
+        "`retried`, `gave_up`, ...)."
+    )
     stage_seconds: dict[str, float]
     seconds: float
+    stages: list[StageProgress] = Field(description="The stages that finished, in order, as they finished.")
+
+
+class SyncList(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    items: list[BatchMetrics]
 
 
 class RunStatus(BaseModel):
@@ -135,6 +165,38 @@ class FailedRecord(BaseModel):
     next_retry_at: dt.datetime | None
     resolved_at: dt.datetime | None
     batch_id: str | None
+    state: Literal["open", "dead", "delivered", "resolved", "dismissed"] = Field(
+        description="open: retried on its schedule (retryable) or waiting for a person (permanent); "
+        "dead: gave up after its attempts or age; delivered: ScheduleHub took it; resolved, dismissed: "
+        "a person closed it."
+    )
+    state_at: dt.datetime | None
+    state_by: str | None = Field(description="Who closed it or gave it up ('syncflow' when SyncFlow did).")
+    state_reason: str | None
+
+
+class CloseFailedRequest(BaseModel):
+    """Which held failed records to close, by whom and why: ids, or an entity with keys or a reason code."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(default_factory=list, max_length=1000, description="Failed record ids.")
+    entity: str | None = Field(default=None, max_length=63)
+    keys: list[str | list[str]] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="Business keys of `entity`: the key text, or a composite key as its parts in key order.",
+    )
+    reason_code: str | None = Field(
+        default=None, max_length=200, description="Every held record of `entity` with this reason code."
+    )
+    reason: str = Field(min_length=1, max_length=2000, description="Why (kept with the record).")
+    by: str = Field(min_length=1, max_length=200, description="Who (kept with the record).")
+
+
+class FailedClosed(BaseModel):
+    closed: int
+    items: list[FailedRecord]
 
 
 class FailedRecordsPage(BaseModel):

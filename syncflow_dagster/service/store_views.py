@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import distinct_on
 
+from syncflow_dagster.store.events import StageEvent, StageEventRepository, stage_totals
 from syncflow_dagster.store.schema import failed_records, pending_children, sync_batches
 
 # The metrics every batch reports, in the order people read them.
@@ -54,6 +55,19 @@ def normalise_counts(raw: Mapping[str, Any] | None) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
+class StageView:
+    """One stage of a batch as far as it got: finished (its counts and seconds) or failed."""
+
+    stage: str
+    status: str  # succeeded, failed
+    rows: int | None
+    seconds: float | None
+    at: dt.datetime
+    counts: dict[str, int]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class BatchView:
     """One sync batch: an entity x partition date, within one Dagster run."""
 
@@ -66,6 +80,8 @@ class BatchView:
     finished_at: dt.datetime | None
     counts: dict[str, int]
     stage_seconds: dict[str, float]
+    kind: str = "sync"
+    stages: tuple[StageView, ...] = ()
 
     @property
     def seconds(self) -> float:
@@ -86,7 +102,18 @@ class EntityStatsView:
     pending_children: int = 0
 
 
-def _batch(row: sa.Row[Any]) -> BatchView:
+def _batch(row: sa.Row[Any], events: list[StageEvent] | None = None) -> BatchView:
+    """A batch row; with its stage events, its stages, and while it runs the counts they add up to."""
+    counts: Mapping[str, Any] = row.counts
+    stage_seconds: Mapping[str, Any] = row.stage_seconds or {}
+    stages: tuple[StageView, ...] = ()
+    if events is not None:
+        totals = stage_totals(events)
+        if row.status == "running" or not counts:
+            # Counts reach the row when the batch closes; until then (and for a batch
+            # closed before this was recorded) the finished stages say how far it got.
+            counts, stage_seconds = totals.counts, totals.stage_seconds
+        stages = tuple(_stage_views(events))
     return BatchView(
         id=str(row.id),
         entity=row.entity,
@@ -95,15 +122,83 @@ def _batch(row: sa.Row[Any]) -> BatchView:
         status=row.status,
         started_at=row.started_at,
         finished_at=row.finished_at,
-        counts=normalise_counts(row.counts),
-        stage_seconds={str(k): float(v) for k, v in (row.stage_seconds or {}).items()},
+        counts=normalise_counts(counts),
+        stage_seconds={str(k): float(v) for k, v in stage_seconds.items()},
+        kind=getattr(row, "kind", "sync"),
+        stages=stages,
     )
 
 
+def _stage_views(events: list[StageEvent]) -> list[StageView]:
+    """The latest finish of each stage, in the order the stages first finished."""
+    latest: dict[str, StageEvent] = {}
+    for event in events:
+        if event.status in ("succeeded", "failed"):
+            latest[event.stage] = event
+    views = []
+    for event in sorted(latest.values(), key=lambda e: e.at):
+        detail = event.detail or {}
+        views.append(
+            StageView(
+                stage=event.stage,
+                status=event.status,
+                rows=event.rows,
+                seconds=None if event.seconds is None else round(float(event.seconds), 3),
+                at=event.at,
+                counts={
+                    _ALIASES.get(k, k): int(v)
+                    for k, v in detail.items()
+                    if isinstance(v, int) and not isinstance(v, bool)
+                },
+                error=str(detail["error"]) if "error" in detail else None,
+            )
+        )
+    return views
+
+
+def _with_events(conn: sa.Connection, rows: list[sa.Row[Any]]) -> list[BatchView]:
+    events = StageEventRepository(conn.engine).for_batches([row.id for row in rows])
+    return [_batch(row, events.get(row.id, [])) for row in rows]
+
+
 def batches_of_run(conn: sa.Connection, run_id: str) -> list[BatchView]:
-    """Every batch a Dagster run wrote, oldest first."""
+    """Every batch a Dagster run wrote, oldest first, each with its stages as far as they got."""
     query = sa.select(sync_batches).where(sync_batches.c.run_id == run_id).order_by(sync_batches.c.started_at)
-    return [_batch(row) for row in conn.execute(query)]
+    return _with_events(conn, list(conn.execute(query)))
+
+
+@dataclass(frozen=True)
+class BatchPage:
+    total: int
+    items: list[BatchView]
+
+
+def batches_page(
+    conn: sa.Connection,
+    *,
+    entity: str | None = None,
+    status: str | None = None,
+    kind: str | None = None,
+    since: dt.datetime | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> BatchPage:
+    """Batches newest first (syncs, retries and reconciles), filtered, each with its stage progress."""
+    t = sync_batches
+    where: list[sa.ColumnElement[bool]] = []
+    if entity is not None:
+        where.append(t.c.entity == entity)
+    if status is not None:
+        where.append(t.c.status == status)
+    if kind is not None:
+        where.append(t.c.kind == kind)
+    if since is not None:
+        where.append(t.c.started_at >= since)
+    total = conn.execute(sa.select(sa.func.count()).select_from(t).where(*where)).scalar_one()
+    query = (
+        sa.select(t).where(*where).order_by(t.c.started_at.desc(), t.c.id.desc()).limit(limit).offset(offset)
+    )
+    return BatchPage(int(total), _with_events(conn, list(conn.execute(query))))
 
 
 def recent_batches(conn: sa.Connection, limit: int = 1000) -> list[BatchView]:
@@ -195,11 +290,18 @@ def failed_records_page(
     limit: int = 100,
     offset: int = 0,
     include_resolved: bool = False,
+    state: str | None = None,
 ) -> Page:
-    """Failed records, newest failure first; payloads are left out (they can be large)."""
+    """Failed records, newest failure first; payloads are left out (they can be large).
+
+    By default the ones that still hold their key (states open and dead);
+    `include_resolved` adds the closed ones, `state` picks one state.
+    """
     t = failed_records
     where: list[sa.ColumnElement[bool]] = []
-    if not include_resolved:
+    if state is not None:
+        where.append(t.c.state == state)
+    elif not include_resolved:
         where.append(t.c.resolved_at.is_(None))
     if entity is not None:
         where.append(t.c.entity == entity)
@@ -219,6 +321,10 @@ def failed_records_page(
         t.c.next_retry_at,
         t.c.resolved_at,
         t.c.batch_id,
+        t.c.state,
+        t.c.state_at,
+        t.c.state_by,
+        t.c.state_reason,
     ]
     query = sa.select(*columns).where(*where).order_by(t.c.last_failed_at.desc(), t.c.id).limit(limit)
     items = [_plain(row._mapping) for row in conn.execute(query.offset(offset))]

@@ -82,7 +82,8 @@ def test_pending_sensor_run_key_names_the_releasable_set_and_repeats_while_it_is
     assert request.run_config == {
         "ops": {"retry_failed_and_pending": {"config": {"entities": ["work_centers"]}}}
     }
-    assert request.run_key is not None and request.run_key.startswith("release:work_centers:2:")
+    assert request.run_key is not None
+    assert request.run_key.startswith("release:work_centers:2:")
 
     # The next tick sees the same set: the same run key, whatever the cursor or the time,
     # so Dagster launches no second run for it.
@@ -95,7 +96,8 @@ def test_pending_sensor_run_key_names_the_releasable_set_and_repeats_while_it_is
     changed = _tick(database)
     assert isinstance(changed, dg.SensorResult)
     (bigger,) = changed.run_requests or []
-    assert bigger.run_key is not None and bigger.run_key.startswith("release:work_centers:3:")
+    assert bigger.run_key is not None
+    assert bigger.run_key.startswith("release:work_centers:3:")
     assert bigger.run_key != request.run_key
 
     # Children of a second entity get a run of their own, parents first.

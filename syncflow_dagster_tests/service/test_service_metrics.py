@@ -78,7 +78,7 @@ def test_counters_match_the_batch_rows(engine: sa.Engine) -> None:
 def test_resolved_failures_leave_the_gauge(engine: sa.Engine) -> None:
     with engine.begin() as conn:
         insert_failure(conn, "items", "I-1", "transient_failure")
-        conn.execute(sa.update(failed_records).values(resolved_at=sa.func.now()))
+        conn.execute(sa.update(failed_records).values(resolved_at=sa.func.now(), state="delivered"))
         insert_failure(conn, "items", "I-2", "parent_missing")
     samples = _samples(exposition(engine, ["items"]))
     assert ("syncflow_failed_records", (("entity", "items"), ("reason", "transient_failure"))) not in samples
