@@ -39,7 +39,8 @@ BATCH_METRICS = (
     "committed",
 )
 # The delta stage counts by action (`insert`); people read past tense.
-_ALIASES = {"insert": "inserted", "update": "updated", "delete": "deleted", "skip": "skipped"}
+COUNT_ALIASES = {"insert": "inserted", "update": "updated", "delete": "deleted", "skip": "skipped"}
+_ALIASES = COUNT_ALIASES
 
 
 def normalise_counts(raw: Mapping[str, Any] | None) -> dict[str, int]:

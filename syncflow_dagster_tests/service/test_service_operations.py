@@ -85,9 +85,8 @@ def test_a_running_batch_shows_the_stages_that_finished_and_a_cancelled_one_keep
     assert item["stage_seconds"] == {"fetch": 1.25, "normalize": 0.5}
 
     # The delta stage then failed, and the operator cancelled the run.
-    with pytest.raises(RuntimeError):
-        with database.events().stage(batch, "work_centers", "delta"):
-            raise RuntimeError("out of memory")
+    with pytest.raises(RuntimeError), database.events().stage(batch, "work_centers", "delta"):
+        raise RuntimeError("out of memory")
     assert database.batches().close_running(run_id, "cancelled") == [batch]
     (stopped,) = api.get("/sync", entity="work_centers").json()["items"]
     assert stopped["status"] == "cancelled"
