@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from syncflow_dagster.cli import ops
+from syncflow_dagster.cli.catalog import catalog_app
 from syncflow_dagster.cli.demo import demo
 from syncflow_dagster.cli.dev import dev
 from syncflow_dagster.cli.errors import SyncflowTyper
@@ -19,6 +20,7 @@ app = SyncflowTyper(
 )
 app.add_typer(simulate_app, name="simulate")
 app.add_typer(frame_app, name="frame")
+app.add_typer(catalog_app, name="catalog")
 ops.register(app)
 app.command("demo")(demo)
 app.command("dev")(dev)

@@ -275,6 +275,96 @@ def entities_with_retry_work(
     return due | set(PendingRepository(engine).releasable_keys())
 
 
+@dataclass
+class WindowView:
+    """One entity over a window of time: every batch that started in it, whatever its kind."""
+
+    entity: str
+    batches: dict[str, int] = field(default_factory=dict)  # by kind: sync, retry, reconcile
+    statuses: dict[str, int] = field(default_factory=dict)  # by status: succeeded, failed, ...
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BATCH_METRICS, 0))
+    seconds: float = 0.0
+    last_batch: BatchView | None = None
+    last_success_at: dt.datetime | None = None
+    held_failures: int = 0  # open failed records now
+    dead_failures: int = 0
+    pending_children: int = 0
+
+
+def window_totals(
+    conn: sa.Connection,
+    since: dt.datetime,
+    until: dt.datetime | None = None,
+    entities: list[str] | None = None,
+) -> dict[str, WindowView]:
+    """Per entity, the totals of every batch (sync, retry, reconcile) that started in [since, until).
+
+    Counts are under the API's names (a reconcile's deletes are `deleted`, as a
+    sync's); a batch still running, or stopped, adds what its finished stages
+    counted. Failures and children waiting are as they are now.
+    """
+    views: dict[str, WindowView] = {name: WindowView(name) for name in entities or []}
+
+    def of(name: str) -> WindowView:
+        return views.setdefault(name, WindowView(name))
+
+    t = sync_batches
+    where = [t.c.started_at >= since] + ([t.c.started_at < until] if until is not None else [])
+    per_kind = sa.select(t.c.entity, t.c.kind, t.c.status, sa.func.count()).where(*where)
+    for entity, kind, status, n in conn.execute(per_kind.group_by(t.c.entity, t.c.kind, t.c.status)):
+        view = of(entity)
+        view.batches[kind] = view.batches.get(kind, 0) + n
+        view.statuses[status] = view.statuses.get(status, 0) + n
+    kv = sa.func.jsonb_each_text(t.c.counts).table_valued("key", "value").alias("kv")
+    closed = (
+        sa.select(t.c.entity, kv.c.key, sa.func.sum(sa.cast(kv.c.value, sa.BigInteger)))
+        .select_from(t.join(kv, sa.true()))
+        .where(*where, t.c.status != "running", kv.c.value.regexp_match(r"^[0-9]+$"))
+        .group_by(t.c.entity, kv.c.key)
+    )
+    for entity, key, total in conn.execute(closed):
+        counts = of(entity).counts
+        name = COUNT_ALIASES.get(key, key)
+        counts[name] = counts.get(name, 0) + int(total)
+    seconds = sa.func.extract("epoch", sa.func.coalesce(t.c.finished_at, sa.func.now()) - t.c.started_at)
+    for entity, total in conn.execute(
+        sa.select(t.c.entity, sa.func.sum(seconds)).where(*where).group_by(t.c.entity)
+    ):
+        of(entity).seconds = round(float(total or 0.0), 3)
+    running = list(conn.execute(sa.select(t).where(*where, t.c.status == "running")))
+    for batch in _with_events(conn, running):
+        counts = of(batch.entity).counts
+        for name, value in batch.counts.items():
+            counts[name] = counts.get(name, 0) + value
+    last = (
+        sa.select(t)
+        .where(*where)
+        .ext(distinct_on(t.c.entity))
+        .order_by(t.c.entity, t.c.started_at.desc(), t.c.id.desc())
+    )
+    for row in conn.execute(last):
+        of(row.entity).last_batch = _batch(row)
+    ok = (
+        sa.select(t.c.entity, sa.func.max(t.c.finished_at))
+        .where(t.c.status == "succeeded")
+        .group_by(t.c.entity)
+    )
+    for entity, finished in conn.execute(ok):
+        if entity in views or not entities:
+            of(entity).last_success_at = finished
+    f = failed_records
+    held = sa.select(f.c.entity, f.c.state, sa.func.count()).where(f.c.resolved_at.is_(None))
+    for entity, state, n in conn.execute(held.group_by(f.c.entity, f.c.state)):
+        if state == "dead":
+            of(entity).dead_failures = n
+        else:
+            of(entity).held_failures = n
+    waiting = sa.select(pending_children.c.entity, sa.func.count()).group_by(pending_children.c.entity)
+    for entity, n in conn.execute(waiting):
+        of(entity).pending_children = n
+    return views
+
+
 @dataclass(frozen=True)
 class Page:
     """A page of rows and the total that matched the filter."""
