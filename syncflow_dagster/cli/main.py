@@ -10,6 +10,7 @@ from syncflow_dagster.cli.errors import SyncflowTyper
 from syncflow_dagster.cli.frames import frame_app
 from syncflow_dagster.cli.simulate import simulate_app
 from syncflow_dagster.cli.sync import sync
+from syncflow_dagster.cli.trace import trace
 
 # SyncflowTyper: known errors end in one line and a non-zero exit (cli/errors.py).
 app = SyncflowTyper(
@@ -22,6 +23,7 @@ app.add_typer(simulate_app, name="simulate")
 app.add_typer(frame_app, name="frame")
 app.add_typer(catalog_app, name="catalog")
 ops.register(app)
+app.command("trace")(trace)
 app.command("demo")(demo)
 app.command("dev")(dev)
 app.command("sync")(sync)

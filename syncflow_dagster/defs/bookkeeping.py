@@ -227,6 +227,9 @@ def park_children(
     }
     frame = pa.table(columns)
     parked: Parked = database.pending().park(entity.name, batch, frame)
+    parent: Any = pc.cast(waiting[MISSING_PARENT], pa.string()).combine_chunks()
+    waits_for = pc.binary_join_element_wise(parent, parent_bk, " ")  # e.g. "work_orders WO-0728"
+    database.delivery_log().record_parked(entity.name, batch, waiting[c.BK_HASH].combine_chunks(), waits_for)
     return parked
 
 

@@ -235,8 +235,9 @@ def _retry_entity(
 
 
 @dg.op(
-    description="Drop stage-frame partitions older than the frame IO manager's retention_days.",
-    required_resource_keys={"frame_io_manager"},
+    description="Drop stage-frame partitions older than the frame IO manager's retention_days, and "
+    "deliveries older than SYNCFLOW_STORE_DELIVERY_LOG_DAYS from the delivery log.",
+    required_resource_keys={"frame_io_manager", "database"},
 )
 def prune_stage_frames(context: OpExecutionContext) -> None:
     manager = context.resources.frame_io_manager
@@ -245,3 +246,5 @@ def prune_stage_frames(context: OpExecutionContext) -> None:
     context.log.info(
         f"pruned stage rows older than {cutoff}: {sum(removed.values())} rows in {len(removed)} tables"
     )
+    logged = context.resources.database.delivery_log().prune()
+    context.log.info(f"pruned {logged} deliveries from the delivery log")

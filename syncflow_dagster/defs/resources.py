@@ -66,6 +66,11 @@ class SyncDatabase(dg.ConfigurableResource):
 
         return PendingRepository(self.engine)
 
+    def delivery_log(self) -> Any:
+        from syncflow_dagster.store.delivery_log import DeliveryLogRepository
+
+        return DeliveryLogRepository(self.engine)
+
     def events(self) -> Any:
         from syncflow_dagster.store.events import StageEventRepository
 

@@ -578,6 +578,8 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
                 bookkeeping.forget_delivered_children(database, entity, pa.table({c.BK_HASH: parked}))
         parent_missing = _is(rejected["_reason_code"], "parent_missing")
         bookkeeping.record_delivery_failures(database, entity, batch_id, rejected)
+        # Every row sent and ScheduleHub's answer, for `syncflow trace` (store/delivery_log.py).
+        database.delivery_log().record(entity.name, batch_id, delivered)
     # A delete of a key that was never stored removes no state (see `delta_stage`).
     never_stored = _count(_never_stored_deletes(deleted))
     counts = {
