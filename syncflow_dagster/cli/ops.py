@@ -363,32 +363,30 @@ _By = Annotated[str | None, typer.Option(help="Who (kept with the record); defau
 _Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
-@failed_app.command("resolve")
-def failed_resolve(
-    why: _Why,
-    entity: _CloseEntity = None,
-    key: _CloseKey = None,
-    reason_code: _CloseCode = None,
-    record_id: _CloseId = None,
-    by: _By = None,
-    as_json: _Json = False,
-) -> None:
-    """Close held failed records as resolved (fixed elsewhere), saying why; they are not retried."""
-    _close_failed("resolved", entity, key, reason_code, record_id, why, by, as_json)
+def _close_command(verb: str, state: str, doc: str) -> None:
+    """Mount `syncflow failed VERB`, which closes held records as `state`."""
+
+    def close(
+        why: _Why,
+        entity: _CloseEntity = None,
+        key: _CloseKey = None,
+        reason_code: _CloseCode = None,
+        record_id: _CloseId = None,
+        by: _By = None,
+        as_json: _Json = False,
+    ) -> None:
+        _close_failed(state, entity, key, reason_code, record_id, why, by, as_json)
+
+    close.__doc__ = doc
+    failed_app.command(verb)(close)
 
 
-@failed_app.command("dismiss")
-def failed_dismiss(
-    why: _Why,
-    entity: _CloseEntity = None,
-    key: _CloseKey = None,
-    reason_code: _CloseCode = None,
-    record_id: _CloseId = None,
-    by: _By = None,
-    as_json: _Json = False,
-) -> None:
-    """Close held failed records as dismissed (not worth delivering), saying why."""
-    _close_failed("dismissed", entity, key, reason_code, record_id, why, by, as_json)
+_close_command(
+    "resolve", "resolved", "Close held failed records as resolved (fixed elsewhere), saying why; not retried."
+)
+_close_command(
+    "dismiss", "dismissed", "Close held failed records as dismissed (not worth delivering), saying why."
+)
 
 
 @failed_app.command("retry")

@@ -104,6 +104,13 @@ def after_failure_sql(reason_class: str, at: str, attempts: str, first: str, sta
     )
 
 
+def again_after_conflict_sql() -> sql.SQL:
+    """after_failure_sql of an `INSERT ... AS f ... ON CONFLICT DO UPDATE` whose new row is EXCLUDED."""
+    return after_failure_sql(
+        "EXCLUDED.reason_class", "EXCLUDED.last_failed_at", "(f.attempts + 1)", "f.first_failed_at", "f.state"
+    )
+
+
 def retry_params(settings: StoreSettings | None = None) -> dict[str, Any]:
     settings = settings or StoreSettings()
     return {
@@ -214,13 +221,7 @@ class FailureRepository:
             failed=_FAILED,
             staging=sql.Identifier(_STAGING),
             first_retry=next_retry_sql("s.reason_class", "%(now)s::timestamptz", "1"),
-            again=after_failure_sql(
-                "EXCLUDED.reason_class",
-                "EXCLUDED.last_failed_at",
-                "(f.attempts + 1)",
-                "f.first_failed_at",
-                "f.state",
-            ),
+            again=again_after_conflict_sql(),
         )
         with self.engine.begin() as conn:
             cursor = driver_cursor(conn)

@@ -28,7 +28,14 @@ from psycopg import sql
 from syncflow_dagster.engine.columns import BK, BK_HASH
 from syncflow_dagster.store.copy import PgColumn, copy_in, create_staging, select_table
 from syncflow_dagster.store.database import StoreSettings, driver_cursor
-from syncflow_dagster.store.failures import PAYLOAD, after_failure_sql, new_ids, next_retry_sql, retry_params
+from syncflow_dagster.store.failures import (
+    PAYLOAD,
+    after_failure_sql,
+    again_after_conflict_sql,
+    new_ids,
+    next_retry_sql,
+    retry_params,
+)
 from syncflow_dagster.store.keys import KEYS, check_keys, execute_for_keys
 from syncflow_dagster.store.schema import REASON_CLASSES, SCHEMA, pending_children
 
@@ -316,13 +323,7 @@ class PendingRepository:
             scope=scope,
             uuid7=sql.SQL(_UUID7_SQL),
             first_retry=next_retry_sql("%(reason_class)s", "%(now)s::timestamptz", "1"),
-            again=after_failure_sql(
-                "EXCLUDED.reason_class",
-                "EXCLUDED.last_failed_at",
-                "(f.attempts + 1)",
-                "f.first_failed_at",
-                "f.state",
-            ),
+            again=again_after_conflict_sql(),
         )
         with self.engine.begin() as conn:
             cursor = driver_cursor(conn)
