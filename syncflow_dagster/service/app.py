@@ -432,15 +432,18 @@ def create_app(
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
                 detail="choose failed records by `ids`, or by `entity` with `keys` or a `reason_code`",
             )
-        closed = FailureRepository(engine).close_by_person(
-            state,
-            by=request.by,
-            reason=request.reason,
-            ids=ids or None,
-            entity=request.entity,
-            bks=keys or None,
-            reason_code=request.reason_code,
-        )
+        try:
+            closed = FailureRepository(engine).close_by_person(
+                state,
+                by=request.by,
+                reason=request.reason,
+                ids=ids or None,
+                entity=request.entity,
+                bks=keys or None,
+                reason_code=request.reason_code,
+            )
+        except ValueError as exc:  # a blank `by` or `reason`: the store names the field
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
         items = [
             m.FailedRecord.model_validate(
                 {

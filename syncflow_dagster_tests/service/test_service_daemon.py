@@ -41,6 +41,7 @@ from syncflow_dagster.service.app import create_app
 from syncflow_dagster.service.settings import ServiceSettings
 from syncflow_dagster.simulators import apismith, schedulehub
 from syncflow_dagster.simulators.serve import RunningServer, start_server
+from syncflow_dagster.store.database import make_engine
 from syncflow_dagster.store.schema import delivery_log
 from syncflow_dagster_tests.verify import verify_sync
 from syncflow_dagster_tests.webserver import DagsterDeployment, dagster_deployment, scratch_database
@@ -232,7 +233,7 @@ def test_cancel_mid_delivery_then_resume_delivers_everything_once(stack: Stack) 
     assert done["fetched"] == batch["fetched"]  # the fetch was not run again
     assert done["delivered"] == done["inserted"] > sent_before > 0
 
-    engine = sa.create_engine(stack.state_url.replace("postgresql://", "postgresql+psycopg://"))
+    engine = make_engine(stack.state_url)
     try:
         verification = verify_sync(stack.apismith.url, stack.hub(), engine, ["customers"])
         assert verification.defects() == [], verification.describe()

@@ -180,6 +180,9 @@ def test_resolve_and_dismiss_record_who_and_why(api: Api) -> None:
 
     # Who and why are required; so is a choice of records.
     assert api.post("/failed-records/resolve", {"ids": ids, "by": "ana"}).status_code == 422
+    blank = api.post("/failed-records/resolve", {"ids": ids, "by": "ana", "reason": "   "})
+    assert blank.status_code == 422
+    assert "'reason'" in blank.json()["detail"]
     no_choice = api.post("/failed-records/resolve", {"entity": "operations", "reason": "x", "by": "ana"})
     assert no_choice.status_code == 422
     assert "choose failed records" in no_choice.json()["detail"]
