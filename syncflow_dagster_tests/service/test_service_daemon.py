@@ -42,6 +42,7 @@ from syncflow_dagster.service.settings import ServiceSettings
 from syncflow_dagster.simulators import apismith, schedulehub
 from syncflow_dagster.simulators.serve import RunningServer, start_server
 from syncflow_dagster.store.database import make_engine
+from syncflow_dagster.store.migrate import upgrade
 from syncflow_dagster.store.schema import delivery_log
 from syncflow_dagster_tests.verify import verify_sync
 from syncflow_dagster_tests.webserver import DagsterDeployment, dagster_deployment, scratch_database
@@ -115,6 +116,7 @@ def stack(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     target = start_server(schedulehub.create_app(clients=clients))
     try:
         with scratch_database(pg_server_url, "syncflow_state") as state_url:
+            upgrade(state_url)  # `syncflow db upgrade`, as a deployment does once per release
             env = {
                 "SYNCFLOW_DATABASE_URL": state_url,
                 "SYNCFLOW_PARTITIONS_START": (
@@ -129,7 +131,7 @@ def stack(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 # One process per run (the steps in it) keeps a shared 2-core box within the bounds.
                 "SYNCFLOW_EXECUTOR": "in_process",
                 # Small delivery calls, one at a time: a delivery spans many calls, so a cancel lands mid-way.
-                "SYNCFLOW_DELIVERY_BATCH_SIZE": "4",
+                "SYNCFLOW_DELIVERY_BATCH_SIZE": "2",
                 "SYNCFLOW_HTTP_MAX_CONCURRENCY": "1",
             }
             with dagster_deployment(
@@ -172,14 +174,40 @@ def _hub_keys(stack: Stack, resource: str) -> list[str]:
     return list(asyncio.run(read()).column("external_key").to_pylist())
 
 
+RUN_LOGS = """
+query Logs($runId: ID!) {
+  logsForRun(runId: $runId) {
+    __typename
+    ... on EventConnection {
+      events {
+        __typename
+        ... on MessageEvent { message timestamp }
+        ... on ExecutionStepUpForRetryEvent { error { className message stack causes { className message } } }
+      }
+    }
+  }
+}
+"""
+
+
+def _run_messages(stack: Stack, run_id: str) -> str:
+    """The run's event messages, for an assertion a reader can act on."""
+    logs = stack.dagster.graphql(RUN_LOGS, {"runId": run_id})["logsForRun"]
+    return "\n".join(
+        f"{e.get('timestamp')} {e['__typename']}: {e.get('message', '')[:200]}"
+        for e in logs.get("events", [])
+    )
+
+
 def _put_faults(url: str, **faults: Any) -> None:
     assert httpx.put(f"{url}/admin/faults", json=faults, timeout=30).status_code == 200
 
 
 @pytest.mark.slow
 def test_cancel_mid_delivery_then_resume_delivers_everything_once(stack: Stack) -> None:
-    # Every ScheduleHub answer takes a second: 4 rows per call, one call at a time.
-    _put_faults(stack.schedulehub.url, slow_probability=1.0, slow_delay_s=1.0)
+    # Every ScheduleHub answer takes two seconds: 2 rows per call, one call at a time, so the
+    # delivery lasts long enough for the cancel to travel (API, webserver, code server, run).
+    _put_faults(stack.schedulehub.url, slow_probability=1.0, slow_delay_s=2.0)
     try:
         started = stack.post("/sync", {"entities": ["customers"]})
         assert started.status_code == 202, started.text
@@ -191,7 +219,8 @@ def test_cancel_mid_delivery_then_resume_delivers_everything_once(stack: Stack) 
             time.sleep(0.5)
         cancelled = stack.post(f"/sync/{run_id}/cancel")
         assert cancelled.status_code == 202, cancelled.text
-        assert stack.wait(run_id)["status"] == "CANCELED"
+        ended = stack.wait(run_id)["status"]
+        assert ended == "CANCELED", _run_messages(stack, run_id)
     finally:
         httpx.delete(f"{stack.schedulehub.url}/admin/faults", timeout=30)
     sent_before = len(_hub_keys(stack, "customers"))
