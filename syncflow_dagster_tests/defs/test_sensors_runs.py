@@ -55,10 +55,13 @@ def _park(database: SyncDatabase, child: str, parent: str, parent_keys: list[byt
     return keys
 
 
+# No `instance=`: built with an instance_for_test, these contexts left Dagster's current
+# defs-state storage pointing at the disposed instance, and later materializations in the
+# same pytest session failed ("Attempted to resolve undefined DagsterInstance weakref").
+# The sensor and schedules under test need no instance.
 def _tick(database: SyncDatabase, cursor: str | None = None) -> dg.SensorResult | dg.SkipReason:
-    with dg.instance_for_test() as instance:
-        context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"database": database})
-        result = pending_children_sensor(context)
+    context = dg.build_sensor_context(cursor=cursor, resources={"database": database})
+    result = pending_children_sensor(context)
     assert isinstance(result, dg.SensorResult | dg.SkipReason)
     return result
 
@@ -113,13 +116,11 @@ def test_pending_sensor_run_key_names_the_releasable_set_and_repeats_while_it_is
 
 
 def _schedule_tick(database: SyncDatabase) -> dg.SkipReason | list[dg.RunRequest]:
-    with dg.instance_for_test() as instance:
-        context = dg.build_schedule_context(
-            instance=instance,
-            scheduled_execution_time=dt.datetime(2026, 1, 5, 10, 15, tzinfo=dt.UTC),
-            resources={"database": database},
-        )
-        result = retry_schedule(context)
+    context = dg.build_schedule_context(
+        scheduled_execution_time=dt.datetime(2026, 1, 5, 10, 15, tzinfo=dt.UTC),
+        resources={"database": database},
+    )
+    result = retry_schedule(context)
     assert isinstance(result, dg.SkipReason | list)
     return result
 
@@ -161,11 +162,8 @@ def test_retry_schedule_skips_when_nothing_is_due_and_runs_one_entity_per_run(
 def test_nightly_reconcile_is_one_run_per_entity_tagged_with_it() -> None:
     from syncflow_dagster.defs.assets import CATALOG
 
-    with dg.instance_for_test() as instance:
-        context = dg.build_schedule_context(
-            instance=instance, scheduled_execution_time=dt.datetime(2026, 1, 5, 2, 0, tzinfo=dt.UTC)
-        )
-        requests = nightly_reconcile_schedule(context)
+    context = dg.build_schedule_context(scheduled_execution_time=dt.datetime(2026, 1, 5, 2, 0, tzinfo=dt.UTC))
+    requests = nightly_reconcile_schedule(context)
     assert isinstance(requests, list)
     assert [r.tags["syncflow/entity"] for r in requests] == list(CATALOG.topological_order)
     assert all(
