@@ -368,8 +368,8 @@ def create_app(
             detail = "; ".join(f"{r.entity}: {r.detail}" for r in refused)
             raise HTTPException(code, detail=f"{what}: {detail}"[:2000])
         return m.RunsStarted(
-            runs=[m.LaunchedRun(run_id=r.run_id, entity=r.entity) for r in launched],
-            refused=[m.RefusedRun(entity=r.entity, detail=r.detail) for r in refused],
+            launched=[m.LaunchedRun(run_id=r.run_id, entity=r.entity) for r in launched],
+            not_launched=[m.EntityRunNotStarted(entity=r.entity, reason=r.detail) for r in refused],
             nothing_to_do=nothing_to_do,
         )
 

@@ -222,16 +222,17 @@ class LaunchedRun(BaseModel):
     entity: str
 
 
-class RefusedRun(BaseModel):
+class EntityRunNotStarted(BaseModel):
     entity: str
-    detail: str = Field(description="Why Dagster did not launch it (unreachable, or what it answered).")
+    reason: str = Field(description="Why it was not launched (Dagster refused it, or could not be reached).")
 
 
 class RunsStarted(BaseModel):
-    """One run per entity: the ones launched, the ones Dagster refused, and entities with nothing to do."""
+    """One run per entity: every one launched, every one Dagster did not launch, entities with nothing to do
+    (the words of POST /sync's answer)."""
 
-    runs: list[LaunchedRun]
-    refused: list[RefusedRun]
+    launched: list[LaunchedRun]
+    not_launched: list[EntityRunNotStarted]
     nothing_to_do: list[str] = Field(
         default_factory=list, description="Entities asked for that had nothing to retry: no run was started."
     )

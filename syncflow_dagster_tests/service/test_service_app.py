@@ -220,10 +220,10 @@ def test_failed_and_pending_after_schedulehub_faults(stack: Stack) -> None:
     assert retry.status_code == 202, retry.text
     body = retry.json()
     # One run per entity with something to retry; customers had nothing.
-    (run,) = body["runs"]
+    (run,) = body["launched"]
     assert run["entity"] == "sites"
     assert body["nothing_to_do"] == ["customers"]
-    assert body["refused"] == []
+    assert body["not_launched"] == []
     retried = _poll(stack, run["run_id"], TERMINAL)
     assert retried["status"] == "SUCCESS"
     (batch,) = retried["batches"]
@@ -236,8 +236,8 @@ def test_reconcile_dry_run_through_the_api(stack: Stack) -> None:
     started = stack.post("/reconcile", {"entities": ["items"], "dry_run": True})
     assert started.status_code == 202, started.text
     body = started.json()
-    assert body["refused"] == []
-    (run,) = body["runs"]
+    assert body["not_launched"] == []
+    (run,) = body["launched"]
     assert run["entity"] == "items"
     status = _poll(stack, run["run_id"], TERMINAL)
     assert status["status"] == "SUCCESS", status
@@ -343,7 +343,7 @@ def test_concurrent_launches_do_not_share_one_graphql_transport() -> None:
 
         def launch() -> None:
             try:
-                gateway.submit_retry([])
+                gateway.submit_retry("items")
             except DagsterUnavailable as exc:
                 causes.append(str(exc))
 

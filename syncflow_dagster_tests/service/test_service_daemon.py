@@ -211,7 +211,7 @@ def test_cancel_mid_delivery_then_resume_delivers_everything_once(stack: Stack) 
     try:
         started = stack.post("/sync", {"entities": ["customers"]})
         assert started.status_code == 202, started.text
-        run_id = started.json()["runs"][0]["run_id"]
+        run_id = started.json()["launched"][0]["run_id"]
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while not _hub_keys(stack, "customers"):
             assert time.monotonic() < deadline, "no customer reached ScheduleHub"
@@ -333,12 +333,12 @@ def test_one_run_per_entity_holds_across_sync_retry_and_reconcile(stack: Stack) 
         reconcile = stack.post("/reconcile", {"entities": [entity], "dry_run": True})
         for answer in (sync, retry, reconcile):
             assert answer.status_code == 202, answer.text
-        assert retry.json()["refused"] == []
-        assert reconcile.json()["refused"] == []
+        assert retry.json()["not_launched"] == []
+        assert reconcile.json()["not_launched"] == []
         run_ids = [
-            sync.json()["runs"][0]["run_id"],
-            retry.json()["runs"][0]["run_id"],
-            reconcile.json()["runs"][0]["run_id"],
+            sync.json()["launched"][0]["run_id"],
+            retry.json()["launched"][0]["run_id"],
+            reconcile.json()["launched"][0]["run_id"],
         ]
         statuses = [stack.wait(run_id)["status"] for run_id in run_ids]
     finally:
