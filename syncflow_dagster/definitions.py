@@ -12,6 +12,7 @@ from syncflow_dagster.defs.jobs import reconcile_job, retry_job, sync_job
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
 from syncflow_dagster.defs.sensors import (
     apismith_change_sensor,
+    batch_cancel_sensor,
     batch_failure_sensor,
     nightly_reconcile_schedule,
     pending_children_sensor,
@@ -48,7 +49,7 @@ defs = dg.Definitions(
     assets=STAGE_ASSETS,
     asset_checks=[entities_synced_recently],
     jobs=[sync_job, reconcile_job, retry_job],
-    sensors=[apismith_change_sensor, pending_children_sensor, batch_failure_sensor],
+    sensors=[apismith_change_sensor, pending_children_sensor, batch_failure_sensor, batch_cancel_sensor],
     schedules=[retry_schedule, nightly_reconcile_schedule],
     resources=build_resources(),
     # SYNCFLOW_EXECUTOR picks the profile (multiprocess, in_process, celery): see docs/scaling.md.

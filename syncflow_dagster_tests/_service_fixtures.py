@@ -30,8 +30,10 @@ def insert_batch(
     status: str = "succeeded",
     stage_seconds: dict[str, float] | None = None,
     seconds: float = 2.5,
+    kind: str = "sync",
+    started_days_ago: int = 0,
 ) -> uuid.UUID:
-    started = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)
+    started = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds, days=started_days_ago)
     batch_id = uuid.uuid4()
     conn.execute(
         sa.insert(sync_batches).values(
@@ -44,25 +46,25 @@ def insert_batch(
             finished_at=None if status == "running" else started + dt.timedelta(seconds=seconds),
             counts=counts,
             stage_seconds=stage_seconds or {"fetch": 1.0, "deliver": 0.5},
+            kind=kind,
+            failed_closes=1 if status == "failed" else 0,
         )
     )
     return batch_id
 
 
 def insert_failure(conn: sa.Connection, entity: str, bk: str, reason: str, **extra: Any) -> None:
-    conn.execute(
-        sa.insert(failed_records).values(
-            id=uuid.uuid4(),
-            entity=entity,
-            bk_hash=uuid.uuid4(),
-            bk=bk,
-            reason_code=reason,
-            reason_class="retryable",
-            detail=f"{reason} for {bk}",
-            payload={"secret_looking": "payloads are never listed"},
-            **extra,
-        )
-    )
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "entity": entity,
+        "bk_hash": uuid.uuid4(),
+        "bk": bk,
+        "reason_code": reason,
+        "reason_class": "retryable",
+        "detail": f"{reason} for {bk}",
+        "payload": {"secret_looking": "payloads are never listed"},
+    }
+    conn.execute(sa.insert(failed_records).values({**values, **extra}))
 
 
 def insert_pending(conn: sa.Connection, entity: str, bk: str, parent: str, parent_bk: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from syncflow_dagster.catalog.models import Catalog
+from syncflow_dagster.catalog.models import Catalog, EntitySpec, entity_list
 
 CATALOG_PATH_ENV = "SYNCFLOW_CATALOG_PATH"
 DEFAULT_CATALOG = "default_catalog.yaml"
@@ -64,29 +64,94 @@ def _describe_location(raw: dict[str, Any], loc: tuple[int | str, ...]) -> str:
     return ", ".join(parts) if parts else "catalog"
 
 
-def _format_errors(raw: dict[str, Any], exc: ValidationError, origin: str) -> str:
-    lines = []
-    for error in exc.errors():
-        where = _describe_location(raw, tuple(error["loc"]))
-        message = error["msg"].removeprefix("Value error, ")
+def _error_lines(raw: dict[str, Any], errors: list[Any]) -> list[str]:
+    """One line per mistake pydantic found, without the ones that only follow from another.
+
+    A field (an entity) that is wrong is dropped from its entity's `fields`
+    (the catalog's `entities`), so pydantic also reports the list as too short
+    when every element was wrong: that is no mistake of its own and is left
+    out. A line said twice is said once.
+    """
+    broken = {_list_of(e["loc"], name) for e in errors for name in ("fields", "entities")} - {None}
+    lines: list[str] = []
+    for error in errors:
+        loc = tuple(error["loc"])
+        if error["type"] == "too_short" and loc in broken:
+            continue
+        message = str(error["msg"]).removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key (not part of the catalog schema)"
-        lines.append(f"{where}: {message}")
-    return f"invalid catalog {origin}: " + "; ".join(lines)
+        line = f"{_describe_location(raw, loc)}: {message}"
+        if line not in lines:
+            lines.append(line)
+    return lines
 
 
-def parse_catalog(text: str, origin: str = "<string>") -> Catalog:
-    """Parse and validate catalog YAML; raise CatalogError naming what is wrong."""
+def _list_of(loc: tuple[int | str, ...], name: str) -> tuple[int | str, ...] | None:
+    """The location of list `name` when the error is inside one of its elements, else None."""
+    if name not in loc:
+        return None
+    at = loc.index(name)
+    return tuple(loc[: at + 1]) if at + 1 < len(loc) and isinstance(loc[at + 1], int) else None
+
+
+def check_catalog(text: str) -> tuple[Catalog | None, list[str]]:
+    """Validate catalog YAML: the catalog, or every mistake found, one line each.
+
+    Entities are checked one by one, so a mistake in one entity neither hides
+    the mistakes of the others nor drags in errors about fields that are fine;
+    the relations between entities (keys that match, no cycles) are checked
+    once every entity is valid, and a parent naming no declared entity is
+    reported either way.
+    """
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise CatalogError(f"invalid catalog {origin}: not valid YAML ({exc})") from None
+        return None, [f"not valid YAML ({exc})"]
     if not isinstance(raw, dict):
-        raise CatalogError(f"invalid catalog {origin}: expected a mapping with 'entities'")
+        return None, ["expected a mapping with 'entities'"]
     try:
-        return Catalog.model_validate(raw)
+        return Catalog.model_validate(raw), []
     except ValidationError as exc:
-        raise CatalogError(_format_errors(raw, exc, origin)) from None
+        whole = _error_lines(raw, exc.errors())
+    try:
+        entities = entity_list(raw.get("entities"))
+    except ValueError as exc:
+        return None, [f"catalog: {exc}"]
+    if not isinstance(entities, list):
+        return None, whole
+    # Mistakes outside the entities (an unknown top-level key, ...) stand as they are.
+    lines = [line for line in whole if not line.startswith("entity ")]
+    declared = {body.get("name") for body in entities if isinstance(body, dict)}
+    every_entity_valid = True
+    for index, body in enumerate(entities):
+        try:
+            EntitySpec.model_validate(body)
+        except ValidationError as exc:
+            every_entity_valid = False
+            located = [{**e, "loc": ("entities", index, *e["loc"])} for e in exc.errors()]
+            lines.extend(line for line in _error_lines(raw, located) if line not in lines)
+        parents = body.get("parents") if isinstance(body, dict) else None
+        for parent in parents if isinstance(parents, list) else []:
+            if isinstance(parent, dict) and parent.get("entity") not in declared:
+                line = (
+                    f"entity {body.get('name')!r}, parent {parent.get('entity')!r}: "
+                    "unknown entity (not declared in this catalog)"
+                )
+                if line not in lines:
+                    lines.append(line)
+    if every_entity_valid:
+        # Then the whole catalog's own checks said what is wrong.
+        lines.extend(line for line in whole if line not in lines)
+    return None, lines or whole
+
+
+def parse_catalog(text: str, origin: str = "<string>") -> Catalog:
+    """Parse and validate catalog YAML; raise CatalogError naming every mistake (one each)."""
+    catalog, problems = check_catalog(text)
+    if catalog is None:
+        raise CatalogError(f"invalid catalog {origin}: " + "; ".join(problems))
+    return catalog
 
 
 def load_catalog(path: str | os.PathLike[str] | None = None) -> Catalog:

@@ -190,10 +190,9 @@ class EntitySpec(_Strict):
                 )
             if spec.source in sources:
                 raise ValueError(f"field {spec.source!r}: source field mapped twice")
-            if spec.source in (self.rowversion, self.changed_at):
-                raise ValueError(
-                    f"field {spec.source!r}: the rowversion/changed_at column is not a payload field"
-                )
+            # The rowversion and changed-at columns may also be mapped as payload fields:
+            # normalize reads them for `_rowversion` / `_changed_at` and for the field alike,
+            # and the field is then part of DATA_HASH like any other.
             targets[spec.target] = spec.source
             sources.add(spec.source)
         for key in self.business_key:
@@ -228,7 +227,7 @@ class EntitySpec(_Strict):
         return tuple(dict.fromkeys(rel.entity for rel in self.parents))
 
 
-def _entity_list(value: object) -> object:
+def entity_list(value: object) -> object:
     """Accept entities as a mapping name → spec (YAML style) or as a list."""
     if isinstance(value, dict):
         out = []
@@ -251,7 +250,7 @@ class Catalog(_Strict):
     @field_validator("entities", mode="before")
     @classmethod
     def _as_list(cls, value: object) -> object:
-        return _entity_list(value)
+        return entity_list(value)
 
     @model_validator(mode="after")
     def _graph(self) -> Catalog:

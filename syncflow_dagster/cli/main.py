@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from syncflow_dagster.cli import ops
+from syncflow_dagster.cli.catalog import catalog_app
 from syncflow_dagster.cli.demo import demo
 from syncflow_dagster.cli.dev import dev
 from syncflow_dagster.cli.errors import SyncflowTyper
 from syncflow_dagster.cli.frames import frame_app
 from syncflow_dagster.cli.simulate import simulate_app
 from syncflow_dagster.cli.sync import sync
+from syncflow_dagster.cli.trace import trace
 
 # SyncflowTyper: known errors end in one line and a non-zero exit (cli/errors.py).
 app = SyncflowTyper(
@@ -19,7 +21,9 @@ app = SyncflowTyper(
 )
 app.add_typer(simulate_app, name="simulate")
 app.add_typer(frame_app, name="frame")
+app.add_typer(catalog_app, name="catalog")
 ops.register(app)
+app.command("trace")(trace)
 app.command("demo")(demo)
 app.command("dev")(dev)
 app.command("sync")(sync)

@@ -20,6 +20,8 @@ from syncflow_dagster.catalog import Catalog, EntitySpec
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.identity import key_hash_of, key_text_of
 from syncflow_dagster.engine.normalize import target_type
+from syncflow_dagster.store.batches import STOPPED_STATUSES
+from syncflow_dagster.store.events import stage_totals
 from syncflow_dagster.store.payload import payload_json, payload_table
 from syncflow_dagster.store.pending import MISSING_PARENT, MISSING_PARENT_BK, MISSING_PARENT_BK_HASH, Parked
 from syncflow_dagster.store.schema import sync_batches
@@ -55,17 +57,21 @@ def rows_from_payloads(entity: EntitySpec, payloads: pa.Array | pa.ChunkedArray)
 # batches and events ----------------------------------------------------------------------------
 
 
-def batch_for_run(database: Any, entity: str, day: dt.date | None, run_id: str) -> uuid.UUID:
+def batch_for_run(
+    database: Any, entity: str, day: dt.date | None, run_id: str, kind: str = "sync"
+) -> uuid.UUID:
     """The batch of this run and entity, started by the first stage that asks.
 
-    `run_id` is the root run of a re-execution (see assets._batch_id).
+    `run_id` is the root run of a re-execution (see assets._batch_id); `kind`
+    the job that writes it (sync, retry, reconcile).
     """
     for batch in database.batches().list_by_run(run_id):
         if batch.entity == entity:
-            if batch.status == "failed":  # closed by batch_failure_sensor; the re-execution goes on
+            if batch.status in STOPPED_STATUSES:
+                # Closed by batch_failure_sensor or batch_cancel_sensor; the re-execution goes on.
                 database.batches().reopen(batch.id)
             return uuid.UUID(str(batch.id))
-    return database.batches().start_batch(entity, day, run_id)
+    return database.batches().start_batch(entity, day, run_id, kind)
 
 
 def record_stage(
@@ -93,19 +99,9 @@ def finish_from_events(database: Any, batch: uuid.UUID, status: str = "succeeded
 
     A stage re-executed after a retry appears twice; its latest event counts.
     """
-    latest: dict[str, Any] = {}
-    for event in database.events().for_batch(batch):
-        if event.status == "succeeded":
-            latest[event.stage] = event
-    counts: dict[str, int] = {}
-    seconds: dict[str, float] = {}
-    for stage, event in latest.items():
-        seconds[stage] = float(event.seconds or 0.0)
-        for key, value in (event.detail or {}).items():
-            counts[key] = counts.get(key, 0) + int(value)
-    counts = {k: max(v, 0) for k, v in counts.items()}
-    database.batches().finish_batch(batch, status, counts, seconds)
-    return {"counts": counts, "stage_seconds": seconds}
+    totals = stage_totals(database.events().for_batch(batch))
+    database.batches().finish_batch(batch, status, totals.counts, totals.stage_seconds)
+    return {"counts": totals.counts, "stage_seconds": totals.stage_seconds}
 
 
 # failed records ---------------------------------------------------------------------------------
@@ -158,7 +154,14 @@ def record_delivery_failures(database: Any, entity: EntitySpec, batch: uuid.UUID
 UNREADABLE_PAYLOAD = "unreadable_payload"
 
 
-def due_failures(database: Any, entity: EntitySpec, limit: int) -> pa.Table:
+def due_failures(
+    database: Any,
+    entity: EntitySpec,
+    limit: int,
+    *,
+    include_permanent: bool = False,
+    include_dead: bool = False,
+) -> pa.Table:
     """Failed records due for a retry, rebuilt as rows.
 
     A payload that no longer fits the entity (a field the catalog has since
@@ -166,7 +169,9 @@ def due_failures(database: Any, entity: EntitySpec, limit: int) -> pa.Table:
     permanent `unreadable_payload` failure naming the cause, for a person to
     look at, and the other rows are retried.
     """
-    due = database.failures().due_for_retry(entity.name, limit=limit)
+    due = database.failures().due_for_retry(
+        entity.name, limit=limit, include_permanent=include_permanent, include_dead=include_dead
+    )
     if due.num_rows == 0:
         return row_schema(entity).empty_table()
     try:
@@ -222,6 +227,9 @@ def park_children(
     }
     frame = pa.table(columns)
     parked: Parked = database.pending().park(entity.name, batch, frame)
+    parent: Any = pc.cast(waiting[MISSING_PARENT], pa.string()).combine_chunks()
+    waits_for = pc.binary_join_element_wise(parent, parent_bk, " ")  # e.g. "work_orders WO-0728"
+    database.delivery_log().record_parked(entity.name, batch, waiting[c.BK_HASH].combine_chunks(), waits_for)
     return parked
 
 
@@ -254,12 +262,9 @@ def pending_stats(database: Any, entity: str) -> dict[str, Any]:
 
 
 def releasable_counts(database: Any, catalog: Catalog) -> dict[str, int]:
-    counts = {}
-    for name in catalog.topological_order:
-        n = database.pending().release_candidates(name).num_rows
-        if n:
-            counts[name] = n
-    return counts
+    """Per entity (of `catalog`), how many parked children now have their parent."""
+    keys = database.pending().releasable_keys()
+    return {name: len(keys[name]) for name in catalog.topological_order if name in keys}
 
 
 def last_success_per_entity(database: Any) -> dict[str, dt.datetime]:

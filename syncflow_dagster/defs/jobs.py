@@ -11,6 +11,8 @@ from syncflow_dagster.defs.partitions import DATE_DIMENSION, ENTITY_DIMENSION
 # A run that fails is retried from the failed step (the stages before it are
 # stored by the frame IO manager), twice at most.
 RUN_RETRY_TAGS = {"dagster/max_retries": "2", "dagster/retry_strategy": "FROM_FAILURE"}
+# The tag the run queue's per-entity limit keys on (dagster.yaml).
+ENTITY_TAG = "syncflow/entity"
 
 sync_job = dg.define_asset_job(
     name="sync",
@@ -44,7 +46,21 @@ def retry_job() -> None:
 
 def sync_run_tags(entity: str) -> dict[str, str]:
     """Tags of a sync run; the entity tag is what the run queue's per-entity limit keys on."""
-    return {f"dagster/partition/{ENTITY_DIMENSION}": entity, "syncflow/entity": entity}
+    return {f"dagster/partition/{ENTITY_DIMENSION}": entity, ENTITY_TAG: entity}
 
 
-__all__ = ["DATE_DIMENSION", "reconcile_job", "retry_job", "sync_job", "sync_run_tags"]
+def entity_run_tags(entity: str, trigger: str) -> dict[str, str]:
+    """Tags of a retry or reconcile run of one entity: `syncflow/entity` puts it under the same
+    one-run-per-entity limit as the entity's syncs; `syncflow/trigger` says who started it."""
+    return {ENTITY_TAG: entity, "syncflow/trigger": trigger}
+
+
+__all__ = [
+    "DATE_DIMENSION",
+    "ENTITY_TAG",
+    "entity_run_tags",
+    "reconcile_job",
+    "retry_job",
+    "sync_job",
+    "sync_run_tags",
+]

@@ -25,6 +25,33 @@ class EntitiesConfig(dg.Config):
     entities: list[str] = Field(default_factory=list, description="Entities to act on; empty means all.")
 
 
+class RetryConfig(EntitiesConfig):
+    include_permanent: bool = Field(
+        default=False,
+        description="Also retry open permanent failures (they have no retry time: a person asks for them).",
+    )
+    include_dead: bool = Field(
+        default=False,
+        description="Also retry failures that gave up (state dead) after their attempts or age.",
+    )
+
+
+class ReconcileConfig(EntitiesConfig):
+    dry_run: bool = Field(
+        default=False, description="Compare and report what would be deleted; delete nothing."
+    )
+
+
+def root_run_id(context: OpExecutionContext) -> str:
+    """The run a retry or reconcile run files its batches under: the first of its lineage.
+
+    A re-execution continues the batch of the run it repeats, as a sync does
+    (assets._batch_id), so GET /sync/{run_id} of either shows the same batch.
+    """
+    run = context.run
+    return run.root_run_id or run.run_id
+
+
 def _selected(config: EntitiesConfig) -> list[EntitySpec]:
     from syncflow_dagster.defs.assets import CATALOG
 
@@ -48,7 +75,7 @@ async def _source_keys(client: Any, entity: EntitySpec) -> pa.Table:
 @stop_means_stop
 def reconcile_entities(
     context: OpExecutionContext,
-    config: EntitiesConfig,
+    config: ReconcileConfig,
     apismith: ApiSmithResource,
     schedulehub: ScheduleHubResource,
     database: SyncDatabase,
@@ -77,12 +104,17 @@ def reconcile_entities(
             "delete_guard": entity.delete_guard,
             "blocked": plan.blocked,
             "unparseable_keys": normalized.rejected.num_rows,
+            "dry_run": config.dry_run,
         }
         if plan.blocked:
             context.log.warning(f"reconcile {entity.name}: {plan.reason}")
             metadata["reason"] = plan.reason
+        elif config.dry_run:
+            context.log.info(f"reconcile {entity.name} (dry run): would delete {plan.deletes.num_rows}")
         elif plan.deletes.num_rows and entity.delete_policy is not DeletePolicy.NONE:
-            batch = bookkeeping.batch_for_run(database, entity.name, None, context.run.run_id)
+            batch = bookkeeping.batch_for_run(
+                database, entity.name, None, root_run_id(context), kind="reconcile"
+            )
             # The plan already says `_action` = delete (and the stored state may carry `_rowversion`):
             # add only what is missing, a second column of one name makes every later stage fail.
             deletes = plan.deletes
@@ -93,9 +125,19 @@ def reconcile_entities(
             delivered = stages.deliver_stage(schedulehub.client(), entity, deletes)
             persisted = stages.persist_stage(database, entity, delivered.frame, batch)
             metadata.update({f"rows_{k}": v for k, v in persisted.counts.items()})
-            database.batches().finish_batch(
-                batch, "succeeded", stages.merged_counts(delivered.counts, persisted.counts), {}
+            # A reconcile's deletes count under the name a sync's do (`delete`, shown as
+            # deleted), so a status over both kinds adds them up.
+            counts = stages.merged_counts({c.DELETE: deletes.num_rows}, delivered.counts, persisted.counts)
+            bookkeeping.record_stage(
+                database,
+                batch,
+                entity.name,
+                "reconcile",
+                deletes.num_rows,
+                round(time.perf_counter() - started, 3),
+                counts,
             )
+            bookkeeping.finish_from_events(database, batch)
         metadata["seconds"] = round(time.perf_counter() - started, 3)
         context.log_event(dg.AssetObservation(asset_key="sync_report", metadata=metadata, partition=None))
 
@@ -110,7 +152,7 @@ def reconcile_entities(
 @stop_means_stop
 def retry_failed_and_pending(
     context: OpExecutionContext,
-    config: EntitiesConfig,
+    config: RetryConfig,
     schedulehub: ScheduleHubResource,
     database: SyncDatabase,
     tuning: SyncTuning,
@@ -123,7 +165,7 @@ def retry_failed_and_pending(
     first: Exception | None = None
     for entity in _selected(config):
         try:
-            _retry_entity(context, entity, schedulehub, database, tuning)
+            _retry_entity(context, entity, schedulehub, database, tuning, config)
         except Exception as exc:
             first = first or exc
             errors[entity.name] = f"{type(exc).__name__}: {exc}"
@@ -142,29 +184,41 @@ def _retry_entity(
     schedulehub: ScheduleHubResource,
     database: SyncDatabase,
     tuning: SyncTuning,
+    config: RetryConfig,
 ) -> None:
     from syncflow_dagster.defs.assets import CATALOG
 
     started = time.perf_counter()
     expired = database.pending().expire(dt.timedelta(hours=tuning.pending_max_age_hours), entity=entity.name)
-    due = bookkeeping.due_failures(database, entity, tuning.retry_batch_limit)
+    gave_up = database.failures().give_up_stale(entity.name)
+    if gave_up:
+        context.log.warning(f"retry {entity.name}: {gave_up} failed record(s) gave up and are now dead")
+    due = bookkeeping.due_failures(
+        database,
+        entity,
+        tuning.retry_batch_limit,
+        include_permanent=config.include_permanent,
+        include_dead=config.include_dead,
+    )
     if not due.num_rows and not database.pending().release_candidates(entity.name).num_rows:
         return
     # Released children join inside the parent-child stage.
     # A retried row must still have its parents: otherwise it goes back to waiting.
-    batch = bookkeeping.batch_for_run(database, entity.name, None, context.run.run_id)
+    batch = bookkeeping.batch_for_run(database, entity.name, None, root_run_id(context), kind="retry")
     ready = stages.parent_child_stage(CATALOG, entity, database, due, batch)
     delivered = stages.deliver_stage(schedulehub.client(), entity, ready.frame)
     persisted = stages.persist_stage(database, entity, delivered.frame, batch)
     counts = stages.merged_counts(
-        {"retried": due.num_rows, "expired_pending": int(expired or 0)},
+        {"retried": due.num_rows, "expired_pending": int(expired or 0), "gave_up": gave_up},
         ready.counts,
         delivered.counts,
         persisted.counts,
     )
-    database.batches().finish_batch(
-        batch, "succeeded", counts, {"retry": round(time.perf_counter() - started, 3)}
+    # One stage event carries the retry's counts: progress, the batch and /metrics read it.
+    bookkeeping.record_stage(
+        database, batch, entity.name, "retry", due.num_rows, round(time.perf_counter() - started, 3), counts
     )
+    bookkeeping.finish_from_events(database, batch)
     context.log.info(f"retry {entity.name}: {counts}")
     context.log_event(
         dg.AssetObservation(
@@ -181,8 +235,9 @@ def _retry_entity(
 
 
 @dg.op(
-    description="Drop stage-frame partitions older than the frame IO manager's retention_days.",
-    required_resource_keys={"frame_io_manager"},
+    description="Drop stage-frame partitions older than the frame IO manager's retention_days, and "
+    "deliveries older than SYNCFLOW_STORE_DELIVERY_LOG_DAYS from the delivery log.",
+    required_resource_keys={"frame_io_manager", "database"},
 )
 def prune_stage_frames(context: OpExecutionContext) -> None:
     manager = context.resources.frame_io_manager
@@ -191,3 +246,5 @@ def prune_stage_frames(context: OpExecutionContext) -> None:
     context.log.info(
         f"pruned stage rows older than {cutoff}: {sum(removed.values())} rows in {len(removed)} tables"
     )
+    logged = context.resources.database.delivery_log().prune()
+    context.log.info(f"pruned {logged} deliveries from the delivery log")

@@ -66,6 +66,11 @@ class SyncDatabase(dg.ConfigurableResource):
 
         return PendingRepository(self.engine)
 
+    def delivery_log(self) -> Any:
+        from syncflow_dagster.store.delivery_log import DeliveryLogRepository
+
+        return DeliveryLogRepository(self.engine)
+
     def events(self) -> Any:
         from syncflow_dagster.store.events import StageEventRepository
 
@@ -85,18 +90,24 @@ class ApiSmithResource(dg.ConfigurableResource):
     base_url: str = Field(description="APISMITH_BASE_URL")
     client_id: str = Field(description="APISMITH_CLIENT_ID")
     client_secret: str = Field(description="APISMITH_CLIENT_SECRET (secret: set it through an EnvVar)")
-    page_size: int = Field(default=50_000, description="Rows per page of the changes endpoint.")
+    page_size: int | None = Field(
+        default=None,
+        description="Rows per page of the changes endpoint; unset: SYNCFLOW_PAGE_SIZE (default 10 000).",
+    )
 
     def client(self) -> Any:
         from pydantic import SecretStr
 
         from syncflow_dagster.clients.apismith import ApiSmithClient, ApiSmithSettings
 
+        # Only what is set here overrides the environment: the client's settings read
+        # SYNCFLOW_PAGE_SIZE, APISMITH_FORMAT, ... themselves (docs/configuration.md).
+        chosen: dict[str, Any] = {} if self.page_size is None else {"page_size": self.page_size}
         settings = ApiSmithSettings(
             base_url=self.base_url,
             client_id=self.client_id,
             client_secret=SecretStr(self.client_secret),
-            page_size=self.page_size,
+            **chosen,
         )
         return ApiSmithClient(settings)
 
@@ -107,18 +118,25 @@ class ScheduleHubResource(dg.ConfigurableResource):
     base_url: str = Field(description="SCHEDULEHUB_BASE_URL")
     client_id: str = Field(description="SCHEDULEHUB_CLIENT_ID")
     client_secret: str = Field(description="SCHEDULEHUB_CLIENT_SECRET (secret: set it through an EnvVar)")
-    batch_size: int = Field(default=5_000, description="Rows per batch-upsert call.")
+    batch_size: int | None = Field(
+        default=None,
+        description="Rows per batch-upsert or batch-delete call; unset: SYNCFLOW_DELIVERY_BATCH_SIZE "
+        "(default 5 000).",
+    )
 
     def client(self) -> Any:
         from pydantic import SecretStr
 
         from syncflow_dagster.clients.schedulehub import ScheduleHubClient, ScheduleHubSettings
 
+        # Only what is set here overrides the environment (SYNCFLOW_DELIVERY_BATCH_SIZE,
+        # SCHEDULEHUB_TOKEN_URL are read by the client's settings).
+        chosen: dict[str, Any] = {} if self.batch_size is None else {"delivery_batch_size": self.batch_size}
         settings = ScheduleHubSettings(
             base_url=self.base_url,
             client_id=self.client_id,
             client_secret=SecretStr(self.client_secret),
-            delivery_batch_size=self.batch_size,
+            **chosen,
         )
         return ScheduleHubClient(settings)
 

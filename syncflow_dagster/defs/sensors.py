@@ -4,20 +4,26 @@
   the last one seen per entity in its cursor, and asks for a sync run only for
   entities whose watermark moved, one run per changed day, with a run key tied
   to the watermark so the same change is never synced twice by the sensor.
-* `pending_children_sensor` asks for a retry run for entities whose parked
-  children now have their parents in ScheduleHub.
-* `batch_failure_sensor` closes as failed the sync batches of a run that
-  failed before its report stage, so the monitoring API and /metrics never
-  show a dead run as still running (a re-execution reopens and continues it).
-* `retry_schedule` redelivers failed records every 15 minutes;
-  `nightly_reconcile_schedule` runs the full key scan at 02:00 UTC.
+* `pending_children_sensor` asks for one retry run per entity whose parked
+  children now have their parents in ScheduleHub, with a run key naming that
+  set of children, so an unchanged set is never released twice.
+* `batch_failure_sensor` and `batch_cancel_sensor` close as failed or
+  cancelled the sync batches of a run that stopped before its report stage,
+  with the counts of the stages that finished, so the monitoring API and
+  /metrics never show a dead run as still running (a re-execution reopens and
+  continues the batch).
+* `retry_schedule` redelivers failed records every 15 minutes, one run per
+  entity with work due (none: a SkipReason); `nightly_reconcile_schedule` runs
+  the full key scan at 02:00 UTC, one run per entity. Retry and reconcile runs
+  carry `syncflow/entity`, so the per-entity run limit covers them.
 
-Default status of the automation (not of `batch_failure_sensor`, which is
+Default status of the automation (not of the two batch sensors, which are
 bookkeeping and always RUNNING): STOPPED in a deployment (an operator turns them on), RUNNING
 when SYNCFLOW_AUTOMATION=running, which `syncflow dev` and the demo set.
 """
 
 import datetime as dt
+import hashlib
 import json
 import os
 from typing import Any
@@ -25,9 +31,8 @@ from typing import Any
 import dagster as dg
 from dagster import SensorEvaluationContext
 
-from syncflow_dagster.defs import bookkeeping
 from syncflow_dagster.defs.assets import CATALOG
-from syncflow_dagster.defs.jobs import reconcile_job, retry_job, sync_job
+from syncflow_dagster.defs.jobs import entity_run_tags, reconcile_job, retry_job, sync_job
 from syncflow_dagster.defs.partitions import partitions_start, sync_partition_key
 from syncflow_dagster.defs.resources import ApiSmithResource, SyncDatabase
 from syncflow_dagster.defs.stages import run_async
@@ -109,30 +114,60 @@ def apismith_change_sensor(
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(next_cursor, sort_keys=True))
 
 
+def retry_run_config(entity: str) -> dict[str, Any]:
+    return {"ops": {"retry_failed_and_pending": {"config": {"entities": [entity]}}}}
+
+
+def release_run_key(entity: str, keys: list[bytes]) -> str:
+    """A run key that names the set of releasable children, so one set is released by one run.
+
+    The same set seen on the next tick asks for no second run (Dagster drops a
+    repeated run key); a set that changed (a child arrived or left) is a new key.
+    """
+    digest = hashlib.blake2b(b"".join(sorted(keys)), digest_size=12).hexdigest()
+    return f"release:{entity}:{len(keys)}:{digest}"
+
+
 @dg.sensor(
     job=retry_job,
     minimum_interval_seconds=120,
     default_status=default_status(),
-    description="Releases parked children once their parents are in ScheduleHub (runs the retry job for them).",
+    description="Releases parked children once their parents are in ScheduleHub: one retry run per entity, "
+    "keyed on the set of children it can release.",
 )
 def pending_children_sensor(
     context: SensorEvaluationContext, database: SyncDatabase
 ) -> dg.SensorResult | dg.SkipReason:
-    releasable = bookkeeping.releasable_counts(database, CATALOG)
+    releasable = database.pending().releasable_keys()
     if not releasable:
         return dg.SkipReason("no parked child has its parent in ScheduleHub yet")
-    entities = sorted(releasable)
-    key = ",".join(f"{name}={releasable[name]}" for name in entities)
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(
-                run_key=f"release:{key}:{context.cursor or ''}",
-                run_config={"ops": {"retry_failed_and_pending": {"config": {"entities": entities}}}},
-                tags={"syncflow/trigger": "pending_children_sensor"},
+                run_key=release_run_key(name, releasable[name]),
+                run_config=retry_run_config(name),
+                tags=entity_run_tags(name, "pending_children_sensor"),
             )
-        ],
-        cursor=dt.datetime.now(dt.UTC).isoformat(),
+            for name in CATALOG.topological_order
+            if name in releasable
+        ]
     )
+
+
+def close_stopped_batches(context: dg.RunStatusSensorContext, database: SyncDatabase, status: str) -> None:
+    """Close as `status` (failed, cancelled) the batches a stopped run left running.
+
+    They keep the counts of the stages that finished; a re-execution of the run
+    (it files its stages under the root run's batch, assets._batch_id) reopens
+    and continues them.
+    """
+    run = context.dagster_run
+    closed = database.batches().close_running(run.root_run_id or run.run_id, status)
+    if closed:
+        context.log.info(
+            f"run {run.run_id} stopped: closed {len(closed)} sync batch(es) as {status}: "
+            + ", ".join(str(batch) for batch in closed)
+        )
 
 
 @dg.run_failure_sensor(
@@ -142,30 +177,63 @@ def pending_children_sensor(
     description="Closes as failed the sync batches a failed run left running (bookkeeping; starts no run).",
 )
 def batch_failure_sensor(context: dg.RunFailureSensorContext, database: SyncDatabase) -> None:
-    run = context.dagster_run
-    # A re-execution files its stages under the root run's batch (assets._batch_id).
-    closed = database.batches().fail_running(run.root_run_id or run.run_id)
-    if closed:
-        context.log.info(
-            f"run {run.run_id} failed: closed {len(closed)} sync batch(es) as failed: "
-            + ", ".join(str(batch) for batch in closed)
-        )
+    close_stopped_batches(context, database, "failed")
 
 
-retry_schedule = dg.ScheduleDefinition(
+@dg.run_status_sensor(
+    name="batch_cancel_sensor",
+    run_status=dg.DagsterRunStatus.CANCELED,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Closes as cancelled the sync batches a cancelled run left running, with the counts of "
+    "the stages that finished (bookkeeping; starts no run).",
+)
+def batch_cancel_sensor(context: dg.RunStatusSensorContext, database: SyncDatabase) -> None:
+    close_stopped_batches(context, database, "cancelled")
+
+
+@dg.schedule(
     name="retry_failed_records",
     job=retry_job,
     cron_schedule="*/15 * * * *",
     execution_timezone="UTC",
     default_status=default_schedule_status(),
-    description="Every 15 minutes: redeliver failed records that are due for retry.",
+    description="Every 15 minutes: one retry run per entity with failed records due for retry or children "
+    "whose parent arrived; skips when there are none.",
 )
+def retry_schedule(
+    context: dg.ScheduleEvaluationContext, database: SyncDatabase
+) -> dg.SkipReason | list[dg.RunRequest]:
+    due = database.failures().entities_to_retry() | set(database.pending().releasable_keys())
+    if not due:
+        return dg.SkipReason("no failed record is due for retry and no parked child can be released")
+    tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
+    return [
+        dg.RunRequest(
+            run_key=f"retry:{name}:{tick}",
+            run_config=retry_run_config(name),
+            tags=entity_run_tags(name, "retry_schedule"),
+        )
+        for name in CATALOG.topological_order
+        if name in due
+    ]
 
-nightly_reconcile_schedule = dg.ScheduleDefinition(
+
+@dg.schedule(
     name="nightly_reconcile",
     job=reconcile_job,
     cron_schedule="0 2 * * *",
     execution_timezone="UTC",
     default_status=default_schedule_status(),
-    description="02:00 UTC: full key scan of every entity (guarded against mass deletes).",
+    description="02:00 UTC: full key scan, one reconcile run per entity (guarded against mass deletes).",
 )
+def nightly_reconcile_schedule(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest]:
+    tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
+    return [
+        dg.RunRequest(
+            run_key=f"reconcile:{name}:{tick}",
+            run_config={"ops": {"reconcile_entities": {"config": {"entities": [name]}}}},
+            tags=entity_run_tags(name, "nightly_reconcile"),
+        )
+        for name in CATALOG.topological_order
+    ]

@@ -17,6 +17,7 @@ import asyncio
 import datetime as dt
 import uuid
 from collections.abc import Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -555,6 +556,9 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
     is_delete = _is(accepted[c.ACTION], c.DELETE)
     upserted = accepted.filter(pc.invert(is_delete))
     deleted = accepted.filter(is_delete)
+    # Every row sent and ScheduleHub's answer, for `syncflow trace` (store/delivery_log.py):
+    # written on a thread and connection of its own while the state commits on this one.
+    logged = _LOG_WRITER.submit(database.delivery_log().record, entity.name, batch_id, delivered)
     with database.entity_lock(entity.name):
         written = database.state().commit_delivered(
             entity.name,
@@ -578,6 +582,7 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
                 bookkeeping.forget_delivered_children(database, entity, pa.table({c.BK_HASH: parked}))
         parent_missing = _is(rejected["_reason_code"], "parent_missing")
         bookkeeping.record_delivery_failures(database, entity, batch_id, rejected)
+    logged.result()
     # A delete of a key that was never stored removes no state (see `delta_stage`).
     never_stored = _count(_never_stored_deletes(deleted))
     counts = {
@@ -588,6 +593,10 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
         "failed_parent_missing": _count(parent_missing),
     }
     return StageResult(_summary(delivered), counts)
+
+
+# The delivery log's writers (a stage waits for its own write before it ends).
+_LOG_WRITER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="delivery-log")
 
 
 def _held_among(

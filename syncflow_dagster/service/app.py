@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -21,10 +22,17 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from syncflow_dagster.catalog import Catalog, default_catalog
+from syncflow_dagster.engine.columns import KEY_SEPARATOR
 from syncflow_dagster.service import launch
 from syncflow_dagster.service import models as m
 from syncflow_dagster.service.auth import bearer_scheme, check_bearer
-from syncflow_dagster.service.dagster_gateway import DagsterGateway, DagsterRefused, DagsterUnavailable
+from syncflow_dagster.service.dagster_gateway import (
+    DagsterGateway,
+    DagsterRefused,
+    DagsterUnavailable,
+    Launched,
+    Refused,
+)
 from syncflow_dagster.service.metrics import CONTENT_TYPE, exposition
 from syncflow_dagster.service.settings import ServiceSettings
 from syncflow_dagster.service.store_views import (
@@ -32,6 +40,8 @@ from syncflow_dagster.service.store_views import (
     BatchView,
     EntityStatsView,
     batches_of_run,
+    batches_page,
+    entities_with_retry_work,
     entity_stats,
     failed_records_page,
     pending_children_page,
@@ -54,6 +64,8 @@ def _batch_metrics(view: BatchView) -> m.BatchMetrics:
     counts = {name: view.counts.get(name, 0) for name in BATCH_METRICS}
     return m.BatchMetrics(
         batch_id=view.id,
+        run_id=view.run_id,
+        kind=view.kind,  # type: ignore[arg-type]  # the table's check constraint holds it to the three
         entity=view.entity,
         partition_date=view.partition_date,
         status=view.status,
@@ -61,6 +73,19 @@ def _batch_metrics(view: BatchView) -> m.BatchMetrics:
         finished_at=view.finished_at,
         stage_seconds=view.stage_seconds,
         seconds=view.seconds,
+        counts=dict(view.counts),
+        stages=[
+            m.StageProgress(
+                stage=stage.stage,
+                status=stage.status,  # type: ignore[arg-type]  # succeeded or failed (_stage_views)
+                rows=stage.rows,
+                seconds=stage.seconds,
+                finished_at=stage.at,
+                counts=stage.counts,
+                error=stage.error,
+            )
+            for stage in view.stages
+        ],
         **counts,
     )
 
@@ -242,11 +267,32 @@ def create_app(
             ],
         )
 
+    @app.get("/sync", response_model=m.SyncList, tags=["sync"])
+    def list_syncs(
+        entity: Annotated[str | None, Query(max_length=63)] = None,
+        batch_status: Annotated[
+            Literal["running", "succeeded", "failed", "cancelled"] | None, Query(alias="status")
+        ] = None,
+        kind: Annotated[Literal["sync", "retry", "reconcile"] | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    ) -> m.SyncList:
+        """Recent batches, newest first (syncs, retries and reconciles), each with its run id and its stages
+        as far as they got; filtered by entity, status and kind."""
+        with engine.connect() as conn:
+            page = batches_page(
+                conn, entity=entity, status=batch_status, kind=kind, limit=limit, offset=offset
+            )
+        return m.SyncList(
+            total=page.total, limit=limit, offset=offset, items=[_batch_metrics(b) for b in page.items]
+        )
+
     @app.get(
         "/sync/{run_id}", response_model=m.RunStatus, tags=["sync"], responses={404: {"model": m.Problem}}
     )
     def sync_status(run_id: RunId) -> m.RunStatus:
-        """The run's Dagster status and the metrics of every batch it wrote (a re-execution: its lineage's)."""
+        """The run's Dagster status and the metrics of every batch it wrote (a re-execution: its lineage's),
+        with each stage's counts and seconds as it finishes; a failed or cancelled run's up to where it stopped."""
         run = dagster_call("run status", gateway.run, run_id)
         with engine.connect() as conn:
             batches = batches_of_run(conn, run.batch_run_id)
@@ -288,8 +334,14 @@ def create_app(
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
         include_resolved: bool = False,
+        state: Annotated[
+            Literal["open", "dead", "delivered", "resolved", "dismissed"] | None,
+            Query(
+                description="Only records in this state (default: open and dead, the ones holding their key)."
+            ),
+        ] = None,
     ) -> m.FailedRecordsPage:
-        """Open failed records (newest first), filtered by entity and reason."""
+        """Failed records that hold their key (open and dead; newest first), filtered by entity, reason and state."""
         with engine.connect() as conn:
             page = failed_records_page(
                 conn,
@@ -298,21 +350,122 @@ def create_app(
                 limit=limit,
                 offset=offset,
                 include_resolved=include_resolved,
+                state=state,
             )
         items = [m.FailedRecord.model_validate(item) for item in page.items]
         return m.FailedRecordsPage(total=page.total, limit=limit, offset=offset, items=items)
 
+    def runs_started(
+        what: str, launched: list[Launched], refused: list[Refused], nothing_to_do: list[str]
+    ) -> m.RunsStarted:
+        if refused and not launched:
+            # Nothing was launched: the answer is the error, as for a single launch.
+            code = (
+                status.HTTP_503_SERVICE_UNAVAILABLE
+                if any(r.unavailable for r in refused)
+                else status.HTTP_409_CONFLICT
+            )
+            detail = "; ".join(f"{r.entity}: {r.detail}" for r in refused)
+            raise HTTPException(code, detail=f"{what}: {detail}"[:2000])
+        return m.RunsStarted(
+            launched=[m.LaunchedRun(run_id=r.run_id, entity=r.entity) for r in launched],
+            not_launched=[m.EntityRunNotStarted(entity=r.entity, reason=r.detail) for r in refused],
+            nothing_to_do=nothing_to_do,
+        )
+
     @app.post(
         "/failed-records/retry",
         status_code=status.HTTP_202_ACCEPTED,
-        response_model=m.RetryStarted,
+        response_model=m.RunsStarted,
         tags=["state"],
+        responses={409: {"model": m.Problem}},
     )
-    def retry_failed(request: m.RetryRequest) -> m.RetryStarted:
-        """Launch the `retry` job: failed records that are due, and children whose parent arrived."""
-        names = known_entities(request.entities, "entities") if request.entities else []
-        run_id = dagster_call("start retry", gateway.submit_retry, names)
-        return m.RetryStarted(run_id=run_id, entities=names or entities)
+    def retry_failed(request: m.RetryRequest) -> m.RunsStarted:
+        """Launch the `retry` job, one run per entity with something to retry (failed records due, or
+        permanent / dead ones when asked for, and children whose parent arrived); 202 with the runs
+        launched, the ones Dagster refused, and the entities that had nothing to retry."""
+        names = known_entities(request.entities, "entities") if request.entities else entities
+        with_work = entities_with_retry_work(
+            engine, include_permanent=request.include_permanent, include_dead=request.include_dead
+        )
+        chosen = [n for n in names if n in with_work]
+        launched, refused = gateway.submit_each(
+            chosen,
+            lambda name: gateway.submit_retry(
+                name, include_permanent=request.include_permanent, include_dead=request.include_dead
+            ),
+        )
+        return runs_started("start retry", launched, refused, [n for n in names if n not in with_work])
+
+    @app.post(
+        "/reconcile",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=m.RunsStarted,
+        tags=["sync"],
+        responses={409: {"model": m.Problem}},
+    )
+    def reconcile(request: m.ReconcileRequest) -> m.RunsStarted:
+        """Launch the `reconcile` job (full key scan; deletes from ScheduleHub what APISmith no longer
+        has, unless the delete guard blocks it), one run per entity; `dry_run` only reports."""
+        names = known_entities(request.entities, "entities") if request.entities else entities
+        launched, refused = gateway.submit_each(
+            names, lambda name: gateway.submit_reconcile(name, dry_run=request.dry_run)
+        )
+        return runs_started("start reconcile", launched, refused, [])
+
+    def close_failed(state: str, request: m.CloseFailedRequest) -> m.FailedClosed:
+        from syncflow_dagster.store.failures import FailureRepository
+
+        ids: list[uuid.UUID] = []
+        for text in request.ids:
+            try:
+                ids.append(uuid.UUID(text))
+            except ValueError:
+                raise HTTPException(
+                    status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"ids: {text!r} is not a failed record id"
+                ) from None
+        if request.entity is not None:
+            known_entities([request.entity], "entity")
+        keys = [KEY_SEPARATOR.join(k) if isinstance(k, list) else k for k in request.keys]
+        if not ids and not (request.entity and (keys or request.reason_code)):
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                detail="choose failed records by `ids`, or by `entity` with `keys` or a `reason_code`",
+            )
+        try:
+            closed = FailureRepository(engine).close_by_person(
+                state,
+                by=request.by,
+                reason=request.reason,
+                ids=ids or None,
+                entity=request.entity,
+                bks=keys or None,
+                reason_code=request.reason_code,
+            )
+        except ValueError as exc:  # a blank `by` or `reason`: the store names the field
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+        items = [
+            m.FailedRecord.model_validate(
+                {
+                    **{k: v for k, v in vars(record).items() if k not in ("payload", "bk_hash")},
+                    "id": str(record.id),
+                    "batch_id": None if record.batch_id is None else str(record.batch_id),
+                }
+            )
+            for record in closed
+        ]
+        return m.FailedClosed(closed=len(items), items=items)
+
+    @app.post("/failed-records/resolve", response_model=m.FailedClosed, tags=["state"])
+    def resolve_failed(request: m.CloseFailedRequest) -> m.FailedClosed:
+        """Close held failed records as `resolved` (fixed elsewhere, e.g. by hand in ScheduleHub), with who
+        and why; they are no longer retried. A later failure of the same key opens a new record."""
+        return close_failed("resolved", request)
+
+    @app.post("/failed-records/dismiss", response_model=m.FailedClosed, tags=["state"])
+    def dismiss_failed(request: m.CloseFailedRequest) -> m.FailedClosed:
+        """Close held failed records as `dismissed` (not worth delivering), with who and why."""
+        return close_failed("dismissed", request)
 
     @app.get("/pending-children", response_model=m.PendingChildrenPage, tags=["state"])
     def pending_children(

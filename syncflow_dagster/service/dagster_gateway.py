@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -118,6 +119,19 @@ AUTO_RETRY_RUN_ID_TAG = "dagster/auto_retry_run_id"
 ROOT_RUN_ID_TAG = "dagster/root_run_id"
 
 
+@dataclass(frozen=True)
+class Launched:
+    entity: str
+    run_id: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    entity: str
+    detail: str
+    unavailable: bool  # Dagster could not be reached (503), rather than said no (409)
+
+
 def _timestamp(value: float | None) -> dt.datetime | None:
     return None if value is None else dt.datetime.fromtimestamp(value, tz=dt.UTC)
 
@@ -166,14 +180,60 @@ class DagsterGateway:
 
         return self._submit(sync_job.name, tags)
 
-    def submit_retry(self, entities: list[str]) -> str:
-        """Launch the retry job (failed records due and released children) for `entities` (empty: all)."""
+    def submit_retry(
+        self,
+        entity: str,
+        *,
+        include_permanent: bool = False,
+        include_dead: bool = False,
+        trigger: str = "api",
+    ) -> str:
+        """Launch the retry job (failed records due, released children) for one entity; the run id.
+
+        One run per entity, tagged `syncflow/entity`: the run queue's per-entity
+        limit then keeps it from overlapping a sync of that entity.
+        """
         # Names come from the job definitions themselves, so a rename cannot break the API.
-        from syncflow_dagster.defs.jobs import retry_job
+        from syncflow_dagster.defs.jobs import entity_run_tags, retry_job
         from syncflow_dagster.defs.maintenance import retry_failed_and_pending
 
-        config = {"ops": {retry_failed_and_pending.name: {"config": {"entities": entities}}}}
-        return self._submit(retry_job.name, {"syncflow/trigger": "api"}, config)
+        options = {"entities": [entity], "include_permanent": include_permanent, "include_dead": include_dead}
+        config = {"ops": {retry_failed_and_pending.name: {"config": options}}}
+        return self._submit(retry_job.name, entity_run_tags(entity, trigger), config)
+
+    def submit_reconcile(self, entity: str, *, dry_run: bool = False, trigger: str = "api") -> str:
+        """Launch the reconcile job (full key scan, guarded deletes) for one entity; the run id."""
+        from syncflow_dagster.defs.jobs import entity_run_tags, reconcile_job
+        from syncflow_dagster.defs.maintenance import reconcile_entities
+
+        config = {"ops": {reconcile_entities.name: {"config": {"entities": [entity], "dry_run": dry_run}}}}
+        return self._submit(reconcile_job.name, entity_run_tags(entity, trigger), config)
+
+    def submit_each(
+        self, entities: list[str], submit: Callable[[str], str]
+    ) -> tuple[list[Launched], list[Refused]]:
+        """`submit(entity)` for every entity; what was launched and what was not, with why.
+
+        A refusal does not stop the others and no run id already given is lost:
+        the caller reports both lists. Once Dagster cannot be reached, the
+        entities not yet submitted are reported with that reason instead of
+        each waiting out the timeout again (as launch.launch does for syncs).
+        """
+        launched: list[Launched] = []
+        refused: list[Refused] = []
+        unavailable: str | None = None
+        for entity in entities:
+            if unavailable is not None:
+                refused.append(Refused(entity, f"not submitted: {unavailable}", True))
+                continue
+            try:
+                launched.append(Launched(entity, submit(entity)))
+            except DagsterUnavailable as exc:
+                unavailable = f"Dagster unavailable ({exc})"
+                refused.append(Refused(entity, unavailable, True))
+            except DagsterRefused as exc:
+                refused.append(Refused(entity, str(exc), False))
+        return launched, refused
 
     def cancel(self, run_id: str) -> None:
         self.run(run_id)  # an unknown run is a 404, not an error of the terminate mutation

@@ -62,10 +62,28 @@ class SyncStarted(BaseModel):
     not_launched: list[RunNotStarted]
 
 
+class StageProgress(BaseModel):
+    """A stage of a batch that finished (or failed), with what it counted."""
+
+    stage: str
+    status: Literal["succeeded", "failed"]
+    rows: int | None = Field(description="Rows in the stage's output frame.")
+    seconds: float | None
+    finished_at: dt.datetime
+    counts: dict[str, int]
+    error: str | None = Field(default=None, description="Why a failed stage failed (type and message).")
+
+
 class BatchMetrics(BaseModel):
-    """One batch of a run: counts per stage outcome and seconds per stage."""
+    """One batch of a run: counts per stage outcome and seconds per stage.
+
+    While the batch runs, and after its run failed or was cancelled, the counts
+    are those of the stages that finished (`stages`).
+    """
 
     batch_id: str
+    run_id: str | None = Field(description="The run the batch is filed under (the root of a re-execution).")
+    kind: Literal["sync", "retry", "reconcile"] = Field(description="The job that wrote the batch.")
     entity: str
     partition_date: dt.date | None
     status: str
@@ -86,8 +104,20 @@ class BatchMetrics(BaseModel):
     delivered: int
     failed: int
     committed: int
+    counts: dict[str, int] = Field(
+        description="Every count the batch's stages reported, the ones above included (a retry's "
+        "`retried`, `gave_up`, ...)."
+    )
     stage_seconds: dict[str, float]
     seconds: float
+    stages: list[StageProgress] = Field(description="The stages that finished, in order, as they finished.")
+
+
+class SyncList(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    items: list[BatchMetrics]
 
 
 class RunStatus(BaseModel):
@@ -135,6 +165,38 @@ class FailedRecord(BaseModel):
     next_retry_at: dt.datetime | None
     resolved_at: dt.datetime | None
     batch_id: str | None
+    state: Literal["open", "dead", "delivered", "resolved", "dismissed"] = Field(
+        description="open: retried on its schedule (retryable) or waiting for a person (permanent); "
+        "dead: gave up after its attempts or age; delivered: ScheduleHub took it; resolved, dismissed: "
+        "a person closed it."
+    )
+    state_at: dt.datetime | None
+    state_by: str | None = Field(description="Who closed it or gave it up ('syncflow' when SyncFlow did).")
+    state_reason: str | None
+
+
+class CloseFailedRequest(BaseModel):
+    """Which held failed records to close, by whom and why: ids, or an entity with keys or a reason code."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(default_factory=list, max_length=1000, description="Failed record ids.")
+    entity: str | None = Field(default=None, max_length=63)
+    keys: list[str | list[str]] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="Business keys of `entity`: the key text, or a composite key as its parts in key order.",
+    )
+    reason_code: str | None = Field(
+        default=None, max_length=200, description="Every held record of `entity` with this reason code."
+    )
+    reason: str = Field(min_length=1, max_length=2000, description="Why (kept with the record).")
+    by: str = Field(min_length=1, max_length=200, description="Who (kept with the record).")
+
+
+class FailedClosed(BaseModel):
+    closed: int
+    items: list[FailedRecord]
 
 
 class FailedRecordsPage(BaseModel):
@@ -148,11 +210,41 @@ class RetryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     entities: list[str] = Field(default_factory=list, max_length=100, description="Empty means every entity.")
+    include_permanent: bool = Field(
+        default=False,
+        description="Also retry open permanent failures (they are never retried on a timer).",
+    )
+    include_dead: bool = Field(default=False, description="Also retry failures that gave up (state `dead`).")
 
 
-class RetryStarted(BaseModel):
+class LaunchedRun(BaseModel):
     run_id: str
-    entities: list[str]
+    entity: str
+
+
+class EntityRunNotStarted(BaseModel):
+    entity: str
+    reason: str = Field(description="Why it was not launched (Dagster refused it, or could not be reached).")
+
+
+class RunsStarted(BaseModel):
+    """One run per entity: every one launched, every one Dagster did not launch, entities with nothing to do
+    (the words of POST /sync's answer)."""
+
+    launched: list[LaunchedRun]
+    not_launched: list[EntityRunNotStarted]
+    nothing_to_do: list[str] = Field(
+        default_factory=list, description="Entities asked for that had nothing to retry: no run was started."
+    )
+
+
+class ReconcileRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    entities: list[str] = Field(default_factory=list, max_length=100, description="Empty means every entity.")
+    dry_run: bool = Field(
+        default=False, description="Compare keys and report what would be deleted; delete nothing."
+    )
 
 
 class PendingChild(BaseModel):

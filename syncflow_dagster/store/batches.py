@@ -12,7 +12,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import distinct_on
 from uuid6 import uuid7
 
-from syncflow_dagster.store.schema import BATCH_STATUSES, sync_batches
+from syncflow_dagster.store.events import StageEventRepository, stage_totals
+from syncflow_dagster.store.schema import BATCH_KINDS, BATCH_STATUSES, sync_batches
 
 # The counters a batch reports (others are accepted too: the list documents, it does not limit).
 COUNT_KEYS = (
@@ -41,10 +42,17 @@ class BatchRecord:
     finished_at: dt.datetime | None
     counts: dict[str, int]
     stage_seconds: dict[str, float]
+    kind: str = "sync"
+    failed_closes: int = 0
+    cancelled_closes: int = 0
 
 
 def _record(row: sa.Row[Any]) -> BatchRecord:
     return BatchRecord(**row._asdict())
+
+
+# A run that stopped closes its running batches with one of these.
+STOPPED_STATUSES = ("failed", "cancelled")
 
 
 class BatchRepository:
@@ -53,15 +61,19 @@ class BatchRepository:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
 
-    def start_batch(self, entity: str, partition_date: dt.date | None, run_id: str | None) -> uuid.UUID:
-        """A new running batch; its UUIDv7 id sorts by start time."""
+    def start_batch(
+        self, entity: str, partition_date: dt.date | None, run_id: str | None, kind: str = "sync"
+    ) -> uuid.UUID:
+        """A new running batch of job `kind`; its UUIDv7 id sorts by start time."""
         if not entity:
             raise ValueError("start_batch: entity name is empty")
+        if kind not in BATCH_KINDS:
+            raise ValueError(f"entity {entity!r}, field 'kind': {kind!r} is not one of {BATCH_KINDS}")
         batch_id = uuid.UUID(bytes=uuid7().bytes)
         with self.engine.begin() as conn:
             conn.execute(
                 sync_batches.insert().values(
-                    id=batch_id, entity=entity, partition_date=partition_date, run_id=run_id
+                    id=batch_id, entity=entity, partition_date=partition_date, run_id=run_id, kind=kind
                 )
             )
         return batch_id
@@ -73,9 +85,11 @@ class BatchRepository:
         counts: Mapping[str, int] | None = None,
         stage_seconds: Mapping[str, float] | None = None,
     ) -> None:
-        """Close a batch as succeeded or failed with its counts and per-stage seconds."""
+        """Close a batch as succeeded, failed or cancelled with its counts and per-stage seconds."""
         if status not in BATCH_STATUSES or status == "running":
-            raise ValueError(f"batch {batch_id}, field 'status': {status!r} is not 'succeeded' or 'failed'")
+            raise ValueError(
+                f"batch {batch_id}, field 'status': {status!r} is not 'succeeded', 'failed' or 'cancelled'"
+            )
         clean_counts: dict[str, int] = {}
         for key, value in (counts or {}).items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -95,32 +109,58 @@ class BatchRepository:
                     finished_at=sa.func.now(),
                     counts=clean_counts,
                     stage_seconds=clean_seconds,
+                    **_close_counter(status),
                 )
             )
         if result.rowcount == 0:
             raise KeyError(f"no sync batch with id {batch_id}")
 
-    def fail_running(self, run_id: str) -> list[uuid.UUID]:
-        """Close as failed every batch the run `run_id` left running; the ids closed.
+    def close_running(self, run_id: str, status: str) -> list[uuid.UUID]:
+        """Close every batch the run `run_id` left running as `status` (failed or cancelled); the ids.
 
-        A run that dies before its report stage (a step that failed for good, a
-        killed process, a terminated run) never finishes its batch itself.
+        A run that stops before its report stage (a step that failed for good, a
+        killed process, an operator's cancel) never finishes its batch itself.
+        The batch keeps what the stages that finished counted (their stage
+        events), so it says how far the run got; a re-execution reopens it.
         """
-        query = (
-            sync_batches.update()
-            .where(sync_batches.c.run_id == run_id, sync_batches.c.status == "running")
-            .values(status="failed", finished_at=sa.func.now())
-            .returning(sync_batches.c.id)
+        if status not in STOPPED_STATUSES:
+            raise ValueError(f"run {run_id!r}, field 'status': {status!r} is not one of {STOPPED_STATUSES}")
+        running = sa.select(sync_batches.c.id).where(
+            sync_batches.c.run_id == run_id, sync_batches.c.status == "running"
         )
+        with self.engine.connect() as conn:
+            ids = [row.id for row in conn.execute(running)]
+        events = StageEventRepository(self.engine).for_batches(ids)
+        closed: list[uuid.UUID] = []
         with self.engine.begin() as conn:
-            return [row.id for row in conn.execute(query)]
+            for batch_id in ids:
+                totals = stage_totals(events.get(batch_id, []))
+                result = conn.execute(
+                    sync_batches.update()
+                    # Still running: a batch that finished meanwhile keeps its own close.
+                    .where(sync_batches.c.id == batch_id, sync_batches.c.status == "running")
+                    .values(
+                        status=status,
+                        finished_at=sa.func.now(),
+                        counts=totals.counts,
+                        stage_seconds=totals.stage_seconds,
+                        **_close_counter(status),
+                    )
+                )
+                if result.rowcount:
+                    closed.append(batch_id)
+        return closed
+
+    def fail_running(self, run_id: str) -> list[uuid.UUID]:
+        """`close_running(run_id, "failed")`."""
+        return self.close_running(run_id, "failed")
 
     def reopen(self, batch_id: uuid.UUID) -> None:
-        """Mark a failed batch running again: a re-execution of its run continues it."""
+        """Mark a failed or cancelled batch running again: a re-execution of its run continues it."""
         with self.engine.begin() as conn:
             conn.execute(
                 sync_batches.update()
-                .where(sync_batches.c.id == batch_id, sync_batches.c.status == "failed")
+                .where(sync_batches.c.id == batch_id, sync_batches.c.status.in_(STOPPED_STATUSES))
                 .values(status="running", finished_at=None)
             )
 
@@ -146,3 +186,12 @@ class BatchRepository:
         query = sa.select(sync_batches).where(sync_batches.c.run_id == run_id).order_by(sync_batches.c.id)
         with self.engine.connect() as conn:
             return [_record(row) for row in conn.execute(query)]
+
+
+def _close_counter(status: str) -> dict[str, Any]:
+    """The closes counter a close as `status` adds one to (none for a success: that is final)."""
+    if status == "failed":
+        return {"failed_closes": sync_batches.c.failed_closes + 1}
+    if status == "cancelled":
+        return {"cancelled_closes": sync_batches.c.cancelled_closes + 1}
+    return {}

@@ -68,6 +68,12 @@ class StoreSettings(BaseSettings):
     retry_base_seconds: float = Field(default=60.0, gt=0)
     retry_cap_seconds: float = Field(default=6 * 3600.0, gt=0)
     retry_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
+    # A retryable failure gives up (becomes `dead`, keeping its history) when it has
+    # failed this many times, or when its first failure is older than this.
+    retry_max_attempts: int = Field(default=10, ge=2, le=1000)
+    retry_max_age_hours: float = Field(default=7 * 24.0, gt=0)
+    # Days the delivery log (what `syncflow trace` reads) keeps a delivery.
+    delivery_log_days: int = Field(default=90, ge=1)
 
 
 def driver_cursor(conn: sa.Connection) -> psycopg.Cursor[Any]:

@@ -125,6 +125,52 @@ class StageEventRepository:
 
     def for_batch(self, batch_id: uuid.UUID) -> list[StageEvent]:
         """A batch's events in the order they happened."""
-        query = sa.select(stage_events).where(stage_events.c.batch_id == batch_id).order_by(stage_events.c.id)
+        return self.for_batches([batch_id]).get(batch_id, [])
+
+    def for_batches(self, batch_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[StageEvent]]:
+        """The events of several batches (one query), each batch's in the order they happened."""
+        if not batch_ids:
+            return {}
+        query = (
+            sa.select(stage_events)
+            .where(stage_events.c.batch_id.in_(batch_ids))
+            .order_by(stage_events.c.batch_id, stage_events.c.id)
+        )
+        out: dict[uuid.UUID, list[StageEvent]] = {}
         with self.engine.connect() as conn:
-            return [StageEvent(**row._asdict()) for row in conn.execute(query)]
+            for row in conn.execute(query):
+                event = StageEvent(**row._asdict())
+                assert event.batch_id is not None
+                out.setdefault(event.batch_id, []).append(event)
+        return out
+
+
+@dataclass(frozen=True)
+class StageTotals:
+    """What a batch's finished stages add up to: counts, seconds per stage, the latest event per stage."""
+
+    counts: dict[str, int]
+    stage_seconds: dict[str, float]
+    latest: dict[str, StageEvent]
+
+
+def stage_totals(events: list[StageEvent]) -> StageTotals:
+    """Total a batch's stage events (in the order they happened) into its counts and seconds.
+
+    Only stages that finished count, and a stage re-executed after a failure or
+    a cancel counts once, with its latest finished event: this is what a batch
+    reports while it runs, when it closes, and after it stopped half-way.
+    """
+    latest: dict[str, StageEvent] = {}
+    for event in events:
+        if event.status == "succeeded":
+            latest[event.stage] = event
+    counts: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    for stage, event in latest.items():
+        seconds[stage] = float(event.seconds or 0.0)
+        for key, value in (event.detail or {}).items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                continue  # a note, not a count
+            counts[key] = counts.get(key, 0) + value
+    return StageTotals({k: max(v, 0) for k, v in counts.items()}, seconds, latest)

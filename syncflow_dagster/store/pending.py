@@ -28,7 +28,14 @@ from psycopg import sql
 from syncflow_dagster.engine.columns import BK, BK_HASH
 from syncflow_dagster.store.copy import PgColumn, copy_in, create_staging, select_table
 from syncflow_dagster.store.database import StoreSettings, driver_cursor
-from syncflow_dagster.store.failures import PAYLOAD, new_ids, next_retry_sql, retry_params
+from syncflow_dagster.store.failures import (
+    PAYLOAD,
+    after_failure_sql,
+    again_after_conflict_sql,
+    new_ids,
+    next_retry_sql,
+    retry_params,
+)
 from syncflow_dagster.store.keys import KEYS, check_keys, execute_for_keys
 from syncflow_dagster.store.schema import REASON_CLASSES, SCHEMA, pending_children
 
@@ -91,12 +98,14 @@ _KEPT_CLASS = "CASE WHEN f.reason_code = %(reason)s THEN f.reason_class ELSE 're
 
 
 def _keep_failed_sql(**names: sql.Composable) -> sql.Composed:
-    again = next_retry_sql(f"({_KEPT_CLASS})", "%(now)s::timestamptz", "f.attempts + 1")
+    again = after_failure_sql(
+        f"({_KEPT_CLASS})", "%(now)s::timestamptz", "(f.attempts + 1)", "f.first_failed_at", "f.state"
+    )
     return sql.SQL(
         "UPDATE {failed} AS f SET attempts = f.attempts + 1, reason_code = %(reason)s,"
         f" reason_class = {_KEPT_CLASS},"
         " detail = 'parent ' || s.missing_parent_entity || ' ' || s.missing_parent_bk || ' still missing',"
-        " last_failed_at = %(now)s, next_retry_at = {again},"
+        " last_failed_at = %(now)s, {again},"
         " payload = COALESCE(s.payload, f.payload), batch_id = %(batch_id)s"
         " FROM {staging} AS s"
         " WHERE f.entity = %(entity)s AND f.bk_hash = s.bk_hash AND f.resolved_at IS NULL"
@@ -238,6 +247,22 @@ class PendingRepository:
         )
         return self._select(query)
 
+    def releasable_keys(self) -> dict[str, list[bytes]]:
+        """Per entity, the sorted key hashes of its parked children whose parent is now delivered (one query)."""
+        query = sql.SQL(
+            "SELECT p.entity, p.bk_hash FROM {pending} AS p JOIN {state} AS s"
+            " ON s.entity = p.missing_parent_entity AND s.bk_hash = p.missing_parent_bk_hash"
+        ).format(pending=_PENDING, state=_STATE)
+        with self.engine.begin() as conn:
+            table = select_table(
+                driver_cursor(conn), query, [PgColumn("entity", "text"), PgColumn("bk_hash", "uuid")]
+            )
+        out: dict[str, list[bytes]] = {}
+        for entity, key in zip(table["entity"].to_pylist(), table["bk_hash"].to_pylist(), strict=True):
+            if entity is not None and key is not None:  # both columns are NOT NULL
+                out.setdefault(str(entity), []).append(bytes(key))
+        return {entity: sorted(keys) for entity, keys in out.items()}
+
     def waiting(self, entity: str) -> pa.Table:
         """Every child of `entity` still parked, as release_candidates' columns."""
         query = sql.SQL(
@@ -290,7 +315,7 @@ class PendingRepository:
             " ON CONFLICT (entity, bk_hash) WHERE resolved_at IS NULL DO UPDATE SET"
             " attempts = f.attempts + 1, reason_code = EXCLUDED.reason_code,"
             " reason_class = EXCLUDED.reason_class, detail = EXCLUDED.detail,"
-            " last_failed_at = EXCLUDED.last_failed_at, next_retry_at = {again_retry},"
+            " last_failed_at = EXCLUDED.last_failed_at, {again},"
             " payload = COALESCE(EXCLUDED.payload, f.payload), batch_id = EXCLUDED.batch_id"
         ).format(
             pending=_PENDING,
@@ -298,7 +323,7 @@ class PendingRepository:
             scope=scope,
             uuid7=sql.SQL(_UUID7_SQL),
             first_retry=next_retry_sql("%(reason_class)s", "%(now)s::timestamptz", "1"),
-            again_retry=next_retry_sql("EXCLUDED.reason_class", "EXCLUDED.last_failed_at", "f.attempts + 1"),
+            again=again_after_conflict_sql(),
         )
         with self.engine.begin() as conn:
             cursor = driver_cursor(conn)

@@ -12,8 +12,16 @@ from sqlalchemy.dialects import postgresql as pg
 
 SCHEMA = "syncflow"
 
-BATCH_STATUSES = ("running", "succeeded", "failed")
+BATCH_STATUSES = ("running", "succeeded", "failed", "cancelled")
+# Which job wrote a batch: the sync assets, the retry job, the reconcile job.
+BATCH_KINDS = ("sync", "retry", "reconcile")
 REASON_CLASSES = ("retryable", "permanent")
+# A failed record is `open` (retried on its schedule, or waiting for a person when
+# permanent) or `dead` (gave up; retried only when asked): both still hold the key.
+# It is closed as `delivered` (ScheduleHub took it), `resolved` or `dismissed`
+# (a person said so, with who and why).
+FAILURE_STATES = ("open", "dead", "delivered", "resolved", "dismissed")
+HELD_FAILURE_STATES = ("open", "dead")
 STAGE_STATUSES = ("started", "succeeded", "failed")
 
 metadata = sa.MetaData(schema=SCHEMA)
@@ -32,9 +40,18 @@ sync_batches = sa.Table(
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("counts", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
     sa.Column("stage_seconds", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
-    sa.CheckConstraint("status IN ('running', 'succeeded', 'failed')", name="sync_batches_status"),
+    sa.Column("kind", sa.Text, nullable=False, server_default=sa.text("'sync'")),
+    # How often the batch was closed as failed / cancelled: a re-execution reopens
+    # it, and these only ever grow, so the batches counter never goes down.
+    sa.Column("failed_closes", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("cancelled_closes", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.CheckConstraint(
+        "status IN ('running', 'succeeded', 'failed', 'cancelled')", name="sync_batches_status"
+    ),
+    sa.CheckConstraint("kind IN ('sync', 'retry', 'reconcile')", name="sync_batches_kind"),
     sa.Index("sync_batches_entity_started", "entity", sa.text("started_at DESC")),
     sa.Index("sync_batches_run_id", "run_id"),
+    sa.Index("sync_batches_started", sa.text("started_at DESC")),
 )
 
 # The hot table: one row per delivered record. Its primary key is the natural
@@ -86,8 +103,19 @@ failed_records = sa.Table(
     sa.Column("next_retry_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("payload", pg.JSONB, nullable=True),
     sa.Column("batch_id", pg.UUID(as_uuid=True), nullable=True),
+    # NULL while the record holds its key (state open or dead).
     sa.Column("resolved_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("state", sa.Text, nullable=False, server_default=sa.text("'open'")),
+    sa.Column("state_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("state_by", sa.Text, nullable=True),
+    sa.Column("state_reason", sa.Text, nullable=True),
     sa.CheckConstraint("reason_class IN ('retryable', 'permanent')", name="failed_records_reason_class"),
+    sa.CheckConstraint(
+        "state IN ('open', 'dead', 'delivered', 'resolved', 'dismissed')", name="failed_records_state"
+    ),
+    sa.CheckConstraint(
+        "(state IN ('open', 'dead')) = (resolved_at IS NULL)", name="failed_records_state_resolved"
+    ),
     sa.CheckConstraint("attempts >= 1", name="failed_records_attempts"),
     # At most one open failure per record; resolved ones stay as history.
     sa.Index(
@@ -141,4 +169,23 @@ stage_events = sa.Table(
     sa.CheckConstraint("status IN ('started', 'succeeded', 'failed')", name="stage_events_status"),
     sa.Index("stage_events_batch", "batch_id", "at"),
     sa.Index("stage_events_entity_at", "entity", "at"),
+)
+
+# One row per record sent to ScheduleHub, with its answer: what `syncflow trace`
+# reads. Append-only, written in the persist stage's transaction; rows older than
+# the store's delivery_log_days are pruned by the reconcile job.
+delivery_log = sa.Table(
+    "delivery_log",
+    metadata,
+    sa.Column("entity", sa.Text, nullable=False),
+    sa.Column("bk_hash", pg.UUID(as_uuid=True), nullable=False),
+    sa.Column("batch_id", pg.UUID(as_uuid=True), nullable=True),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=True),
+    sa.Column("data_hash", pg.BYTEA, nullable=True),
+    sa.Column("rowversion", sa.BigInteger, nullable=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, server_default=_NOW),
+    sa.Index("delivery_log_key", "entity", "bk_hash"),
+    sa.Index("delivery_log_at", "at", postgresql_using="brin"),
 )

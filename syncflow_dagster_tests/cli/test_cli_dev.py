@@ -107,6 +107,7 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
                 "apismith_change_sensor": "RUNNING",
                 "pending_children_sensor": "RUNNING",
                 "batch_failure_sensor": "RUNNING",
+                "batch_cancel_sensor": "RUNNING",
             }
             assert httpx.get(f"http://127.0.0.1:{apismith_port}/health", timeout=10).status_code == 200
         finally:

@@ -39,6 +39,7 @@ def test_definitions_load_with_the_nine_stages_in_order() -> None:
         "apismith_change_sensor",
         "pending_children_sensor",
         "batch_failure_sensor",
+        "batch_cancel_sensor",
     }
     assert {s.name for s in repo.schedule_defs} == {"retry_failed_records", "nightly_reconcile"}
 
@@ -73,7 +74,7 @@ def test_automation_is_stopped_by_default_and_running_in_dev() -> None:
         "from syncflow_dagster.definitions import defs;"
         "r = defs.get_repository_def();"
         "print(sorted({str(s.default_status) for s in [*r.sensor_defs, *r.schedule_defs]"
-        " if s.name != 'batch_failure_sensor'}))"
+        " if s.name not in ('batch_failure_sensor', 'batch_cancel_sensor')}))"
     )
     base = {k: v for k, v in os.environ.items() if k != "SYNCFLOW_AUTOMATION"}
     stopped = subprocess.run(

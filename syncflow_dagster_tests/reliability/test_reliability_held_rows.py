@@ -201,10 +201,10 @@ def test_retry_op_that_must_fail_names_the_entity_and_cause_and_retries_the_othe
     """Not a row's problem (here: the store failing for one entity) still raises, but says where and why."""
     original = bookkeeping.due_failures
 
-    def store_fails_for_items(database: Any, entity: Any, limit: int) -> Any:
+    def store_fails_for_items(database: Any, entity: Any, limit: int, **options: bool) -> Any:
         if entity.name == "items":
             raise RuntimeError("failed_records unreadable (injected)")
-        return original(database, entity, limit)
+        return original(database, entity, limit, **options)
 
     with deployment(fresh_database_url, rows=100, seed=36) as env:
         put_faults(env.schedulehub_url, seed=3, **EVERY_ROW_FAILS)

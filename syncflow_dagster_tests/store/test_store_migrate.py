@@ -53,6 +53,7 @@ def test_upgrade_creates_every_table_and_the_version_table_in_schema_syncflow(fr
         "failed_records",
         "pending_children",
         "stage_events",
+        "delivery_log",
     }
 
 
