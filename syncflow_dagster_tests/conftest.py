@@ -4,7 +4,10 @@
 it to the machine's 127.0.0.1:5432); otherwise an embedded Postgres is started
 from the pgserver wheel for the session. Each test session works in a database
 of its own, created here and dropped at the end, so parallel sessions on one
-server never see each other's rows.
+server never see each other's rows. Under pytest-xdist every worker is a
+session of its own: it gets its own database on the configured server, or its
+own embedded server (a Unix socket in its own data directory, no TCP port), and
+database names carry the worker's name (`isolation.py`).
 
 Tests that stop, restart or cut the connections of their Postgres use
 `dedicated_postgres_server` (or `dedicated_postgres`, its database URL): an
@@ -16,25 +19,20 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 
 from syncflow_dagster.store.database import libpq_url
 from syncflow_dagster.store.embedded import EmbeddedPostgres, start_embedded_postgres
+from syncflow_dagster_tests.isolation import scratch_database, scratch_name, with_database, worker_id
 
 TEST_DATABASE_ENV = "SYNCFLOW_TEST_DATABASE_URL"
 
-
-def _with_database(url: str, dbname: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{dbname}", parts.query, parts.fragment))
+__all__ = ["TEST_DATABASE_ENV", "DedicatedPostgres", "scratch_database"]
 
 
 @pytest.fixture(scope="session")
@@ -46,26 +44,13 @@ def pg_server_url() -> Iterator[str]:
         return
     # Not under pytest's tmp_path: its 0700 parents are not traversable by the
     # unprivileged user pgserver runs postgres as when the tests run as root.
-    data_dir = Path(tempfile.mkdtemp(prefix="syncflow-test-pg-"))
+    data_dir = Path(tempfile.mkdtemp(prefix=f"syncflow-test-pg-{worker_id()}-"))
     server = start_embedded_postgres(data_dir / "data", keep_data=False)
     try:
         yield server.url
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
-
-
-@contextmanager
-def scratch_database(pg_server_url: str) -> Iterator[str]:
-    """Create a database with a random name on the server; drop it afterwards."""
-    name = f"syncflow_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield _with_database(pg_server_url, name)
-    finally:
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -90,19 +75,19 @@ class DedicatedPostgres:
     url: str
 
     def url_of(self, dbname: str) -> str:
-        return _with_database(self.url, dbname)
+        return with_database(self.url, dbname)
 
 
 @pytest.fixture
 def dedicated_postgres_server() -> Iterator[DedicatedPostgres]:
     """A Postgres of this test's own (never the shared server): the test cuts, stops or restarts it."""
-    data_dir = Path(tempfile.mkdtemp(prefix="syncflow-fault-pg-"))
+    data_dir = Path(tempfile.mkdtemp(prefix=f"syncflow-fault-pg-{worker_id()}-"))
     server = start_embedded_postgres(data_dir / "data", keep_data=False)
-    name = f"syncflow_fault_{uuid.uuid4().hex[:8]}"
+    name = scratch_name("syncflow_fault")
     try:
         with psycopg.connect(server.url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
-        yield DedicatedPostgres(server, _with_database(server.url, name))
+        yield DedicatedPostgres(server, with_database(server.url, name))
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from functools import partial
 from typing import Any
 
 import httpx
@@ -28,6 +29,7 @@ from syncflow_dagster.clients.http import (
 from syncflow_dagster.simulators.faults import FaultConfig, FaultInjector
 from syncflow_dagster.simulators.serve import RunningServer, start_server
 from syncflow_dagster.simulators.tokens import TokenIssuer
+from syncflow_dagster_tests.waiting import token_expired, wait_until_async
 
 CLIENT_SECRET = "s3cr3t-client-value-XYZ"
 FAST = HttpSettings(
@@ -120,20 +122,23 @@ def test_short_lived_tokens_are_refreshed_during_a_run(stand: tuple[Stand, Runni
     s, server = stand
     s.faults.configure(FaultConfig(token_ttl_s=1))
     auth = JwtAuth(creds(server), FAST)
+    lifetimes = 3
 
     async def run() -> list[int]:
         statuses = []
         async with make_async_client(server.url, auth, FAST) as client:
-            # Spans well over one token lifetime; bounded in count.
-            for _ in range(8):
-                statuses.append(
-                    (await send_with_retries(client, "GET", "/v1/echo", settings=FAST)).status_code
-                )
-                await asyncio.sleep(0.4)
+            # Two requests per token lifetime, then the token runs out before the next one.
+            for _ in range(lifetimes):
+                for _ in range(2):
+                    response = await send_with_retries(client, "GET", "/v1/echo", settings=FAST)
+                    statuses.append(response.status_code)
+                token = auth._token
+                await wait_until_async(partial(token_expired, token), "the token to expire", timeout_s=10)
         return statuses
 
-    assert asyncio.run(run()) == [200] * 8
-    assert auth.tokens_fetched >= 2
+    assert asyncio.run(run()) == [200] * 2 * lifetimes
+    # One token per lifetime, fetched before it was needed: no request met a 401 on an expired token.
+    assert auth.tokens_fetched == s.tokens.issued == lifetimes
 
 
 def test_wrong_secret_raises_without_leaking_it(

@@ -30,7 +30,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from syncflow_dagster_tests.reliability_harness import clear_faults, faults_serv
 from syncflow_dagster_tests.run_worker import MARKER_TAG
 from syncflow_dagster_tests.sync_harness import Deployment, deployment
 from syncflow_dagster_tests.verify import Verification, verify_deployment
+from syncflow_dagster_tests.waiting import wait_until
 from syncflow_dagster_tests.webserver import dagster_postgres_url, scratch_database
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -81,14 +81,9 @@ T = TypeVar("T")
 
 def _wait_for(what: str, probe: Callable[[], T | None], timeout: float = WAIT_TIMEOUT_S) -> T:
     """Poll `probe` until it returns something truthy (a pid, a non-empty list, True); fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(POLL_S)
+    found = wait_until(probe, what, timeout_s=timeout, interval_s=POLL_S)
+    assert found is not None
+    return found
 
 
 # --- the deployment: stand-ins, SyncFlow's database, a Postgres-backed Dagster instance ---------------

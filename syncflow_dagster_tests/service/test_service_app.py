@@ -8,6 +8,7 @@ bounded; the subprocess is always ended.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import secrets
@@ -38,6 +39,7 @@ from syncflow_dagster_tests._service_fixtures import (
     poll_run,
 )
 from syncflow_dagster_tests.conftest import scratch_database
+from syncflow_dagster_tests.waiting import WaitTimeout, wait_until_async
 
 
 @dataclass
@@ -287,7 +289,6 @@ def test_concurrent_launches_do_not_share_one_graphql_transport() -> None:
     A gateway sharing one DagsterGraphQLClient answered the second caller
     TransportAlreadyConnected while the first request was still in flight.
     """
-    import asyncio
     import threading
 
     from fastapi import FastAPI
@@ -297,10 +298,14 @@ def test_concurrent_launches_do_not_share_one_graphql_transport() -> None:
     from syncflow_dagster.simulators.serve import start_server as serve
 
     slow = FastAPI()
+    arrived: list[int] = []
 
     @slow.post("/graphql")
     async def graphql() -> JSONResponse:
-        await asyncio.sleep(1.0)
+        # Answers once all three launches are in flight together (bounded), so they surely overlap.
+        arrived.append(1)
+        with contextlib.suppress(WaitTimeout):
+            await wait_until_async(lambda: len(arrived) >= 3, "three launches in flight", timeout_s=30)
         return JSONResponse({"errors": [{"message": "webserver overloaded"}]}, status_code=502)
 
     causes: list[str] = []
@@ -320,6 +325,7 @@ def test_concurrent_launches_do_not_share_one_graphql_transport() -> None:
             thread.join(timeout=60)
     assert len(causes) == 3
     assert not [c for c in causes if "TransportAlreadyConnected" in c], causes
+    assert len(arrived) >= 3  # each launch reached the webserver
 
 
 def test_a_re_execution_reports_the_batches_of_its_lineage() -> None:
