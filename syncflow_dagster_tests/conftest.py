@@ -107,3 +107,24 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SYNCFLOW_HTTP_BACKOFF_BASE_S", "0.01")
     monkeypatch.setenv("SYNCFLOW_HTTP_BACKOFF_MAX_S", "0.1")
     monkeypatch.setenv("SYNCFLOW_HTTP_MAX_RETRY_SECONDS", "20")
+
+
+# Module fixtures that start Dagster's own processes (a webserver, a daemon) for every test of
+# their module, and the xdist group those tests share: with `--dist loadgroup` they all run on one
+# worker, so the deployment is started once. Their tests are marked `daemon` (make test-fast
+# leaves them out) without each test saying so.
+DAGSTER_PROCESS_FIXTURES = {
+    "stack": "service-stack",  # service/test_service_app.py
+    "webserver": "ui-webserver",  # ui/test_ui.py
+    "sync_deployment": "backfill-deployment",  # ui/test_graphql_backfill.py
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects and before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        for fixture, group in DAGSTER_PROCESS_FIXTURES.items():
+            if fixture in fixtures:
+                item.add_marker(pytest.mark.daemon)
+                item.add_marker(pytest.mark.xdist_group(group))

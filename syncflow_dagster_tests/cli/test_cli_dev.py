@@ -35,6 +35,7 @@ def _descendants(pid: int) -> set[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.daemon
 def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
     tmp_path: Path, pg_server_url: str
 ) -> None:

@@ -67,6 +67,7 @@ FAULTS: list[tuple[str, str, dict[str, Any] | None]] = [
 ]
 
 
+@pytest.mark.soak
 @pytest.mark.timeout(1800)
 def test_soak_random_changes_and_faults_converge(fresh_database_url: str, fast_retries: None) -> None:
     seed = int(os.environ.get("SYNCFLOW_SOAK_SEED") or secrets.randbelow(2**31))
