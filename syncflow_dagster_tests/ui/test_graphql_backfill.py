@@ -40,7 +40,7 @@ from syncflow_dagster_tests.webserver import (
     scratch_database,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.daemon, pytest.mark.timeout(1800)]
 
 ENTITIES = tuple(default_catalog().topological_order)
 BACKFILL_DAYS = 3
@@ -96,6 +96,7 @@ query Materializations($path: [String!]!, $partitions: [String!]) {
       assetMaterializations(partitions: $partitions) {
         partition
         runId
+        timestamp
         metadataEntries { label ... on IntMetadataEntry { intValue } }
       }
     }
@@ -314,13 +315,17 @@ def test_backfill_three_days_all_entities(sync_deployment: SyncDeployment) -> No
         materialized = {e["partition"] for e in _materializations(dagster, asset, partitions)}
         assert materialized == set(partitions), f"{asset}: missing {sorted(set(partitions) - materialized)}"
     _record_run_count(len(first_attempts), backfill_id)
-    _screenshot_partitions(dagster, "sync_report", expected_materialized=len(partitions))
+    _screenshot_partitions(dagster, sync_deployment.today, expected_materialized=len(partitions))
 
 
-def _screenshot_partitions(dagster: DagsterDeployment, asset: str, expected_materialized: int) -> None:
-    """What the operator sees after the backfill: the asset's partitions page, materialised ones counted."""
+def _screenshot_partitions(dagster: DagsterDeployment, day: str, expected_materialized: int) -> None:
+    """What the operator sees after the backfill: sync_report's partitions, counted, and one partition's run."""
     if not CHROMIUM.exists():
         return  # the browser half is test_ui.py's; the GraphQL checks above stand on their own
+    asset, entity = "sync_report", ENTITIES[0]
+    latest = max(
+        _materializations(dagster, asset, [partition_key(day, entity)]), key=lambda e: int(e["timestamp"])
+    )
     dagster.graphql(SET_NUX_SEEN)
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright)
@@ -329,6 +334,10 @@ def _screenshot_partitions(dagster: DagsterDeployment, asset: str, expected_mate
             page.set_default_timeout(PAGE_TIMEOUT_MS)
             page.goto(f"{dagster.url}/assets/{asset}?view=partitions")
             expect(page.get_by_text(f"Materialized ({expected_materialized})")).to_be_visible()
+            # One partition picked as a person would (day, then entity): its latest run is named.
+            page.get_by_text(day, exact=True).first.click()
+            page.get_by_text(entity, exact=True).first.click()
+            expect(page.get_by_text(latest["runId"][:8]).first).to_be_visible()
             ARTIFACTS_DIR.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS_DIR / "dagster-backfill-partitions.png"))
         finally:
