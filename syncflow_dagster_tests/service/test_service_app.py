@@ -86,6 +86,10 @@ def stack(module_database_url: str, tmp_path_factory: pytest.TempPathFactory) ->
         "SCHEDULEHUB_BASE_URL": hub.url,
         "SCHEDULEHUB_CLIENT_ID": "syncflow",
         "SCHEDULEHUB_CLIENT_SECRET": secret_s,
+        # The API is under test, not the executor: one process per run, rather than one per step
+        # (a minute per run on a loaded 2-core machine). The multiprocess executor's runs are
+        # those of test_reliability_process_kill and test_reliability_security.
+        "SYNCFLOW_EXECUTOR": "in_process",
     }
     try:
         with dagster_webserver(home, env) as dagster_url:
