@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,19 +79,38 @@ class DedicatedPostgres:
         return with_database(self.url, dbname)
 
 
-@pytest.fixture
-def dedicated_postgres_server() -> Iterator[DedicatedPostgres]:
-    """A Postgres of this test's own (never the shared server): the test cuts, stops or restarts it."""
+@contextmanager
+def _dedicated_server() -> Iterator[EmbeddedPostgres]:
     data_dir = Path(tempfile.mkdtemp(prefix=f"syncflow-fault-pg-{worker_id()}-"))
     server = start_embedded_postgres(data_dir / "data", keep_data=False)
-    name = scratch_name("syncflow_fault")
     try:
-        with psycopg.connect(server.url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        yield DedicatedPostgres(server, with_database(server.url, name))
+        yield server
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def dedicated_postgres_server() -> Iterator[DedicatedPostgres]:
+    """A Postgres of this test's own (never the shared server): the test cuts, stops or restarts it."""
+    with _dedicated_server() as server:
+        # Not dropped afterwards: the whole server goes, whatever state the test left it in.
+        name = scratch_name("syncflow_fault")
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        yield DedicatedPostgres(server, with_database(server.url, name))
+
+
+@pytest.fixture(scope="module")
+def module_postgres_server() -> Iterator[EmbeddedPostgres]:
+    """A Postgres of this module's own, for tests that restart it one after another.
+
+    Each test makes a database of its own on it (`scratch_database`); starting a
+    server costs seconds, so the tests of a module share one. Keep such a
+    module's tests on one worker (an xdist_group), or each worker starts its own.
+    """
+    with _dedicated_server() as server:
+        yield server
 
 
 @pytest.fixture

@@ -24,6 +24,14 @@ class WaitTimeout(AssertionError):
     """The condition did not hold within the bound; the message says what was awaited and what was seen."""
 
 
+def _fail_if_past(
+    deadline: float, what: str, timeout_s: float, last: object, describe: Callable[[], str] | None
+) -> None:
+    if time.monotonic() >= deadline:
+        context = f"\n{describe()}" if describe else ""
+        raise WaitTimeout(f"timed out after {timeout_s:g} s waiting for {what} (last: {last!r}){context}")
+
+
 def wait_until(
     probe: Callable[[], T],
     what: str,
@@ -39,30 +47,26 @@ def wait_until(
     tail of a server's log.
     """
     deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            context = f"\n{describe()}" if describe else ""
-            raise WaitTimeout(
-                f"timed out after {timeout_s:g} s waiting for {what} (last: {value!r}){context}"
-            )
+    while not (value := probe()):
+        _fail_if_past(deadline, what, timeout_s, value, describe)
         time.sleep(interval_s)
+    return value
 
 
 async def wait_until_async(
-    probe: Callable[[], T], what: str, *, timeout_s: float, interval_s: float = 0.05
+    probe: Callable[[], T],
+    what: str,
+    *,
+    timeout_s: float,
+    interval_s: float = 0.05,
+    describe: Callable[[], str] | None = None,
 ) -> T:
     """`wait_until` inside a running event loop: polls without blocking the loop's other tasks."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(f"timed out after {timeout_s:g} s waiting for {what} (last: {value!r})")
+    while not (value := probe()):
+        _fail_if_past(deadline, what, timeout_s, value, describe)
         await asyncio.sleep(interval_s)
+    return value
 
 
 def token_expired(token: str | None) -> bool:

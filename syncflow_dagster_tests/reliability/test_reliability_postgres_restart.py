@@ -1,8 +1,8 @@
 """Postgres stopped and started again under a running sync (issue 7), in pg_ctl's fast and immediate modes.
 
-The server is an embedded one of the test's own (`dedicated_postgres_server`,
-never the shared one): SyncFlow's state store and the frame IO manager both
-live on it. The Dagster instance is one ephemeral (in-memory) instance shared
+The server is an embedded one of this module's own (`module_postgres_server`,
+never the shared one; each test has a database of its own on it): SyncFlow's
+state store and the frame IO manager both live on it. The Dagster instance is one ephemeral (in-memory) instance shared
 by every run of a test: the partition's history (the extracted frame's window
 mark, which the next run resumes after) carries from run to run as it does in
 production, while the restart hits exactly what this issue is about, SyncFlow's
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
@@ -33,7 +34,9 @@ import pytest
 
 from syncflow_dagster.defs.resources import ScheduleHubResource
 from syncflow_dagster.defs.runner import materialize_sync, report_of
+from syncflow_dagster.store.embedded import EmbeddedPostgres
 from syncflow_dagster_tests.conftest import DedicatedPostgres
+from syncflow_dagster_tests.isolation import scratch_database
 from syncflow_dagster_tests.reliability_harness import clear_faults, faults_served, put_faults, run_retry_job
 from syncflow_dagster_tests.sync_harness import Deployment, deployment
 from syncflow_dagster_tests.verify import Verification, verify_deployment
@@ -48,7 +51,15 @@ SLOW_DELIVERY_S = 10.0
 WAIT_S = 120.0
 
 
-pytestmark = pytest.mark.usefixtures("fast_retries")
+# Both modes restart the same server (one start saved), each in a database of its own.
+pytestmark = [pytest.mark.usefixtures("fast_retries"), pytest.mark.xdist_group("postgres-restart")]
+
+
+@pytest.fixture
+def dedicated_postgres_server(module_postgres_server: EmbeddedPostgres) -> Iterator[DedicatedPostgres]:
+    """This module's own server (never the shared one) and a database of this test's own on it."""
+    with scratch_database(module_postgres_server.url, "syncflow_restart") as url:
+        yield DedicatedPostgres(module_postgres_server, url)
 
 
 def _sync(env: Deployment, entity: str, instance: dg.DagsterInstance) -> dict[str, Any]:
