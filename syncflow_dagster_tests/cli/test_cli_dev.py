@@ -16,6 +16,7 @@ from syncflow_dagster_tests.isolation import free_port
 from syncflow_dagster_tests.waiting import WaitTimeout, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
+STOP_BOUND_S = 180
 STAGES = set(STAGE_NAMES)
 
 
@@ -109,7 +110,9 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
             try:
-                proc.wait(90)
+                # A bound above syncflow dev's own (30 s for dagster dev's SIGINT, 30 s more after
+                # its SIGKILL, the stand-ins' stops): killed sooner, it cannot end what it started.
+                proc.wait(STOP_BOUND_S)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(30)
