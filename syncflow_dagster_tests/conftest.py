@@ -140,11 +140,14 @@ DAGSTER_PROCESS_FIXTURES = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects and before xdist reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        for fixture, group in DAGSTER_PROCESS_FIXTURES.items():
-            if fixture in fixtures:
-                item.add_marker(pytest.mark.daemon)
-                item.add_marker(pytest.mark.xdist_group(group))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Mark each test as it is collected: before `-m` deselects and before xdist reads the groups.
+
+    (In pytest_collection_modifyitems, even tryfirst, xdist's own hook ran first and never
+    saw the groups.)
+    """
+    fixtures = set(getattr(item, "fixturenames", ()))
+    for fixture, group in DAGSTER_PROCESS_FIXTURES.items():
+        if fixture in fixtures:
+            item.add_marker(pytest.mark.daemon)
+            item.add_marker(pytest.mark.xdist_group(group))
