@@ -1,12 +1,20 @@
 # Two commands do all set-up on a machine with only Python:
 #   make demo   - an end-to-end demo sync on embedded defaults
-#   make test   - the whole test suite
+#   make test   - the whole test suite (parallel workers)
+#   make test-fast - everything but the browser, Dagster-process, Celery and soak tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: test demo dev lint typecheck check bench-engine clean venv
+.PHONY: test test-fast demo dev lint typecheck check bench-engine clean venv
+
+# pytest-xdist workers. Most test time is spent waiting on subprocesses, sockets and
+# Postgres, so more workers than cores pays; tests that share an expensive server run
+# on one worker (xdist_group + --dist loadgroup). docs/testing.md has the figures.
+TEST_WORKERS ?= 6
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
+FAST_MARKERS := not (ui or daemon or celery or soak)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +25,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/syncflow demo

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -19,6 +15,11 @@ import httpx
 import sqlalchemy as sa
 
 from syncflow_dagster.store.schema import failed_records, pending_children, sync_batches
+from syncflow_dagster_tests.isolation import free_port
+from syncflow_dagster_tests.processes import stop_process_group
+from syncflow_dagster_tests.waiting import wait_until
+
+__all__ = ["free_port"]
 
 
 def insert_batch(
@@ -87,27 +88,14 @@ RUN_FINISH_S = 240.0
 TERMINAL = frozenset({"SUCCESS", "FAILURE", "CANCELED"})
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for_dagster(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + WEBSERVER_START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"dagster-webserver exited: {log.read_text()[-3000:]}")
-        try:
-            body = httpx.post(f"{url}/graphql", json={"query": "{ version }"}, timeout=5).json()
-            if body.get("data", {}).get("version"):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise RuntimeError(
-        f"dagster-webserver did not answer within {WEBSERVER_START_S}s: {log.read_text()[-3000:]}"
-    )
+def _dagster_answers(url: str, proc: subprocess.Popen[bytes], log: Path) -> bool:
+    if proc.poll() is not None:
+        raise RuntimeError(f"dagster-webserver exited: {log.read_text()[-3000:]}")
+    try:
+        body = httpx.post(f"{url}/graphql", json={"query": "{ version }"}, timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    return bool(body.get("data", {}).get("version"))
 
 
 @contextmanager
@@ -136,15 +124,16 @@ def dagster_webserver(home: Path, env: Mapping[str, str]) -> Iterator[str]:
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_for_dagster(url, proc, log)
+        wait_until(
+            lambda: _dagster_answers(url, proc, log),
+            "dagster-webserver to answer GraphQL",
+            timeout_s=WEBSERVER_START_S,
+            interval_s=0.5,
+            describe=lambda: log.read_text()[-3000:],
+        )
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_process_group(proc)
 
 
 def poll_run(
@@ -154,14 +143,19 @@ def poll_run(
     until: frozenset[str] | set[str] = TERMINAL,
     timeout_s: float = RUN_FINISH_S,
 ) -> dict[str, Any]:
-    """GET /sync/<run_id> of the monitoring API each second until the run's status is in `until`."""
-    deadline = time.monotonic() + timeout_s
-    body: dict[str, Any] = {}
-    while time.monotonic() < deadline:
+    """GET /sync/<run_id> of the monitoring API until the run's status is in `until`; returns that body."""
+    seen: dict[str, Any] = {}
+
+    def status_reached() -> dict[str, Any] | None:
         response = httpx.get(f"{api_url}/sync/{run_id}", headers=dict(headers), timeout=60)
         assert response.status_code == 200, response.text
-        body = response.json()
-        if body["status"] in until:
-            return body
-        time.sleep(1.0)
-    raise AssertionError(f"run {run_id} still {body.get('status')} after {timeout_s}s")
+        seen.update(response.json())
+        return dict(seen) if seen["status"] in until else None
+
+    return wait_until(
+        status_reached,
+        f"run {run_id} to reach one of {sorted(until)}",
+        timeout_s=timeout_s,
+        interval_s=0.5,
+        describe=lambda: f"its last status: {seen.get('status')}",
+    )

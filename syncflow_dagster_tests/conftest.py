@@ -4,7 +4,10 @@
 it to the machine's 127.0.0.1:5432); otherwise an embedded Postgres is started
 from the pgserver wheel for the session. Each test session works in a database
 of its own, created here and dropped at the end, so parallel sessions on one
-server never see each other's rows.
+server never see each other's rows. Under pytest-xdist every worker is a
+session of its own: it gets its own database on the configured server, or its
+own embedded server (a Unix socket in its own data directory, no TCP port), and
+database names carry the worker's name (`isolation.py`).
 
 Tests that stop, restart or cut the connections of their Postgres use
 `dedicated_postgres_server` (or `dedicated_postgres`, its database URL): an
@@ -16,25 +19,21 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 
 from syncflow_dagster.store.database import libpq_url
 from syncflow_dagster.store.embedded import EmbeddedPostgres, start_embedded_postgres
+from syncflow_dagster_tests.isolation import scratch_database, scratch_name, with_database, worker_id
 
 TEST_DATABASE_ENV = "SYNCFLOW_TEST_DATABASE_URL"
 
-
-def _with_database(url: str, dbname: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{dbname}", parts.query, parts.fragment))
+__all__ = ["TEST_DATABASE_ENV", "DedicatedPostgres", "scratch_database"]
 
 
 @pytest.fixture(scope="session")
@@ -46,26 +45,13 @@ def pg_server_url() -> Iterator[str]:
         return
     # Not under pytest's tmp_path: its 0700 parents are not traversable by the
     # unprivileged user pgserver runs postgres as when the tests run as root.
-    data_dir = Path(tempfile.mkdtemp(prefix="syncflow-test-pg-"))
+    data_dir = Path(tempfile.mkdtemp(prefix=f"syncflow-test-pg-{worker_id()}-"))
     server = start_embedded_postgres(data_dir / "data", keep_data=False)
     try:
         yield server.url
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
-
-
-@contextmanager
-def scratch_database(pg_server_url: str) -> Iterator[str]:
-    """Create a database with a random name on the server; drop it afterwards."""
-    name = f"syncflow_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield _with_database(pg_server_url, name)
-    finally:
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -90,22 +76,41 @@ class DedicatedPostgres:
     url: str
 
     def url_of(self, dbname: str) -> str:
-        return _with_database(self.url, dbname)
+        return with_database(self.url, dbname)
+
+
+@contextmanager
+def _dedicated_server() -> Iterator[EmbeddedPostgres]:
+    data_dir = Path(tempfile.mkdtemp(prefix=f"syncflow-fault-pg-{worker_id()}-"))
+    server = start_embedded_postgres(data_dir / "data", keep_data=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture
 def dedicated_postgres_server() -> Iterator[DedicatedPostgres]:
     """A Postgres of this test's own (never the shared server): the test cuts, stops or restarts it."""
-    data_dir = Path(tempfile.mkdtemp(prefix="syncflow-fault-pg-"))
-    server = start_embedded_postgres(data_dir / "data", keep_data=False)
-    name = f"syncflow_fault_{uuid.uuid4().hex[:8]}"
-    try:
+    with _dedicated_server() as server:
+        # Not dropped afterwards: the whole server goes, whatever state the test left it in.
+        name = scratch_name("syncflow_fault")
         with psycopg.connect(server.url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
-        yield DedicatedPostgres(server, _with_database(server.url, name))
-    finally:
-        server.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        yield DedicatedPostgres(server, with_database(server.url, name))
+
+
+@pytest.fixture(scope="module")
+def module_postgres_server() -> Iterator[EmbeddedPostgres]:
+    """A Postgres of this module's own, for tests that restart it one after another.
+
+    Each test makes a database of its own on it (`scratch_database`); starting a
+    server costs seconds, so the tests of a module share one. Keep such a
+    module's tests on one worker (an xdist_group), or each worker starts its own.
+    """
+    with _dedicated_server() as server:
+        yield server
 
 
 @pytest.fixture
@@ -122,3 +127,27 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SYNCFLOW_HTTP_BACKOFF_BASE_S", "0.01")
     monkeypatch.setenv("SYNCFLOW_HTTP_BACKOFF_MAX_S", "0.1")
     monkeypatch.setenv("SYNCFLOW_HTTP_MAX_RETRY_SECONDS", "20")
+
+
+# Module fixtures that start Dagster's own processes (a webserver, a daemon) for every test of
+# their module, and the xdist group those tests share: with `--dist loadgroup` they all run on one
+# worker, so the deployment is started once. Their tests are marked `daemon` (make test-fast
+# leaves them out) without each test saying so.
+DAGSTER_PROCESS_FIXTURES = {
+    "stack": "service-stack",  # service/test_service_app.py
+    "webserver": "ui-webserver",  # ui/test_ui.py
+    "sync_deployment": "backfill-deployment",  # ui/test_graphql_backfill.py
+}
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Mark each test as it is collected: before `-m` deselects and before xdist reads the groups.
+
+    (In pytest_collection_modifyitems, even tryfirst, xdist's own hook ran first and never
+    saw the groups.)
+    """
+    fixtures = set(getattr(item, "fixturenames", ()))
+    for fixture, group in DAGSTER_PROCESS_FIXTURES.items():
+        if fixture in fixtures:
+            item.add_marker(pytest.mark.daemon)
+            item.add_marker(pytest.mark.xdist_group(group))

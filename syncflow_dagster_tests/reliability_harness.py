@@ -12,7 +12,6 @@ runs go through Dagster itself (`materialize_sync`, `retry_job`, `reconcile_job`
 from __future__ import annotations
 
 import datetime as dt
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -23,20 +22,16 @@ import httpx
 from syncflow_dagster.defs import bookkeeping, stages
 from syncflow_dagster.defs.assets import CATALOG
 from syncflow_dagster.defs.jobs import reconcile_job, retry_job
+from syncflow_dagster_tests.waiting import wait_until
 
 T = TypeVar("T")
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float, poll_s: float = 0.1) -> T:
     """Poll `probe` until it returns something truthy (a pid, a non-empty list, True); fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(poll_s)
+    found = wait_until(probe, what, timeout_s=timeout, interval_s=poll_s)
+    assert found is not None
+    return found
 
 
 def put_faults(base_url: str, **config: Any) -> dict[str, Any]:

@@ -13,12 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +21,16 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-import psycopg
 import yaml
 from dagster_graphql import DagsterGraphQLClient
 from playwright.sync_api import Browser, Playwright
 
 from syncflow_dagster.defs.assets import STAGE_ASSETS as stage_asset_defs
+from syncflow_dagster_tests.isolation import free_port, scratch_database, with_database
+from syncflow_dagster_tests.processes import log_tail, stop_process_group, venv_bin
+from syncflow_dagster_tests.waiting import WaitTimeout, wait_until
+
+__all__ = ["free_port", "scratch_database", "with_database"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKSPACE_YAML = REPO_ROOT / "workspace.yaml"
@@ -138,35 +137,6 @@ def launch_chromium(playwright: Playwright) -> Browser:
     )
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on `host` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def with_database(url: str, dbname: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{dbname}", parts.query, parts.fragment))
-
-
-@contextlib.contextmanager
-def scratch_database(server_database_url: str, prefix: str) -> Iterator[str]:
-    """A fresh database named `<prefix>_<random>` on the same server, dropped afterwards.
-
-    The Dagster instance and SyncFlow's state each get one, so a test can reason
-    about either alone and never sees rows of another test in the session.
-    """
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_database_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(server_database_url, name)
-    finally:
-        with psycopg.connect(server_database_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def write_instance_yaml(dagster_home: Path, *, source: Path = INSTANCE_YAML) -> dict[str, Any]:
     """Write DAGSTER_HOME/dagster.yaml: Postgres storage (from DAGSTER_POSTGRES_URL) plus the repo's run queue.
 
@@ -192,7 +162,7 @@ def set_pool_limits(env: Mapping[str, str], pools: Mapping[str, int]) -> None:
     """
     for pool, limit in pools.items():
         subprocess.run(
-            [_bin("dagster"), "instance", "concurrency", "set", pool, str(limit)],
+            [venv_bin("dagster"), "instance", "concurrency", "set", pool, str(limit)],
             cwd=REPO_ROOT,
             env=dict(env),
             check=True,
@@ -201,57 +171,18 @@ def set_pool_limits(env: Mapping[str, str], pools: Mapping[str, int]) -> None:
         )
 
 
-def _bin(name: str) -> str:
-    # The venv's console scripts sit next to the interpreter running the tests.
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
+def _wait_for(ready: Any, process: subprocess.Popen[bytes], log: Path, what: str, timeout_s: float) -> None:
+    """Wait until `ready()`; fail at once, with the log's tail, if the process exits first."""
 
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the whole process group, then SIGKILL whatever of it outlives the bound.
-
-    The group matters, not just the leader: the daemon's code server and the runs
-    it launched share the group and may take their time over a graceful stop.
-    """
-    pgid = process.pid  # start_new_session made the leader's pid the group id
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while time.monotonic() < deadline and (process.poll() is None or _group_alive(pgid)):
-        time.sleep(0.2)
-    if _group_alive(pgid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(STOP_TIMEOUT_S)
-
-
-def _wait_until(ready: Any, process: subprocess.Popen[bytes], log: Path, what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def probe() -> bool:
         if process.poll() is not None:
-            raise DeploymentError(f"{what} exited with code {process.returncode}:\n{_tail(log)}")
-        if ready():
-            return
-        time.sleep(POLL_INTERVAL_S)
-    raise DeploymentError(f"{what} not ready after {timeout_s:.0f}s:\n{_tail(log)}")
+            raise DeploymentError(f"{what} exited with code {process.returncode}:\n{log_tail(log)}")
+        return bool(ready())
+
+    try:
+        wait_until(probe, f"{what} to be ready", timeout_s=timeout_s, interval_s=POLL_INTERVAL_S)
+    except WaitTimeout:
+        raise DeploymentError(f"{what} not ready after {timeout_s:.0f}s:\n{log_tail(log)}") from None
 
 
 def _server_answers(url: str) -> bool:
@@ -321,36 +252,36 @@ def dagster_deployment(
         logs = {"webserver": dagster_home / "webserver.log", "daemon": dagster_home / "daemon.log"}
         deployment = DagsterDeployment(host, port, dagster_home, instance_url, logs)
         processes: list[subprocess.Popen[bytes]] = []
-        try:
-            with logs["webserver"].open("wb") as log:
-                webserver = subprocess.Popen(
-                    [_bin("dagster-webserver"), "-h", host, "-p", str(port), "-w", str(workspace)],
-                    cwd=REPO_ROOT,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
+
+        def start(name: str, args: list[str]) -> subprocess.Popen[bytes]:
+            with logs[name].open("wb") as log:
+                process = subprocess.Popen(
+                    args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
-            processes.append(webserver)
-            _wait_until(
+            processes.append(process)
+            return process
+
+        try:
+            webserver = start(
+                "webserver",
+                [venv_bin("dagster-webserver"), "-h", host, "-p", str(port), "-w", str(workspace)],
+            )
+            daemon_args = [venv_bin("dagster-daemon"), "run", "-w", str(workspace)]
+            # Both load the code location (a minute on a loaded 2-core box), so they do it at the
+            # same time once the instance's tables exist (`set_pool_limits` created them); on an
+            # empty instance database the webserver creates them first, alone.
+            daemon = start("daemon", daemon_args) if with_daemon and pool_limits else None
+            _wait_for(
                 lambda: _server_answers(deployment.url),
                 webserver,
                 logs["webserver"],
                 "dagster-webserver",
                 WEBSERVER_START_TIMEOUT_S,
             )
-            if with_daemon:
-                with logs["daemon"].open("wb") as log:
-                    daemon = subprocess.Popen(
-                        [_bin("dagster-daemon"), "run", "-w", str(workspace)],
-                        cwd=REPO_ROOT,
-                        env=env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                processes.append(daemon)
-                _wait_until(
+            if with_daemon and daemon is None:
+                daemon = start("daemon", daemon_args)
+            if daemon is not None:
+                _wait_for(
                     lambda: _daemons_healthy(deployment),
                     daemon,
                     logs["daemon"],
@@ -361,4 +292,4 @@ def dagster_deployment(
         finally:
             # The daemon first, so it launches nothing more while the webserver goes.
             for process in reversed(processes):
-                _stop(process)
+                stop_process_group(process, timeout_s=STOP_TIMEOUT_S)

@@ -574,9 +574,7 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
             {
                 "dagster/table_name": f"{self.schema_name}.{where.table}",
                 "dagster/row_count": frame.num_rows,
-                "dagster/column_schema": dg.TableSchema(
-                    columns=[dg.TableColumn(name=f.name, type=str(f.type)) for f in frame.schema]
-                ),
+                "dagster/column_schema": _column_schema(frame.schema),
                 "partition_dates": ", ".join(d.isoformat() for d in where.dates),
                 "table_recreated": recreated,
                 # The table holds Arrow IPC chunks: how to look at the rows themselves.
@@ -621,6 +619,17 @@ def return_freed_memory() -> None:
     10 ms) makes RSS show what is really held.
     """
     pa.default_memory_pool().release_unused()
+
+
+def _column_schema(schema: pa.Schema) -> dg.TableSchema:
+    """A frame's columns as Dagster metadata, built where no frame is in scope.
+
+    Dagster compiles a record class's constructor on its first use in a process
+    and keeps a copy of the calling function's locals as that constructor's
+    globals. Built inside `handle_output`, the process's first TableSchema kept
+    that call's frame (`obj`, `frame`) alive for as long as the process lived.
+    """
+    return dg.TableSchema(columns=[dg.TableColumn(name=f.name, type=str(f.type)) for f in schema])
 
 
 def _forget_captured_output(context: dg.OutputContext) -> None:

@@ -1,26 +1,23 @@
 """`syncflow dev` brings up the stand-ins, Postgres and Dagster (webserver + daemon), and Ctrl-C stops all of it."""
 
+import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from syncflow_dagster_tests.defs.test_definitions import STAGES as STAGE_NAMES
+from syncflow_dagster_tests.isolation import free_port
+from syncflow_dagster_tests.waiting import WaitTimeout, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
+STOP_BOUND_S = 180
 STAGES = set(STAGE_NAMES)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _descendants(pid: int) -> set[int]:
@@ -39,63 +36,62 @@ def _descendants(pid: int) -> set[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.daemon
 def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
     tmp_path: Path, pg_server_url: str
 ) -> None:
     from syncflow_dagster_tests.conftest import scratch_database
 
-    port, apismith_port, schedulehub_port = _free_port(), _free_port(), _free_port()
+    port, apismith_port, schedulehub_port = free_port(), free_port(), free_port()
     with scratch_database(pg_server_url) as state_url, scratch_database(pg_server_url) as dagster_url:
         env = {**os.environ, "SYNCFLOW_DATABASE_URL": state_url, "DAGSTER_POSTGRES_URL": dagster_url}
         syncflow = Path(sys.executable).with_name("syncflow")
-        proc = subprocess.Popen(
-            [
-                str(syncflow),
-                "dev",
-                "--home",
-                str(tmp_path / "dev"),
-                "--port",
-                str(port),
-                "--apismith-port",
-                str(apismith_port),
-                "--schedulehub-port",
-                str(schedulehub_port),
-                "--rows",
-                "50",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        # A file, not a pipe nobody reads while it runs: a full pipe would block `syncflow dev`.
+        log = tmp_path / "dev.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [
+                    str(syncflow),
+                    "dev",
+                    "--home",
+                    str(tmp_path / "dev"),
+                    "--port",
+                    str(port),
+                    "--apismith-port",
+                    str(apismith_port),
+                    "--schedulehub-port",
+                    str(schedulehub_port),
+                    "--rows",
+                    "50",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
-            deadline = time.monotonic() + 240
             query = (
                 "{ assetNodes { assetKey { path } } repositoriesOrError { ... on RepositoryConnection"
                 " { nodes { sensors { name sensorState { status } } } } } }"
             )
-            data = None
-            while time.monotonic() < deadline and proc.poll() is None:
+
+            def ui_data() -> dict[str, Any] | None:
+                if proc.poll() is not None:
+                    output = log.read_text(errors="replace")
+                    pytest.fail(f"syncflow dev exited with {proc.returncode}: {output[-2000:]}")
                 try:
                     response = httpx.post(
                         f"http://127.0.0.1:{port}/graphql", json={"query": query}, timeout=10
                     )
-                    if response.status_code == 200 and response.json().get("data", {}).get("assetNodes"):
-                        data = response.json()["data"]
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(2)
-            if data is None:
-                output = (
-                    proc.stdout.read().decode(errors="replace")
-                    if proc.poll() is not None and proc.stdout
-                    else ""
-                )
-                pytest.fail(
-                    f"the Dagster UI did not come up within 240 s (exit {proc.poll()}): {output[-2000:]}"
-                )
+                    data = response.json().get("data") if response.status_code == 200 else None
+                except (httpx.HTTPError, ValueError):
+                    return None
+                return data if data and data.get("assetNodes") else None
+
+            data = wait_until(
+                ui_data, "the Dagster UI of syncflow dev to list the assets", timeout_s=240, interval_s=1
+            )
             assets = {node["assetKey"]["path"][-1] for node in data["assetNodes"]}
             assert assets >= STAGES
             sensors = {
@@ -115,10 +111,22 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
             try:
-                proc.wait(90)
+                # A bound above syncflow dev's own (30 s for dagster dev's SIGINT, 30 s more after
+                # its SIGKILL, the stand-ins' stops): killed sooner, it cannot end what it started.
+                proc.wait(STOP_BOUND_S)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(30)
-        time.sleep(2)
-        alive = {pid for pid in spawned if Path(f"/proc/{pid}").exists()}
-        assert alive == set(), f"processes left running after Ctrl-C: {alive}"
+
+        def still_running() -> set[int]:
+            return {pid for pid in spawned if Path(f"/proc/{pid}").exists()}
+
+        # Exited children are reaped by init a moment after their parent goes.
+        with contextlib.suppress(WaitTimeout):
+            wait_until(lambda: not still_running(), "the processes syncflow dev started to go", timeout_s=30)
+        left = still_running()
+        # Whatever outlived Ctrl-C fails the test, and is ended here rather than left running.
+        for pid in left | {child for parent in left for child in _descendants(parent)}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert left == set(), f"processes left running after Ctrl-C: {left}"

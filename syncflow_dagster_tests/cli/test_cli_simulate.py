@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,14 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from syncflow_dagster_tests.isolation import free_port
+from syncflow_dagster_tests.waiting import wait_until
+
 SECRET = "cli-simulate-test-secret"
 STARTUP_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def syncflow(*args: str) -> list[str]:
@@ -36,20 +31,18 @@ def env(**extra: str) -> dict[str, str]:
 @contextmanager
 def running(command: list[str], url: str, health_path: str, environment: dict[str, str]) -> Iterator[None]:
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            _, err = process.communicate(timeout=10)
+            raise AssertionError(f"{command[3:5]} exited {process.returncode}: {err.decode()[-2000:]}")
+        try:
+            return httpx.get(url + health_path, timeout=2.0).status_code in (200, 401)
+        except httpx.HTTPError:
+            return False
+
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:  # bounded by the deadline
-            if process.poll() is not None:
-                _, err = process.communicate(timeout=10)
-                raise AssertionError(f"{command[3:5]} exited {process.returncode}: {err.decode()[-2000:]}")
-            try:
-                if httpx.get(url + health_path, timeout=2.0).status_code in (200, 401):
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{command[3:5]} did not answer within {STARTUP_TIMEOUT_S}s")
-            time.sleep(0.2)
+        wait_until(answers, f"{command[3:5]} to answer on {url}", timeout_s=STARTUP_TIMEOUT_S)
         yield
     finally:
         process.terminate()

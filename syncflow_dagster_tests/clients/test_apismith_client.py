@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import httpx
@@ -24,6 +25,7 @@ from syncflow_dagster.clients.http import AuthenticationError, HttpSettings
 from syncflow_dagster.simulators.apismith import create_app
 from syncflow_dagster.simulators.datagen import generate_dataset
 from syncflow_dagster.simulators.serve import RunningServer, start_server
+from syncflow_dagster_tests.waiting import token_expired, wait_until_async
 
 AS_OF = datetime(2024, 5, 10, 12, 0, tzinfo=UTC)
 SECRET = "apismith-client-test-secret"
@@ -178,7 +180,10 @@ def test_a_token_expiring_or_revoked_mid_read_is_survived(
                     # Every token issued so far stops working: the next call gets a 401.
                     await asyncio.to_thread(admin, server, "POST", "/admin/tokens:revoke")
                 else:
-                    await asyncio.sleep(2.1)  # outlive the token (exp is whole seconds)
+                    # Outlive the token: the next page needs a new one.
+                    await wait_until_async(
+                        partial(token_expired, api.auth._token), "the token to expire", timeout_s=10
+                    )
             return seen, api.auth.tokens_fetched
 
     seen, tokens = asyncio.run(run())

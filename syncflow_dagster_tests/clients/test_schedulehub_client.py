@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from syncflow_dagster.clients.schedulehub import ScheduleHubClient, ScheduleHubS
 from syncflow_dagster.simulators.faults import FaultConfig, FaultInjector
 from syncflow_dagster.simulators.schedulehub import create_app
 from syncflow_dagster.simulators.serve import RunningServer, start_server
+from syncflow_dagster_tests.waiting import token_expired, wait_until_async
 
 SECRET = "delivery-secret-Z9"
 FAST = HttpSettings(backoff_base_s=0.01, backoff_max_s=0.05, max_attempts=10, max_concurrency=3)
@@ -189,21 +191,25 @@ def test_wire_batches_are_built_only_for_the_batches_in_flight(
 def test_token_expiring_mid_run_is_survived(hub: Hub) -> None:
     hub.faults.configure(FaultConfig(token_ttl_s=1))
 
-    async def run_slowly() -> tuple[list[pa.Table], int]:
+    async def run_across_token_lifetimes() -> tuple[list[pa.Table], int]:
         async with hub.client(batch_size=100) as client:
             out = [await client.upsert("sites", sites())]
             for start in range(0, 600, 100):
-                # Revoking mid-run forces the 401 path; the short TTL the refresh path.
-                if start == 300:
+                if start == 200:
+                    # The short TTL: the token runs out between two batches (the refresh path).
+                    token = client._auth._token
+                    await wait_until_async(partial(token_expired, token), "the token to expire", timeout_s=10)
+                if start == 400:
+                    # Revoked mid-run: the next batch meets a 401 and refreshes once.
                     hub.app.state.tokens.revoke_all()
-                await asyncio.sleep(0.3)
                 out.append(await client.upsert("items", items(600).slice(start, 100)))
             return out, client.tokens_fetched
 
-    results, fetched = run(run_slowly())
+    results, fetched = run(run_across_token_lifetimes())
     for table in results:
         assert set(table.column("status").to_pylist()) == {"accepted"}
-    assert fetched >= 2
+    # The first token, its refresh after expiry, and the one after the revocation's 401.
+    assert fetched >= 3
 
 
 def test_batch_still_failing_after_retries_yields_retryable_rejections(hub: Hub) -> None:

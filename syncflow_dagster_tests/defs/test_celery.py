@@ -22,10 +22,7 @@ import contextlib
 import datetime as dt
 import itertools
 import os
-import signal
 import subprocess
-import sys
-import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
@@ -46,7 +43,9 @@ from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.identity import add_identity
 from syncflow_dagster.engine.normalize import normalize
 from syncflow_dagster.simulators.datagen import generate_dataset
+from syncflow_dagster_tests.processes import log_tail, stop_process_group, venv_bin
 from syncflow_dagster_tests.sync_harness import Deployment, deployment
+from syncflow_dagster_tests.waiting import wait_until
 from syncflow_dagster_tests.webserver import dagster_postgres_url, scratch_database
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -81,32 +80,6 @@ mutation LaunchRun($executionParams: ExecutionParams!) {
 """
 
 
-def _bin(name: str) -> str:
-    # The venv's console scripts sit next to the interpreter running the tests.
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group (a worker's pool children, the daemon's code server), then SIGKILL."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(STOP_TIMEOUT_S)
-    # Children may outlive their leader; whatever is left of the group goes now.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(STOP_TIMEOUT_S)
-
-
 @contextlib.contextmanager
 def _process(args: list[str], env: Mapping[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
@@ -116,18 +89,23 @@ def _process(args: list[str], env: Mapping[str, str], log: Path) -> Iterator[sub
     try:
         yield process
     finally:
-        _stop_group(process)
+        # SIGTERM the group (a worker's pool children, the daemon's code server), then SIGKILL the rest.
+        stop_process_group(process, timeout_s=STOP_TIMEOUT_S)
 
 
 def _wait_for_log(process: subprocess.Popen[bytes], log: Path, marker: str, what: str) -> None:
-    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
+    def logged() -> bool:
         if process.poll() is not None:
-            raise AssertionError(f"{what} exited with code {process.returncode}:\n{_tail(log)}")
-        if marker in log.read_text(errors="replace"):
-            return
-        time.sleep(POLL_INTERVAL_S)
-    raise AssertionError(f"{what} not ready after {WORKER_START_TIMEOUT_S:.0f}s:\n{_tail(log)}")
+            raise AssertionError(f"{what} exited with code {process.returncode}:\n{log_tail(log, 30)}")
+        return marker in log.read_text(errors="replace")
+
+    wait_until(
+        logged,
+        f"{what} to log {marker!r}",
+        timeout_s=WORKER_START_TIMEOUT_S,
+        interval_s=POLL_INTERVAL_S,
+        describe=lambda: log_tail(log, 30),
+    )
 
 
 def _delete_queue(queue: str) -> None:
@@ -180,17 +158,19 @@ def _launch_runs(instance: dg.DagsterInstance, days: list[str]) -> list[str]:
 
 
 def _wait_for_runs(instance: dg.DagsterInstance, run_ids: list[str], daemon_log: Path) -> list[dg.DagsterRun]:
-    deadline = time.monotonic() + RUNS_TIMEOUT_S
-    while True:
+    def finished() -> list[dg.DagsterRun] | None:
         runs = instance.get_runs(filters=dg.RunsFilter(run_ids=run_ids))
-        if len(runs) == len(run_ids) and all(r.status in TERMINAL for r in runs):
-            return list(runs)
-        if time.monotonic() > deadline:
-            states = sorted(f"{r.tags.get('dagster/partition')}: {r.status.value}" for r in runs)
-            raise AssertionError(
-                f"runs not finished after {RUNS_TIMEOUT_S:.0f}s: {states}\ndaemon log:\n{_tail(daemon_log)}"
-            )
-        time.sleep(POLL_INTERVAL_S * 2)
+        done = len(runs) == len(run_ids) and all(r.status in TERMINAL for r in runs)
+        return list(runs) if done else None
+
+    def states() -> str:
+        runs = instance.get_runs(filters=dg.RunsFilter(run_ids=run_ids))
+        listed = sorted(f"{r.tags.get('dagster/partition')}: {r.status.value}" for r in runs)
+        return f"{listed}\ndaemon log:\n{log_tail(daemon_log, 30)}"
+
+    return wait_until(
+        finished, "the runs to finish", timeout_s=RUNS_TIMEOUT_S, interval_s=POLL_INTERVAL_S, describe=states
+    )
 
 
 def _step_failures(instance: dg.DagsterInstance, run_id: str) -> list[str]:
@@ -282,7 +262,7 @@ def _source_bks(env: Deployment, entity: str) -> set[str]:
 def _worker_command(name: str) -> list[str]:
     """A Celery worker of SyncFlow's app, as docs/scaling.md starts one: one step at a time."""
     return [
-        _bin("celery"),
+        venv_bin("celery"),
         "-A",
         "syncflow_dagster.deploy.celery_app",
         "worker",
@@ -350,7 +330,7 @@ def test_two_celery_workers_sync_three_entities_over_two_days(
         # The pool limits, set the way docs/scaling.md tells operators to.
         for pool in ("apismith", "schedulehub"):
             subprocess.run(
-                [_bin("dagster"), "instance", "concurrency", "set", pool, str(POOL_LIMIT)],
+                [venv_bin("dagster"), "instance", "concurrency", "set", pool, str(POOL_LIMIT)],
                 cwd=REPO_ROOT,
                 env=environment,
                 check=True,
@@ -366,20 +346,22 @@ def test_two_celery_workers_sync_three_entities_over_two_days(
                     key: stack.enter_context(_process(_worker_command(name), environment, logs[key]))
                     for key, name in names.items()
                 }
-                for key, worker in workers.items():
-                    _wait_for_log(worker, logs[key], f"{names[key]}@", f"Celery worker {names[key]}")
-                    _wait_for_log(worker, logs[key], " ready.", f"Celery worker {names[key]}")
+                # The daemon starts with the workers (each loads for a while); runs are launched
+                # once both workers are ready, so each can take steps from the first one on.
                 daemon = stack.enter_context(
                     _process(
-                        [_bin("dagster-daemon"), "run", "-w", str(WORKSPACE_YAML)],
+                        [venv_bin("dagster-daemon"), "run", "-w", str(WORKSPACE_YAML)],
                         environment,
                         logs["daemon"],
                     )
                 )
+                for key, worker in workers.items():
+                    _wait_for_log(worker, logs[key], f"{names[key]}@", f"Celery worker {names[key]}")
+                    _wait_for_log(worker, logs[key], " ready.", f"Celery worker {names[key]}")
                 with dg.DagsterInstance.get() as instance:
                     run_ids = _launch_runs(instance, days)
                     runs = _wait_for_runs(instance, run_ids, logs["daemon"])
-                    assert daemon.poll() is None, f"daemon died:\n{_tail(logs['daemon'])}"
+                    assert daemon.poll() is None, f"daemon died:\n{log_tail(logs['daemon'], 30)}"
                     _check_runs(instance, env, runs, set(names.values()))
         finally:
             _delete_queue(queue)

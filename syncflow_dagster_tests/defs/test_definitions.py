@@ -1,5 +1,6 @@
-"""The whole code location loads, and what the UI shows is described, grouped, kinded and checked."""
+"""The whole code location loads: the stages in order, the sync job's partitions, checks, sensors and schedules."""
 
+import datetime as dt
 import itertools
 import os
 import subprocess
@@ -7,9 +8,17 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
+from syncflow_dagster.catalog import default_catalog
 from syncflow_dagster.definitions import defs
 from syncflow_dagster.defs.assets import STAGE_ASSETS
+from syncflow_dagster.defs.partitions import (
+    PARTITIONS_START_ENV,
+    partitions_start,
+    sync_partition_key,
+    sync_partitions,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = [
@@ -44,17 +53,34 @@ def test_definitions_load_with_the_nine_stages_in_order() -> None:
     assert {s.name for s in repo.schedule_defs} == {"retry_failed_records", "nightly_reconcile"}
 
 
-def test_every_stage_is_described_grouped_kinded_owned_and_partitioned() -> None:
-    for assets_def in STAGE_ASSETS:
-        spec = next(iter(assets_def.specs))
-        assert spec.group_name == "sync"
-        assert spec.description
-        assert len(spec.description) > 40
-        assert "python" in spec.kinds
-        assert spec.owners == ["team:syncflow"]
-        partitions = assets_def.partitions_def
-        assert isinstance(partitions, dg.MultiPartitionsDefinition)
-        assert {d.name for d in partitions.partitions_defs} == {"entity", "date"}
+def test_the_sync_job_runs_the_nine_stages_for_any_entity_and_day_up_to_today() -> None:
+    job = defs.get_repository_def().get_job("sync")
+    # One run of `sync` materialises the nine stages, no more, no fewer.
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == set(STAGES)
+    # What a run or a backfill can target: every catalog entity on every day up to today (UTC).
+    assert job.partitions_def is not None
+    keys = set(job.partitions_def.get_partition_keys())
+    today = dt.datetime.now(dt.UTC).date()
+    for entity in default_catalog().topological_order:
+        assert str(sync_partition_key(entity, today)) in keys, entity
+        assert str(sync_partition_key(entity, partitions_start())) in keys, entity
+        assert str(sync_partition_key(entity, today + dt.timedelta(days=1))) not in keys, entity
+    assert len(keys) == len(default_catalog().topological_order) * (
+        (today - dt.date.fromisoformat(partitions_start())).days + 1
+    )
+    # Every stage shares that one partitioning, so a partition means the same to all nine.
+    assert all(a.partitions_def == job.partitions_def for a in STAGE_ASSETS)
+
+
+def test_the_first_day_comes_from_the_environment_and_a_bad_one_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(PARTITIONS_START_ENV, "2026-03-30")
+    days = sync_partitions(default_catalog()).get_partitions_def_for_dimension("date")
+    assert days.get_first_partition_key() == "2026-03-30"
+    monkeypatch.setenv(PARTITIONS_START_ENV, "30/03/2026")
+    with pytest.raises(ValueError, match=r"SYNCFLOW_PARTITIONS_START='30/03/2026' is not a date"):
+        sync_partitions(default_catalog())
 
 
 def test_checks_are_attached_to_the_stages_they_judge() -> None:

@@ -276,10 +276,17 @@ def test_schema_drift_required_and_rowversion_columns() -> None:
     spec = entity({"source": "Name", "target": "name", "required": True})
     with pytest.raises(SchemaDriftError, match=r"entity 'things': required source column 'Name'"):
         normalize(spec, raw(1))
+    # The message names what is missing and lists what the source did send, so drift is easy to see.
     table = raw(1, Name=["n"]).drop_columns(["RowVersion"])
-    with pytest.raises(SchemaDriftError, match=r"rowversion column 'RowVersion' is missing"):
+    with pytest.raises(SchemaDriftError, match=r"rowversion column 'RowVersion' is missing") as missing:
         normalize(spec, table)
-    assert issubclass(SchemaDriftError, ValueError)
+    assert "(columns: ['Code', 'ModifiedAt', 'Name'])" in str(missing.value)
+    table = raw(1, Name=["n"]).drop_columns(["ModifiedAt"])
+    with pytest.raises(
+        SchemaDriftError, match=r"entity 'things': the changed_at column 'ModifiedAt'"
+    ) as drift:
+        normalize(spec, table)
+    assert "(columns: ['Code', 'Name', 'RowVersion'])" in str(drift.value)
 
 
 def test_optional_missing_column_is_all_null_and_records_nothing() -> None:

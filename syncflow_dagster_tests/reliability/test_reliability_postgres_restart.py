@@ -1,8 +1,8 @@
 """Postgres stopped and started again under a running sync (issue 7), in pg_ctl's fast and immediate modes.
 
-The server is an embedded one of the test's own (`dedicated_postgres_server`,
-never the shared one): SyncFlow's state store and the frame IO manager both
-live on it. The Dagster instance is one ephemeral (in-memory) instance shared
+The server is an embedded one of this module's own (`module_postgres_server`,
+never the shared one; each test has a database of its own on it): SyncFlow's
+state store and the frame IO manager both live on it. The Dagster instance is one ephemeral (in-memory) instance shared
 by every run of a test: the partition's history (the extracted frame's window
 mark, which the next run resumes after) carries from run to run as it does in
 production, while the restart hits exactly what this issue is about, SyncFlow's
@@ -10,7 +10,7 @@ own Postgres. (A Dagster instance on the same server would also lose its event
 log writes; that is dagster-postgres's storage, not SyncFlow's.)
 
 A slow ScheduleHub answer holds the run inside its deliver step; the server is
-stopped (`pg_ctl stop -m fast|immediate`), kept down, and started again on the
+stopped (`pg_ctl stop -m fast|immediate`), seen down, and started again on the
 same data directory and socket. An immediate stop makes the next start run
 crash recovery, which empties every UNLOGGED stage table while the logged
 state tables keep their rows. The run then fails or recovers; the partition is
@@ -24,45 +24,48 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-import time
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
+import psutil
 import psycopg
 import pytest
 
 from syncflow_dagster.defs.resources import ScheduleHubResource
 from syncflow_dagster.defs.runner import materialize_sync, report_of
+from syncflow_dagster.store.embedded import EmbeddedPostgres
 from syncflow_dagster_tests.conftest import DedicatedPostgres
+from syncflow_dagster_tests.isolation import scratch_database
 from syncflow_dagster_tests.reliability_harness import clear_faults, faults_served, put_faults, run_retry_job
 from syncflow_dagster_tests.sync_harness import Deployment, deployment
 from syncflow_dagster_tests.verify import Verification, verify_deployment
+from syncflow_dagster_tests.waiting import wait_until
 
 TODAY = dt.datetime.now(dt.UTC).date()
 FAMILY = ["sites", "work_centers"]
 ROWS = 400
-# ScheduleHub holds its first delivery answer this long: the whole outage (stop, DOWN_S, start with
+# ScheduleHub holds its first delivery answer this long: the whole outage (stop, start with
 # crash recovery: about 4 s here) lies inside it, with room to spare on a loaded machine.
 SLOW_DELIVERY_S = 10.0
-DOWN_S = 2.0
 WAIT_S = 120.0
 
 
-pytestmark = pytest.mark.usefixtures("fast_retries")
+# Both modes restart the same server (one start saved), each in a database of its own.
+pytestmark = [pytest.mark.usefixtures("fast_retries"), pytest.mark.xdist_group("postgres-restart")]
+
+
+@pytest.fixture
+def dedicated_postgres_server(module_postgres_server: EmbeddedPostgres) -> Iterator[DedicatedPostgres]:
+    """This module's own server (never the shared one) and a database of this test's own on it."""
+    with scratch_database(module_postgres_server.url, "syncflow_restart") as url:
+        yield DedicatedPostgres(module_postgres_server, url)
 
 
 def _sync(env: Deployment, entity: str, instance: dg.DagsterInstance) -> dict[str, Any]:
     result = materialize_sync(entity, TODAY, resources=env.resources, instance=instance)
     assert result.success, entity
     return report_of(result)
-
-
-def _wait_until(condition: Any, what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _server_is_down(url: str) -> bool:
@@ -139,14 +142,19 @@ def test_postgres_stopped_and_restarted_mid_run(
         )
         run.start()
         try:
-            _wait_until(
-                lambda: faults_served(env.schedulehub_url).get("slow") == 1, "the slow delivery answer"
+            wait_until(
+                lambda: faults_served(env.schedulehub_url).get("slow") == 1,
+                "the slow delivery answer",
+                timeout_s=30,
+                interval_s=0.05,
             )
             assert run.is_alive()  # inside its deliver step, waiting for ScheduleHub's first answer
             pid_before = pg.server.pid
+            assert pid_before is not None
             pg.server.stop_server(mode)
             assert _server_is_down(pg.url)
-            time.sleep(DOWN_S)
+            # Down for good, not restarting on its own: the old postmaster is gone.
+            wait_until(lambda: not psutil.pid_exists(pid_before), "the old postmaster to exit", timeout_s=30)
             assert _server_is_down(pg.url)
         finally:
             pg.server.start_server()

@@ -54,7 +54,7 @@ from syncflow_dagster_tests.sync_harness import Deployment, deployment
 from syncflow_dagster_tests.verify import Verification, verify_deployment
 from syncflow_dagster_tests.webserver import dagster_postgres_url, scratch_database
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.slow, pytest.mark.daemon, pytest.mark.timeout(420)]
 
 PARENT, CHILD = "sites", "work_centers"
 FAMILY = [PARENT, CHILD]

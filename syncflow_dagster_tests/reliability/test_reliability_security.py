@@ -211,6 +211,7 @@ def _leaks(haystacks: dict[str, str], known: ApiSecrets) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.daemon
 @pytest.mark.timeout(1800)
 def test_the_monitoring_api_leaks_no_secret(
     fresh_database_url: str,

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from syncflow_dagster.store.batches import BatchRepository
 from syncflow_dagster.store.database import make_engine
 from syncflow_dagster.store.migrate import upgrade
+from syncflow_dagster.store.schema import sync_batches
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,11 @@ def test_bad_finish_is_refused_naming_batch_and_field(repo: BatchRepository) -> 
 
 
 def test_rejects_empty_entity(repo: BatchRepository) -> None:
+    run = f"run-{uuid.uuid4()}"
     with pytest.raises(ValueError, match="entity name is empty"):
-        repo.start_batch("", None, None)
-    assert isinstance(repo.engine, sa.Engine)
+        repo.start_batch("", None, run)
+    # Refused before anything was written: no batch of that run, no batch without an entity.
+    assert repo.list_by_run(run) == []
+    with repo.engine.connect() as conn:
+        unnamed = conn.execute(sa.select(sa.func.count()).where(sync_batches.c.entity == "")).scalar_one()
+    assert unnamed == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -12,6 +11,7 @@ import sqlalchemy as sa
 
 from syncflow_dagster.store.database import make_engine
 from syncflow_dagster.store.locks import EntityLocked, entity_lock
+from syncflow_dagster_tests.waiting import wait_until
 
 WAIT = 30.0  # upper bound of every wait in this module; never reached when things work
 
@@ -29,10 +29,14 @@ def entity() -> str:
 
 
 def _waiting_advisory_locks(engine: sa.Engine) -> int:
+    """Advisory locks asked for and not granted in this database (other sessions on the server are not ours)."""
     with engine.connect() as conn:
         return int(
             conn.execute(
-                sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                sa.text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                )
             ).scalar_one()
         )
 
@@ -80,9 +84,11 @@ def test_one_entity_is_serialised(engine: sa.Engine, entity: str) -> None:
     baseline = _waiting_advisory_locks(engine)
     t2 = threading.Thread(target=second)
     t2.start()
-    deadline = time.monotonic() + WAIT
-    while _waiting_advisory_locks(engine) <= baseline and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(
+        lambda: _waiting_advisory_locks(engine) > baseline,
+        "the second holder to wait on the lock",
+        timeout_s=WAIT,
+    )
     assert events == ["first in"]  # the second one is waiting on the lock, not inside
     release_first.set()
     t1.join(WAIT)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import secrets
-import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from playwright.sync_api import expect, sync_playwright
 from syncflow_dagster.catalog import default_catalog
 from syncflow_dagster.simulators import apismith, schedulehub
 from syncflow_dagster.simulators.serve import start_server
+from syncflow_dagster_tests.waiting import wait_until
 from syncflow_dagster_tests.webserver import (
     ARTIFACTS_DIR,
     CHROMIUM,
@@ -40,7 +40,7 @@ from syncflow_dagster_tests.webserver import (
     scratch_database,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.daemon, pytest.mark.timeout(1800)]
 
 ENTITIES = tuple(default_catalog().topological_order)
 BACKFILL_DAYS = 3
@@ -49,7 +49,7 @@ BACKFILL_DAYS = 3
 SOURCE_ROWS = 200
 RUN_TIMEOUT_S = 600.0
 BACKFILL_TIMEOUT_S = 15 * 60.0
-POLL_INTERVAL_S = 3.0
+POLL_INTERVAL_S = 1.0
 TERMINAL_RUN_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
 TERMINAL_BACKFILL_STATUSES = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
 
@@ -96,6 +96,7 @@ query Materializations($path: [String!]!, $partitions: [String!]) {
       assetMaterializations(partitions: $partitions) {
         partition
         runId
+        timestamp
         metadataEntries { label ... on IntMetadataEntry { intValue } }
       }
     }
@@ -191,17 +192,22 @@ def _keep_logs(dagster: DagsterDeployment) -> None:
 
 def _wait_for_run(dagster: DagsterDeployment, run_id: str) -> str:
     client = dagster.graphql_client()
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    status = "UNKNOWN"
-    while time.monotonic() < deadline:
+    seen = {"status": "UNKNOWN"}
+
+    def terminal_status() -> str | None:
         try:
-            status = client.get_run_status(run_id).value
+            seen["status"] = client.get_run_status(run_id).value
         except DagsterGraphQLClientError:
-            status = "UNKNOWN"  # a busy webserver may time out one poll; the deadline still bounds us
-        if status in TERMINAL_RUN_STATUSES:
-            return status
-        time.sleep(POLL_INTERVAL_S)
-    raise AssertionError(f"run {run_id} still {status} after {RUN_TIMEOUT_S:.0f}s")
+            seen["status"] = "UNKNOWN"  # a busy webserver may time out one poll; the deadline still bounds us
+        return seen["status"] if seen["status"] in TERMINAL_RUN_STATUSES else None
+
+    return wait_until(
+        terminal_status,
+        f"run {run_id} to end",
+        timeout_s=RUN_TIMEOUT_S,
+        interval_s=POLL_INTERVAL_S,
+        describe=lambda: f"its last status: {seen['status']}",
+    )
 
 
 def _run_errors(dagster: DagsterDeployment, run_id: str) -> str:
@@ -276,16 +282,17 @@ def test_backfill_three_days_all_entities(sync_deployment: SyncDeployment) -> No
     assert launched["__typename"] == "LaunchBackfillSuccess", launched
     backfill_id = launched["backfillId"]
 
-    deadline = time.monotonic() + BACKFILL_TIMEOUT_S
-    backfill: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        backfill = dagster.graphql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
-        assert backfill["__typename"] == "PartitionBackfill", backfill
-        if backfill["status"] in TERMINAL_BACKFILL_STATUSES:
-            break
-        time.sleep(POLL_INTERVAL_S)
-    assert backfill.get("status") in TERMINAL_BACKFILL_STATUSES, (
-        f"backfill {backfill_id} not done after {BACKFILL_TIMEOUT_S:.0f}s: {backfill}"
+    def backfill_status() -> dict[str, Any]:
+        state = dagster.graphql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
+        assert state["__typename"] == "PartitionBackfill", state
+        return dict(state)
+
+    backfill = wait_until(
+        lambda: (state := backfill_status())["status"] in TERMINAL_BACKFILL_STATUSES and state,
+        f"backfill {backfill_id} to end",
+        timeout_s=BACKFILL_TIMEOUT_S,
+        interval_s=POLL_INTERVAL_S,
+        describe=lambda: str(backfill_status()),
     )
     assert backfill["numPartitions"] == len(partitions)
 
@@ -308,13 +315,17 @@ def test_backfill_three_days_all_entities(sync_deployment: SyncDeployment) -> No
         materialized = {e["partition"] for e in _materializations(dagster, asset, partitions)}
         assert materialized == set(partitions), f"{asset}: missing {sorted(set(partitions) - materialized)}"
     _record_run_count(len(first_attempts), backfill_id)
-    _screenshot_partitions(dagster, "sync_report", expected_materialized=len(partitions))
+    _screenshot_partitions(dagster, sync_deployment.today, expected_materialized=len(partitions))
 
 
-def _screenshot_partitions(dagster: DagsterDeployment, asset: str, expected_materialized: int) -> None:
-    """What the operator sees after the backfill: the asset's partitions page, materialised ones counted."""
+def _screenshot_partitions(dagster: DagsterDeployment, day: str, expected_materialized: int) -> None:
+    """What the operator sees after the backfill: sync_report's partitions, counted, and one partition's run."""
     if not CHROMIUM.exists():
         return  # the browser half is test_ui.py's; the GraphQL checks above stand on their own
+    asset, entity = "sync_report", ENTITIES[0]
+    latest = max(
+        _materializations(dagster, asset, [partition_key(day, entity)]), key=lambda e: int(e["timestamp"])
+    )
     dagster.graphql(SET_NUX_SEEN)
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright)
@@ -323,6 +334,10 @@ def _screenshot_partitions(dagster: DagsterDeployment, asset: str, expected_mate
             page.set_default_timeout(PAGE_TIMEOUT_MS)
             page.goto(f"{dagster.url}/assets/{asset}?view=partitions")
             expect(page.get_by_text(f"Materialized ({expected_materialized})")).to_be_visible()
+            # One partition picked as a person would (day, then entity): its latest run is named.
+            page.get_by_text(day, exact=True).first.click()
+            page.get_by_text(entity, exact=True).first.click()
+            expect(page.get_by_text(latest["runId"][:8]).first).to_be_visible()
             ARTIFACTS_DIR.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS_DIR / "dagster-backfill-partitions.png"))
         finally:

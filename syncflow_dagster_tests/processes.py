@@ -1,0 +1,67 @@
+"""Subprocesses the tests start (Dagster webserver and daemon, Celery workers, `syncflow ...`): found, read, stopped.
+
+Each is started with `start_new_session=True`, so it leads a process group of
+its own that holds everything it spawns (a daemon's code server and runs, a
+worker's pool). `stop_process_group` ends that whole group: SIGTERM, a bounded
+wait for it to go, then SIGKILL for whatever is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from syncflow_dagster_tests.waiting import WaitTimeout, wait_until
+
+STOP_TIMEOUT_S = 30.0
+
+
+def venv_bin(name: str) -> str:
+    """A console script of the venv running the tests (they sit next to its interpreter)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_process_group(
+    process: subprocess.Popen[bytes],
+    *,
+    first: signal.Signals = signal.SIGTERM,
+    timeout_s: float = STOP_TIMEOUT_S,
+) -> None:
+    """Send `first` to the process group `process` leads, wait (bounded) until all of it is gone, then SIGKILL the rest."""
+    pgid = process.pid  # start_new_session made the leader's pid the group id
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, first)
+    with contextlib.suppress(WaitTimeout):
+        wait_until(
+            lambda: process.poll() is not None and not group_alive(pgid),
+            f"process group {pgid} to exit",
+            timeout_s=timeout_s,
+            interval_s=0.1,
+        )
+    if group_alive(pgid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout_s)
