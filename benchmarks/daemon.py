@@ -1,7 +1,7 @@
 """Daemon-path benchmark: syncs as users run them, through a real dagster-daemon + dagster-webserver.
 
 `python -m benchmarks daemon --rows N --json PATH [--executor in_process|multiprocess|multiprocess_spawn]
-[--small-runs 10] [--backfill-rows 2000] [--database-url URL]`
+[--worker-start forkserver|spawn] [--small-runs 10] [--backfill-rows 2000] [--database-url URL]`
 
 - The stand-ins run in subprocesses (`syncflow simulate apismith|schedulehub`).
 - Dagster runs as in production: `dagster-webserver` and `dagster-daemon`
@@ -50,6 +50,7 @@ import sqlalchemy as sa
 from benchmarks.databases import private_database
 from benchmarks.e2e import CHANGE_SET, CLIENT_ID, ENTITY, E2EBenchSettings, StandIns, ancestors_of
 from benchmarks.e2e import check_target_equals_source as check_work_orders
+from syncflow_dagster.deploy.warm_workers import START_ENV, WorkerStart, worker_start
 
 TARGETS = {
     "small_run_median_seconds": 4.0,
@@ -235,6 +236,7 @@ def daemon_stack(
                     dt.datetime.now(dt.UTC).date() - dt.timedelta(days=7)
                 ).isoformat(),
                 "SYNCFLOW_EXECUTOR": "multiprocess" if executor == "multiprocess" else "in_process",
+                START_ENV: worker_start().value,
             }
             workspace = WORKSPACE_YAML
             if executor == "multiprocess_spawn":
@@ -260,7 +262,7 @@ def daemon_stack(
                         yield Stack(stand_ins, state_url, dagster.url, instance)
                 finally:
                     os.environ.pop("DAGSTER_POSTGRES_URL", None)
-                    _keep_logs(dagster.logs, executor)
+                    _keep_logs(dagster.logs, f"{executor}-{worker_start().value}")
         finally:
             stand_ins.stop()
 
@@ -403,7 +405,7 @@ def run(
         "benchmark": "daemon",
         "rows": rows,
         "seed": seed,
-        "executor": executor,
+        "executor": f"{executor}, workers {worker_start().value}",
         "cpu_count": os.cpu_count(),
         "phases": phases,
         "checks": checks,
@@ -474,6 +476,11 @@ def main(argv: list[str]) -> int:
         "--database-url", help="Postgres server (default $SYNCFLOW_DATABASE_URL, else embedded)"
     )
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--worker-start",
+        choices=[s.value for s in WorkerStart],
+        help=f"how the code server starts run workers (sets {START_ENV}; default: its value, else forkserver)",
+    )
     parser.add_argument("--executor", choices=EXECUTORS, default="in_process")
     parser.add_argument(
         "--small-runs", type=int, default=10, help="runs of one entity-day with 100 changed rows"
@@ -492,6 +499,8 @@ def main(argv: list[str]) -> int:
         help="print the docs' markdown table of earlier runs and stop",
     )
     args = parser.parse_args(argv)
+    if args.worker_start:
+        os.environ[START_ENV] = args.worker_start
     if args.table:
         print(markdown_table([json.loads(path.read_text()) for path in args.table]))
         return 0
