@@ -557,15 +557,10 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
         where = self._slice(context.asset_key, context.asset_partition_keys)
         frame = self._handler_for(obj).to_arrow(obj)
         frame = _with_partition_column(frame, where)
-        client = self._client()
-        # The previous stage's write must be in before this one starts (and its
-        # failure, if any, fails this step rather than going unnoticed).
-        _WRITER.wait()
-        if frame.num_rows >= _BACKGROUND_MIN_ROWS:
-            recreated = client.schema_differs(where, frame.schema)
-            _WRITER.submit(lambda: client.replace_slice(where, frame), f"{self.schema_name}.{where.table}")
-        else:
-            recreated = client.replace_slice(where, frame)
+        # Written and committed before the step can report success, under every
+        # executor: a downstream step in another process (multiprocess, Celery),
+        # or a re-execution after this process died, reads exactly this frame.
+        recreated = self._client().replace_slice(where, frame)
         _HANDED.put(self._key(where), context.run_id, frame)
         _forget_captured_output(context)
         # The stage's temporaries are gone by now: give their pages back.
@@ -596,7 +591,6 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
         handed = _HANDED.take(self._key(where), upstream_run)
         if handed is not None:
             return handler.from_arrow(handed)
-        _WRITER.wait()
         try:
             table = self._client().select_slice(where)
         except FrameLostError as lost:
@@ -655,12 +649,6 @@ def _forget_captured_output(context: dg.OutputContext) -> None:
         del captured[handle]
 
 
-# Frames of at least this many rows are written on the background writer, so
-# the COPY overlaps the next stage's work; smaller ones (the report, most
-# incremental frames) are written inline, which also flushes any write before.
-_BACKGROUND_MIN_ROWS = 50_000
-
-
 class _HandedFrames:
     """The frame each stage handed over in this process, until its downstream stage takes it.
 
@@ -700,50 +688,7 @@ class _HandedFrames:
         return entry[1]
 
 
-class _BackgroundWriter:
-    """One write at a time off the step's critical path; `wait` joins it and re-raises its error.
-
-    The thread is not a daemon, so a process that ends (a failed run, the end
-    of `materialize`) still finishes the write it started.
-    """
-
-    def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._what = ""
-        self._lock = threading.Lock()
-
-    def submit(self, write: Any, what: str) -> None:
-        with self._lock:
-            self._join()
-
-            def run() -> None:
-                try:
-                    write()
-                except BaseException as exc:  # surfaced by the next wait()
-                    self._error = exc
-                finally:
-                    return_freed_memory()  # the driver-ready copies of the frame
-
-            self._what = what
-            self._thread = threading.Thread(target=run, name=f"frame-writer {what}", daemon=False)
-            self._thread.start()
-
-    def wait(self) -> None:
-        with self._lock:
-            self._join()
-
-    def _join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        error, self._error = self._error, None
-        if error is not None:
-            raise FrameStoreError(f"writing stage frame {self._what} failed: {error}") from error
-
-
 _HANDED = _HandedFrames()
-_WRITER = _BackgroundWriter()
 
 
 def _with_partition_column(frame: pa.Table, where: FrameSlice) -> pa.Table:
