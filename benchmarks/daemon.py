@@ -205,7 +205,13 @@ def parked_rows(state_url: str) -> int:
 
 @contextlib.contextmanager
 def daemon_stack(
-    rows: int, seed: int, server_url: str | None, executor: str, *apismith_args: str
+    rows: int,
+    seed: int,
+    server_url: str | None,
+    executor: str,
+    *apismith_args: str,
+    schedulehub_args: tuple[str, ...] = (),
+    partitions_start: dt.date | None = None,
 ) -> Iterator[Stack]:
     import dagster as dg
 
@@ -221,7 +227,7 @@ def daemon_stack(
         private_database(server_url, "syncflow_bench_daemon") as state_url,
         tempfile.TemporaryDirectory(prefix="syncflow-daemon-bench-") as home,
     ):
-        stand_ins = StandIns(rows, seed, state_url, *apismith_args)
+        stand_ins = StandIns(rows, seed, state_url, *apismith_args, schedulehub_args=schedulehub_args)
         try:
             stand_ins.wait()
             code_location_env = {
@@ -233,7 +239,7 @@ def daemon_stack(
                 "SCHEDULEHUB_CLIENT_ID": CLIENT_ID,
                 "SCHEDULEHUB_CLIENT_SECRET": stand_ins.secret,
                 "SYNCFLOW_PARTITIONS_START": (
-                    dt.datetime.now(dt.UTC).date() - dt.timedelta(days=7)
+                    partitions_start or dt.datetime.now(dt.UTC).date() - dt.timedelta(days=7)
                 ).isoformat(),
                 "SYNCFLOW_EXECUTOR": "multiprocess" if executor == "multiprocess" else "in_process",
                 START_ENV: worker_start().value,
