@@ -16,6 +16,7 @@ in the UI and in Postgres, and checks attach to the stage they are about.
 import datetime as dt
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -217,20 +218,27 @@ def _stage_asset(
 ) -> Callable[[Callable[..., Any]], dg.AssetsDefinition]:
     # stop_means_stop: a terminated run stops instead of retrying the interrupted stage (interrupts.py).
     # single_run: a backfill is one run per range of partitions (a few at most, see BACKFILL_POLICY).
-    return lambda body: dg.asset(
-        check_specs=list(checks),
-        name=name,
-        group_name=GROUP,
-        partitions_def=PARTITIONS,
-        io_manager_key=FRAME_IO,
-        description=description,
-        kinds=kinds,
-        owners=OWNERS,
-        retry_policy=retry,
-        pool=pool,
-        backfill_policy=BACKFILL_POLICY,
-        code_version="1",
-    )(stop_means_stop(body))
+    def define(body: Callable[..., Any]) -> dg.AssetsDefinition:
+        with warnings.catch_warnings():
+            # `backfill_policy` is marked beta on `asset` in Dagster 1.13 (stable on the policy itself);
+            # the notice went to every process importing the code location, the CLI's stderr included.
+            warnings.filterwarnings("ignore", message=".*`backfill_policy`", category=dg.BetaWarning)
+            return dg.asset(
+                check_specs=list(checks),
+                name=name,
+                group_name=GROUP,
+                partitions_def=PARTITIONS,
+                io_manager_key=FRAME_IO,
+                description=description,
+                kinds=kinds,
+                owners=OWNERS,
+                retry_policy=retry,
+                pool=pool,
+                backfill_policy=BACKFILL_POLICY,
+                code_version="1",
+            )(stop_means_stop(body))
+
+    return define
 
 
 @_stage_asset(

@@ -127,3 +127,27 @@ def test_a_single_frame_for_several_entities_is_refused(fresh_database_url: str)
             resources={"frames": PostgresFrameIOManager(database_url=fresh_database_url)},
             tags={RANGE_START: f"{today}|{ORDER[0]}", RANGE_END: f"{today}|{ORDER[1]}"},
         )
+
+
+@pytest.mark.parametrize(("days", "runs", "entities_per_run"), [(3, 3, len(ORDER)), (30, len(ORDER), 1)])
+def test_a_backfill_is_one_run_per_range_grouped_by_the_smaller_dimension(
+    days: int, runs: int, entities_per_run: int
+) -> None:
+    """What docs/architecture.md promises of the single-run policy: 3 days x 8 entities is 3 runs
+    of every entity, 30 days x 8 entities is 8 runs of one entity each (Dagster's own grouping)."""
+    for asset in STAGE_ASSETS:
+        policy = asset.backfill_policy
+        assert policy is not None, asset.key
+        assert policy.max_partitions_per_run is None, asset.key  # single_run
+    partitions = sync_partitions(CATALOG)
+    first = dt.date(2026, 1, 1)
+    keys = [
+        f"{(first + dt.timedelta(days=offset)).isoformat()}|{name}"
+        for offset in range(days)
+        for name in ORDER
+    ]
+    ranges = partitions.subset_with_partition_keys(keys).get_partition_key_ranges(partitions)
+    assert len(ranges) == runs
+    for key_range in ranges:
+        covered = partitions.get_partition_keys_in_range(key_range)
+        assert len({str(k).rpartition("|")[2] for k in covered}) == entities_per_run
