@@ -206,7 +206,12 @@ def test_datetime_iso_offsets_naive_local_and_precision() -> None:
         dt.datetime(2024, 3, 31, 1, 0, tzinfo=UTC),
     ]
     assert values[6:] == ["REJECTED", "REJECTED"]
-    assert all(r["reason"].startswith("not a datetime (accepted: ISO-8601, YYYY-MM-DD as midnight UTC, %d.%m.%Y %H:%M") for r in rejected)
+    assert all(
+        r["reason"].startswith(
+            "not a datetime (accepted: ISO-8601, YYYY-MM-DD as midnight UTC, %d.%m.%Y %H:%M"
+        )
+        for r in rejected
+    )
 
 
 def test_datetime_second_precision_truncates() -> None:
@@ -260,7 +265,10 @@ def test_bad_rowversion_and_changed_at_reject_the_row() -> None:
     )
     assert result.rows.column(ROWVERSION).to_pylist() == [5]
     reasons = sorted((r["field"], r["reason"]) for r in result.rejected.to_pylist())
-    assert reasons[0] == ("ModifiedAt", "not a datetime (accepted: ISO-8601, YYYY-MM-DD as midnight UTC; naive values are in UTC)")
+    assert reasons[0] == (
+        "ModifiedAt",
+        "not a datetime (accepted: ISO-8601, YYYY-MM-DD as midnight UTC; naive values are in UTC)",
+    )
     assert ("ModifiedAt", "required value is missing") in reasons
     assert ("RowVersion", "not an integer") in reasons
     assert ("RowVersion", "required value is missing") in reasons
