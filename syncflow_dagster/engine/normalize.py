@@ -299,7 +299,7 @@ def _coerce_field(entity: EntitySpec, spec: FieldSpec, column: pa.Array) -> _Coe
             _text_or_timestamp(entity, spec.source, column),
             formats=spec.formats,
             timezone=spec.timezone,
-            precision=spec.precision,
+            precision=spec.datetime_precision,
         )
     if spec.type is FieldType.INT:
         typed = _integers(column)
@@ -319,7 +319,23 @@ def _coerce_field(entity: EntitySpec, spec: FieldSpec, column: pa.Array) -> _Coe
     text = _empty_to_null(text)
     if spec.type is FieldType.INT:
         return _coerce_int(text)
-    return _coerce_decimal(spec, text)
+    result = _coerce_decimal(spec, text)
+    if spec.decimal_precision is not None:
+        _within_precision(result, spec.decimal_precision, spec.scale or 0)
+    return result
+
+
+def _within_precision(result: _Coerced, precision: int, scale: int) -> None:
+    """A decimal declared `precision: P` (with `scale: S`) holds at most P - S integer digits."""
+    limit = Decimal(10) ** (precision - scale)
+    too_big = pc.greater_equal(pc.abs(result.values), pa.scalar(limit, result.values.type))
+    result.reject(
+        too_big,
+        f"decimal out of range (precision {precision}, scale {scale}: at most {precision - scale} integer digits)",
+    )
+    result.values = pc.if_else(
+        pc.fill_null(too_big, False), pa.scalar(None, result.values.type), result.values
+    )
 
 
 def _empty_to_null(text: pa.Array) -> pa.Array:

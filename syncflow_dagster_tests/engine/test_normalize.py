@@ -832,3 +832,21 @@ def test_datetime_field_takes_a_bare_iso_date_as_midnight_utc() -> None:
     assert [r["reason"] for r in rejected] == [
         "not a datetime (accepted: ISO-8601, YYYY-MM-DD as midnight UTC; naive values are in Europe/Berlin)"
     ] * 2
+
+
+def test_decimal_precision_rejects_values_with_too_many_integer_digits() -> None:
+    values, rejected = one_field(
+        {"type": "decimal", "scale": 2, "precision": 5},
+        ["999.994", "-999.99", "999.995", "1000", "1e3", "12"],
+    )
+    assert values == [
+        Decimal("999.99"),
+        Decimal("-999.99"),
+        "REJECTED",
+        "REJECTED",
+        "REJECTED",
+        Decimal("12.00"),
+    ]
+    assert {r["reason"] for r in rejected} == {
+        "decimal out of range (precision 5, scale 2: at most 3 integer digits)"
+    }
