@@ -82,8 +82,11 @@ def dev(
     apismith_port: Annotated[int, typer.Option(min=0, max=65535)] = 8001,
     schedulehub_port: Annotated[int, typer.Option(min=0, max=65535)] = 8002,
     api_port: Annotated[
-        int, typer.Option(min=0, max=65535, help="Port of SyncFlow's monitoring & sync API.")
-    ] = 8000,
+        int,
+        typer.Option(
+            min=0, max=65535, help="Port of SyncFlow's monitoring & sync API (as `syncflow serve`)."
+        ),
+    ] = 8080,
     rows: Annotated[
         int, typer.Option(min=10, help="Rows of the largest entity in the APISmith stand-in.")
     ] = 2000,

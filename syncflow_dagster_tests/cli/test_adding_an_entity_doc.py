@@ -7,7 +7,7 @@ The walk (in an empty folder, the user's shell being bash with the venv's `syncf
   answers (any HTTP status), and stopped with SIGINT (Ctrl-C) before the next background block and at
   the end: a server the doc tells you to start in its own terminal;
 - any other bash block: run with `bash -e`, it must exit 0.
-The only change to the doc's text: its default ports (3000, 8000, 8001, 8002) become free ones, as
+The only change to the doc's text: its default ports (3000, 8080, 8001, 8002) become free ones, as
 `syncflow dev`/`simulate` options and in the URLs, so the walk cannot meet another process's port.
 """
 
@@ -83,17 +83,17 @@ def test_the_docs_example_error_is_what_check_says(tmp_path: Path) -> None:
 
 
 def _ports() -> dict[str, int]:
-    return {"3000": free_port(), "8000": free_port(), "8001": free_port(), "8002": free_port()}
+    return {"3000": free_port(), "8080": free_port(), "8001": free_port(), "8002": free_port()}
 
 
 def _with_ports(text: str, ports: dict[str, int]) -> str:
     text = text.replace(
         "syncflow dev ",
-        f"syncflow dev --port {ports['3000']} --api-port {ports['8000']} "
+        f"syncflow dev --port {ports['3000']} --api-port {ports['8080']} "
         f"--apismith-port {ports['8001']} --schedulehub-port {ports['8002']} ",
     )
     text = text.replace("syncflow simulate apismith ", f"syncflow simulate apismith --port {ports['8001']} ")
-    return re.sub(r"127\.0\.0\.1:(3000|8000|8001|8002)\b", lambda m: f"127.0.0.1:{ports[m.group(1)]}", text)
+    return re.sub(r"127\.0\.0\.1:(3000|8080|8001|8002)\b", lambda m: f"127.0.0.1:{ports[m.group(1)]}", text)
 
 
 def _answers(url: str, process: subprocess.Popen[bytes], log: Path) -> bool:
