@@ -14,7 +14,7 @@ On start it prints where everything is (UI, API and its token, database) and
 writes the same as `export` lines to <home>/env, so `source <home>/env` lets
 `syncflow status` and the other commands reach it from another shell.
 
-Ctrl-C (or SIGTERM) stops `dagster dev` and every process it started (its
+Ctrl-C (or SIGTERM, or SIGHUP) stops `dagster dev` and every process it started (its
 webserver, daemon, code servers and run workers, found by session and by
 parentage, since some leave the process group), the stand-ins and Postgres.
 """
@@ -257,12 +257,14 @@ def write_env_file(path: Path, variables: dict[str, str]) -> Path:
 
 
 def _stop_on_sigterm() -> None:
-    """SIGTERM ends dev like Ctrl-C does, so that what it started is stopped too."""
+    """SIGTERM and SIGHUP (the terminal closed) end dev like Ctrl-C does, so that what it started is
+    stopped too: `dagster dev` runs in a session of its own, which neither signal reaches."""
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
 
 
 def _started_by(proc: subprocess.Popen[bytes]) -> set[int]:

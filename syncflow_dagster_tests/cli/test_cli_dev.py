@@ -212,3 +212,76 @@ def _dev_serves_the_source_dir(home: Path) -> None:
     sites = httpx.get(f"{base}/v1/entities/Sites/watermark", headers=auth, timeout=30).json()
     items = httpx.get(f"{base}/v1/entities/Items/watermark", headers=auth, timeout=30).json()
     assert (sites["row_count"], items["row_count"]) == (2, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.daemon
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_syncflow_dev_stopped_by_sigterm_or_a_closed_terminal_leaves_nothing_running(
+    tmp_path: Path, pg_server_url: str, sig: signal.Signals
+) -> None:
+    """`dagster dev` runs in a session of its own: a signal that ends dev without its cleanup (the default
+    action of SIGTERM and SIGHUP) would leave the webserver, daemon and code server running."""
+    from syncflow_dagster_tests.conftest import scratch_database
+
+    port = free_port()
+    with scratch_database(pg_server_url) as state_url, scratch_database(pg_server_url) as dagster_url:
+        env = {**os.environ, "SYNCFLOW_DATABASE_URL": state_url, "DAGSTER_POSTGRES_URL": dagster_url}
+        log = tmp_path / "dev.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("syncflow")),
+                    "dev",
+                    "--home",
+                    str(tmp_path / "dev"),
+                    "--port",
+                    str(port),
+                    "--apismith-port",
+                    "0",
+                    "--schedulehub-port",
+                    "0",
+                    "--api-port",
+                    "0",
+                    "--rows",
+                    "20",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        spawned: set[int] = set()
+        try:
+
+            def ui_up() -> bool:
+                if proc.poll() is not None:
+                    pytest.fail(
+                        f"syncflow dev exited {proc.returncode}: {log.read_text(errors='replace')[-2000:]}"
+                    )
+                try:
+                    return httpx.get(f"http://127.0.0.1:{port}/server_info", timeout=5).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(ui_up, "the Dagster UI of syncflow dev", timeout_s=240, interval_s=1)
+            spawned = _descendants(proc.pid)
+            assert len(spawned) >= 3  # dagster dev, its webserver and daemon (and code servers)
+            proc.send_signal(sig)
+            proc.wait(STOP_BOUND_S)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+
+        def still_running() -> set[int]:
+            return {pid for pid in spawned if Path(f"/proc/{pid}").exists()}
+
+        with contextlib.suppress(WaitTimeout):
+            wait_until(lambda: not still_running(), "the processes syncflow dev started to go", timeout_s=30)
+        left = still_running()
+        for pid in left | {child for parent in left for child in _descendants(parent)}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert left == set(), f"processes left running after {sig.name}: {left}"
