@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import secrets
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -172,7 +171,7 @@ def dev(
 
         dagster_home = home / "dagster_home"
         dagster_home.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(instance_yaml, dagster_home / "dagster.yaml")
+        write_instance_yaml(instance_yaml, dagster_home / "dagster.yaml", verbose=verbose)
         reach = {
             "SYNCFLOW_DATABASE_URL": database_url,
             "SYNCFLOW_DAGSTER_URL": ui_url,
@@ -242,6 +241,24 @@ def dev(
             code = 0
     if code:
         raise typer.Exit(code)
+
+
+def write_instance_yaml(source: Path, target: Path, *, verbose: bool) -> None:
+    """The repo's dagster.yaml with the runs' log level: INFO, or DEBUG with --verbose.
+
+    Without it a run worker prints every Dagster event at DEBUG (about fifty lines a
+    run) to dev's terminal. Events are stored in the event log whatever the level;
+    only the console and `context.log.debug` lines are left out.
+    """
+    import yaml
+
+    config = yaml.safe_load(source.read_text("utf-8")) or {}
+    config.setdefault("python_logs", {})["python_log_level"] = "DEBUG" if verbose else "INFO"
+    target.write_text(
+        "# Written by `syncflow dev` from the repo's dagster.yaml, with the runs' log level.\n"
+        + yaml.safe_dump(config, sort_keys=False),
+        "utf-8",
+    )
 
 
 def write_env_file(path: Path, variables: dict[str, str]) -> Path:

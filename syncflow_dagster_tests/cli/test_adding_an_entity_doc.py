@@ -180,6 +180,17 @@ def test_adding_an_entity_walked_literally(tmp_path: Path, pg_server_url: str) -
                     f"{result.stdout.decode(errors='replace')[-3000:]}\n{result.stderr.decode(errors='replace')[-3000:]}"
                 )
             _the_suppliers_are_in_schedulehub_as_the_doc_says(work)
+            # Quiet by default: dev's terminal had its runs' INFO lines, none of their DEBUG events.
+            dev_log = next(
+                tmp_path / f"step{i}.log"
+                for i, s in enumerate(steps)
+                if s.kind == "background" and "syncflow dev" in s.text
+            ).read_text(errors="replace")
+            dev_log = re.sub(r"\x1b\[[0-9;]*m", "", dev_log)  # Dagster colours its levels
+            assert " - INFO - " in dev_log
+            assert " - DEBUG - " not in dev_log, [
+                line for line in dev_log.splitlines() if " - DEBUG - " in line
+            ][:5]
         finally:
             while running:
                 _stop(running.pop())
