@@ -72,3 +72,12 @@ def test_the_reference_command_refuses_other_arguments() -> None:
     )
     assert result.returncode == 2
     assert "usage: python -m syncflow_dagster.catalog reference" in result.stderr
+
+
+def test_the_packaged_catalog_states_its_string_handling() -> None:
+    """Trimming is a choice the catalog states, not a default nobody saw."""
+    from syncflow_dagster.catalog import load_catalog
+
+    defaults = load_catalog().defaults
+    assert (defaults.trim, defaults.nfc, defaults.empty_as_null) == (True, True, True)
+    assert (defaults.rowversion, defaults.changed_at) == ("RowVersion", "ModifiedAt")
