@@ -22,6 +22,11 @@ from syncflow_dagster.deploy import executor_from_env, warm_workers
 from syncflow_dagster.store.frame_io_manager import PostgresFrameIOManager
 
 
+def _client_id(variable: str) -> str | dg.EnvVar:
+    """The partner client id: the variable when set, else `syncflow` (the clients' documented default)."""
+    return dg.EnvVar(variable) if os.environ.get(variable) else "syncflow"
+
+
 def build_resources() -> dict[str, object]:
     """Resources from the environment; secrets stay EnvVars, resolved only at run time."""
     database_url = dg.EnvVar("SYNCFLOW_DATABASE_URL")
@@ -29,12 +34,12 @@ def build_resources() -> dict[str, object]:
         "database": SyncDatabase(url=database_url),
         "apismith": ApiSmithResource(
             base_url=dg.EnvVar("APISMITH_BASE_URL"),
-            client_id=dg.EnvVar("APISMITH_CLIENT_ID"),
+            client_id=_client_id("APISMITH_CLIENT_ID"),
             client_secret=dg.EnvVar("APISMITH_CLIENT_SECRET"),
         ),
         "schedulehub": ScheduleHubResource(
             base_url=dg.EnvVar("SCHEDULEHUB_BASE_URL"),
-            client_id=dg.EnvVar("SCHEDULEHUB_CLIENT_ID"),
+            client_id=_client_id("SCHEDULEHUB_CLIENT_ID"),
             client_secret=dg.EnvVar("SCHEDULEHUB_CLIENT_SECRET"),
         ),
         "tuning": SyncTuning(),
