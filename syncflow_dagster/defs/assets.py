@@ -21,6 +21,7 @@ from dagster import AssetExecutionContext
 
 from syncflow_dagster.catalog import Catalog, EntitySpec, default_catalog
 from syncflow_dagster.defs import bookkeeping, checks, stages
+from syncflow_dagster.defs import checks as checks_module
 from syncflow_dagster.defs.interrupts import stop_means_stop
 from syncflow_dagster.defs.partitions import sync_partitions
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
@@ -30,6 +31,9 @@ from syncflow_dagster.store.frame_io_manager import partition_scope
 GROUP = "sync"
 # Run tag that makes the fetch read the partition's whole day again.
 FULL_WINDOW_TAG = "syncflow/full_window"
+# Run tag of a resync: the whole window is read again and rows already delivered are
+# delivered again (ScheduleHub lost them); see docs/operations.md, "Repairing ScheduleHub".
+RESYNC_TAG = "syncflow/resync"
 OWNERS = ["team:syncflow"]
 FRAME_IO = "frame_io_manager"
 PREVIEW_ROWS = 5
@@ -115,7 +119,7 @@ def _stage_asset(
 ) -> Callable[[Callable[..., Any]], dg.AssetsDefinition]:
     # stop_means_stop: a terminated run stops instead of retrying the interrupted stage (interrupts.py).
     return lambda body: dg.asset(
-        check_specs=list(checks),
+        check_specs=[checks_module.partitioned(spec, PARTITIONS) for spec in checks],
         name=name,
         group_name=GROUP,
         partitions_def=PARTITIONS,
@@ -157,7 +161,11 @@ def _window_read_up_to(context: AssetExecutionContext) -> int:
     operator forces that with the run tag `syncflow/full_window=true` (after
     restoring SyncFlow's state from a backup, say).
     """
-    if len(context.partition_keys) != 1 or context.run.tags.get(FULL_WINDOW_TAG) == "true":
+    if (
+        len(context.partition_keys) != 1
+        or context.run.tags.get(FULL_WINDOW_TAG) == "true"
+        or _resync(context)
+    ):
         return 0
     key = context.partition_keys[0]
     instance = context.instance
@@ -176,6 +184,11 @@ def _window_read_up_to(context: AssetExecutionContext) -> int:
             value = getattr(mark, "value", None)
             return int(value) if isinstance(value, int) else 0
     return 0
+
+
+def _resync(context: AssetExecutionContext) -> bool:
+    """Whether this run is a resync (run tag `syncflow/resync=true`)."""
+    return context.run.tags.get(RESYNC_TAG) == "true"
 
 
 @_stage_asset(
@@ -227,7 +240,7 @@ def fresh_rows(
         database,
         "rowversion",
         started,
-        stages.rowversion_stage(database.state(), entity, identified),
+        stages.rowversion_stage(database.state(), entity, identified, resync=_resync(context)),
     )
 
 
@@ -242,7 +255,7 @@ def delta_plan(
     context: AssetExecutionContext, database: SyncDatabase, fresh_rows: pa.Table
 ) -> Iterator[dg.Output[pa.Table] | dg.AssetCheckResult]:
     started = time.perf_counter()
-    result = stages.delta_stage(fresh_rows)
+    result = stages.delta_stage(fresh_rows, resync=_resync(context))
     yield _output(context, database, "delta", started, result)
     yield checks.business_keys_unique_and_present(result.frame)
 
@@ -309,10 +322,11 @@ def committed(
     "9 · report: the batch's counts per action and stage timings, written to sync_batches and shown here; "
     "the monitoring API and /metrics read the same rows.",
     {"python", "postgres"},
+    checks=(checks.NO_FAILED_ROWS,),
 )
 def sync_report(
     context: AssetExecutionContext, database: SyncDatabase, committed: pa.Table
-) -> dg.Output[pa.Table]:
+) -> Iterator[dg.Output[pa.Table] | dg.AssetCheckResult]:
     entity, dates = _scope(context)
     batch = _batch_id(context, database, entity.name, dates[0])
     summary = bookkeeping.finish_from_events(database, batch, status="succeeded")
@@ -334,7 +348,8 @@ def sync_report(
             "seconds_total": round(float(sum(summary["stage_seconds"].values())), 3),
         }
     )
-    return dg.Output(frame, metadata=metadata)
+    yield dg.Output(frame, metadata=metadata)
+    yield checks.no_failed_rows(entity.name, counts, database.failures().count(entity.name))
 
 
 REPORT_COUNTS = (
@@ -347,6 +362,7 @@ REPORT_COUNTS = (
     "update",
     "delete",
     "skip",
+    "resync",
     "duplicates",
     "pending",
     "released",
@@ -354,6 +370,9 @@ REPORT_COUNTS = (
     "failed",
     "committed",
 )
+
+# Freshness of the partition's entity: evaluated after each sync's report, or on its own from the UI.
+FRESHNESS_CHECK = checks.entity_synced_recently_check(PARTITIONS)
 
 STAGE_ASSETS = [
     extracted,
