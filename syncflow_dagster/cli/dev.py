@@ -12,6 +12,7 @@ stops `dagster dev` (its whole process group), the stand-ins and Postgres.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import secrets
 import shutil
@@ -20,11 +21,14 @@ import subprocess
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit, urlunsplit
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 console = Console()
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +38,9 @@ POOLS = ("apismith", "schedulehub")
 POOL_LIMIT = 2
 # ScheduleHub's records under --home: kept with SyncFlow's state, which says what was delivered.
 SCHEDULEHUB_DIR = "schedulehub"
+# The instant APISmith's generated data is "as of", written at the first start on a --home:
+# the generator spreads dates and times around it, so a restart regenerates the same records.
+APISMITH_AS_OF_FILE = "apismith_as_of"
 
 
 def _with_database(url: str, name: str) -> str:
@@ -59,6 +66,41 @@ def _repo_file(name: str) -> Path:
     )
 
 
+def stand_in_apps(
+    home: Path, *, rows: int, seed: int, client_secrets: dict[str, str]
+) -> tuple[FastAPI, FastAPI]:
+    """The APISmith and ScheduleHub stand-ins of a dev session on `home`.
+
+    APISmith's data is generated from `rows`, `seed` and the instant pinned in
+    <home>/apismith_as_of, the same on every start (change sets applied with
+    `syncflow simulate changes` are not kept). ScheduleHub keeps its records
+    in <home>/schedulehub: a restart on the same --home finds what SyncFlow's
+    state (also under --home) says it delivered, so unchanged parents skipped
+    by the next sync are still there for their children (an empty stand-in
+    made every child fail parent_missing).
+    """
+    from syncflow_dagster.simulators import apismith, schedulehub
+
+    api_app = apismith.create_app(
+        rows=rows, seed=seed, clients={"syncflow": client_secrets["apismith"]}, as_of=_pinned_as_of(home)
+    )
+    hub_app = schedulehub.create_app(
+        clients={"syncflow": client_secrets["schedulehub"]}, data_dir=home / SCHEDULEHUB_DIR
+    )
+    return api_app, hub_app
+
+
+def _pinned_as_of(home: Path) -> dt.datetime:
+    """The as-of instant of APISmith's generated data on `home`: written at the first start, then read."""
+    path = home / APISMITH_AS_OF_FILE
+    if path.is_file():
+        return dt.datetime.fromisoformat(path.read_text().strip())
+    home.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    path.write_text(now.isoformat() + "\n")
+    return now
+
+
 def dev(
     home: Annotated[
         Path,
@@ -73,7 +115,6 @@ def dev(
     seed: Annotated[int, typer.Option(help="Seed of the stand-in's dataset.")] = 0,
 ) -> None:
     """Stand-ins, Postgres if needed, and `dagster dev` (webserver + daemon) with automation on."""
-    from syncflow_dagster.simulators import apismith, schedulehub
     from syncflow_dagster.simulators.serve import start_server
     from syncflow_dagster.store.database import dagster_postgres_url
     from syncflow_dagster.store.embedded import start_embedded_postgres
@@ -95,15 +136,10 @@ def dev(
         upgrade(database_url)
 
         client_secrets = {"apismith": secrets.token_urlsafe(24), "schedulehub": secrets.token_urlsafe(24)}
-        api_app = apismith.create_app(rows=rows, seed=seed, clients={"syncflow": client_secrets["apismith"]})
+        api_app, hub_app = stand_in_apps(home, rows=rows, seed=seed, client_secrets=client_secrets)
         api = start_server(api_app, port=apismith_port)
         stack.callback(api.stop)
-        hub = start_server(
-            schedulehub.create_app(
-                clients={"syncflow": client_secrets["schedulehub"]}, data_dir=home / SCHEDULEHUB_DIR
-            ),
-            port=schedulehub_port,
-        )
+        hub = start_server(hub_app, port=schedulehub_port)
         stack.callback(hub.stop)
 
         dagster_home = home / "dagster_home"
