@@ -100,8 +100,10 @@ def test_checks_about_a_partition_are_partitioned_and_say_nothing_internal() -> 
     graph = defs.get_repository_def().asset_graph
     specs = {key.name: graph.get_check_spec(key) for key in graph.asset_check_keys}
     for name, spec in specs.items():
-        # Every check judges one entity × date partition (freshness: the partition's entity).
-        assert spec.partitions_def == graph.get(spec.asset_key).partitions_def, name
+        # Every check judges one entity × date partition (freshness: the partition's entity),
+        # except the target audit, which reads whole entities back from ScheduleHub.
+        if name != "target_matches_state":
+            assert spec.partitions_def == graph.get(spec.asset_key).partitions_def, name
         assert spec.description, name
         # Descriptions are read in the UI by people who never saw the code.
         assert "SyncTuning" not in spec.description, name
