@@ -12,9 +12,11 @@ the entity from APISmith and delivers the missing and differing records again,
 parents before children, then commits what ScheduleHub confirmed; extra records
 are only reported (the reconcile job and the source decide deletes).
 
-It is an asset check on `committed` (`target_matches_state`), run by the job
-`target_audit`: the check's result shows in the UI beside the stage whose
-state it judges.
+It is the asset check `target_matches_state`, run by the job `target_audit`,
+on `schedulehub_records`: an external asset that stands for what ScheduleHub
+holds (downstream of `committed`; SyncFlow never materialises it). A check on
+a stage asset would run with every sync and every materialisation from the
+UI, reading all of ScheduleHub each time.
 """
 
 import time
@@ -37,6 +39,14 @@ from syncflow_dagster.engine.identity import add_identity, key_hash_of
 from syncflow_dagster.engine.normalize import normalize
 
 AUDIT_CHECK = "target_matches_state"
+SCHEDULEHUB_RECORDS = dg.AssetSpec(
+    "schedulehub_records",
+    deps=["committed"],
+    description="The records ScheduleHub holds, as it answers GET /v1/resources/{resource}/records. "
+    "SyncFlow never materialises it: the target_audit job checks it against SyncFlow's committed state.",
+    group_name="target",
+    kinds={"schedulehub"},
+)
 # What a repaired row's plan says, for the delivery log and `syncflow trace`.
 MISSING_IN_TARGET = "missing_in_target"
 DIFFERS_IN_TARGET = "differs_in_target"
@@ -254,7 +264,7 @@ def _audit(context: AssetCheckExecutionContext, config: AuditConfig) -> dg.Asset
 
 
 @dg.asset_check(
-    asset="committed",
+    asset=SCHEDULEHUB_RECORDS.key,
     name=AUDIT_CHECK,
     description="ScheduleHub holds every record SyncFlow's state says it delivered, with the same data: "
     "lists records missing in ScheduleHub, extra there, or differing, per entity (run by job "

@@ -23,7 +23,12 @@ import dagster as dg
 
 from syncflow_dagster.cli.dev import SCHEDULEHUB_DIR, stand_in_apps
 from syncflow_dagster.defs.assets import CATALOG, STAGE_ASSETS
-from syncflow_dagster.defs.audit import AUDIT_CHECK, target_audit_job, target_matches_state
+from syncflow_dagster.defs.audit import (
+    AUDIT_CHECK,
+    SCHEDULEHUB_RECORDS,
+    target_audit_job,
+    target_matches_state,
+)
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
 from syncflow_dagster.defs.runner import report_of, sync_all
 from syncflow_dagster.simulators.serve import start_server
@@ -111,13 +116,14 @@ def test_dev_restarted_on_its_home_syncs_without_failed_records(
 
 def _audit(env: Deployment, instance: dg.DagsterInstance, repair: bool) -> dg.AssetCheckEvaluation:
     job = dg.Definitions(
-        assets=STAGE_ASSETS,
+        assets=[*STAGE_ASSETS, SCHEDULEHUB_RECORDS],
         asset_checks=[target_matches_state],
         jobs=[target_audit_job],
         resources=env.resources,
     ).get_job_def("target_audit")
     result = job.execute_in_process(
-        instance=instance, run_config={"ops": {f"committed_{AUDIT_CHECK}": {"config": {"repair": repair}}}}
+        instance=instance,
+        run_config={"ops": {f"schedulehub_records_{AUDIT_CHECK}": {"config": {"repair": repair}}}},
     )
     assert result.success
     (evaluation,) = result.get_asset_check_evaluations()

@@ -111,6 +111,19 @@ def test_checks_about_a_partition_are_partitioned_and_say_nothing_internal() -> 
     assert "syncflow failed list --entity" in specs["no_failed_rows"].description
 
 
+def test_the_target_audit_runs_in_its_own_job_never_in_a_sync() -> None:
+    repository = defs.get_repository_def()
+    sync_checks = {key.name for key in repository.get_job("sync").asset_layer.asset_graph.asset_check_keys}
+    audit_job = repository.get_job("target_audit")
+    audit_checks = {key.name for key in audit_job.asset_layer.asset_graph.asset_check_keys}
+    assert "target_matches_state" in audit_checks
+    # The audit reads all of ScheduleHub: a sync (or a UI materialisation of the group) must not run it.
+    steps = {node.name for node in repository.get_job("sync").graph.nodes}
+    assert not any("target_matches_state" in step for step in steps)
+    assert "no_failed_rows" in sync_checks
+    assert not audit_job.asset_layer.executable_asset_keys
+
+
 def test_automation_is_stopped_by_default_and_running_in_dev() -> None:
     code = (
         "from syncflow_dagster.definitions import defs;"

@@ -16,7 +16,12 @@ import pyarrow as pa
 import pytest
 
 from syncflow_dagster.defs.assets import CATALOG, FRESHNESS_CHECK, STAGE_ASSETS
-from syncflow_dagster.defs.audit import AUDIT_CHECK, target_audit_job, target_matches_state
+from syncflow_dagster.defs.audit import (
+    AUDIT_CHECK,
+    SCHEDULEHUB_RECORDS,
+    target_audit_job,
+    target_matches_state,
+)
 from syncflow_dagster.defs.checks import entity_synced_recently
 from syncflow_dagster.defs.partitions import sync_partition_key
 from syncflow_dagster.defs.runner import materialize_sync, report_of, sync_all
@@ -26,13 +31,13 @@ from syncflow_dagster_tests.sync_harness import Deployment, deployment
 
 def _audit(env: Deployment, instance: dg.DagsterInstance, **config: Any) -> dg.AssetCheckEvaluation:
     job = dg.Definitions(
-        assets=STAGE_ASSETS,
+        assets=[*STAGE_ASSETS, SCHEDULEHUB_RECORDS],
         asset_checks=[target_matches_state],
         jobs=[target_audit_job],
         resources=env.resources,
     ).get_job_def("target_audit")
     result = job.execute_in_process(
-        instance=instance, run_config={"ops": {f"committed_{AUDIT_CHECK}": {"config": config}}}
+        instance=instance, run_config={"ops": {f"schedulehub_records_{AUDIT_CHECK}": {"config": config}}}
     )
     assert result.success
     (evaluation,) = result.get_asset_check_evaluations()
@@ -175,13 +180,13 @@ def test_a_target_that_lost_records_is_audited_resynced_and_repaired(fresh_datab
 def test_the_audit_refuses_an_unknown_entity(fresh_database_url: str, bad: str) -> None:
     with deployment(fresh_database_url, rows=20) as env:
         job = dg.Definitions(
-            assets=STAGE_ASSETS,
+            assets=[*STAGE_ASSETS, SCHEDULEHUB_RECORDS],
             asset_checks=[target_matches_state],
             jobs=[target_audit_job],
             resources=env.resources,
         ).get_job_def("target_audit")
         result = job.execute_in_process(
-            run_config={"ops": {f"committed_{AUDIT_CHECK}": {"config": {"entities": [bad]}}}},
+            run_config={"ops": {f"schedulehub_records_{AUDIT_CHECK}": {"config": {"entities": [bad]}}}},
             raise_on_error=False,
         )
         assert not result.success
