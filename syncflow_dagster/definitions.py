@@ -6,8 +6,8 @@ import os
 
 import dagster as dg
 
-from syncflow_dagster.defs.assets import STAGE_ASSETS
-from syncflow_dagster.defs.checks import entities_synced_recently
+from syncflow_dagster.defs.assets import FRESHNESS_CHECK, STAGE_ASSETS
+from syncflow_dagster.defs.audit import SCHEDULEHUB_RECORDS, target_audit_job, target_matches_state
 from syncflow_dagster.defs.jobs import reconcile_job, retry_job, sync_job
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
 from syncflow_dagster.defs.sensors import (
@@ -54,9 +54,9 @@ def build_resources() -> dict[str, object]:
 warm_workers.install()
 
 defs = dg.Definitions(
-    assets=STAGE_ASSETS,
-    asset_checks=[entities_synced_recently],
-    jobs=[sync_job, reconcile_job, retry_job],
+    assets=[*STAGE_ASSETS, SCHEDULEHUB_RECORDS],
+    asset_checks=[FRESHNESS_CHECK, target_matches_state],
+    jobs=[sync_job, reconcile_job, retry_job, target_audit_job],
     sensors=[apismith_change_sensor, pending_children_sensor, batch_failure_sensor, batch_cancel_sensor],
     schedules=[retry_schedule, nightly_reconcile_schedule],
     resources=build_resources(),

@@ -21,6 +21,7 @@ parentage, since some leave the process group), the stand-ins and Postgres.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import secrets
 import shlex
@@ -31,11 +32,16 @@ import time
 from contextlib import ExitStack, suppress
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit, urlunsplit
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from syncflow_dagster.catalog import Catalog
 
 console = Console()
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +53,9 @@ POOL_LIMIT = 2
 SCHEDULEHUB_DIR = "schedulehub"
 # What `source <home>/env` sets: where dev's services are, for the other commands.
 ENV_FILE = "env"
+# The instant APISmith's generated data is "as of", written at the first start on a --home:
+# the generator spreads dates and times around it, so a restart regenerates the same records.
+APISMITH_AS_OF_FILE = "apismith_as_of"
 
 
 def _with_database(url: str, name: str) -> str:
@@ -70,6 +79,53 @@ def _repo_file(name: str) -> Path:
     raise FileNotFoundError(
         f"{name} not found in {Path.cwd()} or {REPO_ROOT}; run from the SyncFlow checkout"
     )
+
+
+def stand_in_apps(
+    home: Path,
+    *,
+    rows: int,
+    seed: int,
+    client_secrets: dict[str, str],
+    catalog: Catalog | None = None,
+    source_dir: Path | None = None,
+) -> tuple[FastAPI, FastAPI]:
+    """The APISmith and ScheduleHub stand-ins of a dev session on `home`.
+
+    APISmith's data is generated from `rows`, `seed` and the instant pinned in
+    <home>/apismith_as_of, the same on every start (change sets applied with
+    `syncflow simulate changes` are not kept). ScheduleHub keeps its records
+    in <home>/schedulehub: a restart on the same --home finds what SyncFlow's
+    state (also under --home) says it delivered, so unchanged parents skipped
+    by the next sync are still there for their children (an empty stand-in
+    made every child fail parent_missing). With `source_dir` APISmith serves
+    that folder instead of generated data.
+    """
+    from syncflow_dagster.simulators import apismith, schedulehub
+
+    api_app = apismith.create_app(
+        catalog=catalog,
+        rows=rows,
+        seed=seed,
+        source_dir=source_dir,
+        clients={"syncflow": client_secrets["apismith"]},
+        as_of=_pinned_as_of(home),
+    )
+    hub_app = schedulehub.create_app(
+        clients={"syncflow": client_secrets["schedulehub"]}, data_dir=home / SCHEDULEHUB_DIR
+    )
+    return api_app, hub_app
+
+
+def _pinned_as_of(home: Path) -> dt.datetime:
+    """The as-of instant of APISmith's generated data on `home`: written at the first start, then read."""
+    path = home / APISMITH_AS_OF_FILE
+    if path.is_file():
+        return dt.datetime.fromisoformat(path.read_text().strip())
+    home.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    path.write_text(now.isoformat() + "\n")
+    return now
 
 
 def dev(
@@ -113,7 +169,6 @@ def dev(
     from syncflow_dagster.catalog.loader import CATALOG_PATH_ENV, load_catalog
     from syncflow_dagster.service.app import create_app as create_service
     from syncflow_dagster.service.settings import ServiceSettings
-    from syncflow_dagster.simulators import apismith, schedulehub
     from syncflow_dagster.simulators.serve import start_server
     from syncflow_dagster.store.database import dagster_postgres_url
     from syncflow_dagster.store.embedded import start_embedded_postgres
@@ -141,21 +196,17 @@ def dev(
         upgrade(database_url)
 
         client_secrets = {"apismith": secrets.token_urlsafe(24), "schedulehub": secrets.token_urlsafe(24)}
-        api_app = apismith.create_app(
-            catalog=entity_catalog,
+        api_app, hub_app = stand_in_apps(
+            home,
             rows=rows,
             seed=seed,
+            client_secrets=client_secrets,
+            catalog=entity_catalog,
             source_dir=source_dir.resolve() if source_dir is not None else None,
-            clients={"syncflow": client_secrets["apismith"]},
         )
         api = start_server(api_app, port=apismith_port)
         stack.callback(api.stop)
-        hub = start_server(
-            schedulehub.create_app(
-                clients={"syncflow": client_secrets["schedulehub"]}, data_dir=home / SCHEDULEHUB_DIR
-            ),
-            port=schedulehub_port,
-        )
+        hub = start_server(hub_app, port=schedulehub_port)
         stack.callback(hub.stop)
         ui_url = f"http://127.0.0.1:{port}"
         api_token = secrets.token_urlsafe(24)

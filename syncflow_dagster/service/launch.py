@@ -26,7 +26,7 @@ from typing import Protocol
 import dagster as dg
 
 from syncflow_dagster.catalog import Catalog
-from syncflow_dagster.defs.assets import FULL_WINDOW_TAG
+from syncflow_dagster.defs.assets import FULL_WINDOW_TAG, RESYNC_TAG
 from syncflow_dagster.defs.partitions import DATE_DIMENSION, ENTITY_DIMENSION, partitions_start
 from syncflow_dagster.service.dagster_gateway import DagsterRefused, DagsterUnavailable
 
@@ -69,6 +69,8 @@ class SyncRequest:
     dates: tuple[dt.date, dt.date] | None = None
     history: bool = False
     full_window: bool = False
+    # Deliver again what SyncFlow holds as delivered (run tag syncflow/resync=true).
+    resync: bool = False
     trigger: str = "api"
 
 
@@ -156,7 +158,9 @@ def partition_key(entity: str, day: dt.date) -> str:
     return str(dg.MultiPartitionKey({ENTITY_DIMENSION: entity, DATE_DIMENSION: day.isoformat()}))
 
 
-def run_tags(entity: str, span: DateSpan, *, plan_id: str, trigger: str, full_window: bool) -> dict[str, str]:
+def run_tags(
+    entity: str, span: DateSpan, *, plan_id: str, trigger: str, full_window: bool, resync: bool = False
+) -> dict[str, str]:
     """The tags of one entity's sync run over `span`."""
     tags = {ENTITY_TAG: entity, TRIGGER_TAG: trigger, PLAN_TAG: plan_id}
     if span.first == span.last:
@@ -176,6 +180,8 @@ def run_tags(entity: str, span: DateSpan, *, plan_id: str, trigger: str, full_wi
         )
     if full_window:
         tags[FULL_WINDOW_TAG] = "true"
+    if resync:
+        tags[RESYNC_TAG] = "true"
     return tags
 
 
@@ -192,7 +198,14 @@ def plan_sync(
         PlannedRun(
             name,
             span,
-            run_tags(name, span, plan_id=plan, trigger=request.trigger, full_window=request.full_window),
+            run_tags(
+                name,
+                span,
+                plan_id=plan,
+                trigger=request.trigger,
+                full_window=request.full_window,
+                resync=request.resync,
+            ),
         )
         for name in names
     ]
