@@ -78,7 +78,6 @@ def extract(
     result = stages.fetch_stage(client, entity, dates, after, catch_up=True)
     snapshot = int(result.notes[stages.READ_SNAPSHOT])
     marks.note_snapshot(batch, entity.name, int(result.notes["after_rowversion"]), snapshot)
-    result.notes["read_mark_before"] = after
     return result
 
 

@@ -4,15 +4,17 @@ sensor's plan (plan_change_runs): pure functions, no servers."""
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
+import dagster as dg
 import pyarrow as pa
 import pytest
 
 from syncflow_dagster.clients.apismith import Watermark
 from syncflow_dagster.defs.assets import CATALOG
 from syncflow_dagster.defs.reading import ReadRule, read_rule
-from syncflow_dagster.defs.run_tags import RANGE_END_TAG, RANGE_START_TAG
-from syncflow_dagster.defs.sensors import plan_change_runs
+from syncflow_dagster.defs.run_tags import RANGE_END_TAG, RANGE_START_TAG, partition_tags
+from syncflow_dagster.defs.sensors import busy_entities, entity_of_run, plan_change_runs
 from syncflow_dagster.defs.stages import partition_dates
 
 P = dt.date(2026, 11, 1)
@@ -127,3 +129,28 @@ def test_plan_waits_for_an_entity_with_a_run_in_flight_and_keys_runs_on_mark_and
 def test_plan_runs_parents_first() -> None:
     requests, _ = plan_change_runs({}, _watermarks(5), set(), today=T, start=P)
     assert [r.tags["syncflow/entity"] for r in requests] == list(CATALOG.topological_order)
+
+
+def test_the_entity_of_a_sync_run_however_it_was_launched() -> None:
+    assert entity_of_run({"syncflow/entity": "items", "syncflow/trigger": "cli"}) == "items"
+    # The UI's Launchpad and a backfill's runs carry only Dagster's partition tags.
+    assert entity_of_run(partition_tags("sites", T, T)) == "sites"
+    assert entity_of_run(partition_tags("work_orders", P, T)) == "work_orders"
+    assert entity_of_run({"dagster/backfill": "abc"}) is None
+
+
+def test_busy_entities_are_those_with_a_sync_run_queued_or_in_flight() -> None:
+    from dagster._core.storage.dagster_run import DagsterRun
+
+    instance = dg.DagsterInstance.ephemeral()
+    runs = [
+        # (A QUEUED run needs a code location's origin to be stored: the filter is the same list.)
+        ("sync", dg.DagsterRunStatus.STARTING, {"syncflow/entity": "items"}),
+        ("sync", dg.DagsterRunStatus.STARTED, partition_tags("sites", P, T)),
+        ("sync", dg.DagsterRunStatus.SUCCESS, {"syncflow/entity": "customers"}),
+        ("sync", dg.DagsterRunStatus.FAILURE, {"syncflow/entity": "operations"}),
+        ("retry", dg.DagsterRunStatus.STARTED, {"syncflow/entity": "work_orders"}),
+    ]
+    for job, status, tags in runs:
+        instance.add_run(DagsterRun(job_name=job, run_id=str(uuid.uuid4()), status=status, tags=tags))
+    assert busy_entities(instance) == {"items", "sites"}
