@@ -204,6 +204,10 @@ def fetch_stage(
     notes: dict[str, Any] = {"after_rowversion": after_rowversion, WINDOW_ROWVERSION: read_up_to}
     if snapshot is not None:
         notes[READ_SNAPSHOT] = snapshot
+        notes["read"] = f"catch-up: every change with rowversion in ({after_rowversion}, {snapshot}]"
+    else:
+        since = "the beginning" if window[0] is None else window[0].isoformat()
+        notes["read"] = f"window: changed from {since} to {window[1].isoformat() if window[1] else 'now'}"
     return StageResult(frame, counts, notes)
 
 

@@ -76,6 +76,7 @@ def test_history_range_run_succeeds_and_its_first_day_holds_everything_earlier(
             extracted = _stage_metadata(result, "extracted")
             assert extracted["rows_fetched"] == len(_days_changed(env, run.entity))
             assert extracted["dates"].split(", ")[0] == START.isoformat()
+            assert extracted["read"].startswith("catch-up: every change with rowversion in (0, ")
             committed = _stage_metadata(result, "committed")
             assert committed["read_through"] == extracted["read_snapshot"]
             assert env.resources["database"].read_marks().get(run.entity) == extracted["read_snapshot"]
@@ -92,6 +93,9 @@ def test_history_range_run_succeeds_and_its_first_day_holds_everything_earlier(
         assert result.success
         expected = sum(day <= TODAY - dt.timedelta(days=2) for day in _days_changed(env, "sites"))
         assert _stage_metadata(result, "extracted")["rows_fetched"] == expected
+        assert _stage_metadata(result, "extracted")["read"].startswith(
+            "window: changed from the beginning to "
+        )
         assert _stage_metadata(result, "sync_report")["delivered"] == 0
         assert "read_through" not in _stage_metadata(result, "committed")  # a window read moves no mark
 
