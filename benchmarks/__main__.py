@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "datetimes": "benchmarks.normalize_datetimes",
     "e2e": "benchmarks.e2e",
     "engine": "benchmarks.engine",
+    "history": "benchmarks.history",
     "standins": "benchmarks.standins",
     "transport": "benchmarks.transport",
 }

@@ -1,7 +1,7 @@
 """Daemon-path benchmark: syncs as users run them, through a real dagster-daemon + dagster-webserver.
 
 `python -m benchmarks daemon --rows N --json PATH [--executor in_process|multiprocess|multiprocess_spawn]
-[--small-runs 10] [--backfill-rows 2000] [--database-url URL]`
+[--worker-start forkserver|spawn] [--small-runs 10] [--backfill-rows 2000] [--database-url URL]`
 
 - The stand-ins run in subprocesses (`syncflow simulate apismith|schedulehub`).
 - Dagster runs as in production: `dagster-webserver` and `dagster-daemon`
@@ -50,6 +50,7 @@ import sqlalchemy as sa
 from benchmarks.databases import private_database
 from benchmarks.e2e import CHANGE_SET, CLIENT_ID, ENTITY, E2EBenchSettings, StandIns, ancestors_of
 from benchmarks.e2e import check_target_equals_source as check_work_orders
+from syncflow_dagster.deploy.warm_workers import START_ENV, WorkerStart, worker_start
 
 TARGETS = {
     "small_run_median_seconds": 4.0,
@@ -204,7 +205,13 @@ def parked_rows(state_url: str) -> int:
 
 @contextlib.contextmanager
 def daemon_stack(
-    rows: int, seed: int, server_url: str | None, executor: str, *apismith_args: str
+    rows: int,
+    seed: int,
+    server_url: str | None,
+    executor: str,
+    *apismith_args: str,
+    schedulehub_args: tuple[str, ...] = (),
+    partitions_start: dt.date | None = None,
 ) -> Iterator[Stack]:
     import dagster as dg
 
@@ -220,7 +227,7 @@ def daemon_stack(
         private_database(server_url, "syncflow_bench_daemon") as state_url,
         tempfile.TemporaryDirectory(prefix="syncflow-daemon-bench-") as home,
     ):
-        stand_ins = StandIns(rows, seed, state_url, *apismith_args)
+        stand_ins = StandIns(rows, seed, state_url, *apismith_args, schedulehub_args=schedulehub_args)
         try:
             stand_ins.wait()
             code_location_env = {
@@ -232,9 +239,10 @@ def daemon_stack(
                 "SCHEDULEHUB_CLIENT_ID": CLIENT_ID,
                 "SCHEDULEHUB_CLIENT_SECRET": stand_ins.secret,
                 "SYNCFLOW_PARTITIONS_START": (
-                    dt.datetime.now(dt.UTC).date() - dt.timedelta(days=7)
+                    partitions_start or dt.datetime.now(dt.UTC).date() - dt.timedelta(days=7)
                 ).isoformat(),
                 "SYNCFLOW_EXECUTOR": "multiprocess" if executor == "multiprocess" else "in_process",
+                START_ENV: worker_start().value,
             }
             workspace = WORKSPACE_YAML
             if executor == "multiprocess_spawn":
@@ -260,7 +268,7 @@ def daemon_stack(
                         yield Stack(stand_ins, state_url, dagster.url, instance)
                 finally:
                     os.environ.pop("DAGSTER_POSTGRES_URL", None)
-                    _keep_logs(dagster.logs, executor)
+                    _keep_logs(dagster.logs, f"{executor}-{worker_start().value}")
         finally:
             stand_ins.stop()
 
@@ -403,7 +411,7 @@ def run(
         "benchmark": "daemon",
         "rows": rows,
         "seed": seed,
-        "executor": executor,
+        "executor": f"{executor}, workers {worker_start().value}",
         "cpu_count": os.cpu_count(),
         "phases": phases,
         "checks": checks,
@@ -474,6 +482,11 @@ def main(argv: list[str]) -> int:
         "--database-url", help="Postgres server (default $SYNCFLOW_DATABASE_URL, else embedded)"
     )
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--worker-start",
+        choices=[s.value for s in WorkerStart],
+        help=f"how the code server starts run workers (sets {START_ENV}; default: its value, else forkserver)",
+    )
     parser.add_argument("--executor", choices=EXECUTORS, default="in_process")
     parser.add_argument(
         "--small-runs", type=int, default=10, help="runs of one entity-day with 100 changed rows"
@@ -492,6 +505,8 @@ def main(argv: list[str]) -> int:
         help="print the docs' markdown table of earlier runs and stop",
     )
     args = parser.parse_args(argv)
+    if args.worker_start:
+        os.environ[START_ENV] = args.worker_start
     if args.table:
         print(markdown_table([json.loads(path.read_text()) for path in args.table]))
         return 0

@@ -109,12 +109,21 @@ def reset_peak_rss(pid: int | None = None) -> None:
 class StandIns:
     """Both stand-ins in subprocesses, and the Dagster resources pointed at them."""
 
-    def __init__(self, rows: int, seed: int, database_url: str, *apismith_args: str) -> None:
+    def __init__(
+        self,
+        rows: int,
+        seed: int,
+        database_url: str,
+        *apismith_args: str,
+        schedulehub_args: tuple[str, ...] = (),
+    ) -> None:
         self.secret = secrets.token_urlsafe(16)
         self.apismith, self.apismith_url = start_stand_in(
             "apismith", CLIENT_ID, self.secret, "--rows", str(rows), "--seed", str(seed), *apismith_args
         )
-        self.schedulehub, self.schedulehub_url = start_stand_in("schedulehub", CLIENT_ID, self.secret)
+        self.schedulehub, self.schedulehub_url = start_stand_in(
+            "schedulehub", CLIENT_ID, self.secret, *schedulehub_args
+        )
         self.database_url = database_url
 
     def wait(self) -> None:

@@ -18,7 +18,7 @@ from syncflow_dagster.defs.sensors import (
     pending_children_sensor,
     retry_schedule,
 )
-from syncflow_dagster.deploy import executor_from_env
+from syncflow_dagster.deploy import executor_from_env, warm_workers
 from syncflow_dagster.store.frame_io_manager import PostgresFrameIOManager
 
 
@@ -44,6 +44,9 @@ def build_resources() -> dict[str, object]:
         ),
     }
 
+
+# Run workers fork from a warm process that imported all this once (SYNCFLOW_RUN_WORKER_START).
+warm_workers.install()
 
 defs = dg.Definitions(
     assets=STAGE_ASSETS,

@@ -2,8 +2,12 @@
 
     extracted → normalized → identified → fresh_rows → delta_plan → resolved → delivered → committed → sync_report
 
-Each body calls one stage function from `stages.py` and returns its frame
-with metadata; the Postgres frame IO manager stores the frame per partition.
+Each body calls one stage function from `stages.py` per entity of the run and
+returns the frames with metadata; the Postgres frame IO manager stores each
+entity's frame per partition. A run covers one entity, or several when a
+single-run backfill groups a few days of many entities: the body then handles
+them in the catalog's topological order, parents first, each with its own
+batch, and hands over `EntityFrames` (entity → frame) either way.
 Stages are separate assets (rather than one op) so that a run can be
 re-executed from the stage that failed, each stage's frame can be inspected
 in the UI and in Postgres, and checks attach to the stage they are about.
@@ -12,6 +16,7 @@ in the UI and in Postgres, and checks attach to the stage they are about.
 import datetime as dt
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,7 +30,7 @@ from syncflow_dagster.defs.interrupts import stop_means_stop
 from syncflow_dagster.defs.partitions import sync_partitions
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
 from syncflow_dagster.engine import columns as c
-from syncflow_dagster.store.frame_io_manager import partition_scope
+from syncflow_dagster.store.frame_io_manager import EntityFrames, partition_scopes
 
 GROUP = "sync"
 # Run tag that makes the fetch read from the beginning (defs/reading.py).
@@ -45,11 +50,28 @@ NETWORK_RETRY = dg.RetryPolicy(
 DATABASE_RETRY = dg.RetryPolicy(
     max_retries=2, delay=1.0, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.FULL
 )
+# A backfill runs as few runs as Dagster can make of it: one per range of partitions.
+# Over a multi-partition subset Dagster groups by the dimension with fewer keys, so
+# 3 days × 8 entities is 3 runs of 8 entities each, 30 days × 8 entities 8 runs of
+# one entity each (docs/architecture.md, "Backfills").
+BACKFILL_POLICY = dg.BackfillPolicy.single_run()
 
 
-def _scope(context: AssetExecutionContext) -> tuple[EntitySpec, tuple[dt.date, ...]]:
-    entity, dates = partition_scope(context.partition_keys)
-    return CATALOG.entity(entity), dates
+# One entity's share of a run: its catalog spec and its dates.
+Scope = tuple[EntitySpec, tuple[dt.date, ...]]
+
+
+def _scopes(context: AssetExecutionContext) -> list[Scope]:
+    """The run's entities with their dates, parents first (the catalog's topological order).
+
+    A run usually covers one entity; a single-run backfill of a few days ×
+    many entities covers several (Dagster groups a backfill by the dimension
+    with fewer keys), and each stage then handles them one after another.
+    """
+    by_entity = partition_scopes(context.partition_keys)
+    return [
+        (CATALOG.entity(name), by_entity[name]) for name in CATALOG.topological_order if name in by_entity
+    ]
 
 
 def _batch_id(context: AssetExecutionContext, database: SyncDatabase, entity: str, day: dt.date) -> uuid.UUID:
@@ -77,14 +99,16 @@ def _preview(frame: pa.Table) -> dg.MetadataValue:
     return dg.MetadataValue.md("\n".join(lines))
 
 
-def _output(
+def _recorded(
     context: AssetExecutionContext,
     database: SyncDatabase,
     stage: str,
+    scope: Scope,
     started: float,
     result: stages.StageResult,
-) -> dg.Output[pa.Table]:
-    entity, dates = _scope(context)
+) -> dict[str, Any]:
+    """Book one entity's stage result (its batch's stage event) and return its metadata."""
+    entity, dates = scope
     seconds = round(time.perf_counter() - started, 3)
     batch = _batch_id(context, database, entity.name, dates[0])
     bookkeeping.record_stage(
@@ -101,7 +125,86 @@ def _output(
             **result.notes,
         }
     )
-    return dg.Output(result.frame, metadata=metadata)
+    return metadata
+
+
+def _plain(value: Any) -> Any:
+    """A metadata value as JSON can hold it (MetadataValue objects by their value)."""
+    inner = getattr(value, "value", value)
+    return inner if isinstance(inner, (int, float, str, bool, type(None), list, dict)) else str(inner)
+
+
+def _across_entities(per_entity: dict[str, dict[str, Any]], counts: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Metadata of a stage over several entities: totals of the counts, and each entity's own metadata.
+
+    One metadata set is recorded for every partition of the run, so anything
+    that is true of one entity only (its batch, its read mark, its preview)
+    goes under `per_entity`, never at the top where it would be read as every
+    partition's.
+    """
+    totals: dict[str, int] = {}
+    for metadata in per_entity.values():
+        for key, value in metadata.items():
+            if (key.startswith("rows_") or key in counts) and isinstance(value, int):
+                totals[key] = totals.get(key, 0) + value
+    table = {
+        name: {k: _plain(v) for k, v in metadata.items() if k not in ("entity", "preview")}
+        for name, metadata in per_entity.items()
+    }
+    seconds = round(sum(float(m.get("seconds", m.get("seconds_total", 0.0))) for m in per_entity.values()), 3)
+    return {
+        **totals,
+        "entities": ", ".join(per_entity),
+        "seconds": seconds,
+        "per_entity": dg.MetadataValue.json(table),
+    }
+
+
+def _stage_output(
+    context: AssetExecutionContext,
+    database: SyncDatabase,
+    stage: str,
+    for_entity: Callable[[Scope], stages.StageResult],
+) -> dg.Output[EntityFrames]:
+    """Run `for_entity` for each of the run's entities, parents first, and hand over their frames.
+
+    Each entity's result is booked in its own batch; the output's metadata is
+    the entity's own for a run of one entity, and totals plus a per-entity
+    table for a run of several.
+    """
+    frames = EntityFrames()
+    per_entity: dict[str, dict[str, Any]] = {}
+    for scope in _scopes(context):
+        started = time.perf_counter()
+        result = for_entity(scope)
+        per_entity[scope[0].name] = _recorded(context, database, stage, scope, started, result)
+        frames[scope[0].name] = result.frame
+    return dg.Output(frames, metadata=_metadata_of(per_entity))
+
+
+def _metadata_of(per_entity: dict[str, dict[str, Any]], counts: tuple[str, ...] = ()) -> dict[str, Any]:
+    if len(per_entity) == 1:
+        return next(iter(per_entity.values()))
+    return _across_entities(per_entity, counts)
+
+
+def _check_of(results: dict[str, dg.AssetCheckResult]) -> dg.AssetCheckResult:
+    """One check result for the step: the entity's own, or all entities' (passed only if each passed)."""
+    if len(results) == 1:
+        return next(iter(results.values()))
+    first = next(iter(results.values()))
+    failed = [name for name, result in results.items() if not result.passed]
+    return dg.AssetCheckResult(
+        check_name=first.check_name,
+        passed=not failed,
+        severity=first.severity,
+        metadata={
+            "failed_entities": ", ".join(failed) or "none",
+            "per_entity": dg.MetadataValue.json(
+                {name: {k: _plain(v) for k, v in result.metadata.items()} for name, result in results.items()}
+            ),
+        },
+    )
 
 
 def _stage_asset(
@@ -114,19 +217,28 @@ def _stage_asset(
     checks: tuple[dg.AssetCheckSpec, ...] = (),
 ) -> Callable[[Callable[..., Any]], dg.AssetsDefinition]:
     # stop_means_stop: a terminated run stops instead of retrying the interrupted stage (interrupts.py).
-    return lambda body: dg.asset(
-        check_specs=list(checks),
-        name=name,
-        group_name=GROUP,
-        partitions_def=PARTITIONS,
-        io_manager_key=FRAME_IO,
-        description=description,
-        kinds=kinds,
-        owners=OWNERS,
-        retry_policy=retry,
-        pool=pool,
-        code_version="1",
-    )(stop_means_stop(body))
+    # single_run: a backfill is one run per range of partitions (a few at most, see BACKFILL_POLICY).
+    def define(body: Callable[..., Any]) -> dg.AssetsDefinition:
+        with warnings.catch_warnings():
+            # `backfill_policy` is marked beta on `asset` in Dagster 1.13 (stable on the policy itself);
+            # the notice went to every process importing the code location, the CLI's stderr included.
+            warnings.filterwarnings("ignore", message=".*`backfill_policy`", category=dg.BetaWarning)
+            return dg.asset(
+                check_specs=list(checks),
+                name=name,
+                group_name=GROUP,
+                partitions_def=PARTITIONS,
+                io_manager_key=FRAME_IO,
+                description=description,
+                kinds=kinds,
+                owners=OWNERS,
+                retry_policy=retry,
+                pool=pool,
+                backfill_policy=BACKFILL_POLICY,
+                code_version="1",
+            )(stop_means_stop(body))
+
+    return define
 
 
 @_stage_asset(
@@ -141,12 +253,21 @@ def _stage_asset(
 )
 def extracted(
     context: AssetExecutionContext, apismith: ApiSmithResource, database: SyncDatabase
-) -> dg.Output[pa.Table]:
-    started = time.perf_counter()
-    entity, dates = _scope(context)
+) -> dg.Output[EntityFrames]:
+    return _stage_output(
+        context, database, "fetch", lambda scope: _extract(context, apismith, database, *scope)
+    )
+
+
+def _extract(
+    context: AssetExecutionContext,
+    apismith: ApiSmithResource,
+    database: SyncDatabase,
+    entity: EntitySpec,
+    dates: tuple[dt.date, ...],
+) -> stages.StageResult:
     batch = _batch_id(context, database, entity.name, dates[0])
-    result = reading.extract(context, apismith.client(), database, entity, dates, batch)
-    return _output(context, database, "fetch", started, result)
+    return reading.extract(context, apismith.client(), database, entity, dates, batch)
 
 
 @_stage_asset(
@@ -156,16 +277,29 @@ def extracted(
     {"python", "pyarrow", "postgres"},
 )
 def normalized(
-    context: AssetExecutionContext, database: SyncDatabase, extracted: pa.Table
-) -> dg.Output[pa.Table]:
-    started = time.perf_counter()
-    entity, dates = _scope(context)
+    context: AssetExecutionContext, database: SyncDatabase, extracted: EntityFrames
+) -> dg.Output[EntityFrames]:
+    return _stage_output(
+        context,
+        database,
+        "normalize",
+        lambda scope: _normalize(context, database, *scope, extracted[scope[0].name]),
+    )
+
+
+def _normalize(
+    context: AssetExecutionContext,
+    database: SyncDatabase,
+    entity: EntitySpec,
+    dates: tuple[dt.date, ...],
+    extracted: pa.Table,
+) -> stages.StageResult:
     result, rejected = stages.normalize_stage(entity, extracted)
     if rejected.num_rows:
         batch = _batch_id(context, database, entity.name, dates[0])
         bookkeeping.record_rejected(database, entity, batch, rejected)
         result.notes["rejected_sample"] = _preview(rejected)
-    return _output(context, database, "normalize", started, result)
+    return result
 
 
 @_stage_asset(
@@ -175,11 +309,14 @@ def normalized(
     {"python", "pyarrow", "postgres"},
 )
 def identified(
-    context: AssetExecutionContext, database: SyncDatabase, normalized: pa.Table
-) -> dg.Output[pa.Table]:
-    started = time.perf_counter()
-    entity, _ = _scope(context)
-    return _output(context, database, "identity", started, stages.identity_stage(entity, normalized))
+    context: AssetExecutionContext, database: SyncDatabase, normalized: EntityFrames
+) -> dg.Output[EntityFrames]:
+    return _stage_output(
+        context,
+        database,
+        "identity",
+        lambda scope: stages.identity_stage(scope[0], normalized[scope[0].name]),
+    )
 
 
 @_stage_asset(
@@ -189,16 +326,13 @@ def identified(
     {"python", "pyarrow", "postgres"},
 )
 def fresh_rows(
-    context: AssetExecutionContext, database: SyncDatabase, identified: pa.Table
-) -> dg.Output[pa.Table]:
-    started = time.perf_counter()
-    entity, _ = _scope(context)
-    return _output(
+    context: AssetExecutionContext, database: SyncDatabase, identified: EntityFrames
+) -> dg.Output[EntityFrames]:
+    return _stage_output(
         context,
         database,
         "rowversion",
-        started,
-        stages.rowversion_stage(database.state(), entity, identified),
+        lambda scope: stages.rowversion_stage(database.state(), scope[0], identified[scope[0].name]),
     )
 
 
@@ -210,30 +344,50 @@ def fresh_rows(
     checks=(checks.KEYS_UNIQUE,),
 )
 def delta_plan(
-    context: AssetExecutionContext, database: SyncDatabase, fresh_rows: pa.Table
-) -> Iterator[dg.Output[pa.Table] | dg.AssetCheckResult]:
-    started = time.perf_counter()
-    result = stages.delta_stage(fresh_rows)
-    yield _output(context, database, "delta", started, result)
-    yield checks.business_keys_unique_and_present(result.frame)
+    context: AssetExecutionContext, database: SyncDatabase, fresh_rows: EntityFrames
+) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
+    output = _stage_output(
+        context, database, "delta", lambda scope: stages.delta_stage(fresh_rows[scope[0].name])
+    )
+    yield output
+    yield _check_of(
+        {name: checks.business_keys_unique_and_present(plan) for name, plan in output.value.items()}
+    )
 
 
 @_stage_asset(
     "resolved",
     "6 · parent-child: rows whose parent ScheduleHub does not have yet wait in pending_children; children "
-    "parked earlier whose parents have since arrived are released into this frame.",
+    "parked earlier whose parents have since arrived are released into this frame. In a run over several "
+    "entities, a parent this run delivers first counts as arrived.",
     {"python", "pyarrow", "postgres"},
     checks=(checks.PENDING_AGE,),
 )
 def resolved(
-    context: AssetExecutionContext, database: SyncDatabase, tuning: SyncTuning, delta_plan: pa.Table
-) -> Iterator[dg.Output[pa.Table] | dg.AssetCheckResult]:
-    started = time.perf_counter()
-    entity, dates = _scope(context)
-    batch = _batch_id(context, database, entity.name, dates[0])
-    result = stages.parent_child_stage(CATALOG, entity, database, delta_plan, batch, run_date=dates[-1])
-    yield _output(context, database, "parent_child", started, result)
-    yield checks.pending_children_within_age(database, entity.name, tuning.pending_max_age_hours)
+    context: AssetExecutionContext, database: SyncDatabase, tuning: SyncTuning, delta_plan: EntityFrames
+) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
+    # Keys each entity of this run hands to delivery: its children in the same run,
+    # delivered after it (parents first), may count on them.
+    arriving: dict[str, pa.Array] = {}
+
+    def resolve(scope: Scope) -> stages.StageResult:
+        entity, dates = scope
+        batch = _batch_id(context, database, entity.name, dates[0])
+        result = stages.parent_child_stage(
+            CATALOG, entity, database, delta_plan[entity.name], batch, run_date=dates[-1], arriving=arriving
+        )
+        arriving[entity.name] = stages.arriving_keys(result.frame)
+        return result
+
+    yield _stage_output(context, database, "parent_child", resolve)
+    yield _check_of(
+        {
+            entity.name: checks.pending_children_within_age(
+                database, entity.name, tuning.pending_max_age_hours
+            )
+            for entity, _ in _scopes(context)
+        }
+    )
 
 
 @_stage_asset(
@@ -248,12 +402,13 @@ def delivered(
     context: AssetExecutionContext,
     schedulehub: ScheduleHubResource,
     database: SyncDatabase,
-    resolved: pa.Table,
-) -> dg.Output[pa.Table]:
-    started = time.perf_counter()
-    entity, _ = _scope(context)
-    return _output(
-        context, database, "deliver", started, stages.deliver_stage(schedulehub.client(), entity, resolved)
+    resolved: EntityFrames,
+) -> dg.Output[EntityFrames]:
+    return _stage_output(
+        context,
+        database,
+        "deliver",
+        lambda scope: stages.deliver_stage(schedulehub.client(), scope[0], resolved[scope[0].name]),
     )
 
 
@@ -265,18 +420,33 @@ def delivered(
     checks=(checks.DELIVERED_COMMITTED,),
 )
 def committed(
-    context: AssetExecutionContext, database: SyncDatabase, delivered: pa.Table
-) -> Iterator[dg.Output[pa.Table] | dg.AssetCheckResult]:
-    started = time.perf_counter()
-    entity, dates = _scope(context)
+    context: AssetExecutionContext, database: SyncDatabase, delivered: EntityFrames
+) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
+    verdicts: dict[str, dg.AssetCheckResult] = {}
+
+    def commit(scope: Scope) -> stages.StageResult:
+        result = _commit(context, database, *scope, delivered[scope[0].name])
+        verdicts[scope[0].name] = checks.delivered_equals_committed(delivered[scope[0].name], result.counts)
+        return result
+
+    yield _stage_output(context, database, "persist", commit)
+    yield _check_of(verdicts)
+
+
+def _commit(
+    context: AssetExecutionContext,
+    database: SyncDatabase,
+    entity: EntitySpec,
+    dates: tuple[dt.date, ...],
+    delivered: pa.Table,
+) -> stages.StageResult:
     batch = _batch_id(context, database, entity.name, dates[0])
     result = stages.persist_stage(database, entity, delivered, batch)
-    # Every row of the run is now committed, failed or parked: its catch-up read is accounted for.
+    # Every row of the entity is now committed, failed or parked: its catch-up read is accounted for.
     read_through = reading.account_read(database, batch)
     if read_through is not None:
         result.notes["read_through"] = read_through
-    yield _output(context, database, "persist", started, result)
-    yield checks.delivered_equals_committed(delivered, result.counts)
+    return result
 
 
 @_stage_asset(
@@ -286,9 +456,19 @@ def committed(
     {"python", "postgres"},
 )
 def sync_report(
-    context: AssetExecutionContext, database: SyncDatabase, committed: pa.Table
-) -> dg.Output[pa.Table]:
-    entity, dates = _scope(context)
+    context: AssetExecutionContext, database: SyncDatabase, committed: EntityFrames
+) -> dg.Output[EntityFrames]:
+    frames = EntityFrames()
+    per_entity: dict[str, dict[str, Any]] = {}
+    for entity, dates in _scopes(context):
+        frames[entity.name], per_entity[entity.name] = _report(context, database, entity, dates)
+    return dg.Output(frames, metadata=_metadata_of(per_entity, REPORT_COUNTS))
+
+
+def _report(
+    context: AssetExecutionContext, database: SyncDatabase, entity: EntitySpec, dates: tuple[dt.date, ...]
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Close the entity's batch from its stage events: the report row and its metadata."""
     batch = _batch_id(context, database, entity.name, dates[0])
     summary = bookkeeping.finish_from_events(database, batch, status="succeeded")
     counts = summary["counts"]
@@ -311,7 +491,7 @@ def sync_report(
             "seconds_total": round(float(sum(summary["stage_seconds"].values())), 3),
         }
     )
-    return dg.Output(frame, metadata=metadata)
+    return frame, metadata
 
 
 REPORT_COUNTS = (

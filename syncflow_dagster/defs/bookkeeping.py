@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -233,13 +234,32 @@ def park_children(
     return parked
 
 
-def released_children(database: Any, entity: EntitySpec) -> pa.Table:
+def released_children(
+    database: Any, entity: EntitySpec, arriving: Mapping[str, pa.Array] | None = None
+) -> pa.Table:
     """Parked children of `entity` whose parent is now delivered, rebuilt as rows.
 
+    `arriving` (parent entity → key hashes) adds the children whose parent the
+    same run delivers ahead of them (a run over several entities, parents first).
     They stay parked until delivered (`forget_delivered_children`), so a run
     that dies in between loses none.
     """
     ready = database.pending().release_candidates(entity.name)
+    wanted = {parent: keys for parent, keys in (arriving or {}).items() if parent in entity.parent_entities}
+    if any(len(keys) for keys in wanted.values()):
+        waiting = database.pending().waiting(entity.name)
+        mask = pa.repeat(pa.scalar(False), waiting.num_rows)
+        for parent, keys in wanted.items():
+            mine = pc.and_(
+                pc.equal(waiting[MISSING_PARENT], pa.scalar(parent)),
+                pc.is_in(waiting[MISSING_PARENT_BK_HASH], value_set=keys.cast(c.BK_HASH_TYPE)),
+            )
+            mask = pc.or_(mask, mine)
+        awaited = waiting.filter(mask)
+        if ready.num_rows:
+            awaited = awaited.filter(pc.invert(pc.is_in(awaited[c.BK_HASH], value_set=ready[c.BK_HASH])))
+        if awaited.num_rows:
+            ready = pa.concat_tables([ready, awaited.select(ready.column_names).cast(ready.schema)])
     return rows_from_payloads(entity, ready[PAYLOAD]) if ready.num_rows else row_schema(entity).empty_table()
 
 

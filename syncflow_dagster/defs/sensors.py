@@ -35,11 +35,12 @@ import dagster as dg
 from dagster import SensorEvaluationContext
 
 from syncflow_dagster.defs.assets import CATALOG
-from syncflow_dagster.defs.jobs import ENTITY_TAG, entity_run_tags, reconcile_job, retry_job, sync_job
-from syncflow_dagster.defs.partitions import ENTITY_DIMENSION, partitions_start, sync_partition_key
+from syncflow_dagster.defs.jobs import entity_run_tags, reconcile_job, retry_job, sync_job
+from syncflow_dagster.defs.partitions import partitions_start, sync_partition_key
 from syncflow_dagster.defs.resources import ApiSmithResource, SyncDatabase
-from syncflow_dagster.defs.run_tags import PARTITION_TAG, RANGE_START_TAG, partition_tags
+from syncflow_dagster.defs.run_tags import partition_tags
 from syncflow_dagster.defs.stages import run_async
+from syncflow_dagster.deploy.run_coordinator import entities_of_run
 
 AUTOMATION_ENV = "SYNCFLOW_AUTOMATION"
 
@@ -127,21 +128,10 @@ def plan_change_runs(
     return requests, left
 
 
-def entity_of_run(tags: Mapping[str, str]) -> str | None:
-    """The entity a sync run is for: `syncflow/entity` (sensor, API, CLI), else its partition tags (UI, backfill)."""
-    if ENTITY_TAG in tags:
-        return tags[ENTITY_TAG]
-    if f"{PARTITION_TAG}/{ENTITY_DIMENSION}" in tags:
-        return tags[f"{PARTITION_TAG}/{ENTITY_DIMENSION}"]
-    if RANGE_START_TAG in tags:
-        return tags[RANGE_START_TAG].partition("|")[2] or None  # multi-partition key "date|entity"
-    return None
-
-
 def busy_entities(instance: dg.DagsterInstance) -> set[str]:
-    """Entities with a sync run queued or in flight, however it was launched."""
+    """Entities a sync run queued or in flight writes, however it was launched (sensor, API, UI, backfill)."""
     runs = instance.get_runs(filters=dg.RunsFilter(job_name=sync_job.name, statuses=IN_FLIGHT))
-    return {name for run in runs if (name := entity_of_run(run.tags)) is not None}
+    return {name for run in runs for name in entities_of_run(run.tags, CATALOG)}
 
 
 @dg.sensor(

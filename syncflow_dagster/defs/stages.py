@@ -410,6 +410,7 @@ def parent_child_stage(
     plan: pa.Table,
     batch_id: uuid.UUID,
     run_date: dt.date | None = None,
+    arriving: Mapping[str, pa.Array] | None = None,
 ) -> StageResult:
     """Split into ready and pending by whether each parent is in ScheduleHub already.
 
@@ -417,10 +418,18 @@ def parent_child_stage(
     released into the ready frame, so a late parent never strands its children.
     A released child may have been parked by a run of another day; it belongs
     to this run now, so it takes `run_date` as its partition date.
+
+    `arriving` (parent entity → key hashes) are the parents the same run
+    delivers before this entity: a run over several entities delivers them in
+    topological order, one entity after the other, so its children count on
+    them as on parents already delivered (and parked children waiting for one
+    are released). If ScheduleHub refuses such a parent after all, it refuses
+    the child too (`parent_missing`), which becomes a retryable failed record.
     """
     state = database.state()
+    arriving = arriving or {}
     plan, held_deletes = _held_tombstones_only(database, entity, plan)
-    released = bookkeeping.released_children(database, entity)
+    released = bookkeeping.released_children(database, entity, arriving)
     if released.num_rows and run_date is not None:
         released = released.append_column(
             PARTITION_DATE, pa.repeat(pa.scalar(run_date, pa.date32()), released.num_rows)
@@ -445,6 +454,8 @@ def parent_child_stage(
         known[parent] = found if previous is None else pa.concat_arrays([previous, found])
     for parent in entity.parent_entities:
         known.setdefault(parent, pa.array([], c.BK_HASH_TYPE))
+        if len(arriving.get(parent, [])):
+            known[parent] = pa.concat_arrays([known[parent], arriving[parent].cast(c.BK_HASH_TYPE)])
     ready, waiting = split_ready_pending(catalog, entity.name, plan, known, needed)
     parked = bookkeeping.park_children(database, catalog, entity, batch_id, waiting)
     ready = add_references(catalog, entity, ready)
@@ -457,6 +468,14 @@ def parent_child_stage(
         "held_deleted_at_source": held_deletes,
     }
     return StageResult(ready, counts)
+
+
+def arriving_keys(ready: pa.Table) -> pa.Array:
+    """The keys a resolved frame hands to delivery as live records (its deletes excluded)."""
+    if ready.num_rows == 0:
+        return pa.array([], c.BK_HASH_TYPE)
+    live = ready.filter(pc.invert(_is(ready[c.ACTION], c.DELETE)))
+    return live[c.BK_HASH].combine_chunks()
 
 
 def _never_stored_deletes(rows: pa.Table) -> Any:

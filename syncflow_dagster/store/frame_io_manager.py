@@ -30,6 +30,9 @@ no maintained first-party one:
 * `PostgresFrameIOManager` maps Dagster partitions onto slices: one
   (entity, date) key, or a contiguous range of dates for one entity, so
   single-run backfills over a date range load and store exactly that range.
+  A run over several entities (a single-run backfill of a few days × many
+  entities groups by date) hands over `EntityFrames`, one frame per entity,
+  and each is stored in and loaded from its entity's own table.
 """
 
 from __future__ import annotations
@@ -495,10 +498,18 @@ def _dates_sql(dates: Sequence[dt.date]) -> str:
     return ", ".join(f"'{d.isoformat()}'::date" for d in dates)
 
 
-def partition_scope(keys: Iterable[str]) -> tuple[str, tuple[dt.date, ...]]:
-    """(entity, dates) of a set of `entity|date` multi-partition keys for ONE entity."""
-    entities: set[str] = set()
-    dates: set[dt.date] = set()
+class EntityFrames(dict[str, pa.Table]):
+    """One stage frame per entity, for a run over several entities (entity name → frame).
+
+    A stage asset of such a run returns it and its downstream stage receives
+    it; the IO manager stores and loads each frame in its entity's own table,
+    exactly as a single-entity run's frame.
+    """
+
+
+def partition_scopes(keys: Iterable[str]) -> dict[str, tuple[dt.date, ...]]:
+    """entity → its dates, for a set of `date|entity` multi-partition keys (entities in first-seen order)."""
+    scopes: dict[str, set[dt.date]] = {}
     for key in keys:
         by_dimension = getattr(key, "keys_by_dimension", None)
         if by_dimension is None:
@@ -506,14 +517,20 @@ def partition_scope(keys: Iterable[str]) -> tuple[str, tuple[dt.date, ...]]:
             # alphabetical order of the dimension names: "date|entity".
             day, _, name = str(key).partition("|")
             by_dimension = {"date": day, "entity": name}
-        entities.add(by_dimension["entity"])
-        dates.add(dt.date.fromisoformat(by_dimension["date"]))
-    if len(entities) != 1:
+        scopes.setdefault(by_dimension["entity"], set()).add(dt.date.fromisoformat(by_dimension["date"]))
+    return {entity: tuple(sorted(dates)) for entity, dates in scopes.items()}
+
+
+def partition_scope(keys: Iterable[str]) -> tuple[str, tuple[dt.date, ...]]:
+    """(entity, dates) of a set of `entity|date` multi-partition keys for ONE entity."""
+    scopes = partition_scopes(keys)
+    if len(scopes) != 1:
         raise FrameStoreError(
-            f"a stage frame covers one entity at a time, this run selects {sorted(entities)}; "
-            "launch one run per entity (the default backfill policy does)"
+            f"a single stage frame covers one entity at a time, this run selects {sorted(scopes)}; "
+            "hand over EntityFrames (one frame per entity) for a run over several entities"
         )
-    return entities.pop(), tuple(sorted(dates))
+    ((entity, dates),) = scopes.items()
+    return entity, dates
 
 
 class PostgresFrameIOManager(dg.ConfigurableIOManager):
@@ -542,9 +559,11 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
             f"the frame IO manager stores pyarrow.Table or pandas.DataFrame, not {obj_or_type!r}"
         )
 
-    def _slice(self, asset_key: dg.AssetKey, partition_keys: Iterable[str]) -> FrameSlice:
-        entity, dates = partition_scope(partition_keys)
-        return FrameSlice(stage_table_name(asset_key.path[-1], entity), entity, dates)
+    def _slices(self, asset_key: dg.AssetKey, partition_keys: Iterable[str]) -> list[FrameSlice]:
+        return [
+            FrameSlice(stage_table_name(asset_key.path[-1], entity), entity, dates)
+            for entity, dates in partition_scopes(partition_keys).items()
+        ]
 
     def _key(self, where: FrameSlice) -> tuple[str, str, str, tuple[dt.date, ...]]:
         return (self.database_url, self.schema_name, where.table, where.dates)
@@ -554,49 +573,92 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
             return
         if not context.has_asset_partitions:
             raise FrameStoreError(f"{context.asset_key.to_user_string()}: stage frames must be partitioned")
-        where = self._slice(context.asset_key, context.asset_partition_keys)
-        frame = self._handler_for(obj).to_arrow(obj)
-        frame = _with_partition_column(frame, where)
-        client = self._client()
-        # The previous stage's write must be in before this one starts (and its
-        # failure, if any, fails this step rather than going unnoticed).
-        _WRITER.wait()
-        if frame.num_rows >= _BACKGROUND_MIN_ROWS:
-            recreated = client.schema_differs(where, frame.schema)
-            _WRITER.submit(lambda: client.replace_slice(where, frame), f"{self.schema_name}.{where.table}")
+        slices = self._slices(context.asset_key, context.asset_partition_keys)
+        name = context.asset_key.to_user_string()
+        if isinstance(obj, EntityFrames):
+            wanted = {where.entity for where in slices}
+            if set(obj) != wanted:
+                raise FrameStoreError(
+                    f"{name}: the run covers entities {sorted(wanted)}, the frames are for {sorted(obj)}"
+                )
+            frames = [(where, obj[where.entity]) for where in slices]
+        elif len(slices) == 1:
+            frames = [(slices[0], obj)]
         else:
-            recreated = client.replace_slice(where, frame)
-        _HANDED.put(self._key(where), context.run_id, frame)
+            raise FrameStoreError(
+                f"{name}: this run covers entities {sorted(w.entity for w in slices)}; "
+                "a stage over several entities returns EntityFrames (one frame per entity)"
+            )
+        stored = [(where, *self._store(context, where, frame)) for where, frame in frames]
         _forget_captured_output(context)
         # The stage's temporaries are gone by now: give their pages back.
         return_freed_memory()
+        if len(stored) == 1:
+            where, frame, recreated = stored[0]
+            context.add_output_metadata(
+                {
+                    "dagster/table_name": f"{self.schema_name}.{where.table}",
+                    "dagster/row_count": frame.num_rows,
+                    "dagster/column_schema": _column_schema(frame.schema),
+                    "partition_dates": ", ".join(d.isoformat() for d in where.dates),
+                    "table_recreated": recreated,
+                    # The table holds Arrow IPC chunks: how to look at the rows themselves.
+                    "read_back": _read_back(context.asset_key, where),
+                }
+            )
+            return
         context.add_output_metadata(
             {
-                "dagster/table_name": f"{self.schema_name}.{where.table}",
-                "dagster/row_count": frame.num_rows,
-                "dagster/column_schema": _column_schema(frame.schema),
-                "partition_dates": ", ".join(d.isoformat() for d in where.dates),
-                "table_recreated": recreated,
-                # The table holds Arrow IPC chunks: how to look at the rows themselves.
-                "read_back": " ; ".join(
-                    f"syncflow frame show {context.asset_key.path[-1]} {where.entity} {day.isoformat()}"
-                    for day in where.dates[:3]
-                )
-                + (" ; ..." if len(where.dates) > 3 else ""),
+                "dagster/row_count": sum(frame.num_rows for _, frame, _ in stored),
+                "tables": dg.MetadataValue.json(
+                    {
+                        where.entity: {
+                            "table": f"{self.schema_name}.{where.table}",
+                            "rows": frame.num_rows,
+                            "dates": [d.isoformat() for d in where.dates],
+                            "table_recreated": recreated,
+                        }
+                        for where, frame, recreated in stored
+                    }
+                ),
+                "read_back": " ; ".join(_read_back(context.asset_key, where) for where, _, _ in stored[:3])
+                + (" ; ..." if len(stored) > 3 else ""),
             }
         )
+
+    def _store(self, context: dg.OutputContext, where: FrameSlice, obj: Any) -> tuple[pa.Table, bool]:
+        """Write one entity's frame into its slice; returns the stored frame and whether the table was re-created."""
+        frame = self._handler_for(obj).to_arrow(obj)
+        frame = _with_partition_column(frame, where)
+        # Written and committed before the step can report success, under every
+        # executor: a downstream step in another process (multiprocess, Celery),
+        # or a re-execution after this process died, reads exactly this frame.
+        recreated = self._client().replace_slice(where, frame)
+        _HANDED.put(self._key(where), context.run_id, frame)
+        return frame, recreated
 
     def load_input(self, context: dg.InputContext) -> Any:
         if not context.has_asset_partitions:
             raise FrameStoreError(f"{context.asset_key.to_user_string()}: stage frames must be partitioned")
-        where = self._slice(context.asset_key, context.asset_partition_keys)
+        slices = self._slices(context.asset_key, context.asset_partition_keys)
         expected = context.dagster_type.typing_type if context.dagster_type else pa.Table
+        if isinstance(expected, type) and issubclass(expected, EntityFrames):
+            return EntityFrames(
+                {where.entity: self._load(context, where, ArrowFrameHandler()) for where in slices}
+            )
+        if len(slices) != 1:
+            raise FrameStoreError(
+                f"{context.asset_key.to_user_string()}: this run covers entities "
+                f"{sorted(w.entity for w in slices)}; load them as EntityFrames (one frame per entity)"
+            )
         handler = self._handler_for(expected if isinstance(expected, type) else pa.Table)
+        return self._load(context, slices[0], handler)
+
+    def _load(self, context: dg.InputContext, where: FrameSlice, handler: FrameHandler) -> Any:
         upstream_run = context.upstream_output.run_id if context.upstream_output is not None else None
         handed = _HANDED.take(self._key(where), upstream_run)
         if handed is not None:
             return handler.from_arrow(handed)
-        _WRITER.wait()
         try:
             table = self._client().select_slice(where)
         except FrameLostError as lost:
@@ -608,6 +670,14 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
                 f"(table {self.schema_name}.{where.table} does not exist); materialize it first"
             )
         return handler.from_arrow(table)
+
+
+def _read_back(asset_key: dg.AssetKey, where: FrameSlice) -> str:
+    """The `syncflow frame show` commands that print a stored slice (its first three dates)."""
+    return " ; ".join(
+        f"syncflow frame show {asset_key.path[-1]} {where.entity} {day.isoformat()}"
+        for day in where.dates[:3]
+    ) + (" ; ..." if len(where.dates) > 3 else "")
 
 
 def return_freed_memory() -> None:
@@ -655,12 +725,6 @@ def _forget_captured_output(context: dg.OutputContext) -> None:
         del captured[handle]
 
 
-# Frames of at least this many rows are written on the background writer, so
-# the COPY overlaps the next stage's work; smaller ones (the report, most
-# incremental frames) are written inline, which also flushes any write before.
-_BACKGROUND_MIN_ROWS = 50_000
-
-
 class _HandedFrames:
     """The frame each stage handed over in this process, until its downstream stage takes it.
 
@@ -700,50 +764,7 @@ class _HandedFrames:
         return entry[1]
 
 
-class _BackgroundWriter:
-    """One write at a time off the step's critical path; `wait` joins it and re-raises its error.
-
-    The thread is not a daemon, so a process that ends (a failed run, the end
-    of `materialize`) still finishes the write it started.
-    """
-
-    def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._what = ""
-        self._lock = threading.Lock()
-
-    def submit(self, write: Any, what: str) -> None:
-        with self._lock:
-            self._join()
-
-            def run() -> None:
-                try:
-                    write()
-                except BaseException as exc:  # surfaced by the next wait()
-                    self._error = exc
-                finally:
-                    return_freed_memory()  # the driver-ready copies of the frame
-
-            self._what = what
-            self._thread = threading.Thread(target=run, name=f"frame-writer {what}", daemon=False)
-            self._thread.start()
-
-    def wait(self) -> None:
-        with self._lock:
-            self._join()
-
-    def _join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        error, self._error = self._error, None
-        if error is not None:
-            raise FrameStoreError(f"writing stage frame {self._what} failed: {error}") from error
-
-
 _HANDED = _HandedFrames()
-_WRITER = _BackgroundWriter()
 
 
 def _with_partition_column(frame: pa.Table, where: FrameSlice) -> pa.Table:

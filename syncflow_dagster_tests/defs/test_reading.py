@@ -14,7 +14,7 @@ from syncflow_dagster.clients.apismith import Watermark
 from syncflow_dagster.defs.assets import CATALOG
 from syncflow_dagster.defs.reading import ReadRule, read_rule
 from syncflow_dagster.defs.run_tags import RANGE_END_TAG, RANGE_START_TAG, partition_tags
-from syncflow_dagster.defs.sensors import busy_entities, entity_of_run, plan_change_runs
+from syncflow_dagster.defs.sensors import busy_entities, plan_change_runs
 from syncflow_dagster.defs.stages import partition_dates
 
 P = dt.date(2026, 11, 1)
@@ -131,14 +131,6 @@ def test_plan_runs_parents_first() -> None:
     assert [r.tags["syncflow/entity"] for r in requests] == list(CATALOG.topological_order)
 
 
-def test_the_entity_of_a_sync_run_however_it_was_launched() -> None:
-    assert entity_of_run({"syncflow/entity": "items", "syncflow/trigger": "cli"}) == "items"
-    # The UI's Launchpad and a backfill's runs carry only Dagster's partition tags.
-    assert entity_of_run(partition_tags("sites", T, T)) == "sites"
-    assert entity_of_run(partition_tags("work_orders", P, T)) == "work_orders"
-    assert entity_of_run({"dagster/backfill": "abc"}) is None
-
-
 def test_busy_entities_are_those_with_a_sync_run_queued_or_in_flight() -> None:
     from dagster._core.storage.dagster_run import DagsterRun
 
@@ -149,8 +141,18 @@ def test_busy_entities_are_those_with_a_sync_run_queued_or_in_flight() -> None:
         ("sync", dg.DagsterRunStatus.STARTED, partition_tags("sites", P, T)),
         ("sync", dg.DagsterRunStatus.SUCCESS, {"syncflow/entity": "customers"}),
         ("sync", dg.DagsterRunStatus.FAILURE, {"syncflow/entity": "operations"}),
+        # A backfill's run of one day over several entities (Dagster's range tags only).
+        (
+            "sync",
+            dg.DagsterRunStatus.STARTED,
+            {
+                "dagster/asset_partition_range_start": f"{T.isoformat()}|sales_orders",
+                "dagster/asset_partition_range_end": f"{T.isoformat()}|sales_order_lines",
+            },
+        ),
         ("retry", dg.DagsterRunStatus.STARTED, {"syncflow/entity": "work_orders"}),
     ]
     for job, status, tags in runs:
         instance.add_run(DagsterRun(job_name=job, run_id=str(uuid.uuid4()), status=status, tags=tags))
-    assert busy_entities(instance) == {"items", "sites"}
+    # (a range of entities covers those between, in the entity dimension's order)
+    assert busy_entities(instance) == {"items", "sites", "sales_orders", "work_centers", "sales_order_lines"}

@@ -1,11 +1,17 @@
 """The frame IO manager's hand-off: in-process stages get the stored frame without reading it back,
-large frames are written off the critical path, and a failed background write fails the next step."""
+and a frame is in Postgres before its step reports success, so a downstream step in another process
+never reads an earlier run's frame."""
 
 from __future__ import annotations
 
 import datetime as dt
 import gc
+import os
+import subprocess
+import sys
+import time
 import weakref
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -16,13 +22,12 @@ import pytest
 from syncflow_dagster.store import frame_io_manager as fio
 from syncflow_dagster.store.frame_io_manager import (
     FrameSlice,
-    FrameStoreError,
     PostgresFrameClient,
     PostgresFrameIOManager,
 )
 
 DAY = dt.date(2026, 11, 28)
-ROWS = fio._BACKGROUND_MIN_ROWS + 10  # large enough for the background writer
+ROWS = 50_010  # a large frame (the writes of 50 000 rows and more used to go to a background thread)
 
 
 def _assets() -> list[dg.AssetsDefinition]:
@@ -127,18 +132,6 @@ def test_a_frame_from_another_run_is_never_handed_over() -> None:
     assert handed.take(("url", "schema", "t2", (DAY,)), "run-b") is frame
 
 
-def test_a_failed_background_write_fails_the_next_wait_naming_the_table() -> None:
-    writer = fio._BackgroundWriter()
-
-    def broken() -> None:
-        raise RuntimeError("connection lost")
-
-    writer.submit(broken, "syncflow_stage.normalized__items")
-    with pytest.raises(FrameStoreError, match=r"normalized__items failed: connection lost"):
-        writer.wait()
-    writer.wait()  # reported once; the writer is usable again
-
-
 def test_replacing_the_only_stored_date_truncates_and_other_dates_survive(database_url: str) -> None:
     client = PostgresFrameClient(database_url, "syncflow_stage_handoff_clear")
     other = DAY - dt.timedelta(days=1)
@@ -159,3 +152,86 @@ def test_replacing_the_only_stored_date_truncates_and_other_dates_survive(databa
     kept = client.select_slice(FrameSlice("clear__items", "items", (other, DAY)))
     assert kept is not None
     assert sorted(str(d) for d in kept[fio.PARTITION_COLUMN].to_pylist()) == [str(other)] * 2 + [str(DAY)] * 4
+
+
+# ------------------------------------------------------------------------------------------------
+# A frame is durable before its step succeeds: a run worker killed after it never leaves a stale frame
+
+STALE_SCHEMA = "syncflow_stage_stale"
+STALE_URL_ENV = "SYNCFLOW_TEST_STALE_FRAME_URL"
+STALE_VALUE_ENV = "SYNCFLOW_TEST_STALE_FRAME_VALUE"
+STALE_MARKER_ENV = "SYNCFLOW_TEST_STALE_FRAME_MARKER"
+SLOW_WRITE_S = 4.0
+
+
+class _SlowFrameClient(PostgresFrameClient):
+    """The second run's upstream write takes SLOW_WRITE_S longer (a busy Postgres)."""
+
+    def replace_slice(self, where: FrameSlice, frame: pa.Table) -> bool:
+        if where.table.startswith("versioned_upstream") and os.environ.get(STALE_VALUE_ENV) == "2":
+            time.sleep(SLOW_WRITE_S)
+        return super().replace_slice(where, frame)
+
+
+class _SlowFrameIOManager(PostgresFrameIOManager):
+    def _client(self) -> PostgresFrameClient:
+        return _SlowFrameClient(self.database_url, self.schema_name, self.unlogged)
+
+
+def _versioned_assets() -> list[dg.AssetsDefinition]:
+    partitions = dg.MultiPartitionsDefinition(
+        {
+            "entity": dg.StaticPartitionsDefinition(["items"]),
+            "date": dg.DailyPartitionsDefinition("2026-11-01"),
+        }
+    )
+
+    @dg.asset(partitions_def=partitions, io_manager_key="frames")
+    def versioned_upstream() -> pa.Table:
+        value = int(os.environ[STALE_VALUE_ENV])
+        return pa.table({"n": pa.array(np.full(ROWS, value, dtype=np.int64))})
+
+    @dg.asset(partitions_def=partitions, io_manager_key="frames")
+    def versioned_downstream(versioned_upstream: pa.Table) -> pa.Table:
+        marker = os.environ.get(STALE_MARKER_ENV)
+        if marker:
+            # The run worker dies here, after its upstream step reported success (SIGKILL, OOM).
+            Path(marker).write_text("upstream step succeeded")
+            os._exit(9)
+        return pa.table({"seen": pc.unique(versioned_upstream["n"])})
+
+    return [versioned_upstream, versioned_downstream]
+
+
+def _materialize_versioned() -> None:
+    key = dg.MultiPartitionKey({"entity": "items", "date": DAY.isoformat()})
+    manager = _SlowFrameIOManager(database_url=os.environ[STALE_URL_ENV], schema_name=STALE_SCHEMA)
+    dg.materialize(_versioned_assets(), partition_key=key, resources={"frames": manager})
+
+
+def test_a_step_that_succeeded_left_its_frame_in_postgres_though_the_worker_died_next(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A re-execution from failure reads the frame the succeeded step produced, never an older one.
+
+    Before, frames of 50 000 rows and more were written by a background thread
+    after the step had reported success: a worker killed next lost the write,
+    and the re-execution read the previous run's frame as if it were current.
+    """
+    monkeypatch.setenv(STALE_URL_ENV, database_url)
+    monkeypatch.setenv(STALE_VALUE_ENV, "1")
+    _materialize_versioned()  # the previous run of the partition: 1s everywhere
+    marker = tmp_path / "upstream-succeeded"
+    env = {**os.environ, STALE_VALUE_ENV: "2", STALE_MARKER_ENV: str(marker)}
+    code = "from syncflow_dagster_tests.store.test_frame_handoff import _materialize_versioned as m; m()"
+    died = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
+    assert died.returncode == 9, died.stderr.decode()[-2000:]
+    assert marker.read_text() == "upstream step succeeded"
+    stored = PostgresFrameClient(database_url, STALE_SCHEMA).select_slice(
+        FrameSlice("versioned_upstream__items", "items", (DAY,))
+    )
+    assert stored is not None
+    assert stored.num_rows == ROWS
+    assert pc.unique(stored["n"]).to_pylist() == [2], (
+        "the succeeded step's frame was lost: a stale one is left"
+    )

@@ -23,6 +23,7 @@ from syncflow_dagster.store.frame_io_manager import (
     PostgresFrameClient,
     PostgresFrameIOManager,
     partition_scope,
+    partition_scopes,
     stage_table_name,
 )
 
@@ -114,6 +115,12 @@ def test_partition_scope_reads_one_entity_and_its_dates() -> None:
     assert partition_scope(["2026-11-28|items"]) == ("items", (DAY2,))
     with pytest.raises(FrameStoreError, match="one entity at a time"):
         partition_scope(["2026-11-28|items", "2026-11-28|sites"])
+
+
+def test_partition_scopes_read_each_entity_and_its_dates() -> None:
+    keys = ["2026-11-28|sites", "2026-11-27|items", "2026-11-27|sites", "2026-11-28|items"]
+    assert partition_scopes(keys) == {"sites": (DAY1, DAY2), "items": (DAY1, DAY2)}
+    assert list(partition_scopes(keys)) == ["sites", "items"]
 
 
 def test_io_manager_stores_and_loads_partitions_through_dagster(database_url: str) -> None:

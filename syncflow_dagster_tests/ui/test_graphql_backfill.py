@@ -2,11 +2,14 @@
 
 The deployment is real: dagster-webserver and dagster-daemon (the daemon
 dequeues runs and drives backfills) on loopback, the repository's workspace,
-a Postgres-backed instance with the repository dagster.yaml's run queue and
-per-entity concurrency limits, SyncFlow state in its own Postgres database, and
+a Postgres-backed instance with the repository dagster.yaml's run coordinator
+(SyncflowRunCoordinator: per-entity write limits, parent-first priorities, one
+run per backfill at a time), SyncFlow state in its own Postgres database, and
 both stand-ins over HTTP in this process. The checks read back what an operator
-would look at: run status, materialisations per partition, backfill status, and
-the runs' start/end times (no two runs of one entity may overlap).
+would look at: run status and tags, materialisations per partition, backfill
+status, the runs' start/end times (no two runs writing one entity may overlap),
+each run's batches (parents first), the children still parked (none) and
+ScheduleHub against the source.
 """
 
 from __future__ import annotations
@@ -24,8 +27,12 @@ from dagster_graphql import DagsterGraphQLClientError
 from playwright.sync_api import expect, sync_playwright
 
 from syncflow_dagster.catalog import default_catalog
+from syncflow_dagster.defs.resources import ScheduleHubResource, SyncDatabase
+from syncflow_dagster.deploy.run_coordinator import WRITES_TAG_PREFIX
 from syncflow_dagster.simulators import apismith, schedulehub
+from syncflow_dagster.simulators.datagen import generate_dataset
 from syncflow_dagster.simulators.serve import start_server
+from syncflow_dagster_tests.verify import verify_sync
 from syncflow_dagster_tests.waiting import wait_until
 from syncflow_dagster_tests.webserver import (
     ARTIFACTS_DIR,
@@ -45,8 +52,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.daemon, pytest.mark.timeout(1800)]
 ENTITIES = tuple(default_catalog().topological_order)
 BACKFILL_DAYS = 3
 # Small on purpose: 200 APISmith rows spread over the backfill's 3 days keep
-# 24 runs within minutes on a shared 2-core machine.
+# the runs within minutes on a shared 2-core machine.
 SOURCE_ROWS = 200
+# The target of issue 13: a backfill of 3 days x 8 entities in at most 8 runs.
+MAX_BACKFILL_RUNS = 8
 RUN_TIMEOUT_S = 600.0
 BACKFILL_TIMEOUT_S = 15 * 60.0
 POLL_INTERVAL_S = 1.0
@@ -125,6 +134,9 @@ query RunErrors($runId: ID!) {
 class SyncDeployment:
     dagster: DagsterDeployment
     days: tuple[str, ...]
+    state_url: str
+    apismith_url: str
+    schedulehub: ScheduleHubResource
 
     @property
     def today(self) -> str:
@@ -143,9 +155,12 @@ def sync_deployment(database_url: str, tmp_path_factory: pytest.TempPathFactory)
     secret = secrets.token_urlsafe(16)
     clients = {"syncflow": secret}
     # history_days spreads the source's changes over the backfill's days, so every day has rows.
-    source = start_server(
-        apismith.create_app(rows=SOURCE_ROWS, seed=23, clients=clients, history_days=BACKFILL_DAYS - 1)
+    # No malformed rows: a child of a row normalize refuses waits for good (by design), and
+    # the backfill must end with nothing parked.
+    dataset = generate_dataset(
+        default_catalog(), SOURCE_ROWS, 23, history_days=BACKFILL_DAYS - 1, bad_row_fraction=0.0
     )
+    source = start_server(apismith.create_app(dataset=dataset, clients=clients))
     target = start_server(schedulehub.create_app(clients=clients))
     try:
         with scratch_database(database_url, "syncflow_state") as state_url:
@@ -174,7 +189,8 @@ def sync_deployment(database_url: str, tmp_path_factory: pytest.TempPathFactory)
                 pool_limits={"apismith": 2, "schedulehub": 2},
             ) as dagster:
                 try:
-                    yield SyncDeployment(dagster, days)
+                    hub = ScheduleHubResource(base_url=target.url, client_id="syncflow", client_secret=secret)
+                    yield SyncDeployment(dagster, days, state_url, source.url, hub)
                 finally:
                     _keep_logs(dagster)
     finally:
@@ -297,8 +313,8 @@ def test_backfill_three_days_all_entities(sync_deployment: SyncDeployment) -> No
     assert backfill["numPartitions"] == len(partitions)
 
     runs = _runs_tagged(dagster, "dagster/backfill", backfill_id)
-    # Whatever the outcome, the run queue's per-entity limit (dagster.yaml) must have held.
-    _assert_runs_of_an_entity_never_overlap(runs)
+    # Whatever the outcome, the run queue's per-entity write limit (dagster.yaml) must have held.
+    _assert_runs_writing_an_entity_never_overlap(runs)
 
     failed = {run["runId"]: _run_errors(dagster, run["runId"]) for run in runs if run["status"] != "SUCCESS"}
     assert backfill["status"] in {"COMPLETED", "COMPLETED_SUCCESS"}, (
@@ -306,14 +322,31 @@ def test_backfill_three_days_all_entities(sync_deployment: SyncDeployment) -> No
         f"first failures: {_first_distinct(failed.values(), 3)} (logs: test-artifacts/backfill-daemon.log)"
     )
     assert not failed, failed
-    # No backfill policy on the stage assets: one run per entity × day (retries, which
-    # carry dagster/parent_run_id, are not launched by the backfill). docs/ui.md states this number.
+    # The single-run backfill policy: Dagster groups the 3 x 8 partitions by the dimension
+    # with fewer keys, one run per day over every entity (retries, which carry
+    # dagster/parent_run_id, are not launched by the backfill). docs/ui.md states this number.
     first_attempts = [run for run in runs if "dagster/parent_run_id" not in _tags(run)]
-    assert len(first_attempts) == len(partitions) == BACKFILL_DAYS * len(ENTITIES)
+    assert len(first_attempts) <= MAX_BACKFILL_RUNS
+    assert len(first_attempts) == BACKFILL_DAYS
 
     for asset in STAGE_ASSETS:
         materialized = {e["partition"] for e in _materializations(dagster, asset, partitions)}
         assert materialized == set(partitions), f"{asset}: missing {sorted(set(partitions) - materialized)}"
+
+    # Parents first: in each run, every entity's batch starts (at its fetch) after its parents'.
+    database = SyncDatabase(url=sync_deployment.state_url)
+    for run in first_attempts:
+        batches = sorted(database.batches().list_by_run(run["runId"]), key=lambda b: (b.started_at, b.id))
+        assert [b.entity for b in batches] == list(ENTITIES), run["runId"]
+        assert all(b.status == "succeeded" for b in batches), batches
+        tags = _tags(run)
+        assert tags["dagster/priority"] == "0"  # it holds parents: dequeued before runs of children only
+    # Nothing parked at the end, nothing failed for a missing parent, and ScheduleHub equals the source.
+    assert database.pending().count() == 0
+    assert database.failures().list_failures(reason_code="parent_missing") == []
+    verification = verify_sync(sync_deployment.apismith_url, sync_deployment.schedulehub, database.engine)
+    assert verification.equal, verification.describe()
+
     _record_run_count(len(first_attempts), backfill_id)
     _screenshot_partitions(dagster, sync_deployment.today, expected_materialized=len(partitions))
 
@@ -356,22 +389,27 @@ def _first_distinct(messages: Iterable[str], count: int) -> list[str]:
     return [m[:600] for m in distinct[:count]]
 
 
-def _assert_runs_of_an_entity_never_overlap(runs: list[dict[str, Any]]) -> None:
-    """Per entity, each run ended before the next one started (runs that never started are skipped)."""
+def _assert_runs_writing_an_entity_never_overlap(runs: list[dict[str, Any]]) -> None:
+    """Per entity, each run writing it ended before the next one started (runs that never started are skipped).
+
+    The entities a run writes are the `syncflow/writes/<entity>` tags the run coordinator stamped.
+    """
     by_entity: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for run in runs:
         tags = _tags(run)
-        entity = tags.get("dagster/partition/entity")
-        assert entity in ENTITIES, f"run {run['runId']} has no entity tag: {tags}"
+        written = [key.removeprefix(WRITES_TAG_PREFIX) for key in tags if key.startswith(WRITES_TAG_PREFIX)]
+        assert written, f"run {run['runId']} was not tagged with the entities it writes: {tags}"
+        assert set(written) <= set(ENTITIES), written
         if run["startTime"] is None:
             continue
-        assert run["endTime"], f"run {run['runId']} of {entity} started but has no end: {run}"
-        by_entity[entity].append((run["startTime"], run["endTime"]))
+        assert run["endTime"], f"run {run['runId']} started but has no end: {run}"
+        for entity in written:
+            by_entity[entity].append((run["startTime"], run["endTime"]))
     assert set(by_entity) == set(ENTITIES), f"entities that ran: {sorted(by_entity)}"
     for entity, spans in by_entity.items():
         spans.sort()
         for (_, earlier_end), (later_start, _) in itertools.pairwise(spans):
-            assert later_start >= earlier_end, f"two runs of {entity} overlapped: {spans}"
+            assert later_start >= earlier_end, f"two runs writing {entity} overlapped: {spans}"
 
 
 def _record_run_count(count: int, backfill_id: str) -> None:
