@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from syncflow_dagster.catalog.models import Catalog, EntitySpec, entity_list
+from syncflow_dagster.catalog.models import Catalog, EntitySpec, entity_list, with_defaults
 
 CATALOG_PATH_ENV = "SYNCFLOW_CATALOG_PATH"
 DEFAULT_CATALOG = "default_catalog.yaml"
@@ -115,7 +115,9 @@ def check_catalog(text: str) -> tuple[Catalog | None, list[str]]:
     except ValidationError as exc:
         whole = _error_lines(raw, exc.errors())
     try:
-        entities = entity_list(raw.get("entities"))
+        entities = entity_list(with_defaults(raw).get("entities"))
+    except ValidationError:
+        return None, whole  # the defaults block is wrong: said in `whole`
     except ValueError as exc:
         return None, [f"catalog: {exc}"]
     if not isinstance(entities, list):

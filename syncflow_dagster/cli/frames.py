@@ -66,17 +66,27 @@ def frame_show(
         engine.dispose()
     table_name = stage_table_name(asset, entity)
     client = PostgresFrameClient(_settings().database_url.get_secret_value())
+    where = FrameSlice(table_name, entity, (day.date(),))
     try:
-        frame = client.select_slice(FrameSlice(table_name, entity, (day.date(),)))
+        frame = client.select_slice(where)
     except FrameStoreError as exc:
         raise ValueError(str(exc)) from None
     if frame is None:
         raise ValueError(
             f"{asset} has never been materialized for {entity} (no table {client.schema}.{table_name})"
         )
+    written = client.written_slices(where).get(day.date())
+    if written is None and frame.num_rows == 0:
+        # An empty frame of a date nobody wrote is not an empty stage: say which it is.
+        raise ValueError(
+            f"{asset} × {entity} × {day.date()} is not kept: never materialized for that date, or older "
+            "than the stage retention (SYNCFLOW_STAGE_RETENTION_DAYS); other dates of it are"
+        )
+    when = f", materialized {written[1]:%Y-%m-%d %H:%M:%S %Z}" if written is not None else ""
+    empty = ": the stage kept no rows for this date" if frame.num_rows == 0 else ""
     title = (
         f"{asset} × {entity} × {day.date()}: {frame.num_rows} rows, {frame.num_columns} columns "
-        f"({client.schema}.{table_name})"
+        f"({client.schema}.{table_name}{when}){empty}"
     )
     shown = Table(title=title)
     for field in frame.schema:

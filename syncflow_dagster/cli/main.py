@@ -8,6 +8,7 @@ from syncflow_dagster.cli.demo import demo
 from syncflow_dagster.cli.dev import dev
 from syncflow_dagster.cli.errors import SyncflowTyper
 from syncflow_dagster.cli.frames import frame_app
+from syncflow_dagster.cli.repair import resync
 from syncflow_dagster.cli.simulate import simulate_app
 from syncflow_dagster.cli.sync import sync
 from syncflow_dagster.cli.trace import trace
@@ -27,6 +28,7 @@ app.command("trace")(trace)
 app.command("demo")(demo)
 app.command("dev")(dev)
 app.command("sync")(sync)
+app.command("resync")(resync)
 
 
 if __name__ == "__main__":  # `python -m syncflow_dagster.cli.main`

@@ -3,7 +3,8 @@
 - `simulate apismith --port P --rows N --seed S [--source-dir D] [--history-days K]`
   serves the seeded dataset (or a folder of <source>.parquet/.csv) on 127.0.0.1.
   It accepts the client APISMITH_CLIENT_ID (default syncflow) with the secret
-  APISMITH_CLIENT_SECRET, which must be set (the same variables the client reads).
+  APISMITH_CLIENT_SECRET (the same variables the client reads); on loopback an
+  unset secret is DEV_CLIENT_SECRET, on any other interface it must be set.
 - `simulate schedulehub --port P [--data-dir D]` serves ScheduleHub for
   SCHEDULEHUB_CLIENT_ID / SCHEDULEHUB_CLIENT_SECRET, its records kept in D
   (a restart on the same D keeps them) or in a temporary directory removed at exit.
@@ -32,17 +33,30 @@ console = Console(stderr=True)
 Host = Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you mean to expose it.")]
 
 
-def _secret(prefix: str) -> tuple[str, str]:
+# The client secret a stand-in on loopback accepts when none is set: a published dev value, no secret
+# at all, so that `syncflow simulate ...` works as the docs show it. A stand-in bound to any other
+# interface needs a real one.
+DEV_CLIENT_SECRET = "syncflow-dev-secret"  # noqa: S105 (published dev value, loopback only)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _secret(prefix: str, host: str) -> tuple[str, str]:
     client_id = os.environ.get(f"{prefix}_CLIENT_ID") or "syncflow"
     secret = os.environ.get(f"{prefix}_CLIENT_SECRET")
-    if not secret:
+    if secret:
+        return client_id, secret
+    if host in LOOPBACK:
         console.print(
-            f"[red]{prefix}_CLIENT_SECRET is not set.[/red] The stand-in accepts one client: "
-            f"set {prefix}_CLIENT_ID (default syncflow) and {prefix}_CLIENT_SECRET, and give the "
-            "SyncFlow client the same values."
+            f"{prefix}_CLIENT_SECRET is not set: on loopback the stand-in accepts client {client_id!r} "
+            f"with the dev secret {DEV_CLIENT_SECRET!r} (give the SyncFlow client the same values)."
         )
-        raise typer.Exit(2)
-    return client_id, secret
+        return client_id, DEV_CLIENT_SECRET
+    console.print(
+        f"[red]{prefix}_CLIENT_SECRET is not set.[/red] A stand-in on {host} (not loopback) needs one: "
+        f"set {prefix}_CLIENT_ID (default syncflow) and {prefix}_CLIENT_SECRET, and give the "
+        "SyncFlow client the same values."
+    )
+    raise typer.Exit(2)
 
 
 @simulate_app.command("apismith")
@@ -64,7 +78,7 @@ def simulate_apismith(
     from syncflow_dagster.simulators.apismith import create_app
     from syncflow_dagster.simulators.serve import run_server
 
-    client_id, secret = _secret("APISMITH")
+    client_id, secret = _secret("APISMITH", host)
     try:
         app = create_app(
             catalog=load_catalog(catalog),
@@ -101,7 +115,7 @@ def simulate_schedulehub(
     from syncflow_dagster.simulators.schedulehub import create_app
     from syncflow_dagster.simulators.serve import run_server
 
-    client_id, secret = _secret("SCHEDULEHUB")
+    client_id, secret = _secret("SCHEDULEHUB", host)
     if data_dir is not None:
         try:
             # Refuse a directory another stand-in holds now, not after uvicorn has started.

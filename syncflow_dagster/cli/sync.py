@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from syncflow_dagster.service import launch
     from syncflow_dagster.service.dagster_gateway import DagsterGateway, RunProgress
     from syncflow_dagster.service.launch import LaunchedRun, LaunchOutcome
 
@@ -79,10 +80,7 @@ def sync(
     ] = False,
 ) -> None:
     """Launch sync runs through the Dagster webserver (SYNCFLOW_DAGSTER_URL), one per entity, parents first."""
-    from syncflow_dagster.catalog import default_catalog
     from syncflow_dagster.service import launch
-    from syncflow_dagster.service.dagster_gateway import DagsterGateway
-    from syncflow_dagster.service.settings import DagsterSettings
 
     names = list(entities or [])
     if all_entities == bool(names):
@@ -97,6 +95,16 @@ def sync(
         full_window=full_window,
         trigger="cli",
     )
+    launch_and_follow(request, wait=wait)
+
+
+def launch_and_follow(request: launch.SyncRequest, *, wait: bool) -> None:
+    """Plan, launch, print what was launched and (with `wait`) follow the runs; exits non-zero on failure."""
+    from syncflow_dagster.catalog import default_catalog
+    from syncflow_dagster.service import launch
+    from syncflow_dagster.service.dagster_gateway import DagsterGateway
+    from syncflow_dagster.service.settings import DagsterSettings
+
     catalog = default_catalog()
     plan_id, planned = launch.plan_sync(catalog, request)  # SyncRefused is a ValueError: one line, exit 2
     settings = DagsterSettings()

@@ -23,10 +23,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from syncflow_dagster.engine.columns import KEY_SEPARATOR
+from syncflow_dagster.catalog.models import KEY_SEPARATOR, KEY_SEPARATOR_SHOWN
 
-# What a composite key's separator looks like on screen (U+241F SYMBOL FOR UNIT SEPARATOR).
-KEY_SEPARATOR_SHOWN = "␟"
 WIDTH = 80
 
 

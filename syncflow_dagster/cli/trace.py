@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from syncflow_dagster.catalog.models import KEY_SEPARATOR
 from syncflow_dagster.cli.ops import _engine, _known_entity, _settings
 
 
@@ -38,7 +39,7 @@ def trace(
 
     _known_entity(entity)
     spec = default_catalog().entity(entity)
-    parts = stored_key(key).split("\x1f")
+    parts = stored_key(key).split(KEY_SEPARATOR)
     if len(parts) != len(spec.business_key):
         raise ValueError(
             f"entity {entity!r}: the key has {len(parts)} part(s), the catalog's business key "

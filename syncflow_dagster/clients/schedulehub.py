@@ -63,7 +63,7 @@ class ScheduleHubSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
     base_url: str = Field(
-        default="http://127.0.0.1:8082", validation_alias=AliasChoices("SCHEDULEHUB_BASE_URL", "base_url")
+        default="http://127.0.0.1:8002", validation_alias=AliasChoices("SCHEDULEHUB_BASE_URL", "base_url")
     )
     client_id: str = Field(
         default="syncflow", validation_alias=AliasChoices("SCHEDULEHUB_CLIENT_ID", "client_id")

@@ -26,6 +26,7 @@ from dagster import AssetExecutionContext
 
 from syncflow_dagster.catalog import Catalog, EntitySpec, default_catalog
 from syncflow_dagster.defs import bookkeeping, checks, reading, stages
+from syncflow_dagster.defs import checks as checks_module
 from syncflow_dagster.defs.interrupts import stop_means_stop
 from syncflow_dagster.defs.partitions import sync_partitions
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
@@ -35,6 +36,9 @@ from syncflow_dagster.store.frame_io_manager import EntityFrames, partition_scop
 GROUP = "sync"
 # Run tag that makes the fetch read from the beginning (defs/reading.py).
 FULL_WINDOW_TAG = reading.FULL_WINDOW_TAG
+# Run tag of a resync: read from the beginning, and rows already delivered are
+# delivered again (ScheduleHub lost them); see docs/operations.md, "Repairing ScheduleHub".
+RESYNC_TAG = reading.RESYNC_TAG
 OWNERS = ["team:syncflow"]
 FRAME_IO = "frame_io_manager"
 PREVIEW_ROWS = 5
@@ -224,7 +228,7 @@ def _stage_asset(
             # the notice went to every process importing the code location, the CLI's stderr included.
             warnings.filterwarnings("ignore", message=".*`backfill_policy`", category=dg.BetaWarning)
             return dg.asset(
-                check_specs=list(checks),
+                check_specs=[checks_module.partitioned(spec, PARTITIONS) for spec in checks],
                 name=name,
                 group_name=GROUP,
                 partitions_def=PARTITIONS,
@@ -268,6 +272,11 @@ def _extract(
 ) -> stages.StageResult:
     batch = _batch_id(context, database, entity.name, dates[0])
     return reading.extract(context, apismith.client(), database, entity, dates, batch)
+
+
+def _resync(context: AssetExecutionContext) -> bool:
+    """Whether this run is a resync (run tag `syncflow/resync=true`)."""
+    return context.run.tags.get(RESYNC_TAG) == "true"
 
 
 @_stage_asset(
@@ -332,7 +341,9 @@ def fresh_rows(
         context,
         database,
         "rowversion",
-        lambda scope: stages.rowversion_stage(database.state(), scope[0], identified[scope[0].name]),
+        lambda scope: stages.rowversion_stage(
+            database.state(), scope[0], identified[scope[0].name], resync=_resync(context)
+        ),
     )
 
 
@@ -347,7 +358,10 @@ def delta_plan(
     context: AssetExecutionContext, database: SyncDatabase, fresh_rows: EntityFrames
 ) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
     output = _stage_output(
-        context, database, "delta", lambda scope: stages.delta_stage(fresh_rows[scope[0].name])
+        context,
+        database,
+        "delta",
+        lambda scope: stages.delta_stage(fresh_rows[scope[0].name], resync=_resync(context)),
     )
     yield output
     yield _check_of(
@@ -454,15 +468,21 @@ def _commit(
     "9 · report: the batch's counts per action and stage timings, written to sync_batches and shown here; "
     "the monitoring API and /metrics read the same rows.",
     {"python", "postgres"},
+    checks=(checks.NO_FAILED_ROWS,),
 )
 def sync_report(
     context: AssetExecutionContext, database: SyncDatabase, committed: EntityFrames
-) -> dg.Output[EntityFrames]:
+) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
     frames = EntityFrames()
     per_entity: dict[str, dict[str, Any]] = {}
+    failed_rows: dict[str, dg.AssetCheckResult] = {}
     for entity, dates in _scopes(context):
         frames[entity.name], per_entity[entity.name] = _report(context, database, entity, dates)
-    return dg.Output(frames, metadata=_metadata_of(per_entity, REPORT_COUNTS))
+        failed_rows[entity.name] = checks.no_failed_rows(
+            entity.name, per_entity[entity.name], database.failures().count(entity.name)
+        )
+    yield dg.Output(frames, metadata=_metadata_of(per_entity, REPORT_COUNTS))
+    yield _check_of(failed_rows)
 
 
 def _report(
@@ -504,6 +524,7 @@ REPORT_COUNTS = (
     "update",
     "delete",
     "skip",
+    "resync",
     "duplicates",
     "pending",
     "released",
@@ -511,6 +532,9 @@ REPORT_COUNTS = (
     "failed",
     "committed",
 )
+
+# Freshness of the partition's entity: evaluated after each sync's report, or on its own from the UI.
+FRESHNESS_CHECK = checks.entity_synced_recently_check(PARTITIONS)
 
 STAGE_ASSETS = [
     extracted,

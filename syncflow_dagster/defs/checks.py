@@ -2,11 +2,16 @@
 
 Checks that look at a stage's frame run inside that stage (declared with
 `check_specs`), because the frame is in hand there and a blocking check on
-`delta_plan` then stops a bad plan before anything is delivered. Freshness
-looks across entities and runs on its own schedule.
+`delta_plan` then stops a bad plan before anything is delivered. They are
+about one partition, so each is declared with the stages' partitions and its
+result belongs to the partition the run materialised (`partitioned`).
+Freshness is a check of its own that judges the entity of the partition it is
+evaluated for (`entity_synced_recently_check`).
 """
 
 import datetime as dt
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
@@ -15,8 +20,10 @@ import pyarrow.compute as pc
 from dagster import AssetCheckExecutionContext
 
 from syncflow_dagster.defs import bookkeeping
+from syncflow_dagster.defs.resources import SyncTuning
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.delta import UNKNOWN_KEY
+from syncflow_dagster.store.frame_io_manager import partition_scopes
 
 KEYS_UNIQUE = dg.AssetCheckSpec(
     "business_keys_unique_and_present",
@@ -34,6 +41,34 @@ DELIVERED_COMMITTED = dg.AssetCheckSpec(
     asset="committed",
     description="Rows ScheduleHub accepted equal rows committed to entity state (upserts and deletes).",
 )
+NO_FAILED_ROWS = dg.AssetCheckSpec(
+    "no_failed_rows",
+    asset="sync_report",
+    description="The run of this partition sent every row it read: warns with the counts when rows were "
+    "rejected by normalize or refused by ScheduleHub, and names the command that lists them "
+    "(syncflow failed list --entity NAME).",
+)
+FRESHNESS_DESCRIPTION = (
+    "The partition's entity had a successful sync within the last "
+    f"{SyncTuning.model_fields['freshness_hours'].default:g} hours (unless the deployment configures "
+    "another limit); warns when it did not, with the hours since its last one."
+)
+# The counts of a batch that are rows SyncFlow could not deliver (sync_report's metadata names).
+FAILED_COUNTS = ("rejected", "failed")
+
+
+def partitioned(spec: dg.AssetCheckSpec, partitions: dg.PartitionsDefinition) -> dg.AssetCheckSpec:
+    """`spec` with the stages' partitions: its results belong to the partition the run materialised."""
+    with warnings.catch_warnings():
+        # Partitioned check specs are a preview in Dagster 1.13; the warning would repeat at every load.
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return dg.AssetCheckSpec(
+            spec.name,
+            asset=spec.asset_key,
+            description=spec.description,
+            blocking=spec.blocking,
+            partitions_def=partitions,
+        )
 
 
 def business_keys_unique_and_present(plan: pa.Table) -> dg.AssetCheckResult:
@@ -95,30 +130,95 @@ def delivered_equals_committed(delivered: pa.Table, counts: dict[str, int]) -> d
     )
 
 
-@dg.asset_check(
-    asset="sync_report",
-    name="entities_synced_recently",
-    description="Every entity's last successful sync is younger than SyncTuning.freshness_hours.",
-    required_resource_keys={"database", "tuning"},
-)
-def entities_synced_recently(context: AssetCheckExecutionContext) -> dg.AssetCheckResult:
-    from syncflow_dagster.defs.assets import CATALOG
+def failed_rows_hint(entity: str) -> str:
+    return f"syncflow failed list --entity {entity}"
 
-    database = context.resources.database
-    limit_hours = float(context.resources.tuning.freshness_hours)
-    last = bookkeeping.last_success_per_entity(database)
-    now = dt.datetime.now(dt.UTC)
-    ages = {
-        name: round((now - last[name]).total_seconds() / 3600, 2) if last.get(name) else None
-        for name in CATALOG.topological_order
+
+def no_failed_rows(entity: str, counts: Mapping[str, Any], open_failed: int) -> dg.AssetCheckResult:
+    """Warn when the partition's run rejected or failed rows; `counts` are the batch's (sync_report's)."""
+    found = {name: int(counts.get(name, 0) or 0) for name in FAILED_COUNTS}
+    passed = not any(found.values())
+    metadata: dict[str, Any] = {
+        "rejected": found["rejected"],
+        "failed": found["failed"],
+        "open_failed_records": open_failed,
     }
-    stale = sorted(name for name, age in ages.items() if age is None or age > limit_hours)
+    description = None
+    if not passed:
+        hint = failed_rows_hint(entity)
+        metadata["list_them"] = hint
+        description = (
+            f"{entity}: {found['rejected']} row(s) rejected by normalize, {found['failed']} refused by "
+            f"ScheduleHub in this run; {open_failed} failed record(s) open. List them: {hint}"
+        )
     return dg.AssetCheckResult(
-        passed=not stale,
+        check_name=NO_FAILED_ROWS.name,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata=metadata,
+        description=description,
+    )
+
+
+def entity_synced_recently(database: Any, entity: str, limit_hours: float) -> dg.AssetCheckResult:
+    """Whether `entity`'s last successful sync is at most `limit_hours` old."""
+    last = bookkeeping.last_success_per_entity(database).get(entity)
+    age = round((dt.datetime.now(dt.UTC) - last).total_seconds() / 3600, 2) if last else None
+    passed = age is not None and age <= limit_hours
+    return dg.AssetCheckResult(
+        passed=passed,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
-            "stale_entities": ", ".join(stale) or "none",
-            "hours_since_last_success": dg.MetadataValue.json(ages),
+            "entity": entity,
+            "hours_since_last_success": age if age is not None else "never",
             "limit_hours": limit_hours,
         },
+        description=None
+        if passed
+        else (
+            f"{entity}: no successful sync yet"
+            if age is None
+            else f"{entity}: last successful sync {age} hours ago, more than {limit_hours}"
+        ),
     )
+
+
+def entity_synced_recently_check(partitions: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
+    """The freshness check of the partition's entity, evaluated on its own or after a sync's report."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+
+        @dg.asset_check(
+            asset="sync_report",
+            name="entity_synced_recently",
+            description=FRESHNESS_DESCRIPTION,
+            required_resource_keys={"database", "tuning"},
+            partitions_def=partitions,
+        )
+        def check(context: AssetCheckExecutionContext) -> dg.AssetCheckResult:
+            # A single-run backfill covers several entities: each is judged, and only they are.
+            limit_hours = float(context.resources.tuning.freshness_hours)
+            results = {
+                entity: entity_synced_recently(context.resources.database, entity, limit_hours)
+                for entity in partition_scopes(context.partition_keys)
+            }
+            if len(results) == 1:
+                return next(iter(results.values()))
+            stale = [entity for entity, result in results.items() if not result.passed]
+            return dg.AssetCheckResult(
+                passed=not stale,
+                severity=dg.AssetCheckSeverity.WARN,
+                description=f"stale: {', '.join(stale)}" if stale else None,
+                metadata={
+                    "entities": ", ".join(results),
+                    "stale_entities": ", ".join(stale) or "none",
+                    "per_entity": dg.MetadataValue.json(
+                        {
+                            name: {k: getattr(v, "value", v) for k, v in r.metadata.items()}
+                            for name, r in results.items()
+                        }
+                    ),
+                },
+            )
+
+    return check

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,13 @@ from syncflow_dagster.defs.partitions import partitions_start
 
 # Run tag: read from the beginning (M = 0 for a catch-up read, the whole window for a closed one).
 FULL_WINDOW_TAG = "syncflow/full_window"
+# Run tag of a resync (ScheduleHub lost records): reads from the beginning too, and delivers again.
+RESYNC_TAG = "syncflow/resync"
+
+
+def from_the_beginning(tags: Mapping[str, str]) -> bool:
+    """Whether a run with these tags reads from the beginning: `syncflow/full_window` or a resync."""
+    return tags.get(FULL_WINDOW_TAG) == "true" or tags.get(RESYNC_TAG) == "true"
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,7 @@ def extract(
 ) -> stages.StageResult:
     """The fetch stage of this run, read by the rule of its dates; a catch-up read notes its snapshot."""
     rule = read_rule(dates, start=dt.date.fromisoformat(partitions_start()), today=utc_today())
-    from_scratch = context.run.tags.get(FULL_WINDOW_TAG) == "true"
+    from_scratch = from_the_beginning(context.run.tags)
     if not rule.catch_up:
         after = window_read_up_to(context)
         return stages.fetch_stage(client, entity, dates, after, open_start=rule.open_start)
@@ -97,9 +105,9 @@ def window_read_up_to(context: AssetExecutionContext) -> int:
     so only its mark is used; anything else (no history, a range of dates, a
     re-execution) reads the whole window again, which is always correct. An
     operator forces that with the run tag `syncflow/full_window=true` (after
-    restoring SyncFlow's state from a backup, say).
+    restoring SyncFlow's state from a backup, say); a resync does too.
     """
-    if len(context.partition_keys) != 1 or context.run.tags.get(FULL_WINDOW_TAG) == "true":
+    if len(context.partition_keys) != 1 or from_the_beginning(context.run.tags):
         return 0
     key = context.partition_keys[0]
     instance = context.instance

@@ -13,8 +13,7 @@ from typing import Any
 
 import dagster as dg
 
-from syncflow_dagster.defs.assets import CATALOG, FULL_WINDOW_TAG, STAGE_ASSETS
-from syncflow_dagster.defs.checks import entities_synced_recently
+from syncflow_dagster.defs.assets import CATALOG, FULL_WINDOW_TAG, RESYNC_TAG, STAGE_ASSETS
 from syncflow_dagster.defs.partitions import sync_partition_key
 
 
@@ -27,11 +26,13 @@ def materialize_sync(
     raise_on_error: bool = True,
     log_level: str = "INFO",
     full_window: bool = False,
+    resync: bool = False,
 ) -> dg.ExecuteInProcessResult:
     """Materialize the nine stages for one entity × day, in this process.
 
     `full_window` reads the whole day from APISmith again instead of resuming
-    after what the partition's last finished run read.
+    after what the partition's last finished run read; `resync` also delivers
+    again what was delivered already (run tag `syncflow/resync=true`).
 
     `log_level` is the console logger's: the demo passes WARNING so that its
     summary is not buried under Dagster's step events (they are all still in
@@ -47,6 +48,7 @@ def materialize_sync(
             "syncflow/entity": entity,
             "syncflow/trigger": "in_process",
             **({FULL_WINDOW_TAG: "true"} if full_window else {}),
+            **({RESYNC_TAG: "true"} if resync else {}),
         },
         run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
     )
@@ -59,11 +61,14 @@ def sync_all(
     instance: dg.DagsterInstance | None = None,
     entities: Iterable[str] | None = None,
     log_level: str = "INFO",
+    resync: bool = False,
 ) -> dict[str, dg.ExecuteInProcessResult]:
     """Every (selected) entity for one day, parents before children."""
     wanted = set(entities) if entities is not None else set(CATALOG.topological_order)
     return {
-        name: materialize_sync(name, day, resources=resources, instance=instance, log_level=log_level)
+        name: materialize_sync(
+            name, day, resources=resources, instance=instance, log_level=log_level, resync=resync
+        )
         for name in CATALOG.topological_order
         if name in wanted
     }
@@ -76,4 +81,4 @@ def report_of(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
     return {}
 
 
-__all__ = ["entities_synced_recently", "materialize_sync", "report_of", "sync_all"]
+__all__ = ["materialize_sync", "report_of", "sync_all"]

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from syncflow_dagster.catalog import Catalog, EntitySpec
 from syncflow_dagster.defs import bookkeeping
 from syncflow_dagster.engine import columns as c
-from syncflow_dagster.engine.delta import UNKNOWN_KEY, dedupe_batch, plan_delta
+from syncflow_dagster.engine.delta import UNKNOWN_KEY, dedupe_batch, plan_delta, resync_skips
 from syncflow_dagster.engine.identity import add_identity, key_text_of
 from syncflow_dagster.engine.normalize import normalize
 from syncflow_dagster.engine.relations import parent_key_hashes, split_ready_pending
@@ -303,14 +303,17 @@ _KEEP = {c.ROWVERSION, c.CHANGED_AT, DELETED, PARTITION_DATE, c.BK, c.BK_HASH, c
 # 4. rowversion ----------------------------------------------------------------------------------
 
 
-def rowversion_stage(state: Any, entity: EntitySpec, identified: pa.Table) -> StageResult:
+def rowversion_stage(
+    state: Any, entity: EntitySpec, identified: pa.Table, *, resync: bool = False
+) -> StageResult:
     """Drop rows not newer than what was delivered, before any hash compare.
 
     The stored versions ride along (`_stored_*`) so the delta stage compares
-    against the same snapshot without asking the database again.
+    against the same snapshot without asking the database again. A resync
+    keeps every row: what was delivered is to be delivered again.
     """
     stored = stored_for_batch(state, entity.name, identified[c.BK_HASH].combine_chunks())
-    fresh = fresh_with_stored(identified, stored)
+    fresh = fresh_with_stored(identified, stored, keep_stale=resync)
     return StageResult(fresh.frame, {"fresh": fresh.frame.num_rows, "stale": fresh.counts["stale"]})
 
 
@@ -332,9 +335,10 @@ def stored_for_batch(state: Any, entity_name: str, keys: pa.Array) -> pa.Table:
     return found
 
 
-def fresh_with_stored(identified: pa.Table, stored: pa.Table) -> StageResult:
-    """The rows newer than `stored`, each with its stored hash, rowversion and recipe (`_stored_*`)."""
-    split = fresh_rows(identified, stored)
+def fresh_with_stored(identified: pa.Table, stored: pa.Table, *, keep_stale: bool = False) -> StageResult:
+    """The rows newer than `stored` (all rows with `keep_stale`), each with its stored hash, rowversion
+    and recipe (`_stored_*`)."""
+    split = fresh_rows(identified, stored, keep_stale=keep_stale)
     fresh, positions = split.fresh, split.stored_positions
     if stored.num_rows == 0:
         fresh = (
@@ -367,8 +371,11 @@ def _stored_of(fresh: pa.Table) -> pa.Table:
 # 5. delta ---------------------------------------------------------------------------------------
 
 
-def delta_stage(fresh: pa.Table) -> StageResult:
-    """insert / update / delete per key against the last delivered hash; skips are counted, not kept."""
+def delta_stage(fresh: pa.Table, *, resync: bool = False) -> StageResult:
+    """insert / update / delete per key against the last delivered hash; skips are counted, not kept.
+
+    A resync sends again the rows it would skip as already delivered (as updates, reason `resync`).
+    """
     stored = _stored_of(fresh)
     live, dead = _split_deleted(fresh)
     stored_cols = [STORED_DATA_HASH, STORED_ROWVERSION, STORED_RECIPE]
@@ -376,6 +383,11 @@ def delta_stage(fresh: pa.Table) -> StageResult:
     live, duplicates = dedupe_batch(live)
     tombstones = dead.select([c.BK_HASH, c.BK, c.ROWVERSION, PARTITION_DATE]) if dead.num_rows else None
     plan = plan_delta(live, stored, tombstones)
+    resent = 0
+    if resync:
+        before = _count(_is(plan[c.ACTION], c.SKIP)) if plan.num_rows else 0
+        plan = resync_skips(plan)
+        resent = before - (_count(_is(plan[c.ACTION], c.SKIP)) if plan.num_rows else 0)
     counts = {action: 0 for action in c.ACTIONS}
     if plan.num_rows:
         for action, count in zip(
@@ -383,6 +395,8 @@ def delta_stage(fresh: pa.Table) -> StageResult:
         ):
             counts[str(action)] = int(count.as_py() or 0)
     counts["duplicates"] = duplicates.num_rows
+    if resync:
+        counts["resync"] = resent
     # The engine skips a tombstone of a key ScheduleHub never confirmed. It stays
     # here as a delete, and the parent-child stage keeps it only if SyncFlow still
     # holds the key (an open failed record or a parked child): left alone, a retry

@@ -19,7 +19,7 @@ the `QueuedRunCoordinator` with two additions:
   its entities, and a run over several entities waits until none of them is
   being written: no two runs ever write one entity at once.
 
-The catalog is the one the process loads (`SYNCFLOW_CATALOG`, as the code
+The catalog is the one the process loads (`SYNCFLOW_CATALOG_PATH`, as the code
 location): restart the daemon after adding an entity, as after any code change.
 
     run_coordinator:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from syncflow_dagster.catalog.models import KEY_SEPARATOR as CATALOG_KEY_SEPARATOR
+
 ROWVERSION = "_rowversion"
 CHANGED_AT = "_changed_at"
 BK = "_bk"
@@ -42,6 +44,5 @@ REJECTED_SCHEMA = pa.schema(
     ]
 )
 
-# Separator of the canonical business-key text (`_bk`): ASCII unit separator,
-# which cannot occur in a normalised key value (control characters are refused).
-KEY_SEPARATOR = "\x1f"
+# Separator of the canonical business-key text (`_bk`): the catalog's KEY_SEPARATOR.
+KEY_SEPARATOR = CATALOG_KEY_SEPARATOR

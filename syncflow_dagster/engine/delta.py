@@ -46,6 +46,7 @@ STALE_ROWVERSION = "stale_rowversion"
 TOMBSTONE = "tombstone"
 UNKNOWN_KEY = "unknown_key"
 MISSING_FROM_SOURCE = "missing_from_source"
+RESYNC = "resync"
 
 
 def _first_of_each_key(ordered: pa.Table) -> pa.Array:
@@ -227,6 +228,28 @@ def plan_delta(rows: pa.Table, stored: pa.Table | None, tombstones: pa.Table | N
     return plan
 
 
+def resync_skips(plan: pa.Table) -> pa.Table:
+    """The plan with every live row it skipped as already delivered turned into an update (reason `resync`).
+
+    A resync re-delivers what SyncFlow holds as delivered (ScheduleHub lost it,
+    or was restored from a backup): rows skipped as unchanged or not newer by
+    rowversion are sent again. Tombstones (no data hash) keep their action.
+    """
+    if plan.num_rows == 0:
+        return plan
+    skipped = pc.fill_null(pc.equal(plan.column(ACTION), pa.scalar(SKIP)), False)
+    reason = plan.column(REASON)
+    already = pc.fill_null(pc.is_in(reason, value_set=pa.array([UNCHANGED, STALE_ROWVERSION])), False)
+    live = pc.is_valid(plan.column(DATA_HASH))
+    again = pc.and_(pc.and_(skipped, already), live)
+    if not pc.any(again).as_py():
+        return plan
+    action = pc.if_else(again, pa.scalar(UPDATE), plan.column(ACTION))
+    reason = pc.if_else(again, pa.scalar(RESYNC), reason)
+    plan = plan.set_column(plan.schema.get_field_index(ACTION), ACTION, action)
+    return plan.set_column(plan.schema.get_field_index(REASON), REASON, reason)
+
+
 @dataclass(frozen=True)
 class ReconcilePlan:
     """Keys SyncFlow holds that APISmith no longer lists, and whether the guard allows deleting them.
@@ -286,5 +309,6 @@ __all__ = [
     "key_words",
     "plan_delta",
     "plan_reconcile_deletes",
+    "resync_skips",
     "word_order",
 ]

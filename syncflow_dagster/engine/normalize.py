@@ -89,6 +89,7 @@ _ISO_DATETIME = (
 )
 _ISO_OFFSET = r"^(?P<sign>[+-])(?P<hours>[0-9]{2}):?(?P<minutes>[0-9]{2})?$"
 _ISO_DATE = "%Y-%m-%d"
+_ISO_BARE_DATE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
 # Below this many rows, thread start-up costs more than the columns take.
 _THREADED_ROWS = 50_000
 _T = TypeVar("_T")
@@ -298,7 +299,7 @@ def _coerce_field(entity: EntitySpec, spec: FieldSpec, column: pa.Array) -> _Coe
             _text_or_timestamp(entity, spec.source, column),
             formats=spec.formats,
             timezone=spec.timezone,
-            precision=spec.precision,
+            precision=spec.datetime_precision,
         )
     if spec.type is FieldType.INT:
         typed = _integers(column)
@@ -318,7 +319,23 @@ def _coerce_field(entity: EntitySpec, spec: FieldSpec, column: pa.Array) -> _Coe
     text = _empty_to_null(text)
     if spec.type is FieldType.INT:
         return _coerce_int(text)
-    return _coerce_decimal(spec, text)
+    result = _coerce_decimal(spec, text)
+    if spec.decimal_precision is not None:
+        _within_precision(result, spec.decimal_precision, spec.scale or 0)
+    return result
+
+
+def _within_precision(result: _Coerced, precision: int, scale: int) -> None:
+    """A decimal declared `precision: P` (with `scale: S`) holds at most P - S integer digits."""
+    limit = Decimal(10) ** (precision - scale)
+    too_big = pc.greater_equal(pc.abs(result.values), pa.scalar(limit, result.values.type))
+    result.reject(
+        too_big,
+        f"decimal out of range (precision {precision}, scale {scale}: at most {precision - scale} integer digits)",
+    )
+    result.values = pc.if_else(
+        pc.fill_null(too_big, False), pa.scalar(None, result.values.type), result.values
+    )
 
 
 def _empty_to_null(text: pa.Array) -> pa.Array:
@@ -630,9 +647,19 @@ def _coerce_datetime_text(
             parsed = _localize(_parse_format(subset, fmt), timezone)
         values = pc.replace_with_mask(values, waiting, parsed)
         waiting = pc.replace_with_mask(waiting, waiting, pc.is_null(parsed))
+    if pc.any(waiting).as_py():
+        # A bare ISO date (`2021-07-15`, what a date-only ERP column sends) is that
+        # day's midnight UTC, whatever the field's timezone: the day stays the day.
+        subset = text.filter(waiting)
+        bare = pc.match_substring_regex(subset, _ISO_BARE_DATE)
+        days = _strict_strptime(pc.if_else(bare, subset, pa.scalar(None, pa.string())), _ISO_DATE)
+        parsed = pc.cast(pc.cast(days, pa.timestamp("us")), pa.timestamp("us", tz="UTC")).cast(
+            CHANGED_AT_TYPE
+        )
+        values = pc.replace_with_mask(values, waiting, parsed)
     values = _at_precision(values, precision)
     result = _Coerced(values, [])
-    accepted = ", ".join(("ISO-8601", *formats))
+    accepted = ", ".join(("ISO-8601", "YYYY-MM-DD as midnight UTC", *formats))
     result.reject(
         pc.and_(pc.is_valid(text), pc.is_null(values)),
         f"not a datetime (accepted: {accepted}; naive values are in {timezone})",

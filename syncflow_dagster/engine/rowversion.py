@@ -67,16 +67,23 @@ class FreshRows:
     stale: int
 
 
-def fresh_rows(rows: pa.Table, stored: pa.Table | None) -> FreshRows:
+def fresh_rows(rows: pa.Table, stored: pa.Table | None, *, keep_stale: bool = False) -> FreshRows:
     """`split_by_rowversion` for a stage that keeps only the fresh rows.
 
     The key lookup is made once and handed on (the stored columns of the fresh
     rows are a `take` away), and the stale rows are counted, not copied: on a
     full-window re-read nearly every row is stale, and copying them was most
-    of the split.
+    of the split. `keep_stale` keeps every row (a resync re-delivers what was
+    delivered already); `stale` then counts none.
     """
     if stored is None or stored.num_rows == 0:
         return FreshRows(rows, pa.nulls(rows.num_rows, pa.int32()), 0)
+    if keep_stale:
+        for name in (BK_HASH, ROWVERSION):
+            if name not in stored.column_names:
+                raise ValueError(f"stored state has no {name!r} column (columns: {stored.column_names})")
+        positions = pc.index_in(rows.column(BK_HASH), value_set=stored.column(BK_HASH))
+        return FreshRows(rows, _one(positions), 0)
     positions, stale = _positions_and_stale(rows, stored)
     stale_count = int(pc.sum(stale).as_py() or 0)
     if stale_count == 0:

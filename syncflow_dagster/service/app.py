@@ -242,6 +242,7 @@ def create_app(
             dates=(request.dates.start, request.dates.end) if request.dates else None,
             history=request.history,
             full_window=request.full_window,
+            resync=request.resync,
             trigger="api",
         )
         try:

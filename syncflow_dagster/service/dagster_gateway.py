@@ -64,6 +64,18 @@ class DagsterRefused(Exception):
         self.kind = kind
 
 
+# A run launched from the UI's asset graph ("Materialize") runs Dagster's implicit asset job,
+# which Dagster names `__ASSET_JOB` and offers no way to rename. It materializes the same stage
+# assets as the `sync` job (defs/jobs.py), so SyncFlow reports it under that name.
+IMPLICIT_ASSET_JOB = "__ASSET_JOB"
+SYNC_JOB = "sync"
+
+
+def job_shown(job_name: str) -> str:
+    """The job name SyncFlow shows for a run: `sync` for the UI's implicit asset job."""
+    return SYNC_JOB if job_name.startswith(IMPLICIT_ASSET_JOB) else job_name
+
+
 @dataclass(frozen=True)
 class RunInfo:
     run_id: str
@@ -257,7 +269,7 @@ class DagsterGateway:
         return RunInfo(
             run_id=data["runId"],
             status=data["status"],
-            job_name=data["jobName"],
+            job_name=job_shown(data["jobName"]),
             started_at=_timestamp(data.get("startTime")),
             ended_at=_timestamp(data.get("endTime")),
             tags={t["key"]: t["value"] for t in data.get("tags") or []},

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from syncflow_dagster.catalog import Catalog
-from syncflow_dagster.defs.assets import FULL_WINDOW_TAG
+from syncflow_dagster.defs.assets import FULL_WINDOW_TAG, RESYNC_TAG
 from syncflow_dagster.defs.partitions import partitions_start
 from syncflow_dagster.defs.run_tags import partition_tags
 from syncflow_dagster.service.dagster_gateway import DagsterRefused, DagsterUnavailable
@@ -63,6 +63,8 @@ class SyncRequest:
     dates: tuple[dt.date, dt.date] | None = None
     history: bool = False
     full_window: bool = False
+    # Deliver again what SyncFlow holds as delivered (run tag syncflow/resync=true).
+    resync: bool = False
     trigger: str = "api"
 
 
@@ -145,12 +147,16 @@ def requested_entities(catalog: Catalog, names: Sequence[str]) -> list[str]:
     return [n for n in order if n in wanted] if wanted else order
 
 
-def run_tags(entity: str, span: DateSpan, *, plan_id: str, trigger: str, full_window: bool) -> dict[str, str]:
+def run_tags(
+    entity: str, span: DateSpan, *, plan_id: str, trigger: str, full_window: bool, resync: bool = False
+) -> dict[str, str]:
     """The tags of one entity's sync run over `span`."""
     tags = {ENTITY_TAG: entity, TRIGGER_TAG: trigger, PLAN_TAG: plan_id}
     tags.update(partition_tags(entity, span.first, span.last))
     if full_window:
         tags[FULL_WINDOW_TAG] = "true"
+    if resync:
+        tags[RESYNC_TAG] = "true"
     return tags
 
 
@@ -167,7 +173,14 @@ def plan_sync(
         PlannedRun(
             name,
             span,
-            run_tags(name, span, plan_id=plan, trigger=request.trigger, full_window=request.full_window),
+            run_tags(
+                name,
+                span,
+                plan_id=plan,
+                trigger=request.trigger,
+                full_window=request.full_window,
+                resync=request.resync,
+            ),
         )
         for name in names
     ]

@@ -40,6 +40,12 @@ class SyncRequest(BaseModel):
         description="Read the dates' whole window from APISmith again (run tag syncflow/full_window=true) "
         "instead of resuming after what the last finished run read.",
     )
+    resync: bool = Field(
+        default=False,
+        description="Deliver again what SyncFlow holds as delivered over these dates (run tag "
+        "syncflow/resync=true): the whole window is read and rows already delivered are not skipped. "
+        "For a ScheduleHub that lost records; idempotent.",
+    )
 
 
 class StartedRun(BaseModel):

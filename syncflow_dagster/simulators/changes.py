@@ -24,10 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from syncflow_dagster.catalog.models import Catalog, EntitySpec, FieldType
+from syncflow_dagster.catalog.models import KEY_SEPARATOR, Catalog, EntitySpec, FieldType
 from syncflow_dagster.simulators.datagen import key_codes, key_prefix, value_pool
-
-KEY_SEPARATOR = "\x1f"
 
 
 class ChangeSetError(ValueError):

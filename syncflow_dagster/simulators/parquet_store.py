@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from syncflow_dagster.catalog.models import Catalog, EntitySpec
+from syncflow_dagster.catalog.models import KEY_SEPARATOR, Catalog, EntitySpec
 from syncflow_dagster.simulators.changes import ChangeSet, ChangeSetError, joined_keys, key_sources
 from syncflow_dagster.simulators.datagen import iso_millis
 from syncflow_dagster.simulators.erp_store import (
@@ -701,5 +701,5 @@ def _split_keys(joined: pa.Array, parts: int) -> list[pa.Array]:
     """Joined key texts back into their key columns (the unit separator of `joined_keys`)."""
     if parts == 1:
         return [joined]
-    split = _compute.split_pattern(joined, "\x1f")
+    split = _compute.split_pattern(joined, KEY_SEPARATOR)
     return [_compute.list_element(split, i) for i in range(parts)]

@@ -1,7 +1,9 @@
 """Load a user's extract for the APISmith stand-in: a folder of <source>.parquet or <source>.csv files.
 
 One file per catalog entity, named by the entity's SOURCE name, with the
-source column names. Payload columns are read as text (as the ERP serves
+source column names. The folder may hold files for only some of the
+entities (your new one and its parents, say): an entity without a file is
+served with no records. A folder with no file for any entity is refused. Payload columns are read as text (as the ERP serves
 them). `RowVersion` and `ModifiedAt` are optional: without them the records get
 rowversions in file order (one counter across entities, in the catalog's
 parent-first order) and the load time as their change time. A missing file or
@@ -28,7 +30,7 @@ class SourceDirError(ValueError):
     """The folder does not hold what the catalog describes (names entity, file and column)."""
 
 
-def _read(entity: EntitySpec, folder: Path) -> tuple[pa.Table, Path]:
+def _read(entity: EntitySpec, folder: Path) -> tuple[pa.Table, Path] | None:
     parquet = folder / f"{entity.source}.parquet"
     csv = folder / f"{entity.source}.csv"
     if parquet.is_file():
@@ -45,7 +47,15 @@ def _read(entity: EntitySpec, folder: Path) -> tuple[pa.Table, Path]:
             return pacsv.read_csv(csv, convert_options=options), csv
         except pa.ArrowInvalid as exc:
             raise SourceDirError(f"entity {entity.name!r}, file {csv}: cannot read CSV ({exc})") from None
-    raise SourceDirError(f"entity {entity.name!r}: neither {parquet.name} nor {csv.name} found in {folder}")
+    return None
+
+
+def _no_records(entity: EntitySpec, folder: Path) -> tuple[pa.Table, Path]:
+    """An entity the folder has no file for: its columns, no rows."""
+    names = [spec.source for spec in entity.fields] + [entity.changed_at]
+    columns: dict[str, pa.Array] = {name: pa.array([], pa.string()) for name in names}
+    columns[entity.rowversion] = pa.array([], pa.int64())
+    return pa.table(columns), folder / f"{entity.source}.csv"
 
 
 def load_source_dir(catalog: Catalog, folder: Path, as_of: datetime | None = None) -> dict[str, pa.Table]:
@@ -55,7 +65,14 @@ def load_source_dir(catalog: Catalog, folder: Path, as_of: datetime | None = Non
     as_of_ms = int((as_of or datetime.now(UTC)).timestamp() * 1000)
     counter = 0
     dataset: dict[str, pa.Table] = {}
-    tables = {name: _read(catalog.entity(name), folder) for name in catalog.topological_order}
+    found = {name: _read(catalog.entity(name), folder) for name in catalog.topological_order}
+    if not any(found.values()):
+        expected = ", ".join(f"{catalog.entity(name).source}.csv" for name in catalog.topological_order)
+        raise SourceDirError(
+            f"source folder {folder} holds no file for any catalog entity "
+            f"(expected one or more of {expected}, or .parquet)"
+        )
+    tables = {name: read or _no_records(catalog.entity(name), folder) for name, read in found.items()}
     # Files that carry rowversions set the floor for the ones that get assigned.
     for name, (table, _path) in tables.items():
         entity = catalog.entity(name)

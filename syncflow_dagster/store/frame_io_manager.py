@@ -369,6 +369,21 @@ class PostgresFrameClient:
             "SET row_count = EXCLUDED.row_count, written_at = EXCLUDED.written_at"
         )
 
+    def written_slices(self, where: FrameSlice) -> dict[dt.date, tuple[int, dt.datetime]]:
+        """(rows, written at) of each of the slice's dates a write recorded; a date absent was never
+        written (or was pruned), which an empty frame alone cannot tell from a date written empty."""
+        with self.connect() as conn:
+            cur = conn.cursor()
+            self._ensure_catalog(cur)
+            cur.execute(
+                f"SELECT partition_date, row_count, written_at FROM {self._qualified(_SLICES_TABLE)} "
+                f"WHERE table_name = '{where.table}' AND partition_date IN ({_dates_sql(where.dates)})"
+            )
+            found = {day: (int(count), at) for day, count, at in cur.fetchall()}
+            conn.commit()
+            cur.close()
+        return found
+
     def _recorded_rows(self, cur: Any, where: FrameSlice) -> dict[dt.date, int]:
         cur.execute(
             f"SELECT partition_date, row_count FROM {self._qualified(_SLICES_TABLE)} "

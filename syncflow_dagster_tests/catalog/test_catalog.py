@@ -149,3 +149,98 @@ def test_fk_arity_must_match_parent_key() -> None:
 def test_invalid_yaml_is_one_clear_error() -> None:
     with pytest.raises(CatalogError, match="not valid YAML"):
         parse_catalog("entities: [unclosed")
+
+
+DEFAULTS_CATALOG = """
+defaults: {rowversion: RV, changed_at: ChangedOn, trim: false, case: upper, timezone: Europe/Berlin}
+entities:
+  things:
+    source: Things
+    resource: things
+    business_key: [code]
+    fields:
+      - {source: Code, target: code}
+      - {source: Note, target: note, trim: true, case: none}
+      - {source: Kind, target: kind, type: enum, values: [A, B]}
+      - {source: At, target: at, type: datetime}
+      - {source: Qty, target: qty, type: int}
+  others:
+    source: Others
+    resource: others
+    business_key: [code]
+    rowversion: Version
+    fields:
+      - {source: Code, target: code}
+"""
+
+
+def test_defaults_fill_in_what_an_entity_or_field_does_not_say() -> None:
+    catalog = parse_catalog(DEFAULTS_CATALOG)
+    things, others = catalog.entity("things"), catalog.entity("others")
+    assert (things.rowversion, things.changed_at) == ("RV", "ChangedOn")
+    assert (others.rowversion, others.changed_at) == ("Version", "ChangedOn")  # its own wins
+    field = things.field_by_target
+    assert (field["code"].trim, field["code"].case.value) == (False, "upper")
+    assert (field["note"].trim, field["note"].case.value) == (True, "none")  # its own wins
+    assert (field["kind"].trim, field["kind"].case.value) == (False, "upper")  # enums have a string layer
+    assert field["at"].timezone == "Europe/Berlin"
+    assert field["code"].timezone == "UTC"  # timezone is a datetime default only
+    # Without a block, the built-in defaults: the packaged catalog says nothing about trim.
+    assert load_catalog().entity("sites").field_by_target["name"].trim is True
+
+
+def test_defaults_change_the_data_as_the_reference_says() -> None:
+    import pyarrow as pa
+
+    from syncflow_dagster.engine.normalize import normalize
+
+    catalog = parse_catalog(DEFAULTS_CATALOG)
+    raw = pa.table(
+        {
+            "Code": ["  ab "],
+            "Note": ["  x "],
+            "Kind": ["a"],
+            "At": ["2024-01-01T12:00:00"],
+            "Qty": ["1"],
+            "RV": [1],
+            "ChangedOn": ["2024-01-01T00:00:00Z"],
+        }
+    )
+    row = normalize(catalog.entity("things"), raw).rows.to_pylist()[0]
+    assert row["code"] == "  AB "  # trim: false keeps the spaces
+    assert row["note"] == "x"
+    assert row["at"].hour == 11  # naive, read in Europe/Berlin
+
+
+@pytest.mark.parametrize(
+    ("defaults", "expected"),
+    [
+        ("{trim: maybe}", "key defaults.trim: Input should be a valid boolean"),
+        ("{stripping: true}", "key defaults.stripping: unknown key"),
+        ("{rowversion: 'bad name'}", "key defaults.rowversion: source name 'bad name' is not a plain name"),
+    ],
+)
+def test_a_wrong_defaults_block_is_refused_naming_the_key(defaults: str, expected: str) -> None:
+    with pytest.raises(CatalogError, match=expected):
+        parse_catalog(f"defaults: {defaults}\n" + DEFAULTS_CATALOG.split("\n", 2)[2])
+
+
+def test_precision_is_digits_for_decimals_and_a_unit_for_datetimes() -> None:
+    def entity(field: str) -> str:
+        return (
+            "entities:\n  t:\n    source: T\n    resource: t\n    business_key: [k]\n    fields:\n"
+            f"      - {{source: K, target: k}}\n      - {field}\n"
+        )
+
+    spec = parse_catalog(entity("{source: P, target: p, type: decimal, scale: 2, precision: 6}")).entity("t")
+    assert spec.field_by_target["p"].decimal_precision == 6
+    stamp = parse_catalog(entity("{source: P, target: p, type: datetime, precision: s}")).entity("t")
+    assert stamp.field_by_target["p"].datetime_precision.value == "s"
+    for field, expected in [
+        ("{source: P, target: p, type: decimal, scale: 2, precision: ms}", "applies to datetime fields"),
+        ("{source: P, target: p, type: datetime, precision: 6}", "applies to decimal fields"),
+        ("{source: P, target: p, type: decimal, scale: 4, precision: 3}", "at least the scale"),
+        ("{source: P, target: p, type: decimal, scale: 2, precision: 39}", "must be 1..38"),
+    ]:
+        with pytest.raises(CatalogError, match=expected):
+            parse_catalog(entity(field))

@@ -1,6 +1,8 @@
-"""`syncflow dev` brings up the stand-ins, Postgres and Dagster (webserver + daemon), and Ctrl-C stops all of it."""
+"""`syncflow dev` brings up the stand-ins, Postgres, the API and Dagster (webserver + daemon), says how to
+reach them (and writes <home>/env), serves your own --source-dir, and Ctrl-C stops all of it."""
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -42,7 +44,15 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
 ) -> None:
     from syncflow_dagster_tests.conftest import scratch_database
 
-    port, apismith_port, schedulehub_port = free_port(), free_port(), free_port()
+    port, apismith_port, schedulehub_port, api_port = free_port(), free_port(), free_port(), free_port()
+    # Your own data: a folder with a file for one entity only (the others are served with no records).
+    source_dir = tmp_path / "extract"
+    source_dir.mkdir()
+    (source_dir / "Sites.csv").write_text(
+        "SiteCode,SiteName,Country,TimeZone,Active\nBER,Berlin plant,DE,Europe/Berlin,true\n"
+        "LYO,Lyon warehouse,FR,Europe/Paris,true\n"
+    )
+    home = tmp_path / "dev"
     with scratch_database(pg_server_url) as state_url, scratch_database(pg_server_url) as dagster_url:
         env = {**os.environ, "SYNCFLOW_DATABASE_URL": state_url, "DAGSTER_POSTGRES_URL": dagster_url}
         syncflow = Path(sys.executable).with_name("syncflow")
@@ -54,15 +64,17 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
                     str(syncflow),
                     "dev",
                     "--home",
-                    str(tmp_path / "dev"),
+                    str(home),
                     "--port",
                     str(port),
                     "--apismith-port",
                     str(apismith_port),
                     "--schedulehub-port",
                     str(schedulehub_port),
-                    "--rows",
-                    "50",
+                    "--api-port",
+                    str(api_port),
+                    "--source-dir",
+                    str(source_dir),
                 ],
                 cwd=ROOT,
                 env=env,
@@ -106,6 +118,8 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
                 "batch_cancel_sensor": "RUNNING",
             }
             assert httpx.get(f"http://127.0.0.1:{apismith_port}/health", timeout=10).status_code == 200
+            _dev_tells_how_to_reach_it(log.read_text(errors="replace"), home, state_url, port, api_port)
+            _dev_serves_the_source_dir(home)
         finally:
             spawned = _descendants(proc.pid)
             if proc.poll() is None:
@@ -130,3 +144,144 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         assert left == set(), f"processes left running after Ctrl-C: {left}"
+
+
+def _env_file(home: Path) -> dict[str, str]:
+    """The variables `source <home>/env` sets, read by a shell."""
+    script = f"set -a; source {home / 'env'}; env -0"
+    out = subprocess.run(["bash", "-c", script], env={}, capture_output=True, check=True, timeout=30).stdout
+    return dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
+
+
+def _dev_tells_how_to_reach_it(output: str, home: Path, state_url: str, port: int, api_port: int) -> None:
+    env_file = home / "env"
+    assert env_file.stat().st_mode & 0o077 == 0, "the env file holds dev secrets: owner only"
+    values = _env_file(home)
+    ui_url, api_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{api_port}"
+    assert values["SYNCFLOW_DATABASE_URL"] == state_url
+    assert values["SYNCFLOW_DAGSTER_URL"] == ui_url
+    assert values["SYNCFLOW_API_URL"] == api_url
+    token = values["SYNCFLOW_API_TOKEN"]
+    # Printed on start: the UI, the API and its token, the database, and the file.
+    for shown in (ui_url, api_url, token, state_url, str(env_file)):
+        assert shown in output, f"{shown!r} not in syncflow dev's output: {output[-2000:]}"
+    # The API dev started answers with that token and refuses without it.
+    assert (
+        httpx.get(f"{api_url}/stats", headers={"Authorization": f"Bearer {token}"}, timeout=30).status_code
+        == 200
+    )
+    assert httpx.get(f"{api_url}/stats", timeout=30).status_code == 401
+    # From a shell that knows nothing of dev, `source <home>/env` makes `syncflow status` work.
+    bare = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SYNCFLOW_", "APISMITH_", "SCHEDULEHUB_", "DAGSTER_"))
+    }
+    syncflow = Path(sys.executable).with_name("syncflow")
+    without = subprocess.run(
+        [str(syncflow), "status"], env=bare, capture_output=True, timeout=120, check=False
+    )
+    assert without.returncode != 0
+    status = subprocess.run(
+        ["bash", "-c", f"source {env_file} && {syncflow} status --json"],
+        env=bare,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert status.returncode == 0, status.stderr.decode()[-2000:]
+    from syncflow_dagster.catalog import default_catalog
+
+    listed = {row["entity"] for row in json.loads(status.stdout)["entities"]}
+    assert listed == set(default_catalog().topological_order)
+
+
+def _dev_serves_the_source_dir(home: Path) -> None:
+    values = _env_file(home)
+    base = values["APISMITH_BASE_URL"]
+    token = httpx.post(
+        f"{base}/oauth/token",
+        data={
+            "grant_type": "client_credentials",
+            "client_id": values["APISMITH_CLIENT_ID"],
+            "client_secret": values["APISMITH_CLIENT_SECRET"],
+        },
+        timeout=30,
+    ).json()["access_token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    sites = httpx.get(f"{base}/v1/entities/Sites/watermark", headers=auth, timeout=30).json()
+    items = httpx.get(f"{base}/v1/entities/Items/watermark", headers=auth, timeout=30).json()
+    assert (sites["row_count"], items["row_count"]) == (2, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.daemon
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_syncflow_dev_stopped_by_sigterm_or_a_closed_terminal_leaves_nothing_running(
+    tmp_path: Path, pg_server_url: str, sig: signal.Signals
+) -> None:
+    """`dagster dev` runs in a session of its own: a signal that ends dev without its cleanup (the default
+    action of SIGTERM and SIGHUP) would leave the webserver, daemon and code server running."""
+    from syncflow_dagster_tests.conftest import scratch_database
+
+    port = free_port()
+    with scratch_database(pg_server_url) as state_url, scratch_database(pg_server_url) as dagster_url:
+        env = {**os.environ, "SYNCFLOW_DATABASE_URL": state_url, "DAGSTER_POSTGRES_URL": dagster_url}
+        log = tmp_path / "dev.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("syncflow")),
+                    "dev",
+                    "--home",
+                    str(tmp_path / "dev"),
+                    "--port",
+                    str(port),
+                    "--apismith-port",
+                    "0",
+                    "--schedulehub-port",
+                    "0",
+                    "--api-port",
+                    "0",
+                    "--rows",
+                    "20",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        spawned: set[int] = set()
+        try:
+
+            def ui_up() -> bool:
+                if proc.poll() is not None:
+                    pytest.fail(
+                        f"syncflow dev exited {proc.returncode}: {log.read_text(errors='replace')[-2000:]}"
+                    )
+                try:
+                    return httpx.get(f"http://127.0.0.1:{port}/server_info", timeout=5).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(ui_up, "the Dagster UI of syncflow dev", timeout_s=240, interval_s=1)
+            spawned = _descendants(proc.pid)
+            assert len(spawned) >= 3  # dagster dev, its webserver and daemon (and code servers)
+            proc.send_signal(sig)
+            proc.wait(STOP_BOUND_S)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+
+        def still_running() -> set[int]:
+            return {pid for pid in spawned if Path(f"/proc/{pid}").exists()}
+
+        with contextlib.suppress(WaitTimeout):
+            wait_until(lambda: not still_running(), "the processes syncflow dev started to go", timeout_s=30)
+        left = still_running()
+        for pid in left | {child for parent in left for child in _descendants(parent)}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert left == set(), f"processes left running after {sig.name}: {left}"

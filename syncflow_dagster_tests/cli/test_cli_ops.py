@@ -180,6 +180,23 @@ def test_frame_show_prints_a_stage_frame_and_writes_it_to_parquet(database_url: 
     assert never.returncode == 2
     assert "delivered has never been materialized for sites" in _one_line_error(never)
 
+    # The table exists (2026-11-20 was written) but not this date: not "0 rows".
+    other_day = syncflow("frame", "show", "normalized", "items", "2026-11-21", database_url=database_url)
+    assert other_day.returncode == 2
+    assert "normalized × items × 2026-11-21 is not kept: never materialized for that date" in _one_line_error(
+        other_day
+    )
+    # A date materialized with no rows is empty, and says so.
+    empty_day = dt.date(2026, 11, 22)
+    client.replace_slice(
+        FrameSlice(stage_table_name("normalized", "items"), "items", (empty_day,)), frame.slice(0, 0)
+    )
+    empty = syncflow("frame", "show", "normalized", "items", "2026-11-22", database_url=database_url)
+    assert empty.returncode == 0, empty.stderr
+    flat = " ".join(empty.stdout.split())
+    assert "0 rows, 4 columns" in flat
+    assert "the stage kept no rows for this date" in flat
+
 
 def _json(result: subprocess.CompletedProcess[str]) -> Any:
     assert result.returncode == 0, result.stderr

@@ -176,9 +176,30 @@ def test_simulate_history_source_writes_a_folder_apismith_serves(tmp_path: Path)
     assert "is not empty" in " ".join(again.stderr.decode().split())
 
 
-def test_servers_refuse_to_start_without_their_secret() -> None:
+def test_servers_on_loopback_default_their_secret_and_elsewhere_refuse_without_one() -> None:
+    from syncflow_dagster.cli.simulate import DEV_CLIENT_SECRET
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with running(
+        syncflow("simulate", "apismith", "--port", str(port), "--rows", "10"), url, "/health", env()
+    ):
+        response = httpx.post(
+            f"{url}/oauth/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": "syncflow",
+                "client_secret": DEV_CLIENT_SECRET,
+            },
+        )
+        assert response.status_code == 200, response.text
+        wrong = httpx.post(
+            f"{url}/oauth/token",
+            data={"grant_type": "client_credentials", "client_id": "syncflow", "client_secret": SECRET},
+        )
+        assert wrong.status_code == 401
     result = subprocess.run(
-        syncflow("simulate", "apismith", "--port", str(free_port()), "--rows", "10"),
+        syncflow("simulate", "apismith", "--port", str(free_port()), "--rows", "10", "--host", "0.0.0.0"),
         env=env(),
         capture_output=True,
         timeout=120,

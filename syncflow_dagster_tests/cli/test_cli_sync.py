@@ -153,3 +153,41 @@ def test_sync_all_history_wait_ends_with_schedulehub_equal_to_the_source(stack: 
     assert {_tags(r)["syncflow/trigger"] for r in runs} == {"cli"}
     for earlier, later in itertools.pairwise(runs):
         assert later["startTime"] >= earlier["endTime"], (earlier, later)
+
+
+def _resync(*args: str, dagster_url: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SYNCFLOW_")}
+    environ.update(
+        {
+            "COLUMNS": "120",
+            "SYNCFLOW_DAGSTER_URL": dagster_url,
+            "SYNCFLOW_PARTITIONS_START": PARTITIONS_START.isoformat(),
+        }
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "syncflow_dagster.cli.main", "resync", *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=SYNC_TIMEOUT_S,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_resync_all_through_the_daemon_refills_a_schedulehub_that_lost_everything(stack: Stack) -> None:
+    synced = syncflow("--all", "--history", "--wait", dagster_url=stack.dagster.url, timeout=SYNC_TIMEOUT_S)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    stack.env.admin(stack.env.schedulehub_url, "POST", "/admin/reset")
+    assert stack.env.schedulehub_records("sites").num_rows == 0
+
+    result = _resync("--all", "--wait", dagster_url=stack.dagster.url)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output + f"\n(logs: {stack.dagster.logs})"
+    assert "8 launched, 0 not" in result.stdout
+    # One plan, parents first, one run at a time: no child reaches ScheduleHub before its parent.
+    assert stack.env.resources["database"].failures().count() == 0
+    verification = verify_deployment(stack.env)
+    assert verification.equal, verification.describe()
+    assert all(v.matched > 0 for v in verification.verdicts.values()), verification.describe()

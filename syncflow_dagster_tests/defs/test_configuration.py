@@ -342,3 +342,167 @@ def test_syncflow_delivery_batch_size_sets_the_rows_per_call(
             assert asyncio.run(delete(resources.schedulehub.client())) == ["accepted"]
     finally:
         hub.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# Every doc page against the code: the names of sensors, schedules, jobs, routes, commands, options
+# and their defaults that docs/*.md and README.md write are read from the code here, so a rename or
+# a changed default that the docs do not follow fails (docs/catalog.md is generated: test_catalog_reference).
+
+ROOT = DOC.parents[1]
+PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
+_CODE = re.compile(r"`([^`\n]+)`")
+_ROUTE = re.compile(r"^(GET|POST|PUT|DELETE|PATCH) (/\S*)$")
+
+
+def _spans() -> list[tuple[str, str]]:
+    """(page name, text) of every inline code span of every doc page."""
+    return [(page.name, span) for page in PAGES for span in _CODE.findall(page.read_text("utf-8"))]
+
+
+def _automation() -> tuple[set[str], set[str], set[str]]:
+    from syncflow_dagster.definitions import defs
+
+    repository = defs.get_repository_def()
+    sensors = {s.name for s in repository.sensor_defs}
+    schedules = {s.name for s in repository.schedule_defs}
+    jobs = {j.name for j in repository.get_all_jobs() if not j.name.startswith("__")}
+    return sensors, schedules, jobs
+
+
+def test_docs_name_only_sensors_schedules_and_jobs_that_exist() -> None:
+    sensors, schedules, jobs = _automation()
+    named = [(page, span) for page, span in _spans() if re.fullmatch(r"[a-z_]+_(sensor|schedule)", span)]
+    assert len(named) >= 5, "the scan found almost no sensor names: is it still reading the docs?"
+    wrong = [(page, span) for page, span in named if span not in sensors | schedules]
+    assert wrong == [], f"docs name sensors/schedules the code does not have: {wrong}"
+    job_words = [
+        (page.name, m.group(1))
+        for page in PAGES
+        for m in re.finditer(r"`([a-z_]+)` job\b", page.read_text("utf-8"))
+    ]
+    assert job_words, "no '`name` job' in the docs: is the scan still reading them?"
+    assert [(p, j) for p, j in job_words if j not in jobs] == []
+    # operations.md's table lists exactly the code's sensors and schedules.
+    operations = (ROOT / "docs" / "operations.md").read_text("utf-8")
+    table = operations.split("## Sensors and schedules", 1)[1].split("\n## ", 1)[0]
+    rows = set(re.findall(r"^\| `([a-z_]+)` \|", table, re.M))
+    assert rows == sensors | schedules
+
+
+def _routes() -> list[re.Pattern[str]]:
+    """Every route of the API and the two stand-ins, as (method, path) patterns."""
+    from syncflow_dagster.service.app import create_app as service_app
+    from syncflow_dagster.service.settings import ServiceSettings
+    from syncflow_dagster.simulators import apismith, schedulehub
+
+    apps = [
+        service_app(ServiceSettings(database_url="postgresql://nobody@127.0.0.1:9/none")),  # type: ignore[arg-type]
+        apismith.create_app(rows=10, clients={"c": "s"}),
+        schedulehub.create_app(clients={"c": "s"}),
+    ]
+    served: set[tuple[str, str]] = set()
+    for app in apps:
+        # The OpenAPI document lists routes of included routers too; plain routes outside it are added.
+        for path, operations in app.openapi()["paths"].items():
+            served.update((method.upper(), path) for method in operations)
+        for route in app.routes:
+            for method in getattr(route, "methods", None) or ():
+                served.add((method, route.path))
+    patterns = []
+    for method, path in served:
+        template = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(path))
+        patterns.append(re.compile(f"{method} {template}"))
+    return patterns
+
+
+def test_docs_name_only_routes_that_exist() -> None:
+    patterns = _routes()
+    found = []
+    for page, span in _spans():
+        match = _ROUTE.match(span)
+        if not match:
+            continue
+        method, path = match.groups()
+        path = re.sub(r"<[^>]+>", "x", path.split("?")[0])
+        # `POST /failed-records/resolve|dismiss`: each alternative is a route.
+        head, _, last = path.rpartition("/")
+        for leaf in last.split("|"):
+            found.append((page, f"{method} {head}/{leaf}"))
+    assert len(found) >= 20, "the scan found almost no routes: is it still reading the docs?"
+    missing = [(page, route) for page, route in found if not any(p.fullmatch(route) for p in patterns)]
+    assert missing == [], f"docs name routes no app serves: {missing}"
+
+
+def _cli() -> Any:
+    import typer.main
+
+    from syncflow_dagster.cli.main import app
+
+    return typer.main.get_command(app)
+
+
+def _command_of(words: list[str]) -> tuple[Any, list[str]]:
+    """The deepest command the words name, and the words after it."""
+    command = _cli()
+    rest = list(words)
+    while rest and hasattr(command, "commands") and rest[0] in command.commands:
+        command = command.commands[rest.pop(0)]
+    return command, rest
+
+
+def test_docs_name_only_commands_and_options_that_exist_with_their_defaults() -> None:
+    checked = 0
+    problems = []
+    for page, span in _spans():
+        if not span.startswith("syncflow ") or "/" in span.split()[1]:
+            continue  # `syncflow status/failed/...` is prose listing commands
+        # `resolve\\|dismiss` (a table cell) or `resolve|dismiss`: the first alternative names the command.
+        text = span.replace("\\|", "|")
+        words = [w.split("|")[0] for w in text.replace("[", " ").replace("]", " ").split()[1:]]
+        command, rest = _command_of(words)
+        if hasattr(command, "commands"):
+            if rest and not rest[0].startswith("-") and not rest[0].isupper():
+                problems.append((page, span, f"{rest[0]!r} is no command"))
+            continue  # `syncflow simulate`: a group, named as such
+        checked += 1
+        options = {opt: param for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+        for index, word in enumerate(rest):
+            name = word.split("=")[0]
+            if not name.startswith("--"):
+                continue
+            if name not in options:
+                problems.append((page, span, f"no option {name}"))
+                continue
+            value = rest[index + 1] if index + 1 < len(rest) else None
+            param = options[name]
+            # `[--port 3000]`: a literal (not a PLACEHOLDER, not another option) is the default.
+            literal = value is not None and not value.startswith("-") and not value.isupper()
+            shown_as_default = literal and "[" + word in span and not param.is_flag
+            if shown_as_default and param.default is not None and str(param.default) != value:
+                problems.append((page, span, f"{name} defaults to {param.default}, doc says {value}"))
+    assert checked >= 30, f"only {checked} commands found in the docs: is the scan still reading them?"
+    assert problems == [], problems
+
+
+def test_every_syncflow_variable_in_any_doc_is_read_by_the_code() -> None:
+    # The test suite's own variables (SYNCFLOW_SOAK_*, ...) are read by the tests.
+    source = "\n".join(
+        p.read_text()
+        for package in ("syncflow_dagster", "syncflow_dagster_tests")
+        for p in (ROOT / package).rglob("*.py")
+    )
+    read = {_env_name(cls, field) for cls, field, _ in _settings_fields()}
+    named = {
+        name
+        for page in PAGES
+        for name in re.findall(r"\b(SYNCFLOW_[A-Z0-9_]+)\b", page.read_text("utf-8"))
+        if not name.endswith("_")
+    }
+    assert len(named) >= 20
+    missing = sorted(
+        name
+        for name in named
+        if name != "SYNCFLOW_TEST_DATABASE_URL" and name not in read and f'"{name}"' not in source
+    )
+    assert missing == [], f"docs name variables nothing reads: {missing}"

@@ -92,7 +92,36 @@ def test_checks_are_attached_to_the_stages_they_judge() -> None:
     assert checks["business_keys_unique_and_present"] == "delta_plan"
     assert checks["pending_children_within_age"] == "resolved"
     assert checks["delivered_equals_committed"] == "committed"
-    assert checks["entities_synced_recently"] == "sync_report"
+    assert checks["entity_synced_recently"] == "sync_report"
+    assert checks["no_failed_rows"] == "sync_report"
+
+
+def test_checks_about_a_partition_are_partitioned_and_say_nothing_internal() -> None:
+    graph = defs.get_repository_def().asset_graph
+    specs = {key.name: graph.get_check_spec(key) for key in graph.asset_check_keys}
+    for name, spec in specs.items():
+        # Every check judges one entity × date partition (freshness: the partition's entity),
+        # except the target audit, which reads whole entities back from ScheduleHub.
+        if name != "target_matches_state":
+            assert spec.partitions_def == graph.get(spec.asset_key).partitions_def, name
+        assert spec.description, name
+        # Descriptions are read in the UI by people who never saw the code.
+        assert "SyncTuning" not in spec.description, name
+        assert "freshness_hours" not in spec.description, name
+    assert "syncflow failed list --entity" in specs["no_failed_rows"].description
+
+
+def test_the_target_audit_runs_in_its_own_job_never_in_a_sync() -> None:
+    repository = defs.get_repository_def()
+    sync_checks = {key.name for key in repository.get_job("sync").asset_layer.asset_graph.asset_check_keys}
+    audit_job = repository.get_job("target_audit")
+    audit_checks = {key.name for key in audit_job.asset_layer.asset_graph.asset_check_keys}
+    assert "target_matches_state" in audit_checks
+    # The audit reads all of ScheduleHub: a sync (or a UI materialisation of the group) must not run it.
+    steps = {node.name for node in repository.get_job("sync").graph.nodes}
+    assert not any("target_matches_state" in step for step in steps)
+    assert "no_failed_rows" in sync_checks
+    assert not audit_job.asset_layer.executable_asset_keys
 
 
 def test_automation_is_stopped_by_default_and_running_in_dev() -> None:

@@ -206,7 +206,12 @@ def test_datetime_iso_offsets_naive_local_and_precision() -> None:
         dt.datetime(2024, 3, 31, 1, 0, tzinfo=UTC),
     ]
     assert values[6:] == ["REJECTED", "REJECTED"]
-    assert all(r["reason"].startswith("not a datetime (accepted: ISO-8601, %d.%m.%Y %H:%M") for r in rejected)
+    assert all(
+        r["reason"].startswith(
+            "not a datetime (accepted: ISO-8601, YYYY-MM-DD as midnight UTC, %d.%m.%Y %H:%M"
+        )
+        for r in rejected
+    )
 
 
 def test_datetime_second_precision_truncates() -> None:
@@ -260,7 +265,10 @@ def test_bad_rowversion_and_changed_at_reject_the_row() -> None:
     )
     assert result.rows.column(ROWVERSION).to_pylist() == [5]
     reasons = sorted((r["field"], r["reason"]) for r in result.rejected.to_pylist())
-    assert reasons[0] == ("ModifiedAt", "not a datetime (accepted: ISO-8601; naive values are in UTC)")
+    assert reasons[0] == (
+        "ModifiedAt",
+        "not a datetime (accepted: ISO-8601, YYYY-MM-DD as midnight UTC; naive values are in UTC)",
+    )
     assert ("ModifiedAt", "required value is missing") in reasons
     assert ("RowVersion", "not an integer") in reasons
     assert ("RowVersion", "required value is missing") in reasons
@@ -805,3 +813,40 @@ def test_days_from_civil_matches_the_proleptic_gregorian_calendar() -> None:
     # 0001-01-01 is day -719162, so 0000-02-29 is 366 - 59 days before it.
     leap_day = days_from_civil(np.array([0, 0]), np.array([2, 3]), np.array([29, 1]))
     assert leap_day.tolist() == [-719469, -719468]
+
+
+def test_datetime_field_takes_a_bare_iso_date_as_midnight_utc() -> None:
+    # adding-an-entity.md's `Since` column holds dates; a datetime field reads them as that day's
+    # midnight UTC (not midnight in the field's timezone, which would move the day).
+    values, rejected = one_field(
+        {"type": "datetime", "timezone": "Europe/Berlin"},
+        ["2021-07-15", " 2020-02-29 ", "2021-02-30", "2021-7-15", "2021-07-15T08:00:00"],
+    )
+    assert values == [
+        dt.datetime(2021, 7, 15, tzinfo=UTC),
+        dt.datetime(2020, 2, 29, tzinfo=UTC),
+        "REJECTED",
+        "REJECTED",
+        dt.datetime(2021, 7, 15, 6, 0, tzinfo=UTC),
+    ]
+    assert [r["reason"] for r in rejected] == [
+        "not a datetime (accepted: ISO-8601, YYYY-MM-DD as midnight UTC; naive values are in Europe/Berlin)"
+    ] * 2
+
+
+def test_decimal_precision_rejects_values_with_too_many_integer_digits() -> None:
+    values, rejected = one_field(
+        {"type": "decimal", "scale": 2, "precision": 5},
+        ["999.994", "-999.99", "999.995", "1000", "1e3", "12"],
+    )
+    assert values == [
+        Decimal("999.99"),
+        Decimal("-999.99"),
+        "REJECTED",
+        "REJECTED",
+        "REJECTED",
+        Decimal("12.00"),
+    ]
+    assert {r["reason"] for r in rejected} == {
+        "decimal out of range (precision 5, scale 2: at most 3 integer digits)"
+    }

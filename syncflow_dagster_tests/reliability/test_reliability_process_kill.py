@@ -421,7 +421,7 @@ def test_deliver_step_killed_mid_delivery_then_reexecuted_from_failure(rig: Rig)
         r.step_key for r in instance.all_logs(reexecuted.run_id, of_type=dg.DagsterEventType.STEP_START)
     }
     # The steps from the failed one on (the freshness check on sync_report included), nothing before.
-    assert started == {"delivered", "committed", "sync_report", "sync_report_entities_synced_recently"}
+    assert started == {"delivered", "committed", "sync_report", "sync_report_entity_synced_recently"}
     report = _report(instance, reexecuted.run_id)
     assert report["committed"] == report["delivered"] == ready == len(_state(env, CHILD))
     # The re-execution continues the failed run's sync batch and closes it with every stage's

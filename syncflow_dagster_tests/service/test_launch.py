@@ -267,3 +267,14 @@ def test_post_sync_when_nothing_launched_is_an_error_not_an_empty_202(api: tuple
     dagster.fail_after = 0
     unavailable = _post(url, {"entities": ["sites"]})
     assert unavailable.status_code == 503
+
+
+def test_post_sync_resync_tags_every_run(api: tuple[FakeDagster, str]) -> None:
+    dagster, url = api
+    response = _post(url, {"entities": ["work_centers", "sites"], "history": True, "resync": True})
+    assert response.status_code == 202, response.text
+    assert [t["syncflow/entity"] for t in dagster.submitted] == ["sites", "work_centers"]
+    assert all(t["syncflow/resync"] == "true" for t in dagster.submitted)
+    plain = _post(url, {"entities": ["sites"]})
+    assert plain.status_code == 202, plain.text
+    assert "syncflow/resync" not in dagster.submitted[-1]

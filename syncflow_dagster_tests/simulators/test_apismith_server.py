@@ -355,9 +355,31 @@ def test_serves_a_folder_of_parquet_and_csv(tmp_path: Path, dataset: dict[str, p
         records, _, _ = read_all(client, "SalesOrders", arrow=False, limit=1000)
         keys = sorted(r["OrderNo"] for r in records)
         assert keys == sorted(dataset["SalesOrders"].column("OrderNo").to_pylist())
-    (tmp_path / "Sites.csv").unlink()
+    # A folder may hold a subset of the entities: the others are served with no records.
+    (tmp_path / "Sites.csv").unlink(missing_ok=True)
     (tmp_path / "Sites.parquet").unlink(missing_ok=True)
-    with pytest.raises(ValueError, match=r"entity 'sites'.*Sites\.parquet nor Sites\.csv"):
+    subset = create_app(source_dir=tmp_path, catalog=catalog, clients=CLIENT, secret="s" * 32)
+    with start_server(subset) as running, httpx.Client(base_url=running.url) as client:
+        token = client.post(
+            "/oauth/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": "syncflow-test",
+                "client_secret": CLIENT["syncflow-test"],
+            },
+        ).json()["access_token"]
+        client.headers["Authorization"] = f"Bearer {token}"
+        assert client.get("/v1/entities/Sites/watermark").json()["row_count"] == 0
+        records, _, _ = read_all(client, "Sites", arrow=False)
+        assert records == []
+        mark = client.get("/v1/entities/SalesOrders/watermark").json()
+        assert mark["row_count"] == dataset["SalesOrders"].num_rows
+    # A folder with no file for any entity is a mistake, not an empty ERP.
+    for file in tmp_path.iterdir():
+        file.unlink()
+    with pytest.raises(
+        ValueError, match=r"holds no file for any catalog entity \(expected one or more of .*Sites\.csv"
+    ):
         create_app(source_dir=tmp_path, catalog=catalog, clients=CLIENT, secret="s" * 32)
 
 
