@@ -295,10 +295,23 @@ class ApiSmithClient:
         changed_to: datetime | str | None = None,
         after_rowversion: int = 0,
         page_size: int | None = None,
+        *,
+        snapshot_rowversion: int | None = None,
     ) -> pa.Table:
-        """The whole read as one table (all pages concatenated; the schema even when empty)."""
+        """The whole read as one table (all pages concatenated; the schema even when empty).
+
+        `snapshot_rowversion` pins the read's upper bound from the first page on
+        (by default, the server's current rowversion when the first page is read).
+        """
         return await _collect(
-            self.iter_change_pages(source, changed_from, changed_to, after_rowversion, page_size)
+            self.iter_change_pages(
+                source,
+                changed_from,
+                changed_to,
+                after_rowversion,
+                page_size,
+                snapshot_rowversion=snapshot_rowversion,
+            )
         )
 
     async def iter_tombstones(
@@ -324,10 +337,18 @@ class ApiSmithClient:
         changed_to: datetime | str | None = None,
         after_rowversion: int = 0,
         page_size: int | None = None,
+        *,
+        snapshot_rowversion: int | None = None,
     ) -> pa.Table:
         return await _collect(
             self.iter_change_pages(
-                source, changed_from, changed_to, after_rowversion, page_size, kind="tombstones"
+                source,
+                changed_from,
+                changed_to,
+                after_rowversion,
+                page_size,
+                kind="tombstones",
+                snapshot_rowversion=snapshot_rowversion,
             )
         )
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 from dagster import AssetExecutionContext
 
 from syncflow_dagster.catalog import Catalog, EntitySpec, default_catalog
-from syncflow_dagster.defs import bookkeeping, checks, stages
+from syncflow_dagster.defs import bookkeeping, checks, reading, stages
 from syncflow_dagster.defs import checks as checks_module
 from syncflow_dagster.defs.interrupts import stop_means_stop
 from syncflow_dagster.defs.partitions import sync_partitions
@@ -34,11 +34,11 @@ from syncflow_dagster.engine import columns as c
 from syncflow_dagster.store.frame_io_manager import EntityFrames, partition_scopes
 
 GROUP = "sync"
-# Run tag that makes the fetch read the partition's whole day again.
-FULL_WINDOW_TAG = "syncflow/full_window"
-# Run tag of a resync: the whole window is read again and rows already delivered are
+# Run tag that makes the fetch read from the beginning (defs/reading.py).
+FULL_WINDOW_TAG = reading.FULL_WINDOW_TAG
+# Run tag of a resync: read from the beginning, and rows already delivered are
 # delivered again (ScheduleHub lost them); see docs/operations.md, "Repairing ScheduleHub".
-RESYNC_TAG = "syncflow/resync"
+RESYNC_TAG = reading.RESYNC_TAG
 OWNERS = ["team:syncflow"]
 FRAME_IO = "frame_io_manager"
 PREVIEW_ROWS = 5
@@ -247,8 +247,10 @@ def _stage_asset(
 
 @_stage_asset(
     "extracted",
-    "1 · fetch: the entity's APISmith records that changed on the partition's day(s), keyset-paged by "
-    "rowversion, plus its tombstones (`_deleted`). Raw source columns, as text.",
+    "1 · fetch: the entity's APISmith records and tombstones (`_deleted`), keyset-paged by rowversion. A run "
+    "of today reads everything newer than the entity's read-through mark, whatever its change time; a run of "
+    "past days reads the records that changed on them (the first day also holds everything earlier). "
+    "Raw source columns, as text.",
     {"python", "apismith", "postgres"},
     retry=NETWORK_RETRY,
     pool="apismith",
@@ -256,48 +258,20 @@ def _stage_asset(
 def extracted(
     context: AssetExecutionContext, apismith: ApiSmithResource, database: SyncDatabase
 ) -> dg.Output[EntityFrames]:
-    return _stage_output(context, database, "fetch", lambda scope: _extract(context, apismith, *scope))
+    return _stage_output(
+        context, database, "fetch", lambda scope: _extract(context, apismith, database, *scope)
+    )
 
 
 def _extract(
-    context: AssetExecutionContext, apismith: ApiSmithResource, entity: EntitySpec, dates: tuple[dt.date, ...]
+    context: AssetExecutionContext,
+    apismith: ApiSmithResource,
+    database: SyncDatabase,
+    entity: EntitySpec,
+    dates: tuple[dt.date, ...],
 ) -> stages.StageResult:
-    return stages.fetch_stage(apismith.client(), entity, dates, _window_read_up_to(context))
-
-
-def _window_read_up_to(context: AssetExecutionContext) -> int:
-    """The `window_rowversion` of the extracted frame of this partition's last run that reached the report.
-
-    Only a run whose sync_report materialised accounted for every row it read,
-    so only its mark is used; anything else (no history, a range of dates or
-    of entities, a re-execution) reads the whole window again, which is always
-    correct. An operator forces that with the run tag
-    `syncflow/full_window=true` (after restoring SyncFlow's state from a
-    backup, say).
-    """
-    if (
-        len(context.partition_keys) != 1
-        or context.run.tags.get(FULL_WINDOW_TAG) == "true"
-        or _resync(context)
-    ):
-        return 0
-    key = context.partition_keys[0]
-    instance = context.instance
-    reports = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("sync_report"), asset_partitions=[key]), limit=1
-    ).records
-    if not reports:
-        return 0
-    finished_run = reports[0].run_id
-    extractions = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[key]), limit=20
-    ).records
-    for record in extractions:
-        if record.run_id == finished_run and record.asset_materialization is not None:
-            mark = record.asset_materialization.metadata.get(stages.WINDOW_ROWVERSION)
-            value = getattr(mark, "value", None)
-            return int(value) if isinstance(value, int) else 0
-    return 0
+    batch = _batch_id(context, database, entity.name, dates[0])
+    return reading.extract(context, apismith.client(), database, entity, dates, batch)
 
 
 def _resync(context: AssetExecutionContext) -> bool:
@@ -481,7 +455,12 @@ def _commit(
     delivered: pa.Table,
 ) -> stages.StageResult:
     batch = _batch_id(context, database, entity.name, dates[0])
-    return stages.persist_stage(database, entity, delivered, batch)
+    result = stages.persist_stage(database, entity, delivered, batch)
+    # Every row of the entity is now committed, failed or parked: its catch-up read is accounted for.
+    read_through = reading.account_read(database, batch)
+    if read_through is not None:
+        result.notes["read_through"] = read_through
+    return result
 
 
 @_stage_asset(
@@ -517,6 +496,8 @@ def _report(
         {
             "entity": [entity.name],
             "batch_id": [str(batch)],
+            # A run over several dates files its report under the last one.
+            stages.PARTITION_DATE: pa.array([dates[-1]], pa.date32()),
             **{name: pa.array([int(counts.get(name, 0))], pa.int64()) for name in REPORT_COUNTS},
             "seconds": pa.array([float(sum(summary["stage_seconds"].values()))], pa.float64()),
         }

@@ -1,7 +1,9 @@
 """Partitions: every stage asset is partitioned by entity (from the catalog) × date.
 
-The date dimension means "records that changed on that day" (UTC). Its first
-day comes from SYNCFLOW_PARTITIONS_START (default 2025-01-01).
+The date dimension is the day a record last changed (UTC), clipped into the
+run's dates: the first day also holds everything earlier, and a run of today
+holds every change read since the entity's last one (defs/reading.py). Its
+first day comes from SYNCFLOW_PARTITIONS_START (default 2025-01-01).
 """
 
 from __future__ import annotations

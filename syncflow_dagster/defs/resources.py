@@ -71,6 +71,11 @@ class SyncDatabase(dg.ConfigurableResource):
 
         return DeliveryLogRepository(self.engine)
 
+    def read_marks(self) -> Any:
+        from syncflow_dagster.store.read_marks import ReadMarkRepository
+
+        return ReadMarkRepository(self.engine)
+
     def events(self) -> Any:
         from syncflow_dagster.store.events import StageEventRepository
 

@@ -1,9 +1,12 @@
 """Sensors and schedules that start syncs by themselves.
 
-* `apismith_change_sensor` reads each entity's APISmith watermark (cheap), keeps
-  the last one seen per entity in its cursor, and asks for a sync run only for
-  entities whose watermark moved, one run per changed day, with a run key tied
-  to the watermark so the same change is never synced twice by the sensor.
+* `apismith_change_sensor` reads each entity's APISmith watermark (cheap) and
+  compares it with the entity's read-through mark in SyncFlow's store (not a
+  cursor, so a restored cursor can skip nothing): an entity behind gets one run
+  of today's partition, whose catch-up read takes every change after the mark
+  whatever its change time (defs/reading.py); an entity never synced gets one
+  history run [partitions start .. today]. Not while the entity has a sync run
+  queued or in flight; run keys name (entity, mark, watermark).
 * `pending_children_sensor` asks for one retry run per entity whose parked
   children now have their parents in ScheduleHub, with a run key naming that
   set of children, so an unchanged set is never released twice.
@@ -24,8 +27,8 @@ when SYNCFLOW_AUTOMATION=running, which `syncflow dev` and the demo set.
 
 import datetime as dt
 import hashlib
-import json
 import os
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import dagster as dg
@@ -35,7 +38,9 @@ from syncflow_dagster.defs.assets import CATALOG
 from syncflow_dagster.defs.jobs import entity_run_tags, reconcile_job, retry_job, sync_job
 from syncflow_dagster.defs.partitions import partitions_start, sync_partition_key
 from syncflow_dagster.defs.resources import ApiSmithResource, SyncDatabase
+from syncflow_dagster.defs.run_tags import partition_tags
 from syncflow_dagster.defs.stages import run_async
+from syncflow_dagster.deploy.run_coordinator import entities_of_run
 
 AUTOMATION_ENV = "SYNCFLOW_AUTOMATION"
 
@@ -55,63 +60,105 @@ async def _watermarks(client: Any) -> dict[str, Any]:
         return {entity.name: await client.watermark(entity.source) for entity in CATALOG.entities}
 
 
-def _days(first: dt.date, last: dt.date) -> list[dt.date]:
-    return [first + dt.timedelta(days=n) for n in range((last - first).days + 1)]
+CHANGE_TRIGGER = "change_sensor"
+WATERMARK_TAG = "syncflow/watermark"
+READ_MARK_TAG = "syncflow/read_mark"
+# Runs of an entity that hold its slot: a second catch-up run would only read what this one reads.
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
 
 
 def plan_change_runs(
-    cursor: dict[str, dict[str, Any]], watermarks: dict[str, Any], today: dt.date
-) -> tuple[list[dg.RunRequest], dict[str, dict[str, Any]], list[str]]:
-    """Run requests for moved watermarks, the next cursor, and the entities left unchanged.
+    marks: Mapping[str, int],
+    watermarks: Mapping[str, Any],
+    busy: Collection[str],
+    *,
+    today: dt.date,
+    start: dt.date,
+) -> tuple[list[dg.RunRequest], list[str]]:
+    """The runs the sensor asks for, and why each other entity was left alone.
 
-    A moved entity gets one run per day from the day of its last synced change
-    up to the day of its newest change, so a change made just before midnight
-    is not missed by a run for the next day.
+    `marks` are the entities' read-through marks (store/read_marks.py),
+    `watermarks` APISmith's per-entity watermarks, `busy` the entities with a
+    sync run queued or in flight. Per entity, in parent-first order:
+
+    * a run already queued or in flight: nothing (it reads what a new one would);
+    * never synced (no mark): one history run over [start .. today] (range tags),
+      which reads everything whatever its change time;
+    * APISmith's watermark above the mark: one run of today's partition, whose
+      catch-up read takes every change after the mark, whatever its change time;
+    * otherwise nothing.
+
+    The run key names the entity, its mark and the watermark seen: the same
+    (entity, mark, watermark) is launched once; a run that failed leaves the mark
+    where it was, so it is tried again as soon as the source moves on.
     """
     requests: list[dg.RunRequest] = []
-    next_cursor = dict(cursor)
-    unchanged: list[str] = []
-    start = dt.date.fromisoformat(partitions_start())
+    left: list[str] = []
     for name in CATALOG.topological_order:
-        mark = watermarks[name]
-        seen = cursor.get(name, {})
-        rowversion = int(mark.max_rowversion or 0)
-        if rowversion <= int(seen.get("rowversion", 0)):
-            unchanged.append(name)
+        source = int(watermarks[name].max_rowversion or 0)
+        mark = marks.get(name)
+        if name in busy:
+            left.append(f"{name}: a sync run is queued or in flight")
             continue
-        newest = mark.max_changed_at.date() if mark.max_changed_at else today
-        first = dt.date.fromisoformat(seen["day"]) if "day" in seen else newest
-        for day in _days(max(first, start), min(newest, today)):
+        tags = {**entity_run_tags(name, CHANGE_TRIGGER), WATERMARK_TAG: str(source)}
+        if mark is None:
+            history = partition_tags(name, start, today)
             requests.append(
                 dg.RunRequest(
-                    run_key=f"{name}:{day.isoformat()}:{rowversion}",
-                    partition_key=sync_partition_key(name, day),
-                    tags={"syncflow/trigger": "change_sensor", "syncflow/watermark": str(rowversion)},
+                    run_key=f"history:{name}:{source}",
+                    partition_key=sync_partition_key(name, today) if start == today else None,
+                    tags={**tags, **({} if start == today else history)},
                 )
             )
-        next_cursor[name] = {"rowversion": rowversion, "day": newest.isoformat()}
-    return requests, next_cursor, unchanged
+        elif source > mark:
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"catch_up:{name}:{mark}:{source}",
+                    partition_key=sync_partition_key(name, today),
+                    tags={**tags, READ_MARK_TAG: str(mark)},
+                )
+            )
+        else:
+            left.append(f"{name}@{mark}")
+    return requests, left
+
+
+def busy_entities(instance: dg.DagsterInstance) -> set[str]:
+    """Entities a sync run queued or in flight writes, however it was launched (sensor, API, UI, backfill)."""
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=sync_job.name, statuses=IN_FLIGHT))
+    return {name for run in runs for name in entities_of_run(run.tags, CATALOG)}
 
 
 @dg.sensor(
     job=sync_job,
     minimum_interval_seconds=60,
     default_status=default_status(),
-    description="Starts a sync for each entity whose APISmith watermark moved since the last tick.",
+    description="Starts a sync for each entity whose APISmith watermark is above what SyncFlow has read "
+    "(a history run for an entity never synced), unless one is already queued or running.",
 )
 def apismith_change_sensor(
-    context: SensorEvaluationContext, apismith: ApiSmithResource
+    context: SensorEvaluationContext, apismith: ApiSmithResource, database: SyncDatabase
 ) -> dg.SensorResult | dg.SkipReason:
-    cursor = json.loads(context.cursor) if context.cursor else {}
     watermarks = run_async(_watermarks(apismith.client()))
-    requests, next_cursor, unchanged = plan_change_runs(cursor, watermarks, dt.datetime.now(dt.UTC).date())
+    requests, left = plan_change_runs(
+        database.read_marks().all(),
+        watermarks,
+        busy_entities(context.instance),
+        today=dt.datetime.now(dt.UTC).date(),
+        start=dt.date.fromisoformat(partitions_start()),
+    )
     if not requests:
         return dg.SkipReason(
-            f"no APISmith watermark moved since the last tick ({len(unchanged)} entities checked: "
-            + ", ".join(f"{n}@{cursor.get(n, {}).get('rowversion', 0)}" for n in unchanged)
+            f"every entity's APISmith watermark is read through or being read ({len(left)} entities checked: "
+            + ", ".join(left)
             + ")"
         )
-    return dg.SensorResult(run_requests=requests, cursor=json.dumps(next_cursor, sort_keys=True))
+    return dg.SensorResult(run_requests=requests)
 
 
 def retry_run_config(entity: str) -> dict[str, Any]:

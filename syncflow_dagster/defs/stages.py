@@ -78,8 +78,14 @@ def window_of(dates: tuple[dt.date, ...]) -> tuple[dt.datetime, dt.datetime]:
     return start, end
 
 
-def _partition_dates(changed_at_text: pa.ChunkedArray | pa.Array, dates: tuple[dt.date, ...]) -> pa.Array:
-    """Partition date of each row from its ISO changed_at text (UTC), clipped into the run's days."""
+def partition_dates(changed_at_text: pa.ChunkedArray | pa.Array, dates: tuple[dt.date, ...]) -> pa.Array:
+    """Partition date of each row: its change day (ISO changed_at text, UTC) clipped into the run's days.
+
+    A row changed before the run's first day lands on the first day (the open
+    start of a history run, a backdated record of a catch-up read), one changed
+    after its last day (a clock ahead of ours) on the last; no time is a change
+    before everything, so it lands on the first day.
+    """
     if len(dates) == 1 or len(changed_at_text) == 0:
         return pa.array([dates[0]] * len(changed_at_text), pa.date32())
     day = pc.cast(pc.utf8_slice_codeunits(pc.cast(changed_at_text, pa.string()), 0, 10), pa.date32())
@@ -103,37 +109,79 @@ def key_only(entity: EntitySpec) -> EntitySpec:
 
 
 async def _fetch(
-    client: Any, entity: EntitySpec, dates: tuple[dt.date, ...], after_rowversion: int
+    client: Any,
+    entity: EntitySpec,
+    window: tuple[dt.datetime | None, dt.datetime | None],
+    after_rowversion: int,
+    snapshot: int | None,
 ) -> tuple[pa.Table, pa.Table]:
-    start, end = window_of(dates)
+    start, end = window
     async with client:
-        changes = await client.fetch_changes(entity.source, start, end, after_rowversion)
+        changes = await client.fetch_changes(
+            entity.source, start, end, after_rowversion, snapshot_rowversion=snapshot
+        )
         tombstones = (
-            await client.fetch_tombstones(entity.source, start, end, after_rowversion)
+            await client.fetch_tombstones(
+                entity.source, start, end, after_rowversion, snapshot_rowversion=snapshot
+            )
             if entity.delete_policy.value == "tombstones"
             else pa.table({})
         )
     return changes, tombstones
 
 
-# Metadata key of the extracted asset: every record of the window up to this
-# rowversion has been read by that run (see `fetch_stage`).
+async def _watermark(client: Any, entity: EntitySpec) -> int:
+    async with client:
+        mark = await client.watermark(entity.source)
+    return int(mark.max_rowversion or 0)
+
+
+# Metadata keys of the extracted asset. WINDOW_ROWVERSION: every record of the
+# window up to this rowversion has been read by that run (see `fetch_stage`);
+# READ_SNAPSHOT: the rowversion a catch-up read was pinned at.
 WINDOW_ROWVERSION = "window_rowversion"
+READ_SNAPSHOT = "read_snapshot"
 
 
 def fetch_stage(
-    client: Any, entity: EntitySpec, dates: tuple[dt.date, ...], after_rowversion: int = 0
+    client: Any,
+    entity: EntitySpec,
+    dates: tuple[dt.date, ...],
+    after_rowversion: int = 0,
+    *,
+    open_start: bool = False,
+    catch_up: bool = False,
 ) -> StageResult:
-    """The window's changes and tombstones newer than `after_rowversion`.
+    """The run's changes and tombstones newer than `after_rowversion`.
 
-    `after_rowversion` is the `window_rowversion` of the last run of the same
-    window that finished: that run accounted for every record of the window
-    up to it (committed, failed or pending), and a record that changes again
-    gets a newer rowversion. So an incremental run reads only what changed,
-    and its cost follows the changed rows rather than the entity's size.
+    A window read (`catch_up` False) takes the records whose change time falls
+    on the run's days (from the beginning of time with `open_start`).
+    `after_rowversion` is then the `window_rowversion` of the last run of the
+    same window that finished: that run accounted for every record of the
+    window up to it (committed, failed or pending), and a record that changes
+    again gets a newer rowversion. So an incremental run reads only what
+    changed, and its cost follows the changed rows rather than the entity's size.
+
+    A catch-up read (`catch_up` True, the run of today) has no time bounds: it
+    reads every change and tombstone with a rowversion in (after, S], S being
+    the entity's APISmith watermark read first and pinned as the snapshot of
+    both streams, so that together they cover exactly that range. Every row
+    lands on its change day clipped into the run's days (`partition_dates`):
+    a backdated record, or one from before the partitions' start, is read by
+    the next run of today whatever its change time (defs/reading.py).
     """
-    changes, tombstones = run_async(_fetch(client, entity, dates, after_rowversion))
-    read_up_to = after_rowversion
+    snapshot: int | None = None
+    window: tuple[dt.datetime | None, dt.datetime | None]
+    if catch_up:
+        snapshot = run_async(_watermark(client, entity))
+        # A source restored below what was read (snapshot < after) reads nothing, never an error.
+        after_rowversion = min(after_rowversion, snapshot)
+        window = (None, None)
+    else:
+        start, end = window_of(dates)
+        window = (None if open_start else start, end)
+    changes, tombstones = run_async(_fetch(client, entity, window, after_rowversion, snapshot))
+    read_up_to = after_rowversion if snapshot is None else snapshot
     for part in (changes, tombstones):
         if part.num_columns and part.num_rows and entity.rowversion in part.column_names:
             top = pc.max(part[entity.rowversion]).as_py()
@@ -149,11 +197,17 @@ def fetch_stage(
     else:
         frame = _as_text(changes)
     if entity.changed_at in frame.column_names:
-        frame = frame.append_column(PARTITION_DATE, _partition_dates(frame[entity.changed_at], dates))
+        frame = frame.append_column(PARTITION_DATE, partition_dates(frame[entity.changed_at], dates))
     else:
         frame = frame.append_column(PARTITION_DATE, pa.array([dates[0]] * frame.num_rows, pa.date32()))
     counts = {"fetched": changes.num_rows, "tombstones": tombstones.num_rows if tombstones.num_columns else 0}
-    notes = {"after_rowversion": after_rowversion, WINDOW_ROWVERSION: read_up_to}
+    notes: dict[str, Any] = {"after_rowversion": after_rowversion, WINDOW_ROWVERSION: read_up_to}
+    if snapshot is not None:
+        notes[READ_SNAPSHOT] = snapshot
+        notes["read"] = f"catch-up: every change with rowversion in ({after_rowversion}, {snapshot}]"
+    else:
+        since = "the beginning" if window[0] is None else window[0].isoformat()
+        notes["read"] = f"window: changed from {since} to {window[1].isoformat() if window[1] else 'now'}"
     return StageResult(frame, counts, notes)
 
 
@@ -648,23 +702,30 @@ def _held_among(
 
 
 def _summary(delivered: pa.Table) -> pa.Table:
-    """One row per action × status: what the persist stage committed or failed."""
+    """One row per partition date × action × status: what the persist stage committed or failed.
+
+    The partition date is kept so that the summary of a run over several dates
+    is stored, like every stage frame, on the dates its rows belong to.
+    """
     if delivered.num_rows == 0:
         return pa.table(
             {
                 c.ACTION: pa.array([], pa.string()),
                 "status": pa.array([], pa.string()),
                 "rows": pa.array([], pa.int64()),
+                PARTITION_DATE: pa.array([], pa.date32()),
             }
         )
-    grouped = delivered.group_by([c.ACTION, STATUS]).aggregate([(c.BK, "count")])
-    return _table(
-        {
-            c.ACTION: grouped[c.ACTION],
-            "status": grouped[STATUS],
-            "rows": pc.cast(grouped[f"{c.BK}_count"], pa.int64()),
-        }
-    )
+    keys = [c.ACTION, STATUS, *([PARTITION_DATE] if PARTITION_DATE in delivered.column_names else [])]
+    grouped = delivered.group_by(keys).aggregate([(c.BK, "count")])
+    columns = {
+        c.ACTION: grouped[c.ACTION],
+        "status": grouped[STATUS],
+        "rows": pc.cast(grouped[f"{c.BK}_count"], pa.int64()),
+    }
+    if PARTITION_DATE in grouped.column_names:
+        columns[PARTITION_DATE] = grouped[PARTITION_DATE]
+    return _table(columns)
 
 
 def merged_counts(*parts: Mapping[str, int]) -> dict[str, int]:

@@ -23,22 +23,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import dagster as dg
-
 from syncflow_dagster.catalog import Catalog
 from syncflow_dagster.defs.assets import FULL_WINDOW_TAG, RESYNC_TAG
-from syncflow_dagster.defs.partitions import DATE_DIMENSION, ENTITY_DIMENSION, partitions_start
+from syncflow_dagster.defs.partitions import partitions_start
+from syncflow_dagster.defs.run_tags import partition_tags
 from syncflow_dagster.service.dagster_gateway import DagsterRefused, DagsterUnavailable
 
 # Tags every launched sync run carries (the run queue's per-entity limit keys on ENTITY_TAG).
 ENTITY_TAG = "syncflow/entity"
 TRIGGER_TAG = "syncflow/trigger"
 PLAN_TAG = "syncflow/plan"
-# Dagster's tags for a run over a range of partitions (what a single-run backfill sets).
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
-# Dagster's tags for a run of one partition (what the UI's Launchpad sets).
-PARTITION_TAG = "dagster/partition"
 
 
 class SyncRefused(ValueError):
@@ -153,31 +147,12 @@ def requested_entities(catalog: Catalog, names: Sequence[str]) -> list[str]:
     return [n for n in order if n in wanted] if wanted else order
 
 
-def partition_key(entity: str, day: dt.date) -> str:
-    """A sync partition's key as Dagster writes it (dimensions in name order: `date|entity`)."""
-    return str(dg.MultiPartitionKey({ENTITY_DIMENSION: entity, DATE_DIMENSION: day.isoformat()}))
-
-
 def run_tags(
     entity: str, span: DateSpan, *, plan_id: str, trigger: str, full_window: bool, resync: bool = False
 ) -> dict[str, str]:
     """The tags of one entity's sync run over `span`."""
     tags = {ENTITY_TAG: entity, TRIGGER_TAG: trigger, PLAN_TAG: plan_id}
-    if span.first == span.last:
-        tags.update(
-            {
-                PARTITION_TAG: partition_key(entity, span.first),
-                f"{PARTITION_TAG}/{ENTITY_DIMENSION}": entity,
-                f"{PARTITION_TAG}/{DATE_DIMENSION}": span.first.isoformat(),
-            }
-        )
-    else:
-        tags.update(
-            {
-                RANGE_START_TAG: partition_key(entity, span.first),
-                RANGE_END_TAG: partition_key(entity, span.last),
-            }
-        )
+    tags.update(partition_tags(entity, span.first, span.last))
     if full_window:
         tags[FULL_WINDOW_TAG] = "true"
     if resync:

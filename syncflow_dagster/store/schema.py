@@ -189,3 +189,28 @@ delivery_log = sa.Table(
     sa.Index("delivery_log_key", "entity", "bk_hash"),
     sa.Index("delivery_log_at", "at", postgresql_using="brin"),
 )
+
+# Per entity, the rowversion up to which every APISmith change and tombstone has been
+# read AND accounted for (committed, failed or parked), whatever its change time: the
+# catch-up read of the next run starts after it (defs/reading.py). Only moves forward.
+read_marks = sa.Table(
+    "read_marks",
+    metadata,
+    sa.Column("entity", sa.Text, primary_key=True),
+    sa.Column("rowversion", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_NOW),
+)
+
+# The snapshot a batch's catch-up read was pinned at: noted by the fetch stage, turned
+# into the entity's read mark by the persist stage once the batch's rows are accounted
+# for (and then deleted). A batch that never gets there leaves its row behind, and the
+# mark where it was.
+read_snapshots = sa.Table(
+    "read_snapshots",
+    metadata,
+    sa.Column("batch_id", pg.UUID(as_uuid=True), primary_key=True),
+    sa.Column("entity", sa.Text, nullable=False),
+    sa.Column("after_rowversion", sa.BigInteger, nullable=False),
+    sa.Column("snapshot_rowversion", sa.BigInteger, nullable=False),
+    sa.Column("noted_at", sa.DateTime(timezone=True), nullable=False, server_default=_NOW),
+)

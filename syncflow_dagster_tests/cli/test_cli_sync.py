@@ -31,8 +31,7 @@ from syncflow_dagster_tests.webserver import STAGE_POOL_LIMITS, DagsterDeploymen
 ORDER = list(default_catalog().topological_order)
 TODAY = dt.datetime.now(dt.UTC).date()
 # The partitions start today, so the history is one date: a single-partition run per entity.
-# (A history of several dates is one range run per entity; it needs the range-run support
-# of the `region` branch to succeed end to end.)
+# (A history of several dates is one range run per entity: test_cli_sync_history.py.)
 PARTITIONS_START = TODAY
 SYNC_TIMEOUT_S = 20 * 60.0
 

@@ -54,6 +54,8 @@ def test_upgrade_creates_every_table_and_the_version_table_in_schema_syncflow(fr
         "pending_children",
         "stage_events",
         "delivery_log",
+        "read_marks",
+        "read_snapshots",
     }
 
 
