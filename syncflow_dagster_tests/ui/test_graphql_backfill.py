@@ -283,33 +283,7 @@ def test_partitioned_run_through_graphql_client(sync_deployment: SyncDeployment)
 def test_backfill_three_days_all_entities(sync_deployment: SyncDeployment) -> None:
     dagster = sync_deployment.dagster
     partitions = [partition_key(day, entity) for day in sync_deployment.days for entity in ENTITIES]
-    launched = dagster.graphql(
-        LAUNCH_BACKFILL,
-        {
-            "params": {
-                # What "Materialize all…" on the asset group does: an asset backfill of the
-                # group's assets over the chosen partitions.
-                "assetSelection": [{"path": [asset]} for asset in STAGE_ASSETS],
-                "partitionNames": partitions,
-                "title": "acceptance: 3 days x all entities",
-            }
-        },
-    )["launchPartitionBackfill"]
-    assert launched["__typename"] == "LaunchBackfillSuccess", launched
-    backfill_id = launched["backfillId"]
-
-    def backfill_status() -> dict[str, Any]:
-        state = dagster.graphql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
-        assert state["__typename"] == "PartitionBackfill", state
-        return dict(state)
-
-    backfill = wait_until(
-        lambda: (state := backfill_status())["status"] in TERMINAL_BACKFILL_STATUSES and state,
-        f"backfill {backfill_id} to end",
-        timeout_s=BACKFILL_TIMEOUT_S,
-        interval_s=POLL_INTERVAL_S,
-        describe=lambda: str(backfill_status()),
-    )
+    backfill_id, backfill = _backfill(dagster, partitions, "acceptance: 3 days x all entities")
     assert backfill["numPartitions"] == len(partitions)
 
     runs = _runs_tagged(dagster, "dagster/backfill", backfill_id)
@@ -349,6 +323,65 @@ def test_backfill_three_days_all_entities(sync_deployment: SyncDeployment) -> No
 
     _record_run_count(len(first_attempts), backfill_id)
     _screenshot_partitions(dagster, sync_deployment.today, expected_materialized=len(partitions))
+
+
+def _backfill(dagster: DagsterDeployment, partitions: list[str], title: str) -> tuple[str, dict[str, Any]]:
+    """Launch an asset backfill of the stage assets over `partitions`, as "Materialize all…" on the
+    asset group does, and wait for it to end; its id and final state."""
+    launched = dagster.graphql(
+        LAUNCH_BACKFILL,
+        {
+            "params": {
+                "assetSelection": [{"path": [asset]} for asset in STAGE_ASSETS],
+                "partitionNames": partitions,
+                "title": title,
+            }
+        },
+    )["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    backfill_id = launched["backfillId"]
+
+    def backfill_status() -> dict[str, Any]:
+        state = dagster.graphql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
+        assert state["__typename"] == "PartitionBackfill", state
+        return dict(state)
+
+    backfill = wait_until(
+        lambda: (state := backfill_status())["status"] in TERMINAL_BACKFILL_STATUSES and state,
+        f"backfill {backfill_id} to end",
+        timeout_s=BACKFILL_TIMEOUT_S,
+        interval_s=POLL_INTERVAL_S,
+        describe=lambda: str(backfill_status()),
+    )
+    return backfill_id, backfill
+
+
+def test_backfill_of_one_entity_over_a_date_range_is_one_run(sync_deployment: SyncDeployment) -> None:
+    """The single-run backfill policy over dates: one run over the range, every day's partition
+    materialized by it (the range run that used to fail at `committed`)."""
+    dagster = sync_deployment.dagster
+    entity = ENTITIES[0]
+    partitions = [partition_key(day, entity) for day in sync_deployment.days]
+    backfill_id, backfill = _backfill(dagster, partitions, f"acceptance: {entity} over 3 days")
+    runs = _runs_tagged(dagster, "dagster/backfill", backfill_id)
+    first_attempts = [run for run in runs if "dagster/parent_run_id" not in _tags(run)]
+    assert len(first_attempts) == 1, first_attempts
+    run = first_attempts[0]
+    assert backfill["status"] in {"COMPLETED", "COMPLETED_SUCCESS"}, _run_errors(dagster, run["runId"])
+    assert run["status"] == "SUCCESS", _run_errors(dagster, run["runId"])
+    tags = _tags(run)
+    assert tags["dagster/asset_partition_range_start"] == partitions[0]
+    assert tags["dagster/asset_partition_range_end"] == partitions[-1]
+    for asset in STAGE_ASSETS:
+        by_partition = {
+            e["partition"]: e["runId"]
+            for e in _materializations(dagster, asset, partitions)
+            if e["runId"] == run["runId"]
+        }
+        assert set(by_partition) == set(partitions), f"{asset}: {by_partition}"
+    database = SyncDatabase(url=sync_deployment.state_url)
+    verification = verify_sync(sync_deployment.apismith_url, sync_deployment.schedulehub, database.engine)
+    assert verification.equal, verification.describe()
 
 
 def _screenshot_partitions(dagster: DagsterDeployment, day: str, expected_materialized: int) -> None:
