@@ -436,26 +436,38 @@ def test_deliver_step_killed_mid_delivery_then_reexecuted_from_failure(rig: Rig)
     _assert_equal(verify_deployment(env, FAMILY))
 
 
-def _backends_of(env: Deployment, ports: set[int]) -> list[tuple[int, str | None, str | None, str]]:
-    """Postgres backends whose client is one of `ports`: (client_port, wait_event_type, wait_event, query)."""
-    if not ports:
+def _backends_of(env: Deployment, pids: set[int]) -> list[tuple[int, str | None, str | None, str]]:
+    """Postgres backends among `pids` still in this test's database: (pid, wait_event_type, wait_event, query)."""
+    if not pids:
         return []
     with env.resources["database"].engine.connect() as conn:
         rows = conn.execute(
             sa.text(
-                "SELECT client_port, wait_event_type, wait_event, query FROM pg_stat_activity"
-                " WHERE datname = current_database() AND client_port = ANY(:ports)"
+                "SELECT pid, wait_event_type, wait_event, query FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid = ANY(:pids)"
             ),
-            {"ports": sorted(ports)},
+            {"pids": sorted(pids)},
         )
         return [(int(p), t, e, q) for p, t, e, q in rows]
 
 
-def _waiting(
-    env: Deployment, process: psutil.Process, pg_port: int
-) -> list[tuple[int, str | None, str | None, str]]:
-    """The process's Postgres sessions that are waiting on a lock."""
-    return [b for b in _backends_of(env, _ports_to(process, pg_port)) if b[1] == "Lock"]
+def _new_lock_waits(env: Deployment, seen: set[int]) -> list[tuple[int, str | None, str | None, str]]:
+    """Sessions of this test's database waiting on a lock, other than the ones already `seen`.
+
+    The database is the test's own and only the killed run writes to it, so a new waiting
+    session is the commit attempt's; sessions are told apart by backend pid, which also holds
+    when the tests reach Postgres through a unix socket (no client port to match a process by).
+    """
+    with env.resources["database"].engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT pid, wait_event_type, wait_event, query FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                " AND pid <> pg_backend_pid() AND NOT (pid = ANY(:seen))"
+            ),
+            {"seen": sorted(seen) or [0]},
+        )
+        return [(int(p), t, e, q) for p, t, e, q in rows]
 
 
 def test_persist_step_killed_mid_commit_then_a_fresh_run(rig: Rig) -> None:
@@ -466,13 +478,12 @@ def test_persist_step_killed_mid_commit_then_a_fresh_run(rig: Rig) -> None:
         assert materialize_sync(entity, TODAY, resources=env.resources, instance=instance).success
     env.apply_changes(updated_pct=40, inserted_pct=20, seed=42, entities=[CHILD])
     before, watermark_before = _state(env, CHILD), _watermark(env, CHILD)
-    pg_port = env.resources["database"].engine.url.port or 5432
 
     # The commit writes entity_state rows, then advances the watermark: with the watermarks
     # table locked, every attempt stops inside its transaction, after its state rows.
     blocker = env.resources["database"].engine.connect()
     blocker.execute(sa.text("LOCK TABLE syncflow.watermarks IN EXCLUSIVE MODE"))
-    killed_ports: set[int] = set()
+    killed_backends: set[int] = set()
     waits = []
     try:
         worker = rig.start_sync(CHILD)
@@ -484,14 +495,14 @@ def test_persist_step_killed_mid_commit_then_a_fresh_run(rig: Rig) -> None:
             )
             process = _ours(pid)
             waiting = _wait_for(
-                "the commit to wait on a lock", functools.partial(_waiting, env, process, pg_port)
+                "the commit to wait on a lock", functools.partial(_new_lock_waits, env, killed_backends)
             )
-            killed_ports |= _ports_to(process, pg_port)
+            killed_backends |= {w[0] for w in waiting}
             waits.append(waiting[0])
             _kill(process)
         failed = rig.finish(worker)
         # The killed processes' sessions that are blocked inside their transaction outlive them.
-        assert _backends_of(env, killed_ports)
+        assert _backends_of(env, killed_backends)
     finally:
         blocker.rollback()
         blocker.close()
@@ -502,7 +513,7 @@ def test_persist_step_killed_mid_commit_then_a_fresh_run(rig: Rig) -> None:
     assert waits[0][2] == "relation", waits
     assert "watermarks" in waits[0][3], waits
     assert all(w[2] == "advisory" for w in waits[1:]), waits
-    _wait_for("the killed processes' sessions to end", lambda: not _backends_of(env, killed_ports))
+    _wait_for("the killed processes' sessions to end", lambda: not _backends_of(env, killed_backends))
     assert _wait_for("advisory locks released", lambda: _advisory_locks(env) == 0)
     # Nothing half written: state and watermark are exactly what they were before the run.
     assert _state(env, CHILD) == before
