@@ -26,7 +26,7 @@ def test_dagster_code_server_still_starts_run_workers_from_its_mp_ctx() -> None:
 def test_the_code_server_starts_workers_from_a_forkserver_preloading_the_code_location(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv(warm_workers.START_ENV, raising=False)
+    monkeypatch.setenv(warm_workers.START_ENV, "forkserver")
     assert warm_workers.install() is True
     assert warm_workers.install() is True  # idempotent
     # A server object (as the code server built it before importing the code location) sees the
@@ -52,7 +52,6 @@ def test_spawn_keeps_dagsters_default_and_a_wrong_value_is_named(monkeypatch: py
         warm_workers.worker_start()
 
 
-def test_the_definitions_install_it() -> None:
-    import syncflow_dagster.definitions  # noqa: F401  (the composition root installs on import)
-
-    assert getattr(server.DagsterApiServer, "_syncflow_warm_workers", False) is True
+def test_spawn_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(warm_workers.START_ENV, raising=False)
+    assert warm_workers.worker_start() is warm_workers.WorkerStart.SPAWN
