@@ -65,3 +65,22 @@ def stop_process_group(
             os.killpg(pgid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout_s)
+
+
+def syncflow_launch_command(
+    command: str, *args: str, dagster_url: str, partitions_start: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """`syncflow <command> ARGS` (sync, resync) as a user runs it: only the Dagster URL and the
+    partitions' start from SyncFlow's settings, 120 columns, output captured, never raising."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SYNCFLOW_")}
+    environ.update(
+        {"COLUMNS": "120", "SYNCFLOW_DAGSTER_URL": dagster_url, "SYNCFLOW_PARTITIONS_START": partitions_start}
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "syncflow_dagster.cli.main", command, *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=timeout,
+        check=False,
+    )

@@ -8,14 +8,13 @@ end to end in defs/test_repair.py.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
 from syncflow_dagster.simulators.serve import RunningServer, start_server
+from syncflow_dagster_tests.processes import syncflow_launch_command
 from syncflow_dagster_tests.service.test_launch import FakeDagster
 
 TODAY = dt.datetime.now(dt.UTC).date()
@@ -33,20 +32,8 @@ def fake() -> Iterator[tuple[FakeDagster, RunningServer]]:
 
 
 def resync(*args: str, dagster_url: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SYNCFLOW_")}
-    environ.update(
-        {
-            "COLUMNS": "120",
-            "SYNCFLOW_DAGSTER_URL": dagster_url,
-            "SYNCFLOW_PARTITIONS_START": START.isoformat(),
-        }
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "syncflow_dagster.cli.main", "resync", *args],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    return syncflow_launch_command(
+        "resync", *args, dagster_url=dagster_url, partitions_start=START.isoformat(), timeout=120
     )
 
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 import pytest
 
 from syncflow_dagster.catalog import default_catalog
+from syncflow_dagster_tests.processes import syncflow_launch_command
 from syncflow_dagster_tests.sync_harness import Deployment, deployment
 from syncflow_dagster_tests.verify import verify_deployment
 from syncflow_dagster_tests.webserver import STAGE_POOL_LIMITS, DagsterDeployment, dagster_deployment
@@ -47,21 +46,8 @@ query RunsOfPlan($value: String!) {
 def syncflow(
     *args: str, dagster_url: str = "http://127.0.0.1:9", timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SYNCFLOW_")}
-    environ.update(
-        {
-            "COLUMNS": "120",
-            "SYNCFLOW_DAGSTER_URL": dagster_url,
-            "SYNCFLOW_PARTITIONS_START": PARTITIONS_START.isoformat(),
-        }
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "syncflow_dagster.cli.main", "sync", *args],
-        capture_output=True,
-        text=True,
-        env=environ,
-        timeout=timeout,
-        check=False,
+    return syncflow_launch_command(
+        "sync", *args, dagster_url=dagster_url, partitions_start=PARTITIONS_START.isoformat(), timeout=timeout
     )
 
 
@@ -156,21 +142,12 @@ def test_sync_all_history_wait_ends_with_schedulehub_equal_to_the_source(stack: 
 
 
 def _resync(*args: str, dagster_url: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SYNCFLOW_")}
-    environ.update(
-        {
-            "COLUMNS": "120",
-            "SYNCFLOW_DAGSTER_URL": dagster_url,
-            "SYNCFLOW_PARTITIONS_START": PARTITIONS_START.isoformat(),
-        }
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "syncflow_dagster.cli.main", "resync", *args],
-        capture_output=True,
-        text=True,
-        env=environ,
+    return syncflow_launch_command(
+        "resync",
+        *args,
+        dagster_url=dagster_url,
+        partitions_start=PARTITIONS_START.isoformat(),
         timeout=SYNC_TIMEOUT_S,
-        check=False,
     )
 
 
