@@ -9,13 +9,25 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import sqlalchemy as sa
 from pydantic import Field
 
 from syncflow_dagster.store.database import make_engine
+
+if TYPE_CHECKING:
+    # Imported where used at run time: a step pays only for the repositories it touches.
+    from syncflow_dagster.clients.apismith import ApiSmithClient
+    from syncflow_dagster.clients.schedulehub import ScheduleHubClient
+    from syncflow_dagster.store.batches import BatchRepository
+    from syncflow_dagster.store.delivery_log import DeliveryLogRepository
+    from syncflow_dagster.store.events import StageEventRepository
+    from syncflow_dagster.store.failures import FailureRepository
+    from syncflow_dagster.store.pending import PendingRepository
+    from syncflow_dagster.store.read_marks import ReadMarkRepository
+    from syncflow_dagster.store.state import StateRepository
 
 
 @cache
@@ -46,37 +58,37 @@ class SyncDatabase(dg.ConfigurableResource):
             _migrated(self.url)
         return _engine_for(self.url)
 
-    def state(self) -> Any:
+    def state(self) -> StateRepository:
         from syncflow_dagster.store.state import StateRepository
 
         return StateRepository(self.engine)
 
-    def batches(self) -> Any:
+    def batches(self) -> BatchRepository:
         from syncflow_dagster.store.batches import BatchRepository
 
         return BatchRepository(self.engine)
 
-    def failures(self) -> Any:
+    def failures(self) -> FailureRepository:
         from syncflow_dagster.store.failures import FailureRepository
 
         return FailureRepository(self.engine)
 
-    def pending(self) -> Any:
+    def pending(self) -> PendingRepository:
         from syncflow_dagster.store.pending import PendingRepository
 
         return PendingRepository(self.engine)
 
-    def delivery_log(self) -> Any:
+    def delivery_log(self) -> DeliveryLogRepository:
         from syncflow_dagster.store.delivery_log import DeliveryLogRepository
 
         return DeliveryLogRepository(self.engine)
 
-    def read_marks(self) -> Any:
+    def read_marks(self) -> ReadMarkRepository:
         from syncflow_dagster.store.read_marks import ReadMarkRepository
 
         return ReadMarkRepository(self.engine)
 
-    def events(self) -> Any:
+    def events(self) -> StageEventRepository:
         from syncflow_dagster.store.events import StageEventRepository
 
         return StageEventRepository(self.engine)
@@ -100,7 +112,7 @@ class ApiSmithResource(dg.ConfigurableResource):
         description="Rows per page of the changes endpoint; unset: SYNCFLOW_PAGE_SIZE (default 10 000).",
     )
 
-    def client(self) -> Any:
+    def client(self) -> ApiSmithClient:
         from pydantic import SecretStr
 
         from syncflow_dagster.clients.apismith import ApiSmithClient, ApiSmithSettings
@@ -129,7 +141,7 @@ class ScheduleHubResource(dg.ConfigurableResource):
         "(default 5 000).",
     )
 
-    def client(self) -> Any:
+    def client(self) -> ScheduleHubClient:
         from pydantic import SecretStr
 
         from syncflow_dagster.clients.schedulehub import ScheduleHubClient, ScheduleHubSettings
