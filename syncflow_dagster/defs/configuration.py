@@ -132,10 +132,16 @@ def build_resources(environ: Mapping[str, str], *, env_vars: bool = False) -> di
             raise ConfigurationError(f"{variable} is not set")
         return value
 
-    def client_id(variable: str) -> str | dg.EnvVar:
-        if environ.get(variable):
-            return dg.EnvVar(variable) if env_vars else environ[variable]
-        return DEFAULT_CLIENT_ID
+    def partner(prefix: str) -> dict[str, str | dg.EnvVar]:
+        """Where a partner is and who SyncFlow is to it: <PREFIX>_BASE_URL, _CLIENT_ID, _CLIENT_SECRET."""
+        client_id: str | dg.EnvVar = DEFAULT_CLIENT_ID
+        if environ.get(f"{prefix}_CLIENT_ID"):
+            client_id = dg.EnvVar(f"{prefix}_CLIENT_ID") if env_vars else environ[f"{prefix}_CLIENT_ID"]
+        return {
+            "base_url": deployment(f"{prefix}_BASE_URL"),
+            "client_id": client_id,
+            "client_secret": deployment(f"{prefix}_CLIENT_SECRET"),
+        }
 
     database_url = deployment(DATABASE_URL_ENV)
     http = http_config(environ)
@@ -148,9 +154,7 @@ def build_resources(environ: Mapping[str, str], *, env_vars: bool = False) -> di
     return {
         "database": SyncDatabase(url=database_url, store=store_config(environ)),
         "apismith": ApiSmithResource(
-            base_url=deployment("APISMITH_BASE_URL"),
-            client_id=client_id("APISMITH_CLIENT_ID"),
-            client_secret=deployment("APISMITH_CLIENT_SECRET"),
+            **partner("APISMITH"),
             token_path=apismith.token_path,
             format=apismith.format,
             garbage_page_retries=apismith.garbage_page_retries,
@@ -158,9 +162,7 @@ def build_resources(environ: Mapping[str, str], *, env_vars: bool = False) -> di
             http=http,
         ),
         "schedulehub": ScheduleHubResource(
-            base_url=deployment("SCHEDULEHUB_BASE_URL"),
-            client_id=client_id("SCHEDULEHUB_CLIENT_ID"),
-            client_secret=deployment("SCHEDULEHUB_CLIENT_SECRET"),
+            **partner("SCHEDULEHUB"),
             token_url=schedulehub.token_url,
             batch_size=schedulehub.delivery_batch_size,
             http=http,
