@@ -1,7 +1,7 @@
 # Two commands do all set-up on a machine with only Python:
 #   make demo   - an end-to-end demo sync on embedded defaults
 #   make test   - the whole test suite (parallel workers)
-#   make test-fast - everything but the browser, Dagster-process, Celery and soak tests
+#   make test-fast - everything but the browser, Dagster-process, Celery, soak and slow tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # on one worker (xdist_group + --dist loadgroup). docs/testing.md has the figures.
 TEST_WORKERS ?= 6
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
-FAST_MARKERS := not (ui or daemon or celery or soak)
+FAST_MARKERS := not (ui or daemon or celery or soak or slow)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
