@@ -1,7 +1,7 @@
 # Two commands do all set-up on a machine with only Python:
 #   make demo   - an end-to-end demo sync on embedded defaults
 #   make test   - the whole test suite (parallel workers)
-#   make test-fast - everything but the browser, Dagster-process, Celery and soak tests
+#   make test-fast - everything but the browser, Dagster-process, Celery, soak and slow tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +14,12 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # on one worker (xdist_group + --dist loadgroup). docs/testing.md has the figures.
 TEST_WORKERS ?= 6
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
-FAST_MARKERS := not (ui or daemon or celery or soak)
+# Bytecode caches on, whatever the shell says: with PYTHONDONTWRITEBYTECODE set, every xdist
+# worker re-did pytest's assertion rewriting of the test modules and of the schemathesis plugin
+# (~4 s of CPU each), and every subprocess a test starts (code servers, `syncflow ...`) compiled
+# syncflow_dagster from source again. The caches are gitignored __pycache__ directories.
+PYTEST_ENV := PYTHONDONTWRITEBYTECODE=
+FAST_MARKERS := not (ui or daemon or celery or soak or slow)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,10 +30,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
+	$(PYTEST_ENV) $(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
+	$(PYTEST_ENV) $(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/syncflow demo

@@ -26,6 +26,15 @@ Why forkserver is not the default yet: with it, a cancel sent within the
 first seconds of a run was missed in 2 of 6 tries (the run went on to
 SUCCESS; `service/test_service_app.py::test_cancel_a_second_run`), never with
 spawn (0 of 3). Until that is understood, the faster start is opt-in.
+Ruled out so far (a bare multiprocessing experiment, not a deployment): the
+worker's own signal path. With Dagster's termination event set by the parent,
+the worker's termination thread sends itself SIGINT and
+`raise_execution_interrupts` raises inside an `asyncio.run` that is waiting,
+within 0.05 s, alike in forkserver children (3 of 3 preloading dagster; 4 of 4
+preloading PRELOAD from a forkserver started by a non-main thread, as a gRPC
+handler starts it) and in spawned ones (3 of 3). Still to look at: the code
+server's side (CancelExecution finding the run in `_executions`) and an
+interrupt landing while a task runs rather than waits.
 
 How it is done:
 the code server keeps its multiprocessing context in the private attribute

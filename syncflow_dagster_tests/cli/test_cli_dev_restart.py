@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from syncflow_dagster.cli.dev import SCHEDULEHUB_DIR, stand_in_apps
 from syncflow_dagster.defs.assets import CATALOG, STAGE_ASSETS
@@ -81,6 +82,7 @@ def _source_changes_to_children(env: Deployment) -> None:
     assert any(any(counts.values()) for counts in applied["applied"].values())
 
 
+@pytest.mark.slow
 def test_dev_restarted_on_its_home_syncs_without_failed_records(
     tmp_path: Path, fresh_database_url: str
 ) -> None:
@@ -127,6 +129,7 @@ def _audit(env: Deployment, instance: dg.DagsterInstance, repair: bool) -> dg.As
     return evaluation
 
 
+@pytest.mark.slow
 def test_a_target_that_came_back_empty_is_found_by_the_audit_and_repaired(
     tmp_path: Path, fresh_database_url: str
 ) -> None:

@@ -119,6 +119,7 @@ def _change_time(rng: random.Random) -> str:
     return (now - dt.timedelta(days=rng.uniform(0, 30))).isoformat()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [11, 29])
 def test_backdated_and_skewed_changes_synced_by_sensor_planned_runs_end_with_hub_equal_to_source(
     fresh_database_url: str, seed: int

@@ -83,17 +83,24 @@ def test_the_first_day_comes_from_the_environment_and_a_bad_one_is_named(
         sync_partitions(default_catalog())
 
 
-def test_checks_are_attached_to_the_stages_they_judge() -> None:
-    checks = {
+def test_every_check_but_the_audit_runs_in_every_sync_on_the_stage_it_judges() -> None:
+    repository = defs.get_repository_def()
+    everywhere = {key.name: key.asset_key.to_user_string() for key in repository.asset_graph.asset_check_keys}
+    in_sync = {
         key.name: key.asset_key.to_user_string()
-        for assets_def in defs.get_repository_def().asset_graph.asset_check_keys
-        for key in [assets_def]
+        for key in repository.get_job("sync").asset_layer.asset_graph.asset_check_keys
     }
-    assert checks["business_keys_unique_and_present"] == "delta_plan"
-    assert checks["pending_children_within_age"] == "resolved"
-    assert checks["delivered_equals_committed"] == "committed"
-    assert checks["entity_synced_recently"] == "sync_report"
-    assert checks["no_failed_rows"] == "sync_report"
+    # A check defined but left out of the sync job would never run: only the target audit is.
+    assert set(everywhere) - set(in_sync) == {"target_matches_state"}
+    assert all(stage in STAGES for stage in in_sync.values()), in_sync
+    # The stage whose output each one reads.
+    assert in_sync == {
+        "business_keys_unique_and_present": "delta_plan",
+        "pending_children_within_age": "resolved",
+        "delivered_equals_committed": "committed",
+        "entity_synced_recently": "sync_report",
+        "no_failed_rows": "sync_report",
+    }
 
 
 def test_checks_about_a_partition_are_partitioned_and_say_nothing_internal() -> None:

@@ -24,6 +24,7 @@ from dagster._core.launcher import WorkerStatus
 from dagster._core.storage.tags import GRPC_INFO_TAG
 
 from syncflow_dagster.deploy.run_launcher import SyncflowRunLauncher, run_worker_pid, worker_alive
+from syncflow_dagster_tests.waiting import wait_until
 from syncflow_dagster_tests.webserver import dagster_postgres_url, scratch_database
 
 INSTANCE_YAML = """\
@@ -92,10 +93,12 @@ def test_a_zombie_is_dead_and_a_reused_pid_is_not_the_worker() -> None:
     worker = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
         # Exited but not yet reaped by its parent (this test): a zombie until wait().
-        deadline = time.monotonic() + 30
-        while psutil.Process(worker.pid).status() != psutil.STATUS_ZOMBIE:
-            assert time.monotonic() < deadline, "the child never exited"
-            time.sleep(0.05)
+        wait_until(
+            lambda: psutil.Process(worker.pid).status() == psutil.STATUS_ZOMBIE,
+            "the child to exit (a zombie until reaped)",
+            timeout_s=30,
+            interval_s=0.05,
+        )
         alive, detail = worker_alive(worker.pid, recorded_at=time.time())
         assert not alive
         assert "zombie" in detail

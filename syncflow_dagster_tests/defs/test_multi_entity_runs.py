@@ -46,6 +46,7 @@ def _clean_source(rows: int, seed: int) -> dict:
     return generate_dataset(default_catalog(), rows, seed, bad_row_fraction=0.0)
 
 
+@pytest.mark.slow
 def test_one_run_over_every_entity_delivers_parents_first_and_parks_nothing(fresh_database_url: str) -> None:
     today = dt.datetime.now(dt.UTC).date()
     with deployment(fresh_database_url, dataset=_clean_source(300, 41)) as env:
@@ -84,6 +85,7 @@ def test_one_run_over_every_entity_delivers_parents_first_and_parks_nothing(fres
         assert all(database.read_marks().get(name) for name in ORDER)  # each entity's own mark
 
 
+@pytest.mark.slow
 def test_children_parked_on_an_earlier_day_are_released_by_the_run_that_delivers_their_parents(
     fresh_database_url: str,
 ) -> None:

@@ -98,6 +98,7 @@ def test_checks_are_per_partition_and_freshness_judges_its_own_entity(fresh_data
         assert entity_synced_recently(env.resources["database"], "sites", 26.0).passed
 
 
+@pytest.mark.slow
 def test_a_target_that_lost_records_is_audited_resynced_and_repaired(fresh_database_url: str) -> None:
     today = dt.datetime.now(dt.UTC).date()
     with deployment(fresh_database_url, rows=150, seed=9) as env:

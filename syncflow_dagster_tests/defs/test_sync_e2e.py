@@ -10,6 +10,7 @@ import datetime as dt
 
 import dagster as dg
 import pyarrow.compute as pc
+import pytest
 
 from syncflow_dagster.defs import bookkeeping
 from syncflow_dagster.defs.assets import CATALOG
@@ -26,6 +27,7 @@ def _sensor_tick(resources: dict, instance: dg.DagsterInstance) -> dg.SensorResu
     return apismith_change_sensor(context)
 
 
+@pytest.mark.slow
 def test_initial_rerun_change_sensor_and_incremental(fresh_database_url: str) -> None:
     today = dt.datetime.now(dt.UTC).date()
     with deployment(fresh_database_url, rows=400) as env:

@@ -19,7 +19,6 @@ import datetime as dt
 import itertools
 import os
 import secrets
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from syncflow_dagster.store.database import make_engine
 from syncflow_dagster.store.migrate import upgrade
 from syncflow_dagster.store.schema import delivery_log
 from syncflow_dagster_tests.verify import verify_sync
+from syncflow_dagster_tests.waiting import wait_until
 from syncflow_dagster_tests.webserver import DagsterDeployment, dagster_deployment, scratch_database
 
 TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
@@ -95,17 +95,25 @@ class Stack:
             base_url=self.schedulehub.url, client_id="syncflow", client_secret=self.secret
         )
 
+    def run_status(self, run_id: str) -> dict[str, Any]:
+        response = self.get(f"/sync/{run_id}")
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
     def wait(self, run_id: str, until: set[str] = TERMINAL) -> dict[str, Any]:
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        body: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            response = self.get(f"/sync/{run_id}")
-            assert response.status_code == 200, response.text
-            body = response.json()
-            if body["status"] in until:
-                return body
-            time.sleep(1.0)
-        raise AssertionError(f"run {run_id} still {body.get('status')} after {RUN_TIMEOUT_S}s: {body}")
+        seen: dict[str, Any] = {}
+
+        def ended() -> dict[str, Any] | None:
+            seen.update(self.run_status(run_id))
+            return dict(seen) if seen["status"] in until else None
+
+        return wait_until(
+            ended,
+            f"run {run_id} to reach {sorted(until)}",
+            timeout_s=RUN_TIMEOUT_S,
+            interval_s=1.0,
+            describe=lambda: f"last answer: {seen}",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -212,11 +220,13 @@ def test_cancel_mid_delivery_then_resume_delivers_everything_once(stack: Stack) 
         started = stack.post("/sync", {"entities": ["customers"]})
         assert started.status_code == 202, started.text
         run_id = started.json()["launched"][0]["run_id"]
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not _hub_keys(stack, "customers"):
-            assert time.monotonic() < deadline, "no customer reached ScheduleHub"
-            assert stack.get(f"/sync/{run_id}").json()["status"] not in TERMINAL
-            time.sleep(0.5)
+
+        def delivering() -> bool:
+            # A run that ended before delivering anything can never be canceled mid-delivery.
+            assert stack.run_status(run_id)["status"] not in TERMINAL
+            return bool(_hub_keys(stack, "customers"))
+
+        wait_until(delivering, "a first customer in ScheduleHub", timeout_s=RUN_TIMEOUT_S, interval_s=0.5)
         cancelled = stack.post(f"/sync/{run_id}/cancel")
         assert cancelled.status_code == 202, cancelled.text
         ended = stack.wait(run_id)["status"]
@@ -226,12 +236,13 @@ def test_cancel_mid_delivery_then_resume_delivers_everything_once(stack: Stack) 
     sent_before = len(_hub_keys(stack, "customers"))
 
     # The daemon's batch_cancel_sensor closes the batch with what the finished stages counted.
-    deadline = time.monotonic() + SENSOR_TIMEOUT_S
-    while True:
-        (batch,) = stack.get(f"/sync/{run_id}").json()["batches"]
-        if batch["status"] != "running" or time.monotonic() > deadline:
-            break
-        time.sleep(2.0)
+    def closed_batch() -> dict[str, Any] | None:
+        (batch,) = stack.run_status(run_id)["batches"]
+        return dict(batch) if batch["status"] != "running" else None
+
+    batch = wait_until(
+        closed_batch, f"the batch of run {run_id} to close", timeout_s=SENSOR_TIMEOUT_S, interval_s=2.0
+    )
     assert batch["status"] == "cancelled", batch
     finished = [s["stage"] for s in batch["stages"]]
     assert finished[: finished.index("parent_child") + 1] == [
