@@ -141,7 +141,7 @@ class StandIns:
             SyncDatabase,
             SyncTuning,
         )
-        from syncflow_dagster.store.frame_io_manager import PostgresFrameIOManager
+        from syncflow_dagster.store.frames.io_manager import PostgresFrameIOManager
 
         return {
             "database": SyncDatabase(url=self.database_url),

@@ -15,7 +15,7 @@ import pyarrow as pa
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
 from syncflow_dagster.simulators import apismith, schedulehub
 from syncflow_dagster.simulators.serve import start_server
-from syncflow_dagster.store.frame_io_manager import PostgresFrameIOManager
+from syncflow_dagster.store.frames.io_manager import PostgresFrameIOManager
 
 
 @dataclass

@@ -31,7 +31,8 @@ from syncflow_dagster.defs.interrupts import stop_means_stop
 from syncflow_dagster.defs.partitions import sync_partitions
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
 from syncflow_dagster.engine import columns as c
-from syncflow_dagster.store.frame_io_manager import EntityFrames, partition_scopes
+from syncflow_dagster.store.frames.io_manager import partition_scopes
+from syncflow_dagster.store.frames.stream import EntityFrames
 
 GROUP = "sync"
 # Run tag that makes the fetch read from the beginning (defs/reading.py).

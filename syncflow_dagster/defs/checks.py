@@ -23,7 +23,7 @@ from syncflow_dagster.defs import bookkeeping
 from syncflow_dagster.defs.resources import SyncTuning
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.delta import UNKNOWN_KEY
-from syncflow_dagster.store.frame_io_manager import partition_scopes
+from syncflow_dagster.store.frames.io_manager import partition_scopes
 
 KEYS_UNIQUE = dg.AssetCheckSpec(
     "business_keys_unique_and_present",
