@@ -72,7 +72,7 @@ def test_a_failed_write_leaves_the_previous_slice_and_an_empty_one_keeps_its_sch
     reader = client.reader(where)
     assert reader is not None
     assert reader.read_all()["v"].to_pylist() == [1, 2]
-    with client.writer(where) as writer:
+    with client.writer(where):
         pass  # a stage that wrote nothing: the slice is empty, in the stored schema
     empty = client.reader(where)
     assert empty is not None
