@@ -667,11 +667,14 @@ def deliver_stage(client: Any, entity: EntitySpec, ready: pa.Table) -> StageResu
 # 8. persist -------------------------------------------------------------------------------------
 
 
-def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_id: uuid.UUID) -> StageResult:
+def persist_stage(
+    database: Any, entity: EntitySpec, delivered: pa.Table, batch_id: uuid.UUID, *, new_keys: bool = False
+) -> StageResult:
     """Commit state for what ScheduleHub confirmed; everything else becomes a failed record.
 
     Nothing is marked synced that ScheduleHub did not accept: rejected rows keep
     their old state (or none), so the next run compares against what is really there.
+    `new_keys`: the entity held no state when the stage began (see `commit_delivered`).
     """
     if delivered.num_rows == 0:
         return StageResult(_summary(delivered), {"committed": 0, "deleted_state": 0, "failed_recorded": 0})
@@ -709,6 +712,7 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
                 [c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "_schedulehub_id"]
             ).rename_columns([c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "schedulehub_id"]),
             deleted[c.BK_HASH].combine_chunks(),
+            new_keys=new_keys,
         )
         # Only keys that have an open failure or a parked child need closing:
         # those sets are small, the accepted keys may be a million, and staging

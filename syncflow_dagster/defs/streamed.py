@@ -193,8 +193,11 @@ def persist(
     summaries: list[pa.Table] = []
     counts: dict[str, int] = {}
     upserts = deletes = 0
+    # An initial load: every chunk's keys are new (the plan holds each key once), so each
+    # chunk is COPYed in as the first one is, not merged (commit_delivered checks it).
+    new_keys = reader.num_rows > 0 and database.state().count(entity.name) == 0
     for chunk in reader.chunks(chunk_size()) if reader.num_rows else [reader.schema.empty_table()]:
-        result = stages.persist_stage(database, entity, chunk, batch_id)
+        result = stages.persist_stage(database, entity, chunk, batch_id, new_keys=new_keys)
         summaries.append(result.frame)
         counts = stages.merged_counts(counts, result.counts)
         more_upserts, more_deletes = accepted_changes(chunk)

@@ -57,7 +57,7 @@ def test_in_process_stage_reads_the_handed_frame_and_postgres_holds_it(
     def no_read(self: PostgresFrameClient, where: FrameSlice) -> pa.Table:
         raise AssertionError(f"{where.table} was read back although it was handed over in this process")
 
-    monkeypatch.setattr(PostgresFrameClient, "select_slice", no_read)
+    monkeypatch.setattr(PostgresFrameClient, "reader", no_read)
     manager = PostgresFrameIOManager(database_url=database_url, schema_name="syncflow_stage_handoff")
     key = dg.MultiPartitionKey({"entity": "items", "date": DAY.isoformat()})
     result = dg.materialize(_assets(), partition_key=key, resources={"frames": manager})

@@ -11,7 +11,7 @@ slice's one schema, recorded when the write committed.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,9 +47,16 @@ def encode(piece: pa.Table) -> pa.Buffer:
     return sink.getvalue()
 
 
-def decode(blob: Any) -> pa.Table:
-    """The rows of one stored IPC stream (`blob`: bytes or an Arrow buffer)."""
-    return pa.ipc.open_stream(blob if isinstance(blob, pa.Buffer) else pa.py_buffer(blob)).read_all()
+def decode(blob: Any, columns: Sequence[str] | None = None) -> pa.Table:
+    """The rows of one stored IPC stream (`blob`: bytes or an Arrow buffer); with `columns`, only
+    those of them the chunk holds, the others' buffers left compressed and unread."""
+    buffer = blob if isinstance(blob, pa.Buffer) else pa.py_buffer(blob)
+    if columns is None:
+        return pa.ipc.open_stream(buffer).read_all()
+    names = pa.ipc.open_stream(buffer).schema.names  # reads the schema message only
+    wanted = [index for index, name in enumerate(names) if name in set(columns)]
+    options = pa.ipc.IpcReadOptions(included_fields=wanted)
+    return pa.ipc.open_stream(buffer, options=options).read_all()
 
 
 def chunk_batch(day: dt.date, seq: int, piece: pa.Table) -> pa.RecordBatch:

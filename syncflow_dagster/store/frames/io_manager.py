@@ -278,16 +278,7 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
         handed = _HANDED.take(self._key(where), upstream_run)
         if handed is not None:
             return handler.from_arrow(handed)
-        try:
-            table = self._client().select_slice(where)
-        except FrameLostError as lost:
-            raise dg.Failure(description=str(lost), allow_retries=False) from lost
-        if table is None:
-            raise FrameStoreError(
-                f"{context.asset_key.to_user_string()} has never been materialized for {where.entity} "
-                f"(table {self.schema_name}.{where.table} does not exist); materialize it first"
-            )
-        return handler.from_arrow(table)
+        return handler.from_arrow(self._open(context, where).read_all())
 
 
 def _read_back(asset_key: dg.AssetKey, where: FrameSlice) -> str:

@@ -289,10 +289,11 @@ class SliceReader:
         with psycopg.connect(self._client.url) as conn, conn.cursor(name="stage_frame_chunks") as cur:
             cur.itersize = 2
             cur.execute(query)
+            schema = self.schema if wanted is None else pa.schema([self.schema.field(n) for n in wanted])
             for (blob,) in cur:
-                part = conform(decode(blob), self.schema, self.name)
+                part = conform(decode(blob, wanted), schema, self.name)
                 del blob
-                yield part.select(wanted) if wanted is not None else part
+                yield part
 
     def chunks(self, size: int, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
         """The slice `size` rows at a time (the last chunk may be shorter); nothing for an empty slice."""
