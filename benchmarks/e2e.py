@@ -135,25 +135,18 @@ class StandIns:
             stop(process)
 
     def resources(self) -> dict[str, Any]:
-        from syncflow_dagster.defs.resources import (
-            ApiSmithResource,
-            ScheduleHubResource,
-            SyncDatabase,
-            SyncTuning,
-        )
-        from syncflow_dagster.store.frames.io_manager import PostgresFrameIOManager
+        """The code location's resources pointed at the stand-ins (the shell's tunables apply)."""
+        from syncflow_dagster.defs.configuration import build_resources, deployment_environment
 
-        return {
-            "database": SyncDatabase(url=self.database_url),
-            "apismith": ApiSmithResource(
-                base_url=self.apismith_url, client_id=CLIENT_ID, client_secret=self.secret
-            ),
-            "schedulehub": ScheduleHubResource(
-                base_url=self.schedulehub_url, client_id=CLIENT_ID, client_secret=self.secret
-            ),
-            "tuning": SyncTuning(),
-            "frame_io_manager": PostgresFrameIOManager(database_url=self.database_url),
-        }
+        started = deployment_environment(
+            database_url=self.database_url,
+            apismith_url=self.apismith_url,
+            apismith_secret=self.secret,
+            schedulehub_url=self.schedulehub_url,
+            schedulehub_secret=self.secret,
+            client_id=CLIENT_ID,
+        )
+        return build_resources({**os.environ, **started})
 
     def reset_peaks(self) -> None:
         # Give back what the previous phase (and its correctness check) freed but

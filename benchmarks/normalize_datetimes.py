@@ -22,6 +22,7 @@ from benchmarks.datagen_engine import bench_entity, raw_records
 from syncflow_dagster.catalog import default_catalog
 from syncflow_dagster.catalog.models import EntitySpec, Precision
 from syncflow_dagster.engine import normalize as nm
+from syncflow_dagster.engine.datetimes import coerce_datetime
 from syncflow_dagster.simulators.datagen import generate_dataset
 
 DATETIME_COLUMNS = ("PlannedStart", "PlannedEnd", "DueDate")
@@ -45,7 +46,7 @@ def _report(label: str, entity: EntitySpec, table: pa.Table) -> None:
         print(f"{label} {source:<14} {seconds:6.3f}")
     changed_at = nm._combined(table.column(entity.changed_at))
     seconds = _cpu_per_million(
-        lambda: nm._coerce_datetime(changed_at, formats=(), timezone="UTC", precision=Precision.MICROSECOND),
+        lambda: coerce_datetime(changed_at, formats=(), timezone="UTC", precision=Precision.MICROSECOND),
         rows,
     )
     print(f"{label} {'changed_at':<14} {seconds:6.3f}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,10 +13,9 @@ from typing import Any
 import httpx
 import pyarrow as pa
 
-from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
+from syncflow_dagster.defs.configuration import build_resources, deployment_environment
 from syncflow_dagster.simulators import apismith, schedulehub
 from syncflow_dagster.simulators.serve import start_server
-from syncflow_dagster.store.frames.io_manager import PostgresFrameIOManager
 
 
 @dataclass
@@ -28,15 +28,13 @@ class Deployment:
 
     def environment(self) -> dict[str, str]:
         """The variables a code-location process needs to reach this deployment (its EnvVars)."""
-        return {
-            "SYNCFLOW_DATABASE_URL": self.database_url,
-            "APISMITH_BASE_URL": self.apismith_url,
-            "APISMITH_CLIENT_ID": "syncflow",
-            "APISMITH_CLIENT_SECRET": self.secret,
-            "SCHEDULEHUB_BASE_URL": self.schedulehub_url,
-            "SCHEDULEHUB_CLIENT_ID": "syncflow",
-            "SCHEDULEHUB_CLIENT_SECRET": self.secret,
-        }
+        return deployment_environment(
+            database_url=self.database_url,
+            apismith_url=self.apismith_url,
+            apismith_secret=self.secret,
+            schedulehub_url=self.schedulehub_url,
+            schedulehub_secret=self.secret,
+        )
 
     def admin(self, base: str, method: str, path: str, **kwargs: Any) -> Any:
         response = httpx.request(method, base + path, timeout=60, **kwargs)
@@ -54,6 +52,12 @@ class Deployment:
         return asyncio.run(read())
 
 
+def resources_for(deployment_variables: dict[str, str]) -> dict[str, Any]:
+    """The code location's resources for these deployment variables; the test's own environment (a
+    monkeypatched SYNCFLOW_STORE_RETRY_*, say) sets the tunables, as a user's shell would."""
+    return build_resources({**os.environ, **deployment_variables})
+
+
 @contextmanager
 def deployment(
     database_url: str, *, rows: int = 400, seed: int = 7, **apismith_options: Any
@@ -63,16 +67,9 @@ def deployment(
     source = start_server(apismith.create_app(rows=rows, seed=seed, clients=clients, **apismith_options))
     target = start_server(schedulehub.create_app(clients=clients))
     try:
-        resources: dict[str, Any] = {
-            "database": SyncDatabase(url=database_url),
-            "apismith": ApiSmithResource(base_url=source.url, client_id="syncflow", client_secret=secret),
-            "schedulehub": ScheduleHubResource(
-                base_url=target.url, client_id="syncflow", client_secret=secret
-            ),
-            "tuning": SyncTuning(),
-            "frame_io_manager": PostgresFrameIOManager(database_url=database_url),
-        }
-        yield Deployment(source.url, target.url, database_url, secret, resources)
+        env = Deployment(source.url, target.url, database_url, secret, {})
+        env.resources = resources_for(env.environment())
+        yield env
     finally:
         source.stop()
         target.stop()

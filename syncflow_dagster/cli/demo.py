@@ -59,29 +59,17 @@ class DemoEnvironment:
     workdir: Path
 
     def resources(self) -> dict[str, Any]:
-        from syncflow_dagster.defs.resources import (
-            ApiSmithResource,
-            ScheduleHubResource,
-            SyncDatabase,
-            SyncTuning,
-        )
-        from syncflow_dagster.store.frame_io_manager import PostgresFrameIOManager
+        """The code location's resources pointed at what the demo started (the shell's tunables apply)."""
+        from syncflow_dagster.defs.configuration import build_resources, deployment_environment
 
-        return {
-            "database": SyncDatabase(url=self.database_url),
-            "apismith": ApiSmithResource(
-                base_url=self.apismith_url,
-                client_id="syncflow",
-                client_secret=self.client_secrets["apismith"],
-            ),
-            "schedulehub": ScheduleHubResource(
-                base_url=self.schedulehub_url,
-                client_id="syncflow",
-                client_secret=self.client_secrets["schedulehub"],
-            ),
-            "tuning": SyncTuning(),
-            "frame_io_manager": PostgresFrameIOManager(database_url=self.database_url),
-        }
+        started = deployment_environment(
+            database_url=self.database_url,
+            apismith_url=self.apismith_url,
+            apismith_secret=self.client_secrets["apismith"],
+            schedulehub_url=self.schedulehub_url,
+            schedulehub_secret=self.client_secrets["schedulehub"],
+        )
+        return build_resources({**os.environ, **started})
 
 
 def start_environment(stack: ExitStack, rows: int, seed: int, keep: bool) -> DemoEnvironment:

@@ -119,7 +119,7 @@ def wire_timestamp_text(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray |
     UTC microseconds (Arrow's `%S` carries the six fractional digits), built
     from Arrow's timestamp-to-string cast instead: that cast writes
     `YYYY-MM-DD HH:MM:SS.ffffff` for a naive microsecond timestamp and takes a
-    tenth of strftime's time (5.5 s per million rows of three columns).
+    fraction of strftime's time (docs/benchmarks.md).
     The naive value of a UTC timestamp is its UTC wall clock; the first (only)
     space becomes the `T`, which also holds for years outside 0000..9999.
     """

@@ -29,7 +29,8 @@ from dagster import AssetCheckExecutionContext
 from pydantic import Field
 
 from syncflow_dagster.catalog import EntitySpec
-from syncflow_dagster.clients.schedulehub import WIRE_REF_PREFIX, canonical_attribute
+from syncflow_dagster.clients.apismith import ApiSmithClient
+from syncflow_dagster.clients.schedulehub import WIRE_REF_PREFIX, ScheduleHubClient, canonical_attribute
 from syncflow_dagster.defs import bookkeeping, stages
 from syncflow_dagster.defs.maintenance import EntitiesConfig
 from syncflow_dagster.engine import columns as c
@@ -37,6 +38,7 @@ from syncflow_dagster.engine.delta import dedupe_batch
 from syncflow_dagster.engine.drift import TargetDrift, compare_target
 from syncflow_dagster.engine.identity import add_identity, key_hash_of
 from syncflow_dagster.engine.normalize import normalize
+from syncflow_dagster.store.repositories import SyncStore
 
 AUDIT_CHECK = "target_matches_state"
 SCHEDULEHUB_RECORDS = dg.AssetSpec(
@@ -98,13 +100,15 @@ def target_identity(entity: EntitySpec, records: pa.Table) -> pa.Table:
     )
 
 
-async def _read_target(client: Any, resource: str) -> pa.Table:
+async def _read_target(client: ScheduleHubClient, resource: str) -> pa.Table:
     async with client:
         table: pa.Table = await client.read_all(resource)
         return table
 
 
-def audit_entity(database: Any, schedulehub_client: Any, entity: EntitySpec) -> TargetDrift:
+def audit_entity(
+    database: SyncStore, schedulehub_client: ScheduleHubClient, entity: EntitySpec
+) -> TargetDrift:
     """Compare ScheduleHub's records of `entity` with the state SyncFlow committed for it."""
     records = stages.run_async(_read_target(schedulehub_client, entity.resource))
     held = database.state().load_state(entity.name, (c.BK_HASH, c.BK, c.DATA_HASH))
@@ -114,13 +118,13 @@ def audit_entity(database: Any, schedulehub_client: Any, entity: EntitySpec) -> 
 # -- the repair ---------------------------------------------------------------------------------
 
 
-async def _read_source(client: Any, entity: EntitySpec) -> pa.Table:
+async def _read_source(client: ApiSmithClient, entity: EntitySpec) -> pa.Table:
     async with client:
         table: pa.Table = await client.fetch_changes(entity.source)
         return table
 
 
-def source_rows_for(apismith_client: Any, entity: EntitySpec, drift: TargetDrift) -> pa.Table:
+def source_rows_for(apismith_client: ApiSmithClient, entity: EntitySpec, drift: TargetDrift) -> pa.Table:
     """APISmith's current rows of the missing and differing keys, shaped as delivery-ready rows."""
     wanted = pa.concat_tables([drift.missing, drift.differing])
     raw = stages.run_async(_read_source(apismith_client, entity))
@@ -137,9 +141,9 @@ def source_rows_for(apismith_client: Any, entity: EntitySpec, drift: TargetDrift
 
 def repair_entity(
     context: AssetCheckExecutionContext,
-    database: Any,
-    apismith_client: Any,
-    schedulehub_client: Any,
+    database: SyncStore,
+    apismith_client: ApiSmithClient,
+    schedulehub_client: ScheduleHubClient,
     entity: EntitySpec,
     drift: TargetDrift,
 ) -> dict[str, int]:

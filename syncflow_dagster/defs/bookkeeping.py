@@ -15,7 +15,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import sqlalchemy as sa
 
 from syncflow_dagster.catalog import Catalog, EntitySpec
 from syncflow_dagster.engine import columns as c
@@ -25,7 +24,7 @@ from syncflow_dagster.store.batches import STOPPED_STATUSES
 from syncflow_dagster.store.events import stage_totals
 from syncflow_dagster.store.payload import payload_json, payload_table
 from syncflow_dagster.store.pending import MISSING_PARENT, MISSING_PARENT_BK, MISSING_PARENT_BK_HASH, Parked
-from syncflow_dagster.store.schema import sync_batches
+from syncflow_dagster.store.repositories import SyncStore
 
 PAYLOAD = "payload"
 # What a parked or failed row carries so that a retry can resend it as it was.
@@ -59,7 +58,7 @@ def rows_from_payloads(entity: EntitySpec, payloads: pa.Array | pa.ChunkedArray)
 
 
 def batch_for_run(
-    database: Any, entity: str, day: dt.date | None, run_id: str, kind: str = "sync"
+    database: SyncStore, entity: str, day: dt.date | None, run_id: str, kind: str = "sync"
 ) -> uuid.UUID:
     """The batch of this run and entity, started by the first stage that asks.
 
@@ -76,7 +75,7 @@ def batch_for_run(
 
 
 def record_stage(
-    database: Any,
+    database: SyncStore,
     batch: uuid.UUID,
     entity: str,
     stage: str,
@@ -95,7 +94,7 @@ def record_stage(
     )
 
 
-def finish_from_events(database: Any, batch: uuid.UUID, status: str = "succeeded") -> dict[str, Any]:
+def finish_from_events(database: SyncStore, batch: uuid.UUID, status: str = "succeeded") -> dict[str, Any]:
     """Total the batch's stage events into its counts and per-stage seconds, and close it.
 
     A stage re-executed after a retry appears twice; its latest event counts.
@@ -108,7 +107,7 @@ def finish_from_events(database: Any, batch: uuid.UUID, status: str = "succeeded
 # failed records ---------------------------------------------------------------------------------
 
 
-def record_rejected(database: Any, entity: EntitySpec, batch: uuid.UUID, rejected: pa.Table) -> int:
+def record_rejected(database: SyncStore, entity: EntitySpec, batch: uuid.UUID, rejected: pa.Table) -> int:
     """Rows normalisation refused, one failed record per key naming every bad field and value.
 
     They are `permanent`: resending cannot help until the source fixes the
@@ -136,7 +135,9 @@ def record_rejected(database: Any, entity: EntitySpec, batch: uuid.UUID, rejecte
     return int(database.failures().record_failures(entity.name, batch, frame))
 
 
-def record_delivery_failures(database: Any, entity: EntitySpec, batch: uuid.UUID, rejected: pa.Table) -> int:
+def record_delivery_failures(
+    database: SyncStore, entity: EntitySpec, batch: uuid.UUID, rejected: pa.Table
+) -> int:
     if rejected.num_rows == 0:
         return 0
     retryable = pc.fill_null(rejected["_retryable"], pa.scalar(True))
@@ -156,7 +157,7 @@ UNREADABLE_PAYLOAD = "unreadable_payload"
 
 
 def due_failures(
-    database: Any,
+    database: SyncStore,
     entity: EntitySpec,
     limit: int,
     *,
@@ -187,16 +188,15 @@ def due_failures(
         except ValueError as exc:
             unreadable.append((index, str(exc)))
     bad = due.take(pa.array([index for index, _ in unreadable], pa.int64()))
-    frame = pa.table(
-        {
-            c.BK_HASH: bad[c.BK_HASH],
-            c.BK: bad[c.BK],
-            "reason_code": pa.array([UNREADABLE_PAYLOAD] * bad.num_rows),
-            "reason_class": pa.array(["permanent"] * bad.num_rows),
-            "detail": pa.array([f"cannot rebuild the row for a retry: {cause}" for _, cause in unreadable]),
-            PAYLOAD: bad[PAYLOAD],
-        }
-    )
+    columns: dict[str, Any] = {
+        c.BK_HASH: bad[c.BK_HASH],
+        c.BK: bad[c.BK],
+        "reason_code": pa.array([UNREADABLE_PAYLOAD] * bad.num_rows),
+        "reason_class": pa.array(["permanent"] * bad.num_rows),
+        "detail": pa.array([f"cannot rebuild the row for a retry: {cause}" for _, cause in unreadable]),
+        PAYLOAD: bad[PAYLOAD],
+    }
+    frame = pa.table(columns)
     database.failures().record_failures(entity.name, None, frame)
     return pa.concat_tables(readable) if readable else row_schema(entity).empty_table()
 
@@ -205,7 +205,7 @@ def due_failures(
 
 
 def park_children(
-    database: Any, catalog: Catalog, entity: EntitySpec, batch: uuid.UUID, waiting: pa.Table
+    database: SyncStore, catalog: Catalog, entity: EntitySpec, batch: uuid.UUID, waiting: pa.Table
 ) -> Parked:
     """Hold children whose parent ScheduleHub lacks, with the parent they wait for.
 
@@ -235,7 +235,7 @@ def park_children(
 
 
 def released_children(
-    database: Any, entity: EntitySpec, arriving: Mapping[str, pa.Array] | None = None
+    database: SyncStore, entity: EntitySpec, arriving: Mapping[str, pa.Array] | None = None
 ) -> pa.Table:
     """Parked children of `entity` whose parent is now delivered, rebuilt as rows.
 
@@ -263,17 +263,18 @@ def released_children(
     return rows_from_payloads(entity, ready[PAYLOAD]) if ready.num_rows else row_schema(entity).empty_table()
 
 
-def forget_delivered_children(database: Any, entity: EntitySpec, accepted: pa.Table) -> int:
+def forget_delivered_children(database: SyncStore, entity: EntitySpec, accepted: pa.Table) -> int:
     if accepted.num_rows == 0:
         return 0
     return int(database.pending().remove(entity.name, accepted[c.BK_HASH].combine_chunks()))
 
 
-def pending_stats(database: Any, entity: str) -> dict[str, Any]:
+def pending_stats(database: SyncStore, entity: str) -> dict[str, Any]:
     waiting = database.pending().waiting(entity)
     if waiting.num_rows == 0:
         return {"count": 0, "oldest_since": None, "by_parent": {}}
-    by_parent = {row["values"]: row["counts"] for row in pc.value_counts(waiting[MISSING_PARENT]).to_pylist()}
+    parents: Any = pc.value_counts(waiting[MISSING_PARENT])  # a StructArray the stubs type too narrowly
+    by_parent = {row["values"]: row["counts"] for row in parents.to_pylist()}
     return {
         "count": waiting.num_rows,
         "oldest_since": pc.min(waiting["since"]).as_py(),
@@ -281,17 +282,11 @@ def pending_stats(database: Any, entity: str) -> dict[str, Any]:
     }
 
 
-def releasable_counts(database: Any, catalog: Catalog) -> dict[str, int]:
+def releasable_counts(database: SyncStore, catalog: Catalog) -> dict[str, int]:
     """Per entity (of `catalog`), how many parked children now have their parent."""
     keys = database.pending().releasable_keys()
     return {name: len(keys[name]) for name in catalog.topological_order if name in keys}
 
 
-def last_success_per_entity(database: Any) -> dict[str, dt.datetime]:
-    query = (
-        sa.select(sync_batches.c.entity, sa.func.max(sync_batches.c.finished_at))
-        .where(sync_batches.c.status == "succeeded")
-        .group_by(sync_batches.c.entity)
-    )
-    with database.engine.connect() as conn:
-        return {entity: finished for entity, finished in conn.execute(query) if finished is not None}
+def last_success_per_entity(database: SyncStore) -> dict[str, dt.datetime]:
+    return database.batches().last_success_per_entity()

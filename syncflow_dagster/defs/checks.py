@@ -24,6 +24,7 @@ from syncflow_dagster.defs.resources import SyncTuning
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.delta import UNKNOWN_KEY
 from syncflow_dagster.store.frames.io_manager import partition_scopes
+from syncflow_dagster.store.repositories import SyncStore
 
 KEYS_UNIQUE = dg.AssetCheckSpec(
     "business_keys_unique_and_present",
@@ -104,7 +105,9 @@ class KeyTally:
         )
 
 
-def pending_children_within_age(database: Any, entity: str, max_age_hours: float) -> dg.AssetCheckResult:
+def pending_children_within_age(
+    database: SyncStore, entity: str, max_age_hours: float
+) -> dg.AssetCheckResult:
     stats = bookkeeping.pending_stats(database, entity)
     oldest: dt.datetime | None = stats.get("oldest_since")
     age_hours = (dt.datetime.now(dt.UTC) - oldest).total_seconds() / 3600 if oldest else 0.0
@@ -189,7 +192,7 @@ def no_failed_rows(entity: str, counts: Mapping[str, Any], open_failed: int) -> 
     )
 
 
-def entity_synced_recently(database: Any, entity: str, limit_hours: float) -> dg.AssetCheckResult:
+def entity_synced_recently(database: SyncStore, entity: str, limit_hours: float) -> dg.AssetCheckResult:
     """Whether `entity`'s last successful sync is at most `limit_hours` old."""
     last = bookkeeping.last_success_per_entity(database).get(entity)
     age = round((dt.datetime.now(dt.UTC) - last).total_seconds() / 3600, 2) if last else None

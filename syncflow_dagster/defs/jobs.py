@@ -6,7 +6,6 @@ import dagster as dg
 
 from syncflow_dagster.defs.assets import GROUP
 from syncflow_dagster.defs.maintenance import prune_stage_frames, reconcile_entities, retry_failed_and_pending
-from syncflow_dagster.defs.partitions import DATE_DIMENSION, ENTITY_DIMENSION
 
 # A run that fails is retried from the failed step (the stages before it are
 # stored by the frame IO manager), twice at most.
@@ -18,7 +17,8 @@ sync_job = dg.define_asset_job(
     name="sync",
     selection=dg.AssetSelection.groups(GROUP),
     description="Fetch → normalize → identity → rowversion → delta → parent-child → deliver → persist → report, "
-    "for one entity × date partition (or a date range of one entity).",
+    "for one entity × date partition, or a range of them (a backfill run may cover several entities, "
+    "parents first).",
     tags=RUN_RETRY_TAGS,
 )
 
@@ -26,7 +26,8 @@ sync_job = dg.define_asset_job(
 @dg.job(
     name="reconcile",
     description="Full key scan: deletes from ScheduleHub what APISmith no longer has, unless the share to delete "
-    "exceeds the entity's delete guard (then it reports and deletes nothing); then prunes old stage frames.",
+    "exceeds the entity's delete guard (then it reports and deletes nothing). Beside it, not after it, an "
+    "independent op prunes old stage frames and delivery-log rows.",
     tags=RUN_RETRY_TAGS,
 )
 def reconcile_job() -> None:
@@ -44,11 +45,6 @@ def retry_job() -> None:
     retry_failed_and_pending()
 
 
-def sync_run_tags(entity: str) -> dict[str, str]:
-    """Tags of a sync run; the entity tag is what the run queue's per-entity limit keys on."""
-    return {f"dagster/partition/{ENTITY_DIMENSION}": entity, ENTITY_TAG: entity}
-
-
 def entity_run_tags(entity: str, trigger: str) -> dict[str, str]:
     """Tags of a retry or reconcile run of one entity: `syncflow/entity` puts it under the same
     one-run-per-entity limit as the entity's syncs; `syncflow/trigger` says who started it."""
@@ -56,11 +52,9 @@ def entity_run_tags(entity: str, trigger: str) -> dict[str, str]:
 
 
 __all__ = [
-    "DATE_DIMENSION",
     "ENTITY_TAG",
     "entity_run_tags",
     "reconcile_job",
     "retry_job",
     "sync_job",
-    "sync_run_tags",
 ]

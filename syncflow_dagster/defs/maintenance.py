@@ -10,6 +10,7 @@ from dagster import OpExecutionContext
 from pydantic import Field
 
 from syncflow_dagster.catalog import DeletePolicy, EntitySpec
+from syncflow_dagster.clients.apismith import ApiSmithClient
 from syncflow_dagster.defs import bookkeeping, stages
 from syncflow_dagster.defs.interrupts import stop_means_stop
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
@@ -59,7 +60,7 @@ def _selected(config: EntitiesConfig) -> list[EntitySpec]:
     return [CATALOG.entity(name) for name in CATALOG.topological_order if name in names]
 
 
-async def _source_keys(client: Any, entity: EntitySpec) -> pa.Table:
+async def _source_keys(client: ApiSmithClient, entity: EntitySpec) -> pa.Table:
     async with client:
         return await client.fetch_keys(entity.source)
 

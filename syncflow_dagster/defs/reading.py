@@ -28,15 +28,16 @@ import datetime as dt
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import dagster as dg
 import pyarrow as pa
 from dagster import AssetExecutionContext
 
 from syncflow_dagster.catalog import EntitySpec
+from syncflow_dagster.clients.apismith import ApiSmithClient
 from syncflow_dagster.defs import stages
 from syncflow_dagster.defs.partitions import partitions_start
+from syncflow_dagster.store.repositories import SyncStore
 
 # Run tag: read from the beginning (M = 0 for a catch-up read, the whole window for a closed one).
 FULL_WINDOW_TAG = "syncflow/full_window"
@@ -70,8 +71,8 @@ def utc_today() -> dt.date:
 
 def extract(
     context: AssetExecutionContext,
-    client: Any,
-    database: Any,
+    client: ApiSmithClient,
+    database: SyncStore,
     entity: EntitySpec,
     dates: tuple[dt.date, ...],
     batch: uuid.UUID,
@@ -93,13 +94,12 @@ def extract(
     return result
 
 
-def account_read(database: Any, batch: uuid.UUID) -> int | None:
+def account_read(database: SyncStore, batch: uuid.UUID) -> int | None:
     """Move the entity's read-through mark to the snapshot the batch read at (None: no catch-up read).
 
     Called once the batch's rows are all committed, failed or parked.
     """
-    mark: int | None = database.read_marks().advance_from_batch(batch)
-    return mark
+    return database.read_marks().advance_from_batch(batch)
 
 
 def window_read_up_to(context: AssetExecutionContext) -> int:

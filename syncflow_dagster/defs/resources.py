@@ -1,7 +1,11 @@
-"""Dagster resources: SyncFlow's database and the two partner clients, configured from the environment.
+"""Dagster resources: SyncFlow's database and the two partner clients, with their tunables as config.
 
-Secrets reach these resources only through `dg.EnvVar`, so Dagster shows the
-variable's name in the UI and never its value.
+The resources read no environment themselves: `defs.configuration.build_resources`
+builds them from one (secrets only through `dg.EnvVar`, so Dagster shows the
+variable's name in the UI and never its value). Every tunable is a config field
+whose description names the variable that sets it and whose default is that of
+the settings class the client or store reads (clients.http.HttpSettings,
+store.database.StoreSettings, ...), so the UI shows the values in force.
 """
 
 from __future__ import annotations
@@ -9,13 +13,124 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import dagster as dg
 import sqlalchemy as sa
-from pydantic import Field
+from pydantic import Field, SecretStr
 
-from syncflow_dagster.store.database import make_engine
+from syncflow_dagster.clients.apismith import ApiSmithClient, ApiSmithSettings
+from syncflow_dagster.clients.http import HttpSettings
+from syncflow_dagster.clients.schedulehub import ScheduleHubClient, ScheduleHubSettings
+from syncflow_dagster.store.database import StoreSettings, make_engine
+
+if TYPE_CHECKING:
+    # Imported where used at run time: a step pays only for the repositories it touches.
+    from syncflow_dagster.store.batches import BatchRepository
+    from syncflow_dagster.store.delivery_log import DeliveryLogRepository
+    from syncflow_dagster.store.events import StageEventRepository
+    from syncflow_dagster.store.failures import FailureRepository
+    from syncflow_dagster.store.pending import PendingRepository
+    from syncflow_dagster.store.read_marks import ReadMarkRepository
+    from syncflow_dagster.store.state import StateRepository
+
+
+def _default(settings: type[Any], field: str) -> Any:
+    """The default of a settings field: the config below repeats the names, never the values."""
+    return settings.model_fields[field].default
+
+
+class HttpConfig(dg.Config):
+    """Transport of a partner client (SYNCFLOW_HTTP_*; clients/http.py)."""
+
+    connect_timeout_s: float = Field(
+        default=_default(HttpSettings, "connect_timeout_s"), description="SYNCFLOW_HTTP_CONNECT_TIMEOUT_S"
+    )
+    read_timeout_s: float = Field(
+        default=_default(HttpSettings, "read_timeout_s"), description="SYNCFLOW_HTTP_READ_TIMEOUT_S"
+    )
+    write_timeout_s: float = Field(
+        default=_default(HttpSettings, "write_timeout_s"), description="SYNCFLOW_HTTP_WRITE_TIMEOUT_S"
+    )
+    pool_timeout_s: float = Field(
+        default=_default(HttpSettings, "pool_timeout_s"),
+        description="SYNCFLOW_HTTP_POOL_TIMEOUT_S: wait for a pooled connection",
+    )
+    max_attempts: int = Field(
+        default=_default(HttpSettings, "max_attempts"),
+        description="SYNCFLOW_HTTP_MAX_ATTEMPTS: attempts per request (429/5xx/transport errors)",
+    )
+    max_retry_seconds: float = Field(
+        default=_default(HttpSettings, "max_retry_seconds"),
+        description="SYNCFLOW_HTTP_MAX_RETRY_SECONDS: total retry budget per request",
+    )
+    backoff_base_s: float = Field(
+        default=_default(HttpSettings, "backoff_base_s"),
+        description="SYNCFLOW_HTTP_BACKOFF_BASE_S: full-jitter backoff base",
+    )
+    backoff_max_s: float = Field(
+        default=_default(HttpSettings, "backoff_max_s"),
+        description="SYNCFLOW_HTTP_BACKOFF_MAX_S: backoff cap",
+    )
+    max_retry_after_s: float = Field(
+        default=_default(HttpSettings, "max_retry_after_s"),
+        description="SYNCFLOW_HTTP_MAX_RETRY_AFTER_S: longer Retry-After values are capped to this",
+    )
+    max_concurrency: int = Field(
+        default=_default(HttpSettings, "max_concurrency"),
+        description="SYNCFLOW_HTTP_MAX_CONCURRENCY: requests in flight per client",
+    )
+    max_connections: int = Field(
+        default=_default(HttpSettings, "max_connections"),
+        description="SYNCFLOW_HTTP_MAX_CONNECTIONS: connection pool size",
+    )
+    token_refresh_margin_s: float = Field(
+        default=_default(HttpSettings, "token_refresh_margin_s"),
+        description="SYNCFLOW_HTTP_TOKEN_REFRESH_MARGIN_S: refresh a token this long before it expires",
+    )
+    verify_tls: bool = Field(
+        default=_default(HttpSettings, "verify_tls"), description="SYNCFLOW_HTTP_VERIFY_TLS"
+    )
+
+    def settings(self) -> HttpSettings:
+        return HttpSettings(**{name: getattr(self, name) for name in HttpSettings.model_fields})
+
+
+class StoreConfig(dg.Config):
+    """Tuning of the state store (SYNCFLOW_STORE_*; store/database.py).
+
+    All but SYNCFLOW_STORE_MERGE_WORK_MEM, which the state repository reads from
+    the environment of the process that commits (store/state.py).
+    """
+
+    retry_base_seconds: float = Field(
+        default=_default(StoreSettings, "retry_base_seconds"),
+        description="SYNCFLOW_STORE_RETRY_BASE_SECONDS: first retry delay of a failed record (doubles per attempt)",
+    )
+    retry_cap_seconds: float = Field(
+        default=_default(StoreSettings, "retry_cap_seconds"),
+        description="SYNCFLOW_STORE_RETRY_CAP_SECONDS: longest retry delay",
+    )
+    retry_jitter: float = Field(
+        default=_default(StoreSettings, "retry_jitter"),
+        description="SYNCFLOW_STORE_RETRY_JITTER: share by which a delay is randomly shortened",
+    )
+    retry_max_attempts: int = Field(
+        default=_default(StoreSettings, "retry_max_attempts"),
+        description="SYNCFLOW_STORE_RETRY_MAX_ATTEMPTS: a retryable failure that failed this often gives up",
+    )
+    retry_max_age_hours: float = Field(
+        default=_default(StoreSettings, "retry_max_age_hours"),
+        description="SYNCFLOW_STORE_RETRY_MAX_AGE_HOURS: a retryable failure first seen longer ago gives up",
+    )
+    delivery_log_days: int = Field(
+        default=_default(StoreSettings, "delivery_log_days"),
+        description="SYNCFLOW_STORE_DELIVERY_LOG_DAYS: days the delivery log keeps a delivery",
+    )
+
+    def settings(self) -> StoreSettings:
+        # merge_work_mem, not a field here, comes from the environment as the state repository's does.
+        return StoreSettings(**{name: getattr(self, name) for name in type(self).model_fields})
 
 
 @cache
@@ -39,6 +154,7 @@ class SyncDatabase(dg.ConfigurableResource):
 
     url: str = Field(description="Postgres URL (SYNCFLOW_DATABASE_URL).")
     migrate_on_start: bool = Field(default=True, description="Run the Alembic migrations when first used.")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="Tuning of the state store.")
 
     @property
     def engine(self) -> sa.Engine:
@@ -46,37 +162,37 @@ class SyncDatabase(dg.ConfigurableResource):
             _migrated(self.url)
         return _engine_for(self.url)
 
-    def state(self) -> Any:
+    def state(self) -> StateRepository:
         from syncflow_dagster.store.state import StateRepository
 
         return StateRepository(self.engine)
 
-    def batches(self) -> Any:
+    def batches(self) -> BatchRepository:
         from syncflow_dagster.store.batches import BatchRepository
 
         return BatchRepository(self.engine)
 
-    def failures(self) -> Any:
+    def failures(self) -> FailureRepository:
         from syncflow_dagster.store.failures import FailureRepository
 
-        return FailureRepository(self.engine)
+        return FailureRepository(self.engine, self.store.settings())
 
-    def pending(self) -> Any:
+    def pending(self) -> PendingRepository:
         from syncflow_dagster.store.pending import PendingRepository
 
-        return PendingRepository(self.engine)
+        return PendingRepository(self.engine, self.store.settings())
 
-    def delivery_log(self) -> Any:
+    def delivery_log(self) -> DeliveryLogRepository:
         from syncflow_dagster.store.delivery_log import DeliveryLogRepository
 
-        return DeliveryLogRepository(self.engine)
+        return DeliveryLogRepository(self.engine, self.store.settings())
 
-    def read_marks(self) -> Any:
+    def read_marks(self) -> ReadMarkRepository:
         from syncflow_dagster.store.read_marks import ReadMarkRepository
 
         return ReadMarkRepository(self.engine)
 
-    def events(self) -> Any:
+    def events(self) -> StageEventRepository:
         from syncflow_dagster.store.events import StageEventRepository
 
         return StageEventRepository(self.engine)
@@ -90,60 +206,66 @@ class SyncDatabase(dg.ConfigurableResource):
 
 
 class ApiSmithResource(dg.ConfigurableResource):
-    """The APISmith ERP API (base URL and client credentials from the environment)."""
+    """The APISmith ERP API: base URL and client credentials (EnvVars in the code location) and its tunables."""
 
     base_url: str = Field(description="APISMITH_BASE_URL")
     client_id: str = Field(description="APISMITH_CLIENT_ID")
     client_secret: str = Field(description="APISMITH_CLIENT_SECRET (secret: set it through an EnvVar)")
-    page_size: int | None = Field(
-        default=None,
-        description="Rows per page of the changes endpoint; unset: SYNCFLOW_PAGE_SIZE (default 10 000).",
+    token_path: str = Field(
+        default=_default(ApiSmithSettings, "token_path"),
+        description="APISMITH_TOKEN_PATH: token endpoint path",
     )
+    format: Literal["arrow", "json"] = Field(
+        default=_default(ApiSmithSettings, "format"),
+        description="APISMITH_FORMAT: arrow (fast path) or json for the bulk endpoints",
+    )
+    garbage_page_retries: int = Field(
+        default=_default(ApiSmithSettings, "garbage_page_retries"),
+        description="APISMITH_GARBAGE_PAGE_RETRIES: re-reads of an unreadable page before the fetch fails",
+    )
+    page_size: int = Field(
+        default=_default(ApiSmithSettings, "page_size"),
+        description="SYNCFLOW_PAGE_SIZE: rows per page of the changes endpoint (at most 50 000)",
+    )
+    http: HttpConfig = Field(default_factory=HttpConfig, description="Transport (SYNCFLOW_HTTP_*).")
 
-    def client(self) -> Any:
-        from pydantic import SecretStr
-
-        from syncflow_dagster.clients.apismith import ApiSmithClient, ApiSmithSettings
-
-        # Only what is set here overrides the environment: the client's settings read
-        # SYNCFLOW_PAGE_SIZE, APISMITH_FORMAT, ... themselves (docs/configuration.md).
-        chosen: dict[str, Any] = {} if self.page_size is None else {"page_size": self.page_size}
+    def client(self) -> ApiSmithClient:
         settings = ApiSmithSettings(
             base_url=self.base_url,
             client_id=self.client_id,
             client_secret=SecretStr(self.client_secret),
-            **chosen,
+            token_path=self.token_path,
+            format=self.format,
+            garbage_page_retries=self.garbage_page_retries,
+            page_size=self.page_size,
         )
-        return ApiSmithClient(settings)
+        return ApiSmithClient(settings, self.http.settings())
 
 
 class ScheduleHubResource(dg.ConfigurableResource):
-    """The ScheduleHub scheduling API (base URL and client credentials from the environment)."""
+    """The ScheduleHub scheduling API: base URL and client credentials (EnvVars in the code location) and its tunables."""
 
     base_url: str = Field(description="SCHEDULEHUB_BASE_URL")
     client_id: str = Field(description="SCHEDULEHUB_CLIENT_ID")
     client_secret: str = Field(description="SCHEDULEHUB_CLIENT_SECRET (secret: set it through an EnvVar)")
-    batch_size: int | None = Field(
-        default=None,
-        description="Rows per batch-upsert or batch-delete call; unset: SYNCFLOW_DELIVERY_BATCH_SIZE "
-        "(default 5 000).",
+    token_url: str | None = Field(
+        default=None, description="SCHEDULEHUB_TOKEN_URL: token endpoint; unset: <base_url>/oauth/token"
     )
+    batch_size: int = Field(
+        default=_default(ScheduleHubSettings, "delivery_batch_size"),
+        description="SYNCFLOW_DELIVERY_BATCH_SIZE: rows per batch-upsert or batch-delete call",
+    )
+    http: HttpConfig = Field(default_factory=HttpConfig, description="Transport (SYNCFLOW_HTTP_*).")
 
-    def client(self) -> Any:
-        from pydantic import SecretStr
-
-        from syncflow_dagster.clients.schedulehub import ScheduleHubClient, ScheduleHubSettings
-
-        # Only what is set here overrides the environment (SYNCFLOW_DELIVERY_BATCH_SIZE,
-        # SCHEDULEHUB_TOKEN_URL are read by the client's settings).
-        chosen: dict[str, Any] = {} if self.batch_size is None else {"delivery_batch_size": self.batch_size}
+    def client(self) -> ScheduleHubClient:
         settings = ScheduleHubSettings(
             base_url=self.base_url,
             client_id=self.client_id,
             client_secret=SecretStr(self.client_secret),
-            **chosen,
+            token_url=self.token_url,
+            delivery_batch_size=self.batch_size,
         )
-        return ScheduleHubClient(settings)
+        return ScheduleHubClient(settings, self.http.settings())
 
 
 class SyncTuning(dg.ConfigurableResource):

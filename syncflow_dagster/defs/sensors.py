@@ -34,6 +34,7 @@ from typing import Any
 import dagster as dg
 from dagster import SensorEvaluationContext
 
+from syncflow_dagster.clients.apismith import ApiSmithClient, Watermark
 from syncflow_dagster.defs.assets import CATALOG
 from syncflow_dagster.defs.jobs import entity_run_tags, reconcile_job, retry_job, sync_job
 from syncflow_dagster.defs.partitions import partitions_start, sync_partition_key
@@ -55,7 +56,7 @@ def default_schedule_status() -> dg.DefaultScheduleStatus:
     return dg.DefaultScheduleStatus.RUNNING if running else dg.DefaultScheduleStatus.STOPPED
 
 
-async def _watermarks(client: Any) -> dict[str, Any]:
+async def _watermarks(client: ApiSmithClient) -> dict[str, Watermark]:
     async with client:
         return {entity.name: await client.watermark(entity.source) for entity in CATALOG.entities}
 

@@ -3,8 +3,8 @@
 Dagster's code server starts each run's worker with multiprocessing's `spawn`:
 a new Python that imports Dagster, pandas, pyarrow and the code location
 before it runs a single stage. On the daemon path that import is most of a
-small sync's time (docs/benchmarks.md: 7 s of an 18 s one-entity-day run on
-a loaded 2-core machine, ~1.5 s CPU on a quiet one).
+small sync's time (figures: docs/benchmarks.md, "Where the figures behind
+the code's choices come from").
 
 With `SYNCFLOW_RUN_WORKER_START=forkserver` (opt-in), the code server
 starts run workers from a multiprocessing *forkserver* that preloaded Dagster

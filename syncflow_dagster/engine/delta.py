@@ -91,8 +91,8 @@ def word_order(words: np.ndarray) -> np.ndarray:
 
     Key hashes are uniformly random, so their first word alone almost surely
     orders them (two of a million share it with odds of about 1 in 30
-    million): one argsort of that word, three times faster than a lexsort of
-    all of them, and the lexsort only when two first words are equal.
+    million): one argsort of that word, faster than a lexsort of all of them
+    (docs/benchmarks.md), and the lexsort only when two first words are equal.
     """
     first = words[:, 0]
     order: np.ndarray = np.argsort(first, kind="stable")

@@ -63,9 +63,9 @@ def _distinct_key_hashes(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
     """key_hash_of, computed once per distinct text and spread back to the rows.
 
     Foreign keys repeat (a million work orders name some fifty thousand items
-    and a handful of sites), and the per-value hash call is the cost: hashing
-    the distinct texts only took the three parents of 1M work orders from
-    about 1.6 s to a fraction of that.
+    and a handful of sites), and the per-value hash call is the cost, so only
+    the distinct texts are hashed (figures: docs/benchmarks.md, "Where the
+    figures behind the code's choices come from").
     """
     array = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
     encoded = pc.dictionary_encode(array)

@@ -22,7 +22,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-from fastapi import Body, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -374,108 +374,139 @@ def create_app(
         ttl_s=token_ttl_s,
         ttl_override=injector.token_ttl_s,
     )
-    api = ApiSmith(store, issuer, injector)
     app = FastAPI(
         title="APISmith (SyncFlow stand-in)",
         version="1.0",
         description="The ERP's REST API as docs/contracts/apismith.md describes it.",
     )
-    app.state.apismith = api
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status)
-
+    app.state.apismith = ApiSmith(store, issuer, injector)
+    app.add_exception_handler(ApiError, _api_error)
     app.include_router(issuer.router())
     injector.install(app)
-    auth = [Depends(issuer.require_token)]
-
-    @app.get("/health", summary="Liveness (no token needed)")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/v1/entities", summary="Entities served, with row counts", dependencies=auth)
-    def list_entities() -> dict[str, Any]:
-        return {
-            "entities": [
-                {"entity": api.entity(s).name, **api.watermark(api.entity(s))} for s in api.store.sources
-            ]
-        }
-
-    @app.get("/v1/entities/{source}/watermark", summary="Highest rowversion, row count", dependencies=auth)
-    def watermark(source: str) -> dict[str, Any]:
-        return api.watermark(api.entity(source))
-
-    def window_route(kind: str, what: str) -> None:
-        """GET /v1/entities/{source}/<kind>: the changes and tombstones reads share one contract."""
-
-        def read_window(
-            request: Request,
-            source: str,
-            changed_from: ChangedFrom = None,
-            changed_to: ChangedTo = None,
-            after_rowversion: int = 0,
-            limit: int = DEFAULT_PAGE_SIZE,
-            snapshot_rowversion: int | None = None,
-            rowversion_to: int | None = None,
-        ) -> Response:
-            entity = api.entity(source)
-            page = api.read_page(
-                entity.source,
-                kind,
-                changed_from=changed_from,
-                changed_to=changed_to,
-                after_rowversion=after_rowversion,
-                limit=limit,
-                snapshot_rowversion=snapshot_rowversion,
-                rowversion_to=rowversion_to,
-            )
-            return api.page_response(request, entity, page)
-
-        app.get(
-            f"/v1/entities/{{source}}/{kind}",
-            summary=f"Records {what} in a window, keyset-paginated by rowversion",
-            dependencies=auth,
-            responses={200: {"content": {ARROW_STREAM: {}}}},
-            name=kind,
-        )(read_window)
-
-    window_route("changes", "changed")
-    window_route("tombstones", "deleted")
-
-    @app.get(
-        "/v1/entities/{source}/keys",
-        summary="All current business keys (streamed NDJSON or Arrow)",
-        dependencies=auth,
-        responses={200: {"content": {NDJSON: {}, ARROW_STREAM: {}}}},
-    )
-    def keys(request: Request, source: str) -> StreamingResponse:
-        return api.keys_stream(request, api.entity(source))
-
-    @app.post("/admin/changesets", summary="Apply a change set (generated shape or explicit records)")
-    def post_changeset(body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
-        return api.apply_changes(body)
-
-    @app.get(
-        "/admin/snapshot/{source}",
-        summary="All live records of an entity, for verification",
-        responses={200: {"content": {ARROW_STREAM: {}}}},
-    )
-    def snapshot(request: Request, source: str) -> Response:
-        entity = api.entity(source)
-        schema, batches = api.store.record_batches(entity.source)
-        if wants_arrow(request):
-            return StreamingResponse(arrow_stream(schema, batches), media_type=ARROW_STREAM)
-        return StreamingResponse(json_records(batches), media_type="application/json")
-
-    @app.post("/admin/tokens:revoke", summary="Invalidate every token issued so far")
-    def revoke_tokens() -> dict[str, str]:
-        issuer.revoke_all()
-        return {"status": "revoked"}
-
-    @app.post("/admin/reset", summary="Back to the initial data; change sets and tombstones are dropped")
-    def reset() -> dict[str, Any]:
-        api.store.reset()
-        return {"current_rowversion": api.store.current_rowversion}
-
+    app.include_router(routes)
     return app
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    """An ApiError as the contract's error body: {"error": code, "detail": text}."""
+    assert isinstance(exc, ApiError)  # registered for ApiError only
+    return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status)
+
+
+async def _apismith(request: Request) -> ApiSmith:
+    api: ApiSmith = request.app.state.apismith
+    return api
+
+
+Api = Annotated[ApiSmith, Depends(_apismith)]
+"""The app's APISmith (store, token issuer, faults), from `app.state`."""
+
+
+async def _token_required(request: Request) -> dict[str, Any]:
+    """The bearer token's claims (the app's TokenIssuer), or 401 with WWW-Authenticate."""
+    claims: dict[str, Any] = await request.app.state.apismith.issuer.require_token(request)
+    return claims
+
+
+# The stand-in's routes; /health and /admin/* are the operator's surface and need no token.
+routes = APIRouter()
+_auth = [Depends(_token_required)]
+
+
+@routes.get("/health", summary="Liveness (no token needed)")
+def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@routes.get("/v1/entities", summary="Entities served, with row counts", dependencies=_auth)
+def list_entities(api: Api) -> dict[str, Any]:
+    return {
+        "entities": [
+            {"entity": api.entity(s).name, **api.watermark(api.entity(s))} for s in api.store.sources
+        ]
+    }
+
+
+@routes.get("/v1/entities/{source}/watermark", summary="Highest rowversion, row count", dependencies=_auth)
+def watermark(source: str, api: Api) -> dict[str, Any]:
+    return api.watermark(api.entity(source))
+
+
+def _window_route(kind: str, what: str) -> None:
+    """GET /v1/entities/{source}/<kind>: the changes and tombstones reads share one contract."""
+
+    def read_window(
+        request: Request,
+        source: str,
+        api: Api,
+        changed_from: ChangedFrom = None,
+        changed_to: ChangedTo = None,
+        after_rowversion: int = 0,
+        limit: int = DEFAULT_PAGE_SIZE,
+        snapshot_rowversion: int | None = None,
+        rowversion_to: int | None = None,
+    ) -> Response:
+        entity = api.entity(source)
+        page = api.read_page(
+            entity.source,
+            kind,
+            changed_from=changed_from,
+            changed_to=changed_to,
+            after_rowversion=after_rowversion,
+            limit=limit,
+            snapshot_rowversion=snapshot_rowversion,
+            rowversion_to=rowversion_to,
+        )
+        return api.page_response(request, entity, page)
+
+    routes.get(
+        f"/v1/entities/{{source}}/{kind}",
+        summary=f"Records {what} in a window, keyset-paginated by rowversion",
+        dependencies=_auth,
+        responses={200: {"content": {ARROW_STREAM: {}}}},
+        name=kind,
+    )(read_window)
+
+
+_window_route("changes", "changed")
+_window_route("tombstones", "deleted")
+
+
+@routes.get(
+    "/v1/entities/{source}/keys",
+    summary="All current business keys (streamed NDJSON or Arrow)",
+    dependencies=_auth,
+    responses={200: {"content": {NDJSON: {}, ARROW_STREAM: {}}}},
+)
+def keys(request: Request, source: str, api: Api) -> StreamingResponse:
+    return api.keys_stream(request, api.entity(source))
+
+
+@routes.post("/admin/changesets", summary="Apply a change set (generated shape or explicit records)")
+def post_changeset(body: Annotated[dict[str, Any], Body()], api: Api) -> dict[str, Any]:
+    return api.apply_changes(body)
+
+
+@routes.get(
+    "/admin/snapshot/{source}",
+    summary="All live records of an entity, for verification",
+    responses={200: {"content": {ARROW_STREAM: {}}}},
+)
+def snapshot(request: Request, source: str, api: Api) -> Response:
+    entity = api.entity(source)
+    schema, batches = api.store.record_batches(entity.source)
+    if wants_arrow(request):
+        return StreamingResponse(arrow_stream(schema, batches), media_type=ARROW_STREAM)
+    return StreamingResponse(json_records(batches), media_type="application/json")
+
+
+@routes.post("/admin/tokens:revoke", summary="Invalidate every token issued so far")
+def revoke_tokens(api: Api) -> dict[str, str]:
+    api.issuer.revoke_all()
+    return {"status": "revoked"}
+
+
+@routes.post("/admin/reset", summary="Back to the initial data; change sets and tombstones are dropped")
+def reset(api: Api) -> dict[str, Any]:
+    api.store.reset()
+    return {"current_rowversion": api.store.current_rowversion}

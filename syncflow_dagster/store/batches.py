@@ -187,6 +187,16 @@ class BatchRepository:
         with self.engine.connect() as conn:
             return [_record(row) for row in conn.execute(query)]
 
+    def last_success_per_entity(self) -> dict[str, dt.datetime]:
+        """When each entity's latest succeeded batch finished (entities with none are absent)."""
+        query = (
+            sa.select(sync_batches.c.entity, sa.func.max(sync_batches.c.finished_at))
+            .where(sync_batches.c.status == "succeeded")
+            .group_by(sync_batches.c.entity)
+        )
+        with self.engine.connect() as conn:
+            return {entity: finished for entity, finished in conn.execute(query) if finished is not None}
+
 
 def _close_counter(status: str) -> dict[str, Any]:
     """The closes counter a close as `status` adds one to (none for a success: that is final)."""

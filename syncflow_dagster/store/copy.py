@@ -4,9 +4,9 @@ In: `copy_in` streams a pyarrow Table into a table (usually a TEMP staging
 table) as binary COPY. The binary rows are built column by column with numpy
 and Arrow kernels (big-endian values, length prefixes, one
 `binary_join_element_wise` per batch), so no Python code runs per row.
-Binary beat CSV written by pyarrow.csv (bytea as \\x hex) at 1M entity_state
-rows, 0.73 s against 2.45 s into a TEMP table on the 2-core machine
-(benchmarks/store_copy_formats.py): Postgres parses no text and decodes no hex.
+Binary beat CSV written by pyarrow.csv (bytea as \\x hex) into a TEMP table
+(benchmarks/store_copy_formats.py; the figures are in docs/benchmarks.md):
+Postgres parses no text and decodes no hex.
 
 Out: `select_table` runs a SELECT in the caller's transaction (so it sees
 the staged rows) in the binary protocol: psycopg decodes the one result set
@@ -357,9 +357,10 @@ def select_table(
 
     The result comes back in the binary protocol as one result set, which
     psycopg decodes in C, and each column goes into Arrow in one call. A
-    `COPY ... TO STDOUT` read paid psycopg's Python-level round per row
-    (about 12 µs: 0.23 s for the 15 000 keys of an incremental lookup); this
-    costs a few µs. Reads of a whole table go through `select_arrow` instead.
+    `COPY ... TO STDOUT` read paid psycopg's Python-level round per row,
+    which this does not (figures: docs/benchmarks.md, "Where the figures
+    behind the code's choices come from"). Reads of a whole table go through
+    `select_arrow` instead.
     """
     statement = sql.SQL("SELECT {} FROM ({}) AS q").format(
         sql.SQL(", ").join(_select_expression(c) for c in columns), query
@@ -388,9 +389,10 @@ def select_arrow(url: str, query: str, columns: Sequence[PgColumn]) -> pa.Table:
     """Run `query` (a SELECT of exactly `columns`, in order) on its own ADBC connection.
 
     The result has the types `arrow_type` names, one chunk per column, like
-    `select_table`'s. The connection is opened and closed here (~0.1 s): the read
-    runs in its own transaction, outside any the caller holds, so it is for
-    reads that need no staged rows. `url` is a libpq URL.
+    `select_table`'s. The connection is opened and closed here (opening one
+    reads the type catalog, docs/benchmarks.md): the read runs in its own
+    transaction, outside any the caller holds, so it is for reads that need no
+    staged rows. `url` is a libpq URL.
     """
     import adbc_driver_postgresql.dbapi as adbc  # imported on first use: loads the C driver
 

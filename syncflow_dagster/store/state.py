@@ -140,8 +140,9 @@ class StateRepository:
 
         `columns` are frame names from STATE_COLUMNS (default: STORED_COLUMNS);
         with the default the result has STORED_SCHEMA. Read in a transaction of
-        its own on an ADBC connection (binary COPY decoded in C): about a third
-        of the CPU of parsing a CSV COPY at 1M rows.
+        its own on an ADBC connection (binary COPY decoded in C): less CPU than
+        parsing a CSV COPY (figures: docs/benchmarks.md, "Where the figures
+        behind the code's choices come from").
         """
         _check_entity(entity)
         unknown = [c for c in columns if c not in STATE_COLUMNS]
@@ -188,8 +189,8 @@ class StateRepository:
 
         Every row is an insert, so the rows go in with one COPY, sorted by key
         so that the primary key fills in order (the heap too, as the sorted
-        INSERT ... SELECT from a staging table did; that took twice the
-        server's time at 1M rows). The commit lock keeps other commits of the
+        INSERT ... SELECT from a staging table did, at more of the server's
+        time: docs/benchmarks.md). The commit lock keeps other commits of the
         entity out until the transaction ends, and the COPY is part of it: a
         failure leaves nothing behind.
         """
@@ -218,8 +219,8 @@ class StateRepository:
             # Until statistics list the new rows the planner takes the entity for
             # far fewer, and the key-staged joins of the next run (hash and merge
             # joins are off there) then scan the staged keys once per stored
-            # row: minutes at 1M rows, if autovacuum has not come by yet.
-            # ANALYZE of `entity` alone (about 0.1 s, it also counts this
+            # row, a long stall on a large entity, if autovacuum has not come by
+            # yet. ANALYZE of `entity` alone (cheap; it also counts this
             # transaction's own rows) closes that window at once.
             cursor.execute(sql.SQL("ANALYZE {state} (entity)").format(state=_STATE_TABLE))
         return written
@@ -337,9 +338,9 @@ class StateRepository:
                 prefer_index_joins(cursor)
                 # One statement, two halves that share a snapshot: the UPDATE
                 # rewrites keys already stored, the INSERT adds the keys that were
-                # not (NOT EXISTS sees the state before the UPDATE). This is about
-                # twice as fast as INSERT ... ON CONFLICT DO UPDATE at 1M rows,
-                # whose speculative insertion costs per row. It relies on no other
+                # not (NOT EXISTS sees the state before the UPDATE). This is faster
+                # than INSERT ... ON CONFLICT DO UPDATE (docs/benchmarks.md), whose
+                # speculative insertion costs per row. It relies on no other
                 # transaction inserting the same keys meanwhile, which the
                 # transaction-scoped commit lock taken above guarantees.
                 cursor.execute(
@@ -415,8 +416,8 @@ def _repeats_in_order(words: np.ndarray, order: np.ndarray | None) -> bool:
 def _repeats_a_key(keys: pa.Array) -> bool:
     """Whether a 16-byte key hash occurs twice: a sort on the two 64-bit words, then neighbours.
 
-    About five times faster than Arrow's hash-based count_distinct on a
-    million fixed-size binaries, and `keys` is already checked null-free.
+    Faster than Arrow's hash-based count_distinct on fixed-size binaries
+    (docs/benchmarks.md), and `keys` is already checked null-free.
     """
     words = key_words(keys)
     return _repeats_in_order(words, _key_order(words))

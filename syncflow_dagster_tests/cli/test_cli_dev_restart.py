@@ -29,11 +29,10 @@ from syncflow_dagster.defs.audit import (
     target_audit_job,
     target_matches_state,
 )
-from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
+from syncflow_dagster.defs.configuration import deployment_environment
 from syncflow_dagster.defs.runner import report_of, sync_all
 from syncflow_dagster.simulators.serve import start_server
-from syncflow_dagster.store.frame_io_manager import PostgresFrameIOManager
-from syncflow_dagster_tests.sync_harness import Deployment
+from syncflow_dagster_tests.sync_harness import Deployment, resources_for
 from syncflow_dagster_tests.verify import verify_deployment
 
 ROWS = 120
@@ -50,17 +49,15 @@ def dev_stand_ins(home: Path, database_url: str) -> Iterator[Deployment]:
     api = start_server(api_app)
     hub = start_server(hub_app)
     try:
-        resources = {
-            "database": SyncDatabase(url=database_url),
-            "apismith": ApiSmithResource(
-                base_url=api.url, client_id="syncflow", client_secret=client_secrets["apismith"]
-            ),
-            "schedulehub": ScheduleHubResource(
-                base_url=hub.url, client_id="syncflow", client_secret=client_secrets["schedulehub"]
-            ),
-            "tuning": SyncTuning(),
-            "frame_io_manager": PostgresFrameIOManager(database_url=database_url),
-        }
+        resources = resources_for(
+            deployment_environment(
+                database_url=database_url,
+                apismith_url=api.url,
+                apismith_secret=client_secrets["apismith"],
+                schedulehub_url=hub.url,
+                schedulehub_secret=client_secrets["schedulehub"],
+            )
+        )
         yield Deployment(api.url, hub.url, database_url, client_secrets["apismith"], resources)
     finally:
         api.stop()

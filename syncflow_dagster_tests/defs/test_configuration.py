@@ -128,9 +128,12 @@ def code_location(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _resources() -> Any:
-    from syncflow_dagster.definitions import build_resources
+    """The code location's resources as definitions.py builds them, from this process's environment."""
+    import os
 
-    return dg.build_resources(build_resources())
+    from syncflow_dagster.defs.configuration import build_resources
+
+    return dg.build_resources(build_resources(os.environ, env_vars=True))
 
 
 def _through_resources(read: Callable[[Any], Any]) -> Callable[[], Any]:

@@ -15,22 +15,17 @@ from hypothesis import strategies as st
 
 from syncflow_dagster.catalog.models import EntitySpec, FieldSpec, Precision
 from syncflow_dagster.engine.columns import CHANGED_AT, KEY_SEPARATOR, REJECTED_SCHEMA, ROWVERSION
-from syncflow_dagster.engine.fixed_time import days_from_civil, read_fixed
-from syncflow_dagster.engine.identity import add_identity
-from syncflow_dagster.engine.normalize import (
-    SchemaDriftError,
-    _coerce_date,
-    _coerce_date_column,
-    _coerce_datetime,
-    _coerce_datetime_text,
-    _date_candidates,
-    _datetime_candidates,
-    _format_regex,
-    _parse_format,
-    _parse_format_general,
-    normalize,
-    rows_schema,
+from syncflow_dagster.engine.datetimes.coerce import (
+    coerce_date_column,
+    coerce_datetime,
+    date_candidates,
+    datetime_candidates,
 )
+from syncflow_dagster.engine.datetimes.fixed import days_from_civil, read_fixed
+from syncflow_dagster.engine.datetimes.formats import format_regex, parse_format, parse_format_general
+from syncflow_dagster.engine.datetimes.general import coerce_date, coerce_datetime_text
+from syncflow_dagster.engine.identity import add_identity
+from syncflow_dagster.engine.normalize import SchemaDriftError, normalize, rows_schema
 
 UTC = dt.UTC
 pc: Any = _compute  # the stubs cannot type run-time array types
@@ -449,8 +444,8 @@ def test_fast_datetime_path_equals_the_general_path(
     """The direct read of well-formed ISO values gives exactly the general path's values and rejects."""
     column = pa.array(texts, pa.string())
     formats = ("%d.%m.%Y %H:%M",)
-    fast = _coerce_datetime(column, formats=formats, timezone=timezone, precision=precision)
-    general = _coerce_datetime_text(column, formats=formats, timezone=timezone, precision=precision)
+    fast = coerce_datetime(column, formats=formats, timezone=timezone, precision=precision)
+    general = coerce_datetime_text(column, formats=formats, timezone=timezone, precision=precision)
     # As integers: an offset can move year 1 before datetime's range, which to_pylist cannot show.
     assert fast.values.cast(pa.int64()).to_pylist() == general.values.cast(pa.int64()).to_pylist()
 
@@ -471,10 +466,10 @@ def test_fast_datetime_path_equals_the_general_path(
 )
 def test_zero_padded_format_path_equals_the_regex_path(texts: list[str]) -> None:
     fmt = "%d.%m.%Y %H:%M"
-    compiled = _format_regex(fmt)
+    compiled = format_regex(fmt)
     assert compiled is not None
     column = pa.array(texts, pa.string())
-    assert _parse_format(column, fmt).to_pylist() == _parse_format_general(column, *compiled).to_pylist()
+    assert parse_format(column, fmt).to_pylist() == parse_format_general(column, *compiled).to_pylist()
 
 
 def test_integer_columns_read_as_the_text_path_reads_their_digits() -> None:
@@ -603,8 +598,8 @@ def _assert_datetimes_agree(
     texts: list[str | None] | pa.Array, formats: tuple[str, ...], timezone: str, precision: Precision
 ) -> None:
     column = texts if isinstance(texts, pa.Array) else pa.array(texts, pa.string())
-    fixed = _coerce_datetime(column, formats=formats, timezone=timezone, precision=precision)
-    general = _coerce_datetime_text(column, formats=formats, timezone=timezone, precision=precision)
+    fixed = coerce_datetime(column, formats=formats, timezone=timezone, precision=precision)
+    general = coerce_datetime_text(column, formats=formats, timezone=timezone, precision=precision)
     assert fixed.values.type == general.values.type
     # As integers: an offset can move year 1 before datetime's range, which to_pylist cannot show.
     assert fixed.values.cast(pa.int64()).to_pylist() == general.values.cast(pa.int64()).to_pylist()
@@ -618,8 +613,8 @@ def _date_spec(formats: tuple[str, ...]) -> FieldSpec:
 def _assert_dates_agree(texts: list[str | None] | pa.Array, formats: tuple[str, ...]) -> None:
     column = texts if isinstance(texts, pa.Array) else pa.array(texts, pa.string())
     spec = _date_spec(formats)
-    fixed = _coerce_date_column(spec, column)
-    general = _coerce_date(
+    fixed = coerce_date_column(spec, column)
+    general = coerce_date(
         spec, pc.if_else(pc.equal(pc.utf8_trim_whitespace(column), ""), None, pc.utf8_trim_whitespace(column))
     )
     assert fixed.values.cast(pa.int32()).to_pylist() == general.values.cast(pa.int32()).to_pylist()
@@ -718,7 +713,7 @@ def test_fixed_position_dst_gap_and_overlap_in_berlin_match_the_general_path() -
                     texts.append(f"{day:02d}.{month:02d}.{year} {hour:02d}:{minute:02d}")
     for precision in (Precision.SECOND, Precision.MICROSECOND):
         _assert_datetimes_agree(texts, CATALOG_DATETIME_FORMATS, "Europe/Berlin", precision)
-    fixed = _coerce_datetime(
+    fixed = coerce_datetime(
         pa.array(texts),
         formats=CATALOG_DATETIME_FORMATS,
         timezone="Europe/Berlin",
@@ -764,15 +759,15 @@ def test_fixed_position_reader_takes_the_catalog_shapes_and_leaves_the_rest() ->
         None,
     ]
     odd = ["2026-02-30T10:00:00", " 2026-06-10 00:29:17", "16.1.2027 11:59", "2026-06-10T00:29:17.5+1", "x"]
-    read = read_fixed(pa.array(common + odd, pa.string()), _datetime_candidates(CATALOG_DATETIME_FORMATS))
+    read = read_fixed(pa.array(common + odd, pa.string()), datetime_candidates(CATALOG_DATETIME_FORMATS))
     assert read is not None
     assert read.done.tolist() == [True] * len(common) + [False] * len(odd)
     dates = ["2025-12-15", "31.10.2027", "08/31/2026", "", None, "31.02.2027", "8/31/2026", " 2025-12-15"]
-    read = read_fixed(pa.array(dates, pa.string()), _date_candidates(tuple(CATALOG_DATE_FORMATS)))
+    read = read_fixed(pa.array(dates, pa.string()), date_candidates(tuple(CATALOG_DATE_FORMATS)))
     assert read is not None
     assert read.done.tolist() == [True] * 5 + [False] * 3
     # An opaque format (one the general path reads by strptime alone) hides the formats after it.
-    read = read_fixed(pa.array(["16.01.2027 11:59"]), _datetime_candidates(("%b %d %Y", "%d.%m.%Y %H:%M")))
+    read = read_fixed(pa.array(["16.01.2027 11:59"]), datetime_candidates(("%b %d %Y", "%d.%m.%Y %H:%M")))
     assert read is not None
     assert read.done.tolist() == [False]
 
@@ -797,7 +792,7 @@ def test_fixed_position_reader_across_its_blocks_of_rows() -> None:
     stamps[40_001] = ""
     _assert_datetimes_agree(stamps, CATALOG_DATETIME_FORMATS, "Europe/Berlin", Precision.SECOND)
     _assert_dates_agree([None if s is None else s[:10] for s in stamps], CATALOG_DATE_FORMATS)
-    read = read_fixed(pa.array(stamps, pa.string()), _datetime_candidates(CATALOG_DATETIME_FORMATS))
+    read = read_fixed(pa.array(stamps, pa.string()), datetime_candidates(CATALOG_DATETIME_FORMATS))
     assert read is not None
     assert np.flatnonzero(~read.done).tolist() == [0, 32_767, 32_768, 65_535, 65_536, 79_999]
 

@@ -16,12 +16,7 @@ from hypothesis import strategies as st
 
 from syncflow_dagster.simulators.arrow_json import json_objects, json_references
 from syncflow_dagster.simulators.hub_store import HubStore
-from syncflow_dagster.simulators.schedulehub import (
-    _clean_rows,
-    _result_tuples,
-    _rows_from_arrow,
-    _upsert_columns,
-)
+from syncflow_dagster.simulators.hub_wire import clean_rows, result_tuples, rows_from_arrow, upsert_columns
 
 
 def _batch(keys: list[Any], qty: list[Any], site: list[Any]) -> pa.Table:
@@ -44,11 +39,11 @@ def stores(tmp_path: Path) -> Iterator[tuple[HubStore, HubStore]]:
 
 
 def _columnar(store: HubStore, batch: pa.Table) -> list[Any]:
-    clean = _clean_rows(batch)
+    clean = clean_rows(batch)
     assert clean is not None
-    decided = _upsert_columns(store, "items", batch, clean)
+    decided = upsert_columns(store, "items", batch, clean)
     assert decided is not None, "the batch should be decided column by column"
-    return _result_tuples(decided)
+    return result_tuples(decided)
 
 
 def test_columnar_upsert_matches_row_by_row_for_every_kind_of_row(stores: tuple[HubStore, HubStore]) -> None:
@@ -61,7 +56,7 @@ def test_columnar_upsert_matches_row_by_row_for_every_kind_of_row(stores: tuple[
     second = _batch(["A", "B", "D"], [1.0, 7.0, 4.0], ["S1", None, "S9"])
     columnar, rows = stores
     got = [_columnar(columnar, b) for b in (first, second)]
-    expected = [rows.upsert("items", _rows_from_arrow(b)) for b in (first, second)]
+    expected = [rows.upsert("items", rows_from_arrow(b)) for b in (first, second)]
     assert got == expected
     outcomes = [(r[1], r[3] or r[4]) for r in got[0] + got[1]]
     assert ("accepted", "created") in outcomes
@@ -84,9 +79,9 @@ def test_a_batch_with_a_key_twice_or_a_reference_to_itself_is_decided_row_by_row
 ) -> None:
     columnar, _ = stores
     twice = _batch(["A", "A"], [1.0, 2.0], ["S1", "S1"])
-    assert _upsert_columns(columnar, "items", twice, [True, True]) is None
+    assert upsert_columns(columnar, "items", twice, [True, True]) is None
     own = pa.table({"external_key": ["T1", "T2"], "ref.items": [None, "T1"]})
-    assert _upsert_columns(columnar, "items", own, [True, True]) is None
+    assert upsert_columns(columnar, "items", own, [True, True]) is None
 
 
 def test_every_attribute_type_is_stored_as_the_json_path_stores_it(tmp_path: Path) -> None:
@@ -104,10 +99,10 @@ def test_every_attribute_type_is_stored_as_the_json_path_stores_it(tmp_path: Pat
     )
     with HubStore(tmp_path / "a") as columnar, HubStore(tmp_path / "b") as rows:
         got = _columnar(columnar, batch)
-        assert got == rows.upsert("items", _rows_from_arrow(batch))
+        assert got == rows.upsert("items", rows_from_arrow(batch))
         assert list(columnar.iter_records("items")) == list(rows.iter_records("items"))
         # Sending the batch again row by row finds nothing changed: the stored texts are equal.
-        assert [r[3] for r in columnar.upsert("items", _rows_from_arrow(batch))] == ["unchanged"] * 2
+        assert [r[3] for r in columnar.upsert("items", rows_from_arrow(batch))] == ["unchanged"] * 2
 
 
 _SCALAR = st.one_of(st.none(), st.text(max_size=12))
@@ -135,7 +130,7 @@ def test_arrow_json_writes_what_orjson_writes(values: list[tuple[Any, Any, Any]]
 
 def test_a_read_back_page_parsed_by_arrow_equals_the_one_built_from_python(tmp_path: Path) -> None:
     from syncflow_dagster.simulators.hub_store import records_of
-    from syncflow_dagster.simulators.schedulehub import _records_arrow, _records_table
+    from syncflow_dagster.simulators.hub_wire import records_arrow, records_table
 
     rows = [
         ("K1", {"due": "2025-03-01", "at": "2025-03-01T08:00:01.000005Z", "n": 1, "ok": True, "x": None}, {}),
@@ -149,8 +144,8 @@ def test_a_read_back_page_parsed_by_arrow_equals_the_one_built_from_python(tmp_p
         for resource, batch in (("things", rows), ("mixed", mixed)):
             store.upsert(resource, batch)
             seqs, keys, attributes, refs, _ = store.page_texts(resource, 0, 100)
-            fast = _records_arrow(resource, seqs, keys, attributes, refs)
-            slow = _records_table(records_of(seqs, keys, attributes, refs), resource)
+            fast = records_arrow(resource, seqs, keys, attributes, refs)
+            slow = records_table(records_of(seqs, keys, attributes, refs), resource)
             assert fast.to_pylist() == slow.to_pylist()
             assert fast.schema.names == slow.schema.names
             assert [f.type for f in fast.schema] == [f.type for f in slow.schema], resource

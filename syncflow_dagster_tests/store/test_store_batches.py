@@ -76,3 +76,20 @@ def test_rejects_empty_entity(repo: BatchRepository) -> None:
     with repo.engine.connect() as conn:
         unnamed = conn.execute(sa.select(sa.func.count()).where(sync_batches.c.entity == "")).scalar_one()
     assert unnamed == 0
+
+
+def test_last_success_per_entity_is_the_latest_succeeded_finish(repo: BatchRepository) -> None:
+    entity, never = f"items_{uuid.uuid4().hex[:8]}", f"items_{uuid.uuid4().hex[:8]}"
+    first = repo.start_batch(entity, dt.date(2025, 3, 1), f"run-{uuid.uuid4()}")
+    repo.finish_batch(first, "succeeded", {}, {})
+    second = repo.start_batch(entity, dt.date(2025, 3, 2), f"run-{uuid.uuid4()}")
+    repo.finish_batch(second, "succeeded", {}, {})
+    failed = repo.start_batch(entity, dt.date(2025, 3, 3), f"run-{uuid.uuid4()}")
+    repo.finish_batch(failed, "failed", {}, {})
+    repo.start_batch(never, dt.date(2025, 3, 1), f"run-{uuid.uuid4()}")
+
+    last = repo.last_success_per_entity()
+    latest = repo.get(second)
+    assert latest is not None
+    assert last[entity] == latest.finished_at
+    assert never not in last

@@ -1,6 +1,6 @@
 """Fixed-position reading of zero-padded date and time text, straight from Arrow's string buffers.
 
-The general datetime path of normalize tries ISO-8601 and then each declared
+The general datetime path (general.py) tries ISO-8601 and then each declared
 format with regular expressions and strptime, a dozen kernels per value. ERP
 data nearly always comes in a few zero-padded shapes ("2026-08-16T05:59:17+0200",
 "16.01.2027 11:59", "2025-12-15"), whose every byte sits at a fixed position.
@@ -27,7 +27,7 @@ import pyarrow as pa
 
 _DIGIT = None  # a position that must hold an ASCII digit
 _WIDTHS = {"Y": 4, "m": 2, "d": 2, "H": 2, "M": 2, "S": 2}
-# Widths the general path's regular expression allows per strptime directive (see normalize._DIRECTIVES).
+# Widths the general path's regular expression allows per strptime directive (see formats.DIRECTIVES).
 _REGEX_WIDTHS = {"Y": (4, 4), "m": (1, 2), "d": (1, 2), "H": (1, 2), "M": (2, 2), "S": (2, 2), "z": (1, 6)}
 _WHITESPACE = frozenset(b" \t\n\v\f\r")
 _MICROS = 1_000_000
@@ -217,7 +217,7 @@ def _iso_layouts() -> tuple[Layout, ...]:
 
 
 def iso_datetime_candidate() -> Candidate:
-    """ISO-8601 date-times: the general path's first candidate (see normalize._ISO_DATETIME)."""
+    """ISO-8601 date-times: the general path's first candidate (see general.ISO_DATETIME)."""
     # Every value its regex accepts starts YYYY-MM-DD[Tt ]HH:MM and is 16 to 35 bytes long.
     digit: bytes | None = _DIGIT
     prefix: list[bytes | None] = [digit, digit, digit, digit, b"-", digit, digit, b"-", digit, digit]
