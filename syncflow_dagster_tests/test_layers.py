@@ -59,7 +59,7 @@ FORBIDDEN = {
     },
 }
 # The frame IO manager is the store's one Dagster class (ARCHITECTURE: "except the IO manager class").
-ALLOWED = {("store", "frame_io_manager.py", "dagster")}
+ALLOWED = {("store", "io_manager.py", "dagster")}
 
 
 def _imports(path: Path) -> set[str]:

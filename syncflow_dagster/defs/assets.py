@@ -25,13 +25,14 @@ import pyarrow as pa
 from dagster import AssetExecutionContext
 
 from syncflow_dagster.catalog import Catalog, EntitySpec, default_catalog
-from syncflow_dagster.defs import bookkeeping, checks, reading, stages
+from syncflow_dagster.defs import bookkeeping, checks, reading, stages, streamed
 from syncflow_dagster.defs import checks as checks_module
 from syncflow_dagster.defs.interrupts import stop_means_stop
 from syncflow_dagster.defs.partitions import sync_partitions
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
 from syncflow_dagster.engine import columns as c
-from syncflow_dagster.store.frame_io_manager import EntityFrames, partition_scopes
+from syncflow_dagster.store.frames.io_manager import PostgresFrameIOManager, partition_scopes
+from syncflow_dagster.store.frames.stream import EntityFrames, EntityStreams, SliceReader, SliceWriter
 
 GROUP = "sync"
 # Run tag that makes the fetch read from the beginning (defs/reading.py).
@@ -90,6 +91,22 @@ def _batch_id(context: AssetExecutionContext, database: SyncDatabase, entity: st
     return bookkeeping.batch_for_run(database, entity, day, run.root_run_id or run.run_id)
 
 
+def _writer(context: AssetExecutionContext, scope: Scope) -> SliceWriter:
+    """The writer of this stage's output slice for one entity of the run (see `streamed.py`)."""
+    manager: PostgresFrameIOManager = getattr(context.resources, FRAME_IO)
+    entity, dates = scope
+    return manager.writer(context.asset_key.path[-1], entity.name, dates)
+
+
+def _shown(result: stages.StageResult) -> pa.Table:
+    """The rows a stage's metadata previews: its streamed preview, or the head of its frame."""
+    if result.preview is not None:
+        return result.preview
+    if isinstance(result.frame, pa.Table):
+        return result.frame
+    return pa.table({})
+
+
 def _preview(frame: pa.Table) -> dg.MetadataValue:
     hidden = {c.BK_HASH, c.DATA_HASH, stages.STORED_DATA_HASH}
     shown = frame.select([n for n in frame.column_names if n not in hidden][:12]).slice(0, PREVIEW_ROWS)
@@ -125,7 +142,7 @@ def _recorded(
             "dates": ", ".join(d.isoformat() for d in dates),
             "seconds": seconds,
             "batch_id": str(batch),
-            "preview": _preview(result.frame),
+            "preview": _preview(_shown(result)),
             **result.notes,
         }
     )
@@ -271,7 +288,11 @@ def _extract(
     dates: tuple[dt.date, ...],
 ) -> stages.StageResult:
     batch = _batch_id(context, database, entity.name, dates[0])
-    return reading.extract(context, apismith.client(), database, entity, dates, batch)
+    out = streamed.Output(_writer(context, (entity, dates)))
+    with out.writer:
+        # Each page is written as it arrives: the fetch never holds the whole read.
+        result = reading.extract(context, apismith.client(), database, entity, dates, batch, sink=out.write)
+    return stages.StageResult(out.writer.stored, result.counts, result.notes, out.preview)
 
 
 def _resync(context: AssetExecutionContext) -> bool:
@@ -286,24 +307,21 @@ def _resync(context: AssetExecutionContext) -> bool:
     {"python", "pyarrow", "postgres"},
 )
 def normalized(
-    context: AssetExecutionContext, database: SyncDatabase, extracted: EntityFrames
+    context: AssetExecutionContext, database: SyncDatabase, extracted: EntityStreams
 ) -> dg.Output[EntityFrames]:
     return _stage_output(
         context,
         database,
         "normalize",
-        lambda scope: _normalize(context, database, *scope, extracted[scope[0].name]),
+        lambda scope: _normalize(context, database, scope, extracted[scope[0].name]),
     )
 
 
 def _normalize(
-    context: AssetExecutionContext,
-    database: SyncDatabase,
-    entity: EntitySpec,
-    dates: tuple[dt.date, ...],
-    extracted: pa.Table,
+    context: AssetExecutionContext, database: SyncDatabase, scope: Scope, extracted: SliceReader
 ) -> stages.StageResult:
-    result, rejected = stages.normalize_stage(entity, extracted)
+    entity, dates = scope
+    result, rejected = streamed.normalize(entity, extracted, _writer(context, scope))
     if rejected.num_rows:
         batch = _batch_id(context, database, entity.name, dates[0])
         bookkeeping.record_rejected(database, entity, batch, rejected)
@@ -318,13 +336,17 @@ def _normalize(
     {"python", "pyarrow", "postgres"},
 )
 def identified(
-    context: AssetExecutionContext, database: SyncDatabase, normalized: EntityFrames
+    context: AssetExecutionContext, database: SyncDatabase, normalized: EntityStreams
 ) -> dg.Output[EntityFrames]:
     return _stage_output(
         context,
         database,
         "identity",
-        lambda scope: stages.identity_stage(scope[0], normalized[scope[0].name]),
+        lambda scope: streamed.row_wise(
+            normalized[scope[0].name],
+            _writer(context, scope),
+            lambda chunk: stages.identity_stage(scope[0], chunk),
+        ),
     )
 
 
@@ -335,14 +357,17 @@ def identified(
     {"python", "pyarrow", "postgres"},
 )
 def fresh_rows(
-    context: AssetExecutionContext, database: SyncDatabase, identified: EntityFrames
+    context: AssetExecutionContext, database: SyncDatabase, identified: EntityStreams
 ) -> dg.Output[EntityFrames]:
+    state, resync = database.state(), _resync(context)
     return _stage_output(
         context,
         database,
         "rowversion",
-        lambda scope: stages.rowversion_stage(
-            database.state(), scope[0], identified[scope[0].name], resync=_resync(context)
+        lambda scope: streamed.row_wise(
+            identified[scope[0].name],
+            _writer(context, scope),
+            lambda chunk: stages.rowversion_stage(state, scope[0], chunk, resync=resync),
         ),
     )
 
@@ -355,18 +380,17 @@ def fresh_rows(
     checks=(checks.KEYS_UNIQUE,),
 )
 def delta_plan(
-    context: AssetExecutionContext, database: SyncDatabase, fresh_rows: EntityFrames
+    context: AssetExecutionContext, database: SyncDatabase, fresh_rows: EntityStreams
 ) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
-    output = _stage_output(
-        context,
-        database,
-        "delta",
-        lambda scope: stages.delta_stage(fresh_rows[scope[0].name], resync=_resync(context)),
-    )
-    yield output
-    yield _check_of(
-        {name: checks.business_keys_unique_and_present(plan) for name, plan in output.value.items()}
-    )
+    keys: dict[str, checks.KeyTally] = {}
+
+    def plan(scope: Scope) -> stages.StageResult:
+        reader = fresh_rows[scope[0].name]
+        result, keys[scope[0].name] = streamed.delta(reader, _writer(context, scope), resync=_resync(context))
+        return result
+
+    yield _stage_output(context, database, "delta", plan)
+    yield _check_of({name: tally.check() for name, tally in keys.items()})
 
 
 @_stage_asset(
@@ -378,7 +402,7 @@ def delta_plan(
     checks=(checks.PENDING_AGE,),
 )
 def resolved(
-    context: AssetExecutionContext, database: SyncDatabase, tuning: SyncTuning, delta_plan: EntityFrames
+    context: AssetExecutionContext, database: SyncDatabase, tuning: SyncTuning, delta_plan: EntityStreams
 ) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
     # Keys each entity of this run hands to delivery: its children in the same run,
     # delivered after it (parents first), may count on them.
@@ -387,10 +411,16 @@ def resolved(
     def resolve(scope: Scope) -> stages.StageResult:
         entity, dates = scope
         batch = _batch_id(context, database, entity.name, dates[0])
-        result = stages.parent_child_stage(
-            CATALOG, entity, database, delta_plan[entity.name], batch, run_date=dates[-1], arriving=arriving
+        result, arriving[entity.name] = streamed.parent_child(
+            CATALOG,
+            entity,
+            database,
+            delta_plan[entity.name],
+            _writer(context, scope),
+            batch,
+            run_date=dates[-1],
+            arriving=arriving,
         )
-        arriving[entity.name] = stages.arriving_keys(result.frame)
         return result
 
     yield _stage_output(context, database, "parent_child", resolve)
@@ -416,13 +446,17 @@ def delivered(
     context: AssetExecutionContext,
     schedulehub: ScheduleHubResource,
     database: SyncDatabase,
-    resolved: EntityFrames,
+    resolved: EntityStreams,
 ) -> dg.Output[EntityFrames]:
     return _stage_output(
         context,
         database,
         "deliver",
-        lambda scope: stages.deliver_stage(schedulehub.client(), scope[0], resolved[scope[0].name]),
+        lambda scope: streamed.row_wise(
+            resolved[scope[0].name],
+            _writer(context, scope),
+            lambda chunk: stages.deliver_stage(schedulehub.client(), scope[0], chunk),
+        ),
     )
 
 
@@ -434,13 +468,13 @@ def delivered(
     checks=(checks.DELIVERED_COMMITTED,),
 )
 def committed(
-    context: AssetExecutionContext, database: SyncDatabase, delivered: EntityFrames
+    context: AssetExecutionContext, database: SyncDatabase, delivered: EntityStreams
 ) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
     verdicts: dict[str, dg.AssetCheckResult] = {}
 
     def commit(scope: Scope) -> stages.StageResult:
-        result = _commit(context, database, *scope, delivered[scope[0].name])
-        verdicts[scope[0].name] = checks.delivered_equals_committed(delivered[scope[0].name], result.counts)
+        result, accepted = _commit(context, database, scope, delivered[scope[0].name])
+        verdicts[scope[0].name] = checks.delivered_equals_committed(accepted, result.counts)
         return result
 
     yield _stage_output(context, database, "persist", commit)
@@ -448,19 +482,16 @@ def committed(
 
 
 def _commit(
-    context: AssetExecutionContext,
-    database: SyncDatabase,
-    entity: EntitySpec,
-    dates: tuple[dt.date, ...],
-    delivered: pa.Table,
-) -> stages.StageResult:
+    context: AssetExecutionContext, database: SyncDatabase, scope: Scope, delivered: SliceReader
+) -> tuple[stages.StageResult, tuple[int, int]]:
+    entity, dates = scope
     batch = _batch_id(context, database, entity.name, dates[0])
-    result = stages.persist_stage(database, entity, delivered, batch)
+    result, accepted = streamed.persist(database, entity, delivered, _writer(context, scope), batch)
     # Every row of the entity is now committed, failed or parked: its catch-up read is accounted for.
     read_through = reading.account_read(database, batch)
     if read_through is not None:
         result.notes["read_through"] = read_through
-    return result
+    return result, accepted
 
 
 @_stage_asset(
@@ -471,7 +502,7 @@ def _commit(
     checks=(checks.NO_FAILED_ROWS,),
 )
 def sync_report(
-    context: AssetExecutionContext, database: SyncDatabase, committed: EntityFrames
+    context: AssetExecutionContext, database: SyncDatabase, committed: EntityStreams
 ) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
     frames = EntityFrames()
     per_entity: dict[str, dict[str, Any]] = {}

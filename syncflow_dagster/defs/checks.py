@@ -23,7 +23,7 @@ from syncflow_dagster.defs import bookkeeping
 from syncflow_dagster.defs.resources import SyncTuning
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.delta import UNKNOWN_KEY
-from syncflow_dagster.store.frame_io_manager import partition_scopes
+from syncflow_dagster.store.frames.io_manager import partition_scopes
 from syncflow_dagster.store.repositories import SyncStore
 
 KEYS_UNIQUE = dg.AssetCheckSpec(
@@ -73,17 +73,36 @@ def partitioned(spec: dg.AssetCheckSpec, partitions: dg.PartitionsDefinition) ->
 
 
 def business_keys_unique_and_present(plan: pa.Table) -> dg.AssetCheckResult:
-    missing = 0
-    duplicates = 0
-    if plan.num_rows:
-        missing = plan[c.BK_HASH].null_count + plan[c.BK].null_count
-        duplicates = plan.num_rows - len(pc.unique(plan[c.BK_HASH]))
-    return dg.AssetCheckResult(
-        check_name=KEYS_UNIQUE.name,
-        passed=missing == 0 and duplicates == 0,
-        severity=dg.AssetCheckSeverity.ERROR,
-        metadata={"rows": plan.num_rows, "missing_keys": missing, "duplicate_keys": duplicates},
-    )
+    keys = KeyTally()
+    keys.add(plan)
+    return keys.check()
+
+
+class KeyTally:
+    """The keys check over a plan seen chunk by chunk: missing keys counted, key hashes kept (16 bytes a row)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.missing = 0
+        self._hashes: list[pa.Array] = []
+
+    def add(self, plan: pa.Table) -> None:
+        if not plan.num_rows:
+            return
+        self.rows += plan.num_rows
+        self.missing += plan[c.BK_HASH].null_count + plan[c.BK].null_count
+        self._hashes.append(plan[c.BK_HASH].combine_chunks())
+
+    def check(self) -> dg.AssetCheckResult:
+        duplicates = 0
+        if self.rows:
+            duplicates = self.rows - len(pc.unique(pa.chunked_array(self._hashes)))
+        return dg.AssetCheckResult(
+            check_name=KEYS_UNIQUE.name,
+            passed=self.missing == 0 and duplicates == 0,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"rows": self.rows, "missing_keys": self.missing, "duplicate_keys": duplicates},
+        )
 
 
 def pending_children_within_age(
@@ -105,18 +124,28 @@ def pending_children_within_age(
     )
 
 
-def delivered_equals_committed(delivered: pa.Table, counts: dict[str, int]) -> dg.AssetCheckResult:
-    accepted_upserts = accepted_deletes = 0
-    if delivered.num_rows:
-        accepted = delivered.filter(pc.equal(delivered["_delivery_status"], pa.scalar("accepted")))
-        is_delete: Any = pc.equal(accepted[c.ACTION], pa.scalar(c.DELETE))
-        accepted_upserts = accepted.num_rows - accepted.filter(is_delete).num_rows
-        # A delete of a key ScheduleHub never confirmed has no state to remove.
-        if c.REASON in accepted.column_names:
-            reason: Any = accepted[c.REASON]
-            never_stored: Any = pc.fill_null(pc.equal(reason, pa.scalar(UNKNOWN_KEY)), pa.scalar(False))
-            is_delete = pc.and_(is_delete, pc.invert(never_stored))
-        accepted_deletes = accepted.filter(is_delete).num_rows
+def accepted_changes(delivered: pa.Table) -> tuple[int, int]:
+    """(upserts, deletes) ScheduleHub accepted among delivered rows; deletes of keys never stored excluded."""
+    if not delivered.num_rows:
+        return 0, 0
+    accepted = delivered.filter(pc.equal(delivered["_delivery_status"], pa.scalar("accepted")))
+    is_delete: Any = pc.equal(accepted[c.ACTION], pa.scalar(c.DELETE))
+    upserts = accepted.num_rows - accepted.filter(is_delete).num_rows
+    # A delete of a key ScheduleHub never confirmed has no state to remove.
+    if c.REASON in accepted.column_names:
+        reason: Any = accepted[c.REASON]
+        never_stored: Any = pc.fill_null(pc.equal(reason, pa.scalar(UNKNOWN_KEY)), pa.scalar(False))
+        is_delete = pc.and_(is_delete, pc.invert(never_stored))
+    return upserts, accepted.filter(is_delete).num_rows
+
+
+def delivered_equals_committed(
+    delivered: pa.Table | tuple[int, int], counts: dict[str, int]
+) -> dg.AssetCheckResult:
+    """`delivered`: the delivered rows, or their `accepted_changes` summed over chunks."""
+    accepted_upserts, accepted_deletes = (
+        delivered if isinstance(delivered, tuple) else accepted_changes(delivered)
+    )
     committed = int(counts.get("committed", 0))
     deleted = int(counts.get("deleted_state", 0))
     return dg.AssetCheckResult(

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import dagster as dg
+import pyarrow as pa
 from dagster import AssetExecutionContext
 
 from syncflow_dagster.catalog import EntitySpec
@@ -75,16 +76,19 @@ def extract(
     entity: EntitySpec,
     dates: tuple[dt.date, ...],
     batch: uuid.UUID,
+    sink: Callable[[pa.Table], None] | None = None,
 ) -> stages.StageResult:
-    """The fetch stage of this run, read by the rule of its dates; a catch-up read notes its snapshot."""
+    """The fetch stage of this run, read by the rule of its dates; a catch-up read notes its snapshot.
+
+    With `sink`, the pages go to it as they arrive (see `stages.fetch_stage`)."""
     rule = read_rule(dates, start=dt.date.fromisoformat(partitions_start()), today=utc_today())
     from_scratch = from_the_beginning(context.run.tags)
     if not rule.catch_up:
         after = window_read_up_to(context)
-        return stages.fetch_stage(client, entity, dates, after, open_start=rule.open_start)
+        return stages.fetch_stage(client, entity, dates, after, open_start=rule.open_start, sink=sink)
     marks = database.read_marks()
     after = 0 if from_scratch else (marks.get(entity.name) or 0)
-    result = stages.fetch_stage(client, entity, dates, after, catch_up=True)
+    result = stages.fetch_stage(client, entity, dates, after, catch_up=True, sink=sink)
     snapshot = int(result.notes[stages.READ_SNAPSHOT])
     marks.note_snapshot(batch, entity.name, int(result.notes["after_rowversion"]), snapshot)
     return result

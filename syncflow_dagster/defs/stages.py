@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -66,9 +66,13 @@ def _table(columns: dict[str, Any]) -> pa.Table:
 
 @dataclass
 class StageResult:
-    frame: pa.Table
+    """A stage's output: its frame (a table, or the `StoredFrame` of one it streamed to the store),
+    the counts it reports, notes for the metadata, and a few rows to show when the frame is not at hand."""
+
+    frame: Any
     counts: dict[str, int] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    preview: pa.Table | None = None
 
 
 def window_of(dates: tuple[dt.date, ...]) -> tuple[dt.datetime, dt.datetime]:
@@ -108,26 +112,53 @@ def key_only(entity: EntitySpec) -> EntitySpec:
 # 1. fetch ---------------------------------------------------------------------------------------
 
 
-async def _fetch(
+async def _fetch_pages(
     client: Any,
     entity: EntitySpec,
+    dates: tuple[dt.date, ...],
     window: tuple[dt.datetime | None, dt.datetime | None],
     after_rowversion: int,
     snapshot: int | None,
-) -> tuple[pa.Table, pa.Table]:
+    sink: Callable[[pa.Table], None],
+) -> tuple[int, int, int]:
+    """Hand each page of changes, then of tombstones, to `sink` as it arrives (as `_page_frame`).
+
+    The first page of each read goes to the sink even when empty (its columns
+    are the frame's schema). Returns (changes, tombstones, highest rowversion read).
+    """
     start, end = window
+    reads: list[tuple[Literal["changes", "tombstones"], bool]] = [("changes", False)]
+    if entity.delete_policy.value == "tombstones":
+        reads.append(("tombstones", True))
+    counts = [0, 0]
+    top = 0
     async with client:
-        changes = await client.fetch_changes(
-            entity.source, start, end, after_rowversion, snapshot_rowversion=snapshot
-        )
-        tombstones = (
-            await client.fetch_tombstones(
-                entity.source, start, end, after_rowversion, snapshot_rowversion=snapshot
+        for index, (kind, deleted) in enumerate(reads):
+            first = True
+            pages = client.iter_change_pages(
+                entity.source, start, end, after_rowversion, kind=kind, snapshot_rowversion=snapshot
             )
-            if entity.delete_policy.value == "tombstones"
-            else pa.table({})
-        )
-    return changes, tombstones
+            async for page in pages:
+                rows = page.rows
+                if not rows.num_rows and not (first and (rows.num_columns or not deleted)):
+                    continue
+                first = False
+                counts[index] += rows.num_rows
+                if rows.num_columns and rows.num_rows and entity.rowversion in rows.column_names:
+                    top = max(top, int(pc.max(rows[entity.rowversion]).as_py() or 0))
+                sink(_page_frame(entity, dates, rows, deleted=deleted))
+    return counts[0], counts[1], top
+
+
+def _page_frame(entity: EntitySpec, dates: tuple[dt.date, ...], rows: pa.Table, *, deleted: bool) -> pa.Table:
+    """One page as the extracted frame holds it: text payload, `_deleted`, `_partition_date`."""
+    rows = rows.append_column(DELETED, pa.array([deleted] * rows.num_rows, pa.bool_()))
+    if deleted and "DeletedAt" in rows.column_names and entity.changed_at not in rows.column_names:
+        rows = rows.rename_columns([entity.changed_at if n == "DeletedAt" else n for n in rows.column_names])
+    rows = _as_text(rows)
+    if entity.changed_at in rows.column_names:
+        return rows.append_column(PARTITION_DATE, partition_dates(rows[entity.changed_at], dates))
+    return rows.append_column(PARTITION_DATE, pa.array([dates[0]] * rows.num_rows, pa.date32()))
 
 
 async def _watermark(client: Any, entity: EntitySpec) -> int:
@@ -151,8 +182,12 @@ def fetch_stage(
     *,
     open_start: bool = False,
     catch_up: bool = False,
+    sink: Callable[[pa.Table], None] | None = None,
 ) -> StageResult:
     """The run's changes and tombstones newer than `after_rowversion`.
+
+    With `sink`, each page goes to it as it arrives (a streaming writer) and
+    the result's frame is None; without, the frame holds every page.
 
     A window read (`catch_up` False) takes the records whose change time falls
     on the run's days (from the beginning of time with `open_start`).
@@ -180,27 +215,13 @@ def fetch_stage(
     else:
         start, end = window_of(dates)
         window = (None if open_start else start, end)
-    changes, tombstones = run_async(_fetch(client, entity, window, after_rowversion, snapshot))
-    read_up_to = after_rowversion if snapshot is None else snapshot
-    for part in (changes, tombstones):
-        if part.num_columns and part.num_rows and entity.rowversion in part.column_names:
-            top = pc.max(part[entity.rowversion]).as_py()
-            read_up_to = max(read_up_to, int(top or 0))
-    changes = changes.append_column(DELETED, pa.array([False] * changes.num_rows, pa.bool_()))
-    if tombstones.num_columns:
-        tombstones = tombstones.append_column(DELETED, pa.array([True] * tombstones.num_rows, pa.bool_()))
-        if "DeletedAt" in tombstones.column_names and entity.changed_at not in tombstones.column_names:
-            tombstones = tombstones.rename_columns(
-                [entity.changed_at if n == "DeletedAt" else n for n in tombstones.column_names]
-            )
-        frame = pa.concat_tables([_as_text(changes), _as_text(tombstones)], promote_options="default")
-    else:
-        frame = _as_text(changes)
-    if entity.changed_at in frame.column_names:
-        frame = frame.append_column(PARTITION_DATE, partition_dates(frame[entity.changed_at], dates))
-    else:
-        frame = frame.append_column(PARTITION_DATE, pa.array([dates[0]] * frame.num_rows, pa.date32()))
-    counts = {"fetched": changes.num_rows, "tombstones": tombstones.num_rows if tombstones.num_columns else 0}
+    pages: list[pa.Table] = []
+    fetched, deleted, top = run_async(
+        _fetch_pages(client, entity, dates, window, after_rowversion, snapshot, sink or pages.append)
+    )
+    read_up_to = max(after_rowversion if snapshot is None else snapshot, top)
+    frame = pa.concat_tables(pages, promote_options="default") if sink is None else None
+    counts = {"fetched": fetched, "tombstones": deleted}
     notes: dict[str, Any] = {"after_rowversion": after_rowversion, WINDOW_ROWVERSION: read_up_to}
     if snapshot is not None:
         notes[READ_SNAPSHOT] = snapshot
@@ -440,22 +461,56 @@ def parent_child_stage(
     are released). If ScheduleHub refuses such a parent after all, it refuses
     the child too (`parent_missing`), which becomes a retryable failed record.
     """
-    state = database.state()
     arriving = arriving or {}
+    plan_keys = plan[c.BK_HASH] if plan.num_rows else pa.array([], c.BK_HASH_TYPE)
+    released = released_for_run(database, entity, plan_keys, run_date, arriving)
     plan, held_deletes = _held_tombstones_only(database, entity, plan)
+    if released.num_rows:
+        plan = pa.concat_tables([plan, align(released, plan)]) if plan.num_rows else released
+    result = resolve_parents(catalog, entity, database, plan, batch_id, arriving, hold_deletes=False)
+    result.counts["released"] = released.num_rows
+    result.counts["held_deleted_at_source"] = held_deletes
+    return result
+
+
+def released_for_run(
+    database: Any,
+    entity: EntitySpec,
+    plan_keys: pa.Array | pa.ChunkedArray,
+    run_date: dt.date | None,
+    arriving: Mapping[str, pa.Array],
+) -> pa.Table:
+    """Children of `entity` parked earlier whose parents have arrived, but for keys the plan holds anew."""
     released = bookkeeping.released_children(database, entity, arriving)
     if released.num_rows and run_date is not None:
         released = released.append_column(
             PARTITION_DATE, pa.repeat(pa.scalar(run_date, pa.date32()), released.num_rows)
         )
-    if released.num_rows:
-        # Released children go through the same parent check: a child with two
-        # parents may have got one and still wait for the other.
-        if plan.num_rows:
-            released = released.filter(pc.invert(pc.is_in(released[c.BK_HASH], value_set=plan[c.BK_HASH])))
-            plan = pa.concat_tables([plan, _align(released, plan)])
-        else:
-            plan = released
+    if released.num_rows and len(plan_keys):
+        released = released.filter(pc.invert(pc.is_in(released[c.BK_HASH], value_set=plan_keys)))
+    return released
+
+
+def resolve_parents(
+    catalog: Catalog,
+    entity: EntitySpec,
+    database: Any,
+    plan: pa.Table,
+    batch_id: uuid.UUID,
+    arriving: Mapping[str, pa.Array],
+    *,
+    hold_deletes: bool = True,
+) -> StageResult:
+    """Rows of `plan` (a chunk of it, or the released children) split into ready and parked.
+
+    With `hold_deletes`, the never-stored deletes of keys SyncFlow does not
+    hold are dropped first (`_held_tombstones_only`). Each row is judged on
+    its own parents, so a plan can be resolved chunk by chunk.
+    """
+    held_deletes = 0
+    if hold_deletes:
+        plan, held_deletes = _held_tombstones_only(database, entity, plan)
+    state = database.state()
     needed = parent_key_hashes(catalog, entity.name, plan)
     known: dict[str, pa.Array] = {}
     for name, hashes in needed.items():
@@ -478,7 +533,7 @@ def parent_child_stage(
         "pending": parked.waiting,
         # Waiting for a parent too, but held as the open failed records they already were.
         "failed_parent_missing_kept": parked.kept_failed,
-        "released": released.num_rows,
+        "released": 0,
         "held_deleted_at_source": held_deletes,
     }
     return StageResult(ready, counts)
@@ -522,7 +577,7 @@ def _held_tombstones_only(database: Any, entity: EntitySpec, plan: pa.Table) -> 
     return kept, kept.num_rows - (plan.num_rows - candidates)
 
 
-def _align(frame: pa.Table, like: pa.Table) -> pa.Table:
+def align(frame: pa.Table, like: pa.Table) -> pa.Table:
     """Cast and order `frame`'s columns like `like`'s (missing ones become nulls)."""
     columns = []
     for fld in like.schema:
@@ -612,11 +667,14 @@ def deliver_stage(client: Any, entity: EntitySpec, ready: pa.Table) -> StageResu
 # 8. persist -------------------------------------------------------------------------------------
 
 
-def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_id: uuid.UUID) -> StageResult:
+def persist_stage(
+    database: Any, entity: EntitySpec, delivered: pa.Table, batch_id: uuid.UUID, *, new_keys: bool = False
+) -> StageResult:
     """Commit state for what ScheduleHub confirmed; everything else becomes a failed record.
 
     Nothing is marked synced that ScheduleHub did not accept: rejected rows keep
     their old state (or none), so the next run compares against what is really there.
+    `new_keys`: the entity held no state when the stage began (see `commit_delivered`).
     """
     if delivered.num_rows == 0:
         return StageResult(_summary(delivered), {"committed": 0, "deleted_state": 0, "failed_recorded": 0})
@@ -654,6 +712,7 @@ def persist_stage(database: Any, entity: EntitySpec, delivered: pa.Table, batch_
                 [c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "_schedulehub_id"]
             ).rename_columns([c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "schedulehub_id"]),
             deleted[c.BK_HASH].combine_chunks(),
+            new_keys=new_keys,
         )
         # Only keys that have an open failure or a parked child need closing:
         # those sets are small, the accepted keys may be a million, and staging
@@ -724,6 +783,22 @@ def _summary(delivered: pa.Table) -> pa.Table:
         "rows": pc.cast(grouped[f"{c.BK}_count"], pa.int64()),
     }
     if PARTITION_DATE in grouped.column_names:
+        columns[PARTITION_DATE] = grouped[PARTITION_DATE]
+    return _table(columns)
+
+
+def regroup_summaries(summaries: list[pa.Table]) -> pa.Table:
+    """Per-chunk `_summary` frames as one: rows summed per partition date × action × status."""
+    if len(summaries) == 1:
+        return summaries[0]
+    whole = pa.concat_tables(summaries, promote_options="default")
+    if whole.num_rows == 0:
+        return summaries[0]
+    keys = [name for name in (c.ACTION, "status", PARTITION_DATE) if name in whole.column_names]
+    grouped = whole.group_by(keys).aggregate([("rows", "sum")])
+    columns = {name: grouped[name] for name in keys if name != PARTITION_DATE}
+    columns["rows"] = pc.cast(grouped["rows_sum"], pa.int64())
+    if PARTITION_DATE in keys:
         columns[PARTITION_DATE] = grouped[PARTITION_DATE]
     return _table(columns)
 

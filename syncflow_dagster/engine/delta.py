@@ -228,6 +228,44 @@ def plan_delta(rows: pa.Table, stored: pa.Table | None, tombstones: pa.Table | N
     return plan
 
 
+def batch_winners(keys: pa.Table, deleted: str = "_deleted") -> tuple[np.ndarray, int]:
+    """Which rows of a batch `plan_delta` keeps, as a mask over the batch; and the live duplicates.
+
+    `keys` holds only `_bk_hash`, `_rowversion`, optional `_data_hash` and the
+    tombstone flag `deleted` of every row of the batch, in the batch's order:
+    what a streamed delta reads in a first pass, so that the plan of each chunk
+    in the second pass sees exactly the rows the whole batch's plan would
+    keep. Per key: the live row of the highest rowversion (ties to the higher
+    data hash, as `dedupe_batch`), unless a tombstone of the key is at least
+    as new (then the newest tombstone, as `plan_delta`).
+    """
+    n = keys.num_rows
+    if n == 0 or len(pc.unique(keys.column(BK_HASH))) == n:
+        return np.ones(n, dtype=bool), 0  # one row per key: nothing to resolve
+    table = keys.append_column("_row", pa.array(np.arange(n, dtype=np.int64)))
+    if deleted in table.column_names:
+        dead_mask = pc.fill_null(table.column(deleted), False)
+    else:
+        dead_mask = pa.repeat(pa.scalar(False), n)
+    live = table.filter(pc.invert(dead_mask))
+    dead = table.filter(dead_mask)
+    winners, _ = dedupe_batch(live.drop_columns([c for c in (deleted,) if c in live.column_names]))
+    duplicates = live.num_rows - winners.num_rows
+    keep = np.zeros(n, dtype=bool)
+    if dead.num_rows:
+        graves, _ = dedupe_batch(dead.select([BK_HASH, ROWVERSION, "_row"]))
+        live_rowversion = stored_lookup(graves, winners, ROWVERSION)
+        grave_wins = pc.invert(pc.fill_null(pc.greater(live_rowversion, graves.column(ROWVERSION)), False))
+        graves = graves.filter(grave_wins)
+        if graves.num_rows:
+            winners = winners.filter(
+                pc.invert(pc.is_in(winners.column(BK_HASH), value_set=graves.column(BK_HASH)))
+            )
+            keep[graves.column("_row").to_numpy()] = True
+    keep[winners.column("_row").to_numpy()] = True
+    return keep, duplicates
+
+
 def resync_skips(plan: pa.Table) -> pa.Table:
     """The plan with every live row it skipped as already delivered turned into an update (reason `resync`).
 
@@ -304,6 +342,7 @@ def plan_reconcile_deletes(
 
 __all__ = [
     "ReconcilePlan",
+    "batch_winners",
     "dedupe_batch",
     "key_order",
     "key_words",

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
@@ -181,12 +182,57 @@ class StateRepository:
 
     # -- the commit -----------------------------------------------------------------------------
 
+    def _copy_new_rows(
+        self, cursor: Any, entity: str, batch_id: uuid.UUID, frame: pa.Table, order: np.ndarray | None
+    ) -> int:
+        """COPY rows of keys not stored yet straight into entity_state; returns the rows written.
+
+        Every row is an insert, so the rows go in with one COPY, sorted by key
+        so that the primary key fills in order (the heap too, as the sorted
+        INSERT ... SELECT from a staging table did, at more of the server's
+        time: docs/benchmarks.md). The commit lock keeps other commits of the
+        entity out until the transaction ends, and the COPY is part of it: a
+        failure leaves nothing behind.
+        """
+        if order is not None:
+            frame = frame.take(order)
+        cursor.execute("SELECT now()")
+        now = cursor.fetchone()
+        assert now is not None
+        timestamp = pa.scalar(now[0], pa.timestamp("us", tz="UTC"))
+        written = int(
+            copy_in(
+                cursor,
+                "entity_state",
+                frame,
+                _DIRECT_COLUMNS,
+                schema=SCHEMA,
+                constants={
+                    "entity": pa.scalar(entity, pa.string()),
+                    "first_seen_at": timestamp,
+                    "last_synced_at": timestamp,
+                    "last_batch_id": pa.scalar(batch_id.bytes, BK_HASH_TYPE),
+                },
+            )
+        )
+        if written >= ANALYZE_AFTER_FIRST_LOAD_ROWS:
+            # Until statistics list the new rows the planner takes the entity for
+            # far fewer, and the key-staged joins of the next run (hash and merge
+            # joins are off there) then scan the staged keys once per stored
+            # row, a long stall on a large entity, if autovacuum has not come by
+            # yet. ANALYZE of `entity` alone (cheap; it also counts this
+            # transaction's own rows) closes that window at once.
+            cursor.execute(sql.SQL("ANALYZE {state} (entity)").format(state=_STATE_TABLE))
+        return written
+
     def commit_delivered(
         self,
         entity: str,
         batch_id: uuid.UUID,
         accepted: pa.Table,
         deleted: pa.Array | pa.ChunkedArray | None = None,
+        *,
+        new_keys: bool = False,
     ) -> int:
         """Record what ScheduleHub confirmed, in one transaction; returns rows written.
 
@@ -206,6 +252,11 @@ class StateRepository:
         The result is upserted rows plus deleted rows.
 
         Callers that may race on one entity hold `locks.entity_lock` around it.
+
+        `new_keys`: the caller expects none of the accepted keys to be stored
+        (a chunk of an initial load after the first): they are COPYed in as
+        into an empty entity, and if a key was stored after all, that COPY is
+        rolled back to a savepoint and the rows are merged instead.
         """
         _check_entity(entity)
         missing = [c for c in ACCEPTED_COLUMNS if c not in accepted.column_names]
@@ -269,43 +320,19 @@ class StateRepository:
                 )
                 held = cursor.fetchone()
                 entity_is_new = held is not None and not held[0]
-            if frame.num_rows and entity_is_new:
-                # Nothing stored for the entity yet (an initial sync): every row is
-                # an insert, so the rows go straight into entity_state with one
-                # COPY, sorted by key so that the primary key fills in order (the
-                # heap too, as the sorted INSERT ... SELECT from a staging table
-                # did, at more of the server's time: docs/benchmarks.md). The commit
-                # lock keeps the entity empty until this transaction ends, and the
-                # COPY is part of it: a failure leaves nothing behind.
-                if order is not None:
-                    frame = frame.take(order)
-                cursor.execute("SELECT now()")
-                now = cursor.fetchone()
-                assert now is not None
-                timestamp = pa.scalar(now[0], pa.timestamp("us", tz="UTC"))
-                written += copy_in(
-                    cursor,
-                    "entity_state",
-                    frame,
-                    _DIRECT_COLUMNS,
-                    schema=SCHEMA,
-                    constants={
-                        "entity": pa.scalar(entity, pa.string()),
-                        "first_seen_at": timestamp,
-                        "last_synced_at": timestamp,
-                        "last_batch_id": pa.scalar(batch_id.bytes, BK_HASH_TYPE),
-                    },
-                )
-                if written >= ANALYZE_AFTER_FIRST_LOAD_ROWS:
-                    # Until statistics list the new entity the planner takes it for
-                    # one row, and the key-staged joins of the next run (hash and
-                    # merge joins are off there) then scan the staged keys once per
-                    # stored row, which on a large entity is a long stall, if
-                    # autovacuum has not come by yet. ANALYZE of `entity` alone
-                    # (cheap; it also counts this transaction's own rows) closes
-                    # that window at once (figures: docs/benchmarks.md).
-                    cursor.execute(sql.SQL("ANALYZE {state} (entity)").format(state=_STATE_TABLE))
-            elif frame.num_rows:
+            copied = False
+            if frame.num_rows and (entity_is_new or new_keys):
+                if entity_is_new:
+                    written += self._copy_new_rows(cursor, entity, batch_id, frame, order)
+                    copied = True
+                else:
+                    cursor.execute("SAVEPOINT new_keys")
+                    try:
+                        written += self._copy_new_rows(cursor, entity, batch_id, frame, order)
+                        copied = True
+                    except psycopg.errors.UniqueViolation:
+                        cursor.execute("ROLLBACK TO SAVEPOINT new_keys")
+            if frame.num_rows and not copied:
                 create_staging(cursor, _ACCEPTED_STAGING, columns)
                 copy_in(cursor, _ACCEPTED_STAGING, frame, columns)
                 prefer_index_joins(cursor)

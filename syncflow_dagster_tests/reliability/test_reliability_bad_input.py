@@ -11,14 +11,16 @@ value still reads as the declared type and rejected otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pyarrow as pa
 import pytest
 
 from syncflow_dagster.catalog import default_catalog
-from syncflow_dagster.clients.apismith import ApiSmithClient
+from syncflow_dagster.clients.apismith import ApiSmithClient, ChangePage
 from syncflow_dagster.defs.runner import materialize_sync, report_of
 from syncflow_dagster.engine.normalize import SchemaDriftError, normalize
 from syncflow_dagster_tests.reliability_harness import clear_faults, put_faults
@@ -138,13 +140,18 @@ def test_schema_drift_through_dagster_fails_the_run_at_normalize_and_delivers_no
 ) -> None:
     # APISmith stops sending a required column (the stand-in refuses such data, so the drift is
     # applied to what the client receives).
-    original = ApiSmithClient.fetch_changes
+    # The fetch stage reads page by page (and writes each page as it arrives).
+    original = ApiSmithClient.iter_change_pages
 
-    async def without_site_name(self: ApiSmithClient, source: str, *args: Any, **kwargs: Any) -> pa.Table:
-        table: pa.Table = await original(self, source, *args, **kwargs)
-        return table.drop_columns(["SiteName"]) if source == "Sites" else table
+    async def without_site_name(
+        self: ApiSmithClient, source: str, *args: Any, **kwargs: Any
+    ) -> AsyncIterator[ChangePage]:
+        async for page in original(self, source, *args, **kwargs):
+            if source == "Sites" and "SiteName" in page.rows.column_names:
+                page = dataclasses.replace(page, rows=page.rows.drop_columns(["SiteName"]))
+            yield page
 
-    monkeypatch.setattr(ApiSmithClient, "fetch_changes", without_site_name)
+    monkeypatch.setattr(ApiSmithClient, "iter_change_pages", without_site_name)
     with deployment(fresh_database_url, rows=100, seed=32) as env:
         result = materialize_sync("sites", TODAY, resources=env.resources, raise_on_error=False)
         assert not result.success

@@ -19,8 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from syncflow_dagster.store import frame_io_manager as fio
-from syncflow_dagster.store.frame_io_manager import (
+from syncflow_dagster.store.frames import io_manager as fio
+from syncflow_dagster.store.frames.codec import PARTITION_COLUMN
+from syncflow_dagster.store.frames.io_manager import (
     FrameSlice,
     PostgresFrameClient,
     PostgresFrameIOManager,
@@ -56,7 +57,7 @@ def test_in_process_stage_reads_the_handed_frame_and_postgres_holds_it(
     def no_read(self: PostgresFrameClient, where: FrameSlice) -> pa.Table:
         raise AssertionError(f"{where.table} was read back although it was handed over in this process")
 
-    monkeypatch.setattr(PostgresFrameClient, "select_slice", no_read)
+    monkeypatch.setattr(PostgresFrameClient, "reader", no_read)
     manager = PostgresFrameIOManager(database_url=database_url, schema_name="syncflow_stage_handoff")
     key = dg.MultiPartitionKey({"entity": "items", "date": DAY.isoformat()})
     result = dg.materialize(_assets(), partition_key=key, resources={"frames": manager})
@@ -138,7 +139,7 @@ def test_replacing_the_only_stored_date_truncates_and_other_dates_survive(databa
 
     def frame(day: dt.date, n: int) -> pa.Table:
         return pa.table(
-            {"n": pa.array(range(n), pa.int64()), fio.PARTITION_COLUMN: pa.array([day] * n, pa.date32())}
+            {"n": pa.array(range(n), pa.int64()), PARTITION_COLUMN: pa.array([day] * n, pa.date32())}
         )
 
     only = FrameSlice("clear__items", "items", (DAY,))
@@ -151,7 +152,7 @@ def test_replacing_the_only_stored_date_truncates_and_other_dates_survive(databa
     client.replace_slice(only, frame(DAY, 4))  # another date is stored: the DELETE path
     kept = client.select_slice(FrameSlice("clear__items", "items", (other, DAY)))
     assert kept is not None
-    assert sorted(str(d) for d in kept[fio.PARTITION_COLUMN].to_pylist()) == [str(other)] * 2 + [str(DAY)] * 4
+    assert sorted(str(d) for d in kept[PARTITION_COLUMN].to_pylist()) == [str(other)] * 2 + [str(DAY)] * 4
 
 
 # ------------------------------------------------------------------------------------------------

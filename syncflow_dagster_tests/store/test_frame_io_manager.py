@@ -15,17 +15,9 @@ from syncflow_dagster.catalog import FieldType, default_catalog
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.normalize import target_type
 from syncflow_dagster.store.database import libpq_url
-from syncflow_dagster.store.frame_io_manager import (
-    PARTITION_COLUMN,
-    FrameLostError,
-    FrameSlice,
-    FrameStoreError,
-    PostgresFrameClient,
-    PostgresFrameIOManager,
-    partition_scope,
-    partition_scopes,
-    stage_table_name,
-)
+from syncflow_dagster.store.frames.client import FrameSlice, PostgresFrameClient, stage_table_name
+from syncflow_dagster.store.frames.codec import PARTITION_COLUMN, FrameLostError, FrameStoreError
+from syncflow_dagster.store.frames.io_manager import PostgresFrameIOManager, partition_scope, partition_scopes
 
 DAY1 = dt.date(2026, 11, 27)
 DAY2 = dt.date(2026, 11, 28)
@@ -167,9 +159,9 @@ def test_unsafe_table_names_are_refused_and_any_column_name_round_trips(client: 
 def test_a_frame_over_several_dates_is_stored_in_chunks_and_read_by_any_dates(
     client: PostgresFrameClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from syncflow_dagster.store import frame_io_manager
+    from syncflow_dagster.store.frames import codec
 
-    monkeypatch.setattr(frame_io_manager, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(codec, "CHUNK_ROWS", 7)
     days = [DAY1, DAY2, DAY1] * 10 + [DAY2]  # interleaved: 20 rows of DAY1, 11 of DAY2
     frame = pa.table(
         {
@@ -192,7 +184,7 @@ def test_a_frame_over_several_dates_is_stored_in_chunks_and_read_by_any_dates(
 def test_a_table_of_the_row_layout_is_replaced_on_write_and_refused_on_read(
     client: PostgresFrameClient, database_url: str
 ) -> None:
-    from syncflow_dagster.store import frame_io_manager
+    from syncflow_dagster.store.frames import client as frame_client
 
     written = dated_frame(DAY1, [1, 2])
     where = FrameSlice("t__legacy", "legacy", (DAY1,))
@@ -201,7 +193,7 @@ def test_a_table_of_the_row_layout_is_replaced_on_write_and_refused_on_read(
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         conn.execute('DROP TABLE "syncflow_stage_test"."t__legacy"')
         conn.execute('CREATE TABLE "syncflow_stage_test"."t__legacy" (v bigint, "_partition_date" date)')
-    frame_io_manager._SETTLED.clear()
+    frame_client.POOL.settled.clear()
     with pytest.raises(FrameStoreError, match="row layout; materialize the partition again"):
         client.select_slice(where)
     assert client.replace_slice(where, written) is True  # re-created
@@ -293,7 +285,7 @@ def test_stage_tables_skip_autovacuum_and_prune_vacuums_them(
 ) -> None:
     # Autovacuum on a freshly written million-row stage table made the next run's
     # TRUNCATE wait deadlock_timeout for it to be cancelled; prune cleans up instead.
-    from syncflow_dagster.store import frame_io_manager
+    from syncflow_dagster.store.frames import client as frame_client
 
     table = f"t__vacuum_{uuid.uuid4().hex[:8]}"  # a new table: last_vacuum starts empty
     client.replace_slice(FrameSlice(table, "vacuum", (DAY1,)), dated_frame(DAY1, [1, 2]))
@@ -303,7 +295,7 @@ def test_stage_tables_skip_autovacuum_and_prune_vacuums_them(
     # A table made before this setting existed gets it on its next write.
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         conn.execute(f'ALTER TABLE "{client.schema}"."{table}" RESET (autovacuum_enabled)')
-    frame_io_manager._SETTLED.clear()
+    frame_client.POOL.settled.clear()
     client.replace_slice(FrameSlice(table, "vacuum", (DAY2,)), dated_frame(DAY2, [3]))
     options, last_vacuum = _table_state(database_url, client.schema, table)
     assert "autovacuum_enabled=false" in options

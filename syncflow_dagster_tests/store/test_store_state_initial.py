@@ -216,3 +216,25 @@ def test_a_large_first_load_is_known_to_the_planner_before_autovacuum(repo: Stat
     keys = _hashes(rng, n, 16)
     assert repo.commit_delivered(entity, uuid.uuid4(), _rows(keys, _hashes(rng, n, 32), rowversion=1)) == n
     assert _estimated_rows(repo, entity) >= n // 2
+
+
+def test_chunks_of_new_keys_are_copied_in_and_a_stored_key_among_them_falls_back_to_the_merge(
+    repo: StateRepository,
+) -> None:
+    """An initial load persisted chunk by chunk: later chunks take the COPY path too (`new_keys`);
+    if a key was stored after all, that COPY is rolled back and the chunk is merged instead."""
+    entity = f"fresh_{uuid.uuid4().hex[:8]}"
+    rng = np.random.default_rng(3)
+    keys = _hashes(rng, 300, 16)
+    for start in (0, 100):
+        chunk = _rows(keys.slice(start, 100), _hashes(rng, 100, 32), rowversion=1)
+        assert repo.commit_delivered(entity, uuid.uuid4(), chunk, new_keys=True) == 100
+    assert repo.count(entity) == 200
+    # 50 keys stored already, 100 new: the COPY meets a stored key and the merge takes over.
+    mixed_keys = pa.concat_arrays([keys.slice(150, 50), keys.slice(200, 100)])
+    mixed = _rows(mixed_keys, _hashes(rng, 150, 32), rowversion=2)
+    assert repo.commit_delivered(entity, uuid.uuid4(), mixed, new_keys=True) == 150
+    assert repo.count(entity) == 300
+    after = repo.stored_for_keys(entity, mixed_keys)
+    assert set(after[ROWVERSION].to_pylist()) == {2}
+    assert set(after[DATA_HASH].to_pylist()) == set(mixed[DATA_HASH].to_pylist())

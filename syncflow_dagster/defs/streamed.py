@@ -1,0 +1,210 @@
+"""The sync stages over streams: each reads its input slice chunk by chunk and writes its output as it goes.
+
+The stage functions of `stages.py` take and return whole frames; here each is
+run over chunks of `SYNCFLOW_CHUNK_SIZE` rows of its stored input (a
+`SliceReader`), and what it returns is appended to the stage's output slice
+(a `SliceWriter`, one transaction, committed when the stage ends). So the
+memory a stage holds follows the chunk size, not the partition's size.
+
+Row-wise stages (normalize, identity, rowversion, deliver, persist) are exact
+chunk by chunk. Two need the whole batch, and read only the few columns that
+decide it first:
+
+* delta: duplicate keys across chunks resolve to the highest rowversion, and a
+  tombstone against a live row as in `plan_delta`: pass 1 reads `_bk_hash`,
+  `_rowversion`, `_data_hash` and `_deleted` and picks each key's one row
+  (`batch_winners`); pass 2 plans each chunk's kept rows.
+* parent-child: children parked earlier are released once (minus the keys the
+  plan holds anew, read as key hashes only), each chunk's parents are looked
+  up on their own, and the keys an entity hands on to its children in the
+  same run (`arriving`) are kept as key hashes only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from syncflow_dagster.catalog import Catalog, EntitySpec
+from syncflow_dagster.defs import stages
+from syncflow_dagster.defs.checks import KeyTally, accepted_changes
+from syncflow_dagster.engine import columns as c
+from syncflow_dagster.engine.chunks import chunk_size
+from syncflow_dagster.engine.delta import batch_winners
+from syncflow_dagster.store.frames.stream import SliceReader, SliceWriter
+
+PREVIEW_ROWS = 5
+
+
+class Output:
+    """A stage's output slice as it is written: the writer, the counts so far, a few rows to show."""
+
+    def __init__(self, writer: SliceWriter) -> None:
+        self.writer = writer
+        self.counts: dict[str, int] = {}
+        self.notes: dict[str, Any] = {}
+        self.preview: pa.Table | None = None
+
+    def add(self, result: stages.StageResult) -> None:
+        """Append a chunk's result: its frame to the slice, its counts to the totals."""
+        frame = result.frame
+        if frame is not None:
+            self.write(frame)
+        self.counts = stages.merged_counts(self.counts, result.counts)
+        self.notes.update(result.notes)
+
+    def write(self, frame: pa.Table) -> None:
+        self.writer.write(frame)
+        if self.preview is None and frame.num_rows:
+            self.preview = frame.slice(0, PREVIEW_ROWS)
+
+    def result(self) -> stages.StageResult:
+        """The stage's result once the writer has committed: the stored frame's handle and the totals."""
+        return stages.StageResult(self.writer.stored, self.counts, self.notes, self.preview)
+
+
+def _each_chunk(
+    reader: SliceReader,
+    writer: SliceWriter,
+    stage: Callable[[pa.Table], stages.StageResult],
+    extra: Iterable[pa.Table] = (),
+) -> stages.StageResult:
+    """Run `stage` over every chunk of `reader` (then `extra`), writing each result; once on no rows.
+
+    On an empty input the stage still runs once, on an empty table of the
+    input's schema, so the output slice gets the schema a whole-frame run gives.
+    """
+    out = Output(writer)
+    with writer:
+        seen = False
+        for chunk in _chain(reader, extra):
+            seen = True
+            out.add(stage(chunk))
+        if not seen:
+            out.add(stage(reader.schema.empty_table()))
+    return out.result()
+
+
+def _chain(reader: SliceReader, extra: Iterable[pa.Table]) -> Iterable[pa.Table]:
+    yield from reader.chunks(chunk_size())
+    yield from extra
+
+
+def row_wise(
+    reader: SliceReader, writer: SliceWriter, stage: Callable[[pa.Table], stages.StageResult]
+) -> stages.StageResult:
+    """A stage whose rows do not depend on each other (identity, rowversion, deliver), chunk by chunk."""
+    return _each_chunk(reader, writer, stage)
+
+
+def normalize(
+    entity: EntitySpec, reader: SliceReader, writer: SliceWriter
+) -> tuple[stages.StageResult, pa.Table]:
+    """Normalise chunk by chunk; the rejected values of every chunk come back together (they are few)."""
+    rejected: list[pa.Table] = []
+
+    def one(chunk: pa.Table) -> stages.StageResult:
+        result, refused = stages.normalize_stage(entity, chunk)
+        if refused.num_rows or not rejected:
+            rejected.append(refused)
+        return result
+
+    result = _each_chunk(reader, writer, one)
+    refused = pa.concat_tables(rejected, promote_options="default")
+    result.counts["rejected"] = len(set(refused["business_key"].to_pylist())) if refused.num_rows else 0
+    result.counts["rejected_values"] = refused.num_rows
+    return result, refused
+
+
+def delta(
+    reader: SliceReader, writer: SliceWriter, *, resync: bool = False
+) -> tuple[stages.StageResult, KeyTally]:
+    """Plan the batch in two passes (see the module's docstring); the keys check is tallied on the way."""
+    wanted = [
+        name for name in (c.BK_HASH, c.ROWVERSION, c.DATA_HASH, stages.DELETED) if name in reader.schema.names
+    ]
+    keep, duplicates = batch_winners(reader.read_all(wanted)) if reader.num_rows else (np.ones(0, bool), 0)
+    keys = KeyTally()
+    offset = 0
+
+    def one(chunk: pa.Table) -> stages.StageResult:
+        nonlocal offset
+        mask = keep[offset : offset + chunk.num_rows]
+        offset += chunk.num_rows
+        kept = chunk if bool(mask.all()) else chunk.filter(pa.array(mask))
+        result = stages.delta_stage(kept, resync=resync)
+        keys.add(result.frame)
+        return result
+
+    result = _each_chunk(reader, writer, one)
+    result.counts["duplicates"] = duplicates
+    return result, keys
+
+
+def parent_child(
+    catalog: Catalog,
+    entity: EntitySpec,
+    database: Any,
+    reader: SliceReader,
+    writer: SliceWriter,
+    batch_id: uuid.UUID,
+    run_date: dt.date | None,
+    arriving: Mapping[str, pa.Array],
+) -> tuple[stages.StageResult, pa.Array]:
+    """Resolve parents chunk by chunk, then the released children; returns the keys handed on too."""
+    plan_keys = reader.read_all([c.BK_HASH])[c.BK_HASH] if reader.num_rows else pa.array([], c.BK_HASH_TYPE)
+    released = stages.released_for_run(database, entity, plan_keys, run_date, arriving)
+    del plan_keys
+    handed: list[pa.Array] = []
+
+    def one(chunk: pa.Table, *, hold_deletes: bool = True) -> stages.StageResult:
+        result = stages.resolve_parents(
+            catalog, entity, database, chunk, batch_id, arriving, hold_deletes=hold_deletes
+        )
+        handed.append(stages.arriving_keys(result.frame))
+        return result
+
+    extra: list[pa.Table] = []
+    if released.num_rows:
+        extra.append(stages.align(released, reader.schema.empty_table()) if reader.num_rows else released)
+
+    def each(chunk: pa.Table) -> stages.StageResult:
+        # The released children come last; they are not the plan's, so no delete of theirs is dropped.
+        return one(chunk, hold_deletes=not (extra and chunk is extra[0]))
+
+    result = _each_chunk(reader, writer, each, extra)
+    result.counts["released"] = released.num_rows
+    keys = pa.concat_arrays(handed) if handed else pa.array([], c.BK_HASH_TYPE)
+    return result, keys
+
+
+def persist(
+    database: Any, entity: EntitySpec, reader: SliceReader, writer: SliceWriter, batch_id: uuid.UUID
+) -> tuple[stages.StageResult, tuple[int, int]]:
+    """Commit chunk by chunk (idempotent: a re-run re-commits the same rows); one summary for the slice.
+
+    Returns the accepted (upserts, deletes) too, for the delivered = committed check.
+    """
+    summaries: list[pa.Table] = []
+    counts: dict[str, int] = {}
+    upserts = deletes = 0
+    # An initial load: every chunk's keys are new (the plan holds each key once), so each
+    # chunk is COPYed in as the first one is, not merged (commit_delivered checks it).
+    new_keys = reader.num_rows > 0 and database.state().count(entity.name) == 0
+    for chunk in reader.chunks(chunk_size()) if reader.num_rows else [reader.schema.empty_table()]:
+        result = stages.persist_stage(database, entity, chunk, batch_id, new_keys=new_keys)
+        summaries.append(result.frame)
+        counts = stages.merged_counts(counts, result.counts)
+        more_upserts, more_deletes = accepted_changes(chunk)
+        upserts, deletes = upserts + more_upserts, deletes + more_deletes
+    summary = stages.regroup_summaries(summaries)
+    out = Output(writer)
+    with writer:
+        out.write(summary)
+    out.counts = counts
+    return out.result(), (upserts, deletes)

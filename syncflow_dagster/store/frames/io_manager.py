@@ -1,0 +1,376 @@
+"""The Postgres frame IO manager: Dagster partitions onto stage-frame slices.
+
+It follows the shape of Dagster's own `DbIOManager` (a client that knows the
+database, type handlers that know the frame library) for Postgres, which has
+no maintained first-party one. The SQL is in client.py, the chunk codec in
+codec.py, the streaming reader and writer in stream.py.
+
+Partitions map onto slices: one (entity, date) key, or a contiguous range of
+dates for one entity, so single-run backfills over a date range load and
+store exactly that range. A run over several entities (a single-run backfill
+of a few days × many entities groups by date) hands over `EntityFrames`, one
+frame per entity, and each is stored in and loaded from its entity's own table.
+
+Two ways through it:
+
+* Streaming (the sync stages): an input annotated `EntityStreams` is loaded
+  as one `SliceReader` per entity, nothing read yet; the stage writes its
+  output through `writer(...)` (one transaction per slice, committed before
+  the stage returns) and returns the `StoredFrame` handles in `EntityFrames`,
+  which `handle_output` only records.
+* Whole frames (`pa.Table`, `pd.DataFrame`, `EntityFrames` of tables):
+  `handle_output` writes the frame, committed before the step can report
+  success, under every executor. In-process execution hands the very frame
+  to its downstream step without reading it back (`_HandedFrames`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as dt
+import threading
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import dagster as dg
+import pandas as pd
+import pyarrow as pa
+from pydantic import Field
+
+from syncflow_dagster.store.frames.client import (
+    POOL,
+    STAGE_SCHEMA,
+    FrameSlice,
+    PostgresFrameClient,
+    stage_table_name,
+)
+from syncflow_dagster.store.frames.codec import FrameLostError, FrameStoreError
+from syncflow_dagster.store.frames.stream import (
+    EntityFrames,
+    EntityStreams,
+    SliceReader,
+    SliceWriter,
+    StoredFrame,
+    with_partition_column,
+)
+
+# Idle pooled connections are closed at exit at the latest (the IO manager closes them
+# when a run's resources are torn down), while the driver is still loaded.
+atexit.register(POOL.close)
+
+
+class FrameHandler(Protocol):
+    """Converts one frame library's objects to and from Arrow (Dagster's type handler role)."""
+
+    supported_types: tuple[type, ...]
+
+    def to_arrow(self, obj: Any) -> pa.Table: ...
+
+    def from_arrow(self, table: pa.Table) -> Any: ...
+
+
+class ArrowFrameHandler:
+    supported_types: tuple[type, ...] = (pa.Table,)
+
+    def to_arrow(self, obj: Any) -> pa.Table:
+        return obj
+
+    def from_arrow(self, table: pa.Table) -> Any:
+        return table
+
+
+class PandasFrameHandler:
+    supported_types: tuple[type, ...] = (pd.DataFrame,)
+
+    def to_arrow(self, obj: Any) -> pa.Table:
+        return pa.Table.from_pandas(obj, preserve_index=False)
+
+    def from_arrow(self, table: pa.Table) -> Any:
+        return table.to_pandas(types_mapper=pd.ArrowDtype)
+
+
+def partition_scopes(keys: Iterable[str]) -> dict[str, tuple[dt.date, ...]]:
+    """entity → its dates, for a set of `date|entity` multi-partition keys (entities in first-seen order)."""
+    scopes: dict[str, set[dt.date]] = {}
+    for key in keys:
+        by_dimension = getattr(key, "keys_by_dimension", None)
+        if by_dimension is None:
+            # Dagster's multi-partition key string holds the values in the
+            # alphabetical order of the dimension names: "date|entity".
+            day, _, name = str(key).partition("|")
+            by_dimension = {"date": day, "entity": name}
+        scopes.setdefault(by_dimension["entity"], set()).add(dt.date.fromisoformat(by_dimension["date"]))
+    return {entity: tuple(sorted(dates)) for entity, dates in scopes.items()}
+
+
+def partition_scope(keys: Iterable[str]) -> tuple[str, tuple[dt.date, ...]]:
+    """(entity, dates) of a set of `entity|date` multi-partition keys for ONE entity."""
+    scopes = partition_scopes(keys)
+    if len(scopes) != 1:
+        raise FrameStoreError(
+            f"a single stage frame covers one entity at a time, this run selects {sorted(scopes)}; "
+            "hand over EntityFrames (one frame per entity) for a run over several entities"
+        )
+    ((entity, dates),) = scopes.items()
+    return entity, dates
+
+
+class PostgresFrameIOManager(dg.ConfigurableIOManager):
+    """Stores each stage asset's frame (Arrow or pandas, whole or streamed) in Postgres, per entity × date."""
+
+    database_url: str = Field(description="Postgres URL of SyncFlow's database (SYNCFLOW_DATABASE_URL).")
+    schema_name: str = Field(default=STAGE_SCHEMA, description="Schema that holds the stage tables.")
+    unlogged: bool = Field(default=True, description="Create stage tables UNLOGGED (they are rebuildable).")
+    retention_days: int = Field(
+        default=14,
+        description="Stage partitions older than this many days are pruned by the maintenance job.",
+    )
+
+    def _client(self) -> PostgresFrameClient:
+        return PostgresFrameClient(self.database_url, self.schema_name, self.unlogged)
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        # The run is over in this process: its idle stage-store connections go.
+        POOL.close()
+
+    @staticmethod
+    def _handler_for(obj_or_type: Any) -> FrameHandler:
+        for handler in (ArrowFrameHandler(), PandasFrameHandler()):
+            if isinstance(obj_or_type, type):
+                if issubclass(obj_or_type, handler.supported_types):
+                    return handler
+            elif isinstance(obj_or_type, handler.supported_types):
+                return handler
+        raise FrameStoreError(
+            f"the frame IO manager stores pyarrow.Table or pandas.DataFrame, not {obj_or_type!r}"
+        )
+
+    def _slices(self, asset_key: dg.AssetKey, partition_keys: Iterable[str]) -> list[FrameSlice]:
+        return [
+            FrameSlice(stage_table_name(asset_key.path[-1], entity), entity, dates)
+            for entity, dates in partition_scopes(partition_keys).items()
+        ]
+
+    def _key(self, where: FrameSlice) -> tuple[str, str, str, tuple[dt.date, ...]]:
+        return (self.database_url, self.schema_name, where.table, where.dates)
+
+    def writer(self, asset_name: str, entity: str, dates: tuple[dt.date, ...]) -> SliceWriter:
+        """A writer that replaces `asset_name`'s slice of `entity` × `dates` in one transaction.
+
+        A streaming stage writes its output through it and returns the
+        `StoredFrame` it leaves (`writer.stored`) for `handle_output` to record.
+        """
+        where = FrameSlice(stage_table_name(asset_name, entity), entity, tuple(dates))
+        writer: SliceWriter = self._client().writer(where)
+        return writer
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        if obj is None:
+            return
+        if not context.has_asset_partitions:
+            raise FrameStoreError(f"{context.asset_key.to_user_string()}: stage frames must be partitioned")
+        slices = self._slices(context.asset_key, context.asset_partition_keys)
+        name = context.asset_key.to_user_string()
+        if isinstance(obj, EntityFrames):
+            wanted = {where.entity for where in slices}
+            if set(obj) != wanted:
+                raise FrameStoreError(
+                    f"{name}: the run covers entities {sorted(wanted)}, the frames are for {sorted(obj)}"
+                )
+            frames = [(where, obj[where.entity]) for where in slices]
+        elif len(slices) == 1:
+            frames = [(slices[0], obj)]
+        else:
+            raise FrameStoreError(
+                f"{name}: this run covers entities {sorted(w.entity for w in slices)}; "
+                "a stage over several entities returns EntityFrames (one frame per entity)"
+            )
+        stored = [self._store(context, where, frame) for where, frame in frames]
+        _forget_captured_output(context)
+        # The stage's temporaries are gone by now: give their pages back.
+        return_freed_memory()
+        if len(stored) == 1:
+            one = stored[0]
+            context.add_output_metadata(
+                {
+                    "dagster/table_name": f"{self.schema_name}.{one.where.table}",
+                    "dagster/row_count": one.num_rows,
+                    "dagster/column_schema": _column_schema(one.schema),
+                    "partition_dates": ", ".join(d.isoformat() for d in one.where.dates),
+                    "table_recreated": one.recreated,
+                    # The table holds Arrow IPC chunks: how to look at the rows themselves.
+                    "read_back": _read_back(context.asset_key, one.where),
+                }
+            )
+            return
+        context.add_output_metadata(
+            {
+                "dagster/row_count": sum(one.num_rows for one in stored),
+                "tables": dg.MetadataValue.json(
+                    {
+                        one.where.entity: {
+                            "table": f"{self.schema_name}.{one.where.table}",
+                            "rows": one.num_rows,
+                            "dates": [d.isoformat() for d in one.where.dates],
+                            "table_recreated": one.recreated,
+                        }
+                        for one in stored
+                    }
+                ),
+                "read_back": " ; ".join(_read_back(context.asset_key, one.where) for one in stored[:3])
+                + (" ; ..." if len(stored) > 3 else ""),
+            }
+        )
+
+    def _store(self, context: dg.OutputContext, where: FrameSlice, obj: Any) -> StoredFrame:
+        """Write one entity's frame into its slice (or check the handle of one a stage streamed there)."""
+        if isinstance(obj, StoredFrame):
+            if obj.where.table != where.table or obj.where.dates != where.dates:
+                raise FrameStoreError(
+                    f"{context.asset_key.to_user_string()}: the stage wrote {obj.where.table} for "
+                    f"{[d.isoformat() for d in obj.where.dates]}, the output is {where.table} for "
+                    f"{[d.isoformat() for d in where.dates]}"
+                )
+            return obj
+        frame = with_partition_column(self._handler_for(obj).to_arrow(obj), where)
+        # Written and committed before the step can report success, under every
+        # executor: a downstream step in another process (multiprocess, Celery),
+        # or a re-execution after this process died, reads exactly this frame.
+        recreated = self._client().replace_slice(where, frame)
+        _HANDED.put(self._key(where), context.run_id, frame)
+        return StoredFrame(where, frame.num_rows, frame.schema, recreated)
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        if not context.has_asset_partitions:
+            raise FrameStoreError(f"{context.asset_key.to_user_string()}: stage frames must be partitioned")
+        slices = self._slices(context.asset_key, context.asset_partition_keys)
+        expected = context.dagster_type.typing_type if context.dagster_type else pa.Table
+        if isinstance(expected, type) and issubclass(expected, EntityStreams):
+            return EntityStreams({where.entity: self._open(context, where) for where in slices})
+        if isinstance(expected, type) and issubclass(expected, EntityFrames):
+            return EntityFrames(
+                {where.entity: self._load(context, where, ArrowFrameHandler()) for where in slices}
+            )
+        if len(slices) != 1:
+            raise FrameStoreError(
+                f"{context.asset_key.to_user_string()}: this run covers entities "
+                f"{sorted(w.entity for w in slices)}; load them as EntityFrames (one frame per entity)"
+            )
+        handler = self._handler_for(expected if isinstance(expected, type) else pa.Table)
+        return self._load(context, slices[0], handler)
+
+    def _open(self, context: dg.InputContext, where: FrameSlice) -> SliceReader:
+        """A reader of the stored slice (its row counts checked now, its rows read as the stage goes)."""
+        try:
+            reader: SliceReader | None = self._client().reader(where)
+        except FrameLostError as lost:
+            # No retry of this step can bring the rows back: fail it now, with the way out.
+            raise dg.Failure(description=str(lost), allow_retries=False) from lost
+        if reader is None:
+            raise FrameStoreError(
+                f"{context.asset_key.to_user_string()} has never been materialized for {where.entity} "
+                f"(table {self.schema_name}.{where.table} does not exist); materialize it first"
+            )
+        return reader
+
+    def _load(self, context: dg.InputContext, where: FrameSlice, handler: FrameHandler) -> Any:
+        upstream_run = context.upstream_output.run_id if context.upstream_output is not None else None
+        handed = _HANDED.take(self._key(where), upstream_run)
+        if handed is not None:
+            return handler.from_arrow(handed)
+        return handler.from_arrow(self._open(context, where).read_all())
+
+
+def _read_back(asset_key: dg.AssetKey, where: FrameSlice) -> str:
+    """The `syncflow frame show` commands that print a stored slice (its first three dates)."""
+    return " ; ".join(
+        f"syncflow frame show {asset_key.path[-1]} {where.entity} {day.isoformat()}"
+        for day in where.dates[:3]
+    ) + (" ; ..." if len(where.dates) > 3 else "")
+
+
+def return_freed_memory() -> None:
+    """Hand the pages Arrow's allocator keeps after frees back to the OS.
+
+    Arrow's pool (mimalloc here) keeps freed pages for reuse, so after a stage
+    the process's RSS still counted its temporaries (150 MB after normalising
+    and hashing 300 000 rows). Returning them at each stage boundary (about
+    10 ms) makes RSS show what is really held.
+    """
+    pa.default_memory_pool().release_unused()
+
+
+def _column_schema(schema: pa.Schema) -> dg.TableSchema:
+    """A frame's columns as Dagster metadata, built where no frame is in scope.
+
+    Dagster compiles a record class's constructor on its first use in a process
+    and keeps a copy of the calling function's locals as that constructor's
+    globals. Built inside `handle_output`, the process's first TableSchema kept
+    that call's frame (`obj`, `frame`) alive for as long as the process lived.
+    """
+    return dg.TableSchema(columns=[dg.TableColumn(name=f.name, type=str(f.type)) for f in schema])
+
+
+def _forget_captured_output(context: dg.OutputContext) -> None:
+    """Drop the in-process run result's reference to a frame this IO manager stored.
+
+    `materialize` and `execute_in_process` keep every step's output value in
+    the run result (`ExecuteInProcessResult.output_for_node`) until the run
+    ends, so a run of the nine stages held all nine frames at once: at a
+    million rows that was most of the peak RSS. The frame is in Postgres and
+    handed to its downstream stage, so that copy is dropped here (read a stage
+    frame from its table instead of `result.asset_value`). Executors in other
+    processes capture nothing, and if Dagster ever stops exposing the capture
+    this does nothing.
+    """
+    try:
+        step_context = context.step_context
+    except dg.DagsterInvariantViolationError:
+        return
+    captured = getattr(step_context, "output_capture", None)
+    if not isinstance(captured, dict):
+        return
+    for handle in [h for h in captured if h.step_key == context.step_key and h.output_name == context.name]:
+        del captured[handle]
+
+
+class _HandedFrames:
+    """The frame each stage handed over in this process, until its downstream stage takes it.
+
+    In-process execution (materialize, the in-process executor) runs a stage
+    right after the one it reads, in the same process: it gets the very frame
+    that was stored, without reading it back. The frame is the one written to
+    Postgres (partition column included, same schema), so the result is the
+    same as a read. Any other case (another process, a re-execution whose
+    upstream ran in an earlier run) misses and reads Postgres. Taking removes
+    the entry, so memory holds at most the frames not consumed yet.
+    """
+
+    def __init__(self) -> None:
+        self._frames: dict[tuple[Any, ...], tuple[str, pa.Table]] = {}
+        self._lock = threading.Lock()
+
+    # A frame nobody reads in this process (the last stage's, or one whose
+    # reader runs elsewhere) must not stay forever: the oldest entries go.
+    MAX_FRAMES = 4
+
+    def put(self, key: tuple[Any, ...], run_id: str, frame: pa.Table) -> None:
+        with self._lock:
+            # A frame of another run is never handed over (`take` checks the
+            # run), so holding it would only hold memory.
+            for stale in [k for k, (owner, _) in self._frames.items() if owner != run_id]:
+                del self._frames[stale]
+            self._frames.pop(key, None)
+            self._frames[key] = (run_id, frame)
+            while len(self._frames) > self.MAX_FRAMES:
+                self._frames.pop(next(iter(self._frames)))
+
+    def take(self, key: tuple[Any, ...], run_id: str | None) -> pa.Table | None:
+        with self._lock:
+            entry = self._frames.pop(key, None)
+        if entry is None or run_id is None or entry[0] != run_id:
+            return None
+        return entry[1]
+
+
+_HANDED = _HandedFrames()
