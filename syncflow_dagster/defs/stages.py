@@ -26,6 +26,8 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from syncflow_dagster.catalog import Catalog, EntitySpec
+from syncflow_dagster.clients.apismith import ApiSmithClient
+from syncflow_dagster.clients.schedulehub import ScheduleHubClient
 from syncflow_dagster.defs import bookkeeping
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.delta import UNKNOWN_KEY, dedupe_batch, plan_delta, resync_skips
@@ -33,7 +35,9 @@ from syncflow_dagster.engine.identity import add_identity, key_text_of
 from syncflow_dagster.engine.normalize import normalize
 from syncflow_dagster.engine.relations import parent_key_hashes, split_ready_pending
 from syncflow_dagster.engine.rowversion import fresh_rows
+from syncflow_dagster.store.repositories import SyncStore
 from syncflow_dagster.store.schema import failed_records, pending_children
+from syncflow_dagster.store.state import StateRepository
 
 DELETED = "_deleted"
 PARTITION_DATE = "_partition_date"
@@ -113,7 +117,7 @@ def key_only(entity: EntitySpec) -> EntitySpec:
 
 
 async def _fetch_pages(
-    client: Any,
+    client: ApiSmithClient,
     entity: EntitySpec,
     dates: tuple[dt.date, ...],
     window: tuple[dt.datetime | None, dt.datetime | None],
@@ -161,7 +165,7 @@ def _page_frame(entity: EntitySpec, dates: tuple[dt.date, ...], rows: pa.Table, 
     return rows.append_column(PARTITION_DATE, pa.array([dates[0]] * rows.num_rows, pa.date32()))
 
 
-async def _watermark(client: Any, entity: EntitySpec) -> int:
+async def _watermark(client: ApiSmithClient, entity: EntitySpec) -> int:
     async with client:
         mark = await client.watermark(entity.source)
     return int(mark.max_rowversion or 0)
@@ -175,7 +179,7 @@ READ_SNAPSHOT = "read_snapshot"
 
 
 def fetch_stage(
-    client: Any,
+    client: ApiSmithClient,
     entity: EntitySpec,
     dates: tuple[dt.date, ...],
     after_rowversion: int = 0,
@@ -325,7 +329,7 @@ _KEEP = {c.ROWVERSION, c.CHANGED_AT, DELETED, PARTITION_DATE, c.BK, c.BK_HASH, c
 
 
 def rowversion_stage(
-    state: Any, entity: EntitySpec, identified: pa.Table, *, resync: bool = False
+    state: StateRepository, entity: EntitySpec, identified: pa.Table, *, resync: bool = False
 ) -> StageResult:
     """Drop rows not newer than what was delivered, before any hash compare.
 
@@ -345,7 +349,7 @@ WHOLE_STATE_SHARE = 0.25
 WHOLE_STATE_MIN_KEYS = 50_000
 
 
-def stored_for_batch(state: Any, entity_name: str, keys: pa.Array) -> pa.Table:
+def stored_for_batch(state: StateRepository, entity_name: str, keys: pa.Array) -> pa.Table:
     """The delivered state a batch's keys are compared with (rows of other keys may come along)."""
     if len(keys) >= WHOLE_STATE_MIN_KEYS:
         held = state.count(entity_name)
@@ -441,7 +445,7 @@ def delta_stage(fresh: pa.Table, *, resync: bool = False) -> StageResult:
 def parent_child_stage(
     catalog: Catalog,
     entity: EntitySpec,
-    database: Any,
+    database: SyncStore,
     plan: pa.Table,
     batch_id: uuid.UUID,
     run_date: dt.date | None = None,
@@ -474,7 +478,7 @@ def parent_child_stage(
 
 
 def released_for_run(
-    database: Any,
+    database: SyncStore,
     entity: EntitySpec,
     plan_keys: pa.Array | pa.ChunkedArray,
     run_date: dt.date | None,
@@ -494,7 +498,7 @@ def released_for_run(
 def resolve_parents(
     catalog: Catalog,
     entity: EntitySpec,
-    database: Any,
+    database: SyncStore,
     plan: pa.Table,
     batch_id: uuid.UUID,
     arriving: Mapping[str, pa.Array],
@@ -554,7 +558,7 @@ def _never_stored_deletes(rows: pa.Table) -> Any:
     return pc.and_(_is(rows[c.ACTION], c.DELETE), _is(rows[c.REASON], UNKNOWN_KEY))
 
 
-def _held_tombstones_only(database: Any, entity: EntitySpec, plan: pa.Table) -> tuple[pa.Table, int]:
+def _held_tombstones_only(database: SyncStore, entity: EntitySpec, plan: pa.Table) -> tuple[pa.Table, int]:
     """The plan without the never-stored deletes of keys SyncFlow does not hold; and how many it kept.
 
     A key deleted at the source before anything of it was delivered or held
@@ -621,7 +625,7 @@ RESULT_COLUMNS = {
 STATUS = RESULT_COLUMNS["status"]
 
 
-async def _deliver(client: Any, entity: EntitySpec, ready: pa.Table) -> pa.Table | None:
+async def _deliver(client: ScheduleHubClient, entity: EntitySpec, ready: pa.Table) -> pa.Table | None:
     """ScheduleHub's results for the rows of `ready` (upserts, then deletes); None for no rows.
 
     Only the payload columns go to the client, and `ready` is filtered only
@@ -656,7 +660,7 @@ def _join_results(rows: pa.Table, results: pa.Table | None) -> pa.Table:
     return rows
 
 
-def deliver_stage(client: Any, entity: EntitySpec, ready: pa.Table) -> StageResult:
+def deliver_stage(client: ScheduleHubClient, entity: EntitySpec, ready: pa.Table) -> StageResult:
     """Every row of `ready` with ScheduleHub's answer for it: accepted (with its id) or rejected."""
     frame = _join_results(ready, run_async(_deliver(client, entity, ready)))
     accepted = _count(_is(frame[STATUS], "accepted")) if frame.num_rows else 0
@@ -668,7 +672,12 @@ def deliver_stage(client: Any, entity: EntitySpec, ready: pa.Table) -> StageResu
 
 
 def persist_stage(
-    database: Any, entity: EntitySpec, delivered: pa.Table, batch_id: uuid.UUID, *, new_keys: bool = False
+    database: SyncStore,
+    entity: EntitySpec,
+    delivered: pa.Table,
+    batch_id: uuid.UUID,
+    *,
+    new_keys: bool = False,
 ) -> StageResult:
     """Commit state for what ScheduleHub confirmed; everything else becomes a failed record.
 
@@ -746,7 +755,7 @@ _LOG_WRITER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="delivery-log
 
 
 def _held_among(
-    database: Any, table: sa.Table, entity: str, accepted_keys: pa.Array, *, open_only: bool = False
+    database: SyncStore, table: sa.Table, entity: str, accepted_keys: pa.Array, *, open_only: bool = False
 ) -> pa.Array:
     """The given key hashes that have a row in `table` (failed_records or pending_children)."""
     query = sa.select(table.c.bk_hash).where(table.c.entity == entity)

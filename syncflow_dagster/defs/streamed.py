@@ -37,6 +37,7 @@ from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.chunks import chunk_size
 from syncflow_dagster.engine.delta import batch_winners
 from syncflow_dagster.store.frames.stream import SliceReader, SliceWriter
+from syncflow_dagster.store.repositories import SyncStore
 
 PREVIEW_ROWS = 5
 
@@ -149,7 +150,7 @@ def delta(
 def parent_child(
     catalog: Catalog,
     entity: EntitySpec,
-    database: Any,
+    database: SyncStore,
     reader: SliceReader,
     writer: SliceWriter,
     batch_id: uuid.UUID,
@@ -184,7 +185,7 @@ def parent_child(
 
 
 def persist(
-    database: Any, entity: EntitySpec, reader: SliceReader, writer: SliceWriter, batch_id: uuid.UUID
+    database: SyncStore, entity: EntitySpec, reader: SliceReader, writer: SliceWriter, batch_id: uuid.UUID
 ) -> tuple[stages.StageResult, tuple[int, int]]:
     """Commit chunk by chunk (idempotent: a re-run re-commits the same rows); one summary for the slice.
 
