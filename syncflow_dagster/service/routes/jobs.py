@@ -6,7 +6,7 @@ from fastapi import APIRouter, HTTPException, status
 
 from syncflow_dagster.service import models as m
 from syncflow_dagster.service.dagster_gateway import Launched, Refused
-from syncflow_dagster.service.dependencies import CatalogDep, Gateway, Store, entity_order, known_entities
+from syncflow_dagster.service.dependencies import CatalogDep, Gateway, Store, known_entities
 from syncflow_dagster.service.store_views import entities_with_retry_work
 
 router = APIRouter()
@@ -25,9 +25,7 @@ def retry_failed(
     """Launch the `retry` job, one run per entity with something to retry (failed records due, or
     permanent / dead ones when asked for, and children whose parent arrived); 202 with the runs
     launched, the ones Dagster refused, and the entities that had nothing to retry."""
-    names = (
-        known_entities(catalog, request.entities, "entities") if request.entities else entity_order(catalog)
-    )
+    names = known_entities(catalog, request.entities, "entities")
     with_work = entities_with_retry_work(
         engine, include_permanent=request.include_permanent, include_dead=request.include_dead
     )
@@ -51,9 +49,7 @@ def retry_failed(
 def reconcile(request: m.ReconcileRequest, gateway: Gateway, catalog: CatalogDep) -> m.RunsStarted:
     """Launch the `reconcile` job (full key scan; deletes from ScheduleHub what APISmith no longer
     has, unless the delete guard blocks it), one run per entity; `dry_run` only reports."""
-    names = (
-        known_entities(catalog, request.entities, "entities") if request.entities else entity_order(catalog)
-    )
+    names = known_entities(catalog, request.entities, "entities")
     launched, refused = gateway.submit_each(
         names, lambda name: gateway.submit_reconcile(name, dry_run=request.dry_run)
     )
