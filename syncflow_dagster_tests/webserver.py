@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import yaml
 from dagster_graphql import DagsterGraphQLClient
-from playwright.sync_api import Browser, Playwright
+from playwright.sync_api import Browser, Playwright, expect
 
 from syncflow_dagster.defs.assets import STAGE_ASSETS as stage_asset_defs
 from syncflow_dagster_tests.isolation import free_port, scratch_database, with_database
@@ -59,6 +59,10 @@ CHROMIUM_ARGS = (
 )
 # The first render compiles the asset graph in a browser on a busy 2-core box.
 PAGE_TIMEOUT_MS = 120_000
+# Every `expect` waits as long as a page may take: the asset pages render "External
+# Asset" with a loading bar until the code location's data arrives, which took more
+# than Playwright's default 5 s under CI load (the backfill screenshot failed so).
+expect.set_options(timeout=PAGE_TIMEOUT_MS)
 # The "join the community" dialog the UI shows on localhost would cover the
 # pages; the webserver's own mutation records it as seen.
 SET_NUX_SEEN = "mutation { setNuxSeen }"
