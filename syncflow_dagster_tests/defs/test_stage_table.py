@@ -244,3 +244,11 @@ def test_no_doc_names_the_old_count_vocabulary() -> None:
             ):
                 offences.append(f"{path.name}:{number}: {line.strip()[:120]}")
     assert offences == []
+
+
+def test_ui_doc_names_the_asset_keys_in_order_and_how_descriptions_open() -> None:
+    text = (DOCS / "ui.md").read_text("utf-8")
+    chain = " → ".join(s.asset for s in st.STAGES)
+    assert chain in " ".join(text.split())
+    for stage in (st.IDENTITY, st.PARENT_CHILD):
+        assert f"`{stage.title}` on `{stage.asset}`" in text
