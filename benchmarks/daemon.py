@@ -51,6 +51,7 @@ from benchmarks.databases import private_database
 from benchmarks.e2e import CHANGE_SET, CLIENT_ID, ENTITY, E2EBenchSettings, StandIns, ancestors_of
 from benchmarks.e2e import check_target_equals_source as check_work_orders
 from syncflow_dagster.deploy.warm_workers import START_ENV, WorkerStart, worker_start
+from syncflow_dagster.engine import stage_table as st
 
 TARGETS = {
     "small_run_median_seconds": 4.0,
@@ -141,7 +142,7 @@ def run_figures(instance: Any, record: Any) -> dict[str, Any]:
             marks.setdefault("started", event.timestamp)
         elif kind == dg.DagsterEventType.ENGINE_EVENT and event.message.startswith("Started process for run"):
             marks.setdefault("worker_up", event.timestamp)
-        elif kind == dg.DagsterEventType.ASSET_MATERIALIZATION and event.step_key == "sync_report":
+        elif kind == dg.DagsterEventType.ASSET_MATERIALIZATION and event.step_key == st.REPORT.asset:
             materialization = event.asset_materialization
             if materialization is not None and "stage_seconds" in materialization.metadata:
                 stage_seconds = dict(materialization.metadata["stage_seconds"].value)

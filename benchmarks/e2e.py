@@ -51,6 +51,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from benchmarks.databases import private_database
 from benchmarks.transport import STARTUP_TIMEOUT_S, start_stand_in, stop, wait_until_healthy
+from syncflow_dagster.engine import stage_table as st
 
 ENTITY = "work_orders"
 CLIENT_ID = "bench"
@@ -65,7 +66,7 @@ TARGETS = {
     "incremental_stage_work_seconds": 1.0,
 }
 # The stages whose own work the targets bound (the engine plus the state commit).
-STAGE_WORK = ("normalize", "identity", "rowversion", "delta", "persist")
+STAGE_WORK = tuple(stage.name for stage in (st.NORMALIZE, st.IDENTITY, st.ROWVERSION, st.DELTA, st.PERSIST))
 
 
 class E2EBenchSettings(BaseSettings):

@@ -32,7 +32,7 @@ from rich.table import Table
 # headers; 120 fits the table whole.
 console = Console(width=None if sys.stdout.isatty() else 120)
 
-SUMMARY_COLUMNS = ("fetched", "inserted", "updated", "deleted", "skipped", "pending", "failed", "delivered")
+SUMMARY_COLUMNS = ("fetched", "insert", "update", "delete", "skip", "pending", "failed", "delivered")
 CHANGE_SET = {"updated_pct": 5.0, "inserted_pct": 2.0, "deleted_pct": 1.0}
 
 

@@ -70,10 +70,10 @@ def _since(value: str | None) -> dt.datetime:
 
 # What `syncflow status` shows per entity at 80 columns (--json has every count).
 _STATUS_COUNTS = (
-    ("fetch", "fetched"),
-    ("ins", "inserted"),
-    ("upd", "updated"),
-    ("del", "deleted"),
+    ("fetch", "fetched"),  # a column heading: the count `fetched`, shortened
+    ("ins", "insert"),
+    ("upd", "update"),
+    ("del", "delete"),
     ("sent", "delivered"),
     ("fail", "failed"),
 )
@@ -172,8 +172,8 @@ def status(
 ) -> None:
     """Per entity, every batch of the window (sync, retry, reconcile) added up; open failures, waiting children.
 
-    Columns: runs (✗ failed or cancelled, ▶ running), rows fetched, inserted,
-    updated, deleted, sent (delivered) and failed in the window; held (failed
+    Columns: runs (✗ failed or cancelled, ▶ running), rows fetched, insert,
+    update, delete, sent (delivered) and failed in the window; held (failed
     records open or dead) and wait (children waiting for a parent) now; last
     ok, when the entity's last batch succeeded (HH:MM today, else MM-DD, UTC).
     """

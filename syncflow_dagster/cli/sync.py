@@ -150,10 +150,10 @@ def follow(gateway: DagsterGateway, runs: list[LaunchedRun]) -> list[FinalRun]:
     """Poll every run until it ended (following automatic retries); a progress bar per run."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from syncflow_dagster.defs.assets import STAGE_ASSETS
+    from syncflow_dagster.engine import stage_table as st
     from syncflow_dagster.service.dagster_gateway import DagsterUnavailable
 
-    stages = [a.key.to_user_string() for a in STAGE_ASSETS]
+    stages = [stage.asset for stage in st.STAGES]
     current = {
         run.run_id: run.run_id for run in runs
     }  # launched run id -> the run of its lineage followed now
@@ -193,7 +193,7 @@ def follow(gateway: DagsterGateway, runs: list[LaunchedRun]) -> list[FinalRun]:
                     progress = gateway.progress(progress.retried_by)
                 finished = progress.finished and not progress.retry_pending
                 stages_done = sum(1 for s in stages if s in progress.materialized)
-                rows = progress.materialized.get("extracted", {}).get("rows_fetched")
+                rows = progress.materialized.get(st.FETCH.asset, {}).get("rows_fetched")
                 elapsed = _elapsed(progress) or time.monotonic() - started[run.run_id]
                 status = progress.status + (" (will retry)" if progress.retry_pending else "")
                 bar.update(
@@ -204,7 +204,7 @@ def follow(gateway: DagsterGateway, runs: list[LaunchedRun]) -> list[FinalRun]:
                     status=status,
                 )
                 if finished:
-                    report = progress.materialized.get("sync_report", {})
+                    report = progress.materialized.get(st.REPORT.asset, {})
                     done[run.run_id] = FinalRun(run.entity, progress.run_id, progress.status, elapsed, report)
             if len(done) < len(runs):
                 time.sleep(WAIT_POLL_S)
@@ -226,7 +226,7 @@ def _print_finals(finals: list[FinalRun]) -> None:
         ("entity", "left"),
         ("status", "left"),
         ("fetched", "right"),
-        ("inserted updated deleted", "right"),
+        ("insert update delete", "right"),
         ("delivered", "right"),
         ("parked failed", "right"),
         ("s", "right"),

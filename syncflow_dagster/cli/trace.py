@@ -69,6 +69,7 @@ def _short_hash(value: str | None) -> str:
 
 def _print(document: dict[str, Any]) -> None:
     from syncflow_dagster.cli.tables import console, shown_key, table, when
+    from syncflow_dagster.service.trace import TRACE_STAGES
 
     out = console()
     out.print(
@@ -127,7 +128,7 @@ def _print(document: dict[str, Any]) -> None:
         )
     for seen in document["frames"]:
         parts = []
-        for stage in ("identified", "fresh_rows", "delta_plan", "delivered"):
+        for stage in TRACE_STAGES:
             row = seen.get(stage)
             if isinstance(row, dict):
                 detail = ", ".join(f"{k.lstrip('_')} {_brief(v)}" for k, v in row.items())

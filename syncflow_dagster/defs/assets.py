@@ -2,8 +2,10 @@
 
     extracted → normalized → identified → fresh_rows → delta_plan → resolved → delivered → committed → sync_report
 
-Each body calls one stage function from `stages.py` per entity of the run and
-returns the frames with metadata; the Postgres frame IO manager stores each
+Each asset is a row of the stage table (`engine/stage_table.py`): its key,
+description and the name its stage events carry come from there. Each body
+calls one stage function from `stages.py` per entity of the run and returns
+the frames with metadata; the Postgres frame IO manager stores each
 entity's frame per partition. A run covers one entity, or several when a
 single-run backfill groups a few days of many entities: the body then handles
 them in the catalog's topological order, parents first, each with its own
@@ -31,6 +33,7 @@ from syncflow_dagster.defs.interrupts import stop_means_stop
 from syncflow_dagster.defs.partitions import sync_partitions
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
 from syncflow_dagster.engine import columns as c
+from syncflow_dagster.engine import stage_table as st
 from syncflow_dagster.store.frames.io_manager import PostgresFrameIOManager, partition_scopes
 from syncflow_dagster.store.frames.stream import EntityFrames, EntityStreams, SliceReader, SliceWriter
 
@@ -123,7 +126,7 @@ def _preview(frame: pa.Table) -> dg.MetadataValue:
 def _recorded(
     context: AssetExecutionContext,
     database: SyncDatabase,
-    stage: str,
+    stage: st.Stage,
     scope: Scope,
     started: float,
     result: stages.StageResult,
@@ -133,7 +136,7 @@ def _recorded(
     seconds = round(time.perf_counter() - started, 3)
     batch = _batch_id(context, database, entity.name, dates[0])
     bookkeeping.record_stage(
-        database, batch, entity.name, stage, result.frame.num_rows, seconds, result.counts
+        database, batch, entity.name, stage.name, result.frame.num_rows, seconds, result.counts
     )
     metadata: dict[str, Any] = {f"rows_{k}": v for k, v in result.counts.items()}
     metadata.update(
@@ -184,7 +187,7 @@ def _across_entities(per_entity: dict[str, dict[str, Any]], counts: tuple[str, .
 def _stage_output(
     context: AssetExecutionContext,
     database: SyncDatabase,
-    stage: str,
+    stage: st.Stage,
     for_entity: Callable[[Scope], stages.StageResult],
 ) -> dg.Output[EntityFrames]:
     """Run `for_entity` for each of the run's entities, parents first, and hand over their frames.
@@ -229,8 +232,7 @@ def _check_of(results: dict[str, dg.AssetCheckResult]) -> dg.AssetCheckResult:
 
 
 def _stage_asset(
-    name: str,
-    description: str,
+    stage: st.Stage,
     kinds: set[str],
     *,
     retry: dg.RetryPolicy = DATABASE_RETRY,
@@ -246,11 +248,11 @@ def _stage_asset(
             warnings.filterwarnings("ignore", message=".*`backfill_policy`", category=dg.BetaWarning)
             return dg.asset(
                 check_specs=[checks_module.partitioned(spec, PARTITIONS) for spec in checks],
-                name=name,
+                name=stage.asset,
                 group_name=GROUP,
                 partitions_def=PARTITIONS,
                 io_manager_key=FRAME_IO,
-                description=description,
+                description=f"{stage.title}: {stage.description}",
                 kinds=kinds,
                 owners=OWNERS,
                 retry_policy=retry,
@@ -263,11 +265,7 @@ def _stage_asset(
 
 
 @_stage_asset(
-    "extracted",
-    "1 · fetch: the entity's APISmith records and tombstones (`_deleted`), keyset-paged by rowversion. A run "
-    "of today reads everything newer than the entity's read-through mark, whatever its change time; a run of "
-    "past days reads the records that changed on them (the first day also holds everything earlier). "
-    "Raw source columns, as text.",
+    st.FETCH,
     {"python", "apismith", "postgres"},
     retry=NETWORK_RETRY,
     pool="apismith",
@@ -276,7 +274,7 @@ def extracted(
     context: AssetExecutionContext, apismith: ApiSmithResource, database: SyncDatabase
 ) -> dg.Output[EntityFrames]:
     return _stage_output(
-        context, database, "fetch", lambda scope: _extract(context, apismith, database, *scope)
+        context, database, st.FETCH, lambda scope: _extract(context, apismith, database, *scope)
     )
 
 
@@ -301,9 +299,7 @@ def _resync(context: AssetExecutionContext) -> bool:
 
 
 @_stage_asset(
-    "normalized",
-    "2 · normalize: field mapping and the layered coercions the catalog declares (type, string, numeric, "
-    "datetime). Rows with a value that cannot be coerced become failed records naming entity, key, field, value.",
+    st.NORMALIZE,
     {"python", "pyarrow", "postgres"},
 )
 def normalized(
@@ -312,7 +308,7 @@ def normalized(
     return _stage_output(
         context,
         database,
-        "normalize",
+        st.NORMALIZE,
         lambda scope: _normalize(context, database, scope, extracted[scope[0].name]),
     )
 
@@ -330,9 +326,7 @@ def _normalize(
 
 
 @_stage_asset(
-    "identified",
-    "3 · identity: BK_HASH = xxHash3-128 of the canonical business key, DATA_HASH = BLAKE3 of the canonical "
-    "payload (recipe and test vectors in docs/identity.md).",
+    st.IDENTITY,
     {"python", "pyarrow", "postgres"},
 )
 def identified(
@@ -341,7 +335,7 @@ def identified(
     return _stage_output(
         context,
         database,
-        "identity",
+        st.IDENTITY,
         lambda scope: streamed.row_wise(
             normalized[scope[0].name],
             _writer(context, scope),
@@ -351,9 +345,7 @@ def identified(
 
 
 @_stage_asset(
-    "fresh_rows",
-    "4 · rowversion: rows whose source rowversion is not newer than the delivered one are dropped before any "
-    "hash compare; the incremental path's cost scales with the rows changed, not the entity's size.",
+    st.ROWVERSION,
     {"python", "pyarrow", "postgres"},
 )
 def fresh_rows(
@@ -363,7 +355,7 @@ def fresh_rows(
     return _stage_output(
         context,
         database,
-        "rowversion",
+        st.ROWVERSION,
         lambda scope: streamed.row_wise(
             identified[scope[0].name],
             _writer(context, scope),
@@ -373,9 +365,7 @@ def fresh_rows(
 
 
 @_stage_asset(
-    "delta_plan",
-    "5 · delta: insert / update / delete per business key against the last DELIVERED data hash (A→B→A is an "
-    "update); duplicates in a batch resolve to the highest rowversion. Skips are counted, not kept.",
+    st.DELTA,
     {"python", "pyarrow", "postgres"},
     checks=(checks.KEYS_UNIQUE,),
 )
@@ -389,15 +379,12 @@ def delta_plan(
         result, keys[scope[0].name] = streamed.delta(reader, _writer(context, scope), resync=_resync(context))
         return result
 
-    yield _stage_output(context, database, "delta", plan)
+    yield _stage_output(context, database, st.DELTA, plan)
     yield _check_of({name: tally.check() for name, tally in keys.items()})
 
 
 @_stage_asset(
-    "resolved",
-    "6 · parent-child: rows whose parent ScheduleHub does not have yet wait in pending_children; children "
-    "parked earlier whose parents have since arrived are released into this frame. In a run over several "
-    "entities, a parent this run delivers first counts as arrived.",
+    st.PARENT_CHILD,
     {"python", "pyarrow", "postgres"},
     checks=(checks.PENDING_AGE,),
 )
@@ -423,7 +410,7 @@ def resolved(
         )
         return result
 
-    yield _stage_output(context, database, "parent_child", resolve)
+    yield _stage_output(context, database, st.PARENT_CHILD, resolve)
     yield _check_of(
         {
             entity.name: checks.pending_children_within_age(
@@ -435,9 +422,7 @@ def resolved(
 
 
 @_stage_asset(
-    "delivered",
-    "7 · deliver: batched, idempotent upserts and deletes by external key to ScheduleHub; every row comes back "
-    "accepted (with its ScheduleHub id) or rejected with a reason code.",
+    st.DELIVER,
     {"python", "schedulehub", "postgres"},
     retry=NETWORK_RETRY,
     pool="schedulehub",
@@ -451,7 +436,7 @@ def delivered(
     return _stage_output(
         context,
         database,
-        "deliver",
+        st.DELIVER,
         lambda scope: streamed.row_wise(
             resolved[scope[0].name],
             _writer(context, scope),
@@ -461,9 +446,7 @@ def delivered(
 
 
 @_stage_asset(
-    "committed",
-    "8 · persist: entity state is committed only for rows ScheduleHub confirmed; rejected rows become failed "
-    "records with their reason and a retry time. Serialised per entity by an advisory lock.",
+    st.PERSIST,
     {"python", "postgres"},
     checks=(checks.DELIVERED_COMMITTED,),
 )
@@ -477,7 +460,7 @@ def committed(
         verdicts[scope[0].name] = checks.delivered_equals_committed(accepted, result.counts)
         return result
 
-    yield _stage_output(context, database, "persist", commit)
+    yield _stage_output(context, database, st.PERSIST, commit)
     yield _check_of(verdicts)
 
 
@@ -495,9 +478,7 @@ def _commit(
 
 
 @_stage_asset(
-    "sync_report",
-    "9 · report: the batch's counts per action and stage timings, written to sync_batches and shown here; "
-    "the monitoring API and /metrics read the same rows.",
+    st.REPORT,
     {"python", "postgres"},
     checks=(checks.NO_FAILED_ROWS,),
 )
@@ -512,7 +493,7 @@ def sync_report(
         failed_rows[entity.name] = checks.no_failed_rows(
             entity.name, per_entity[entity.name], database.failures().count(entity.name)
         )
-    yield dg.Output(frames, metadata=_metadata_of(per_entity, REPORT_COUNTS))
+    yield dg.Output(frames, metadata=_metadata_of(per_entity, st.BATCH_COUNTS))
     yield _check_of(failed_rows)
 
 
@@ -529,11 +510,11 @@ def _report(
             "batch_id": [str(batch)],
             # A run over several dates files its report under the last one.
             stages.PARTITION_DATE: pa.array([dates[-1]], pa.date32()),
-            **{name: pa.array([int(counts.get(name, 0))], pa.int64()) for name in REPORT_COUNTS},
+            **{name: pa.array([int(counts.get(name, 0))], pa.int64()) for name in st.BATCH_COUNTS},
             "seconds": pa.array([float(sum(summary["stage_seconds"].values()))], pa.float64()),
         }
     )
-    metadata: dict[str, Any] = {name: int(counts.get(name, 0)) for name in REPORT_COUNTS}
+    metadata: dict[str, Any] = {name: int(counts.get(name, 0)) for name in st.BATCH_COUNTS}
     metadata.update(
         {
             "entity": entity.name,
@@ -544,25 +525,6 @@ def _report(
     )
     return frame, metadata
 
-
-REPORT_COUNTS = (
-    "fetched",
-    "tombstones",
-    "normalized",
-    "rejected",
-    "stale",
-    "insert",
-    "update",
-    "delete",
-    "skip",
-    "resync",
-    "duplicates",
-    "pending",
-    "released",
-    "delivered",
-    "failed",
-    "committed",
-)
 
 # Freshness of the partition's entity: evaluated after each sync's report, or on its own from the UI.
 FRESHNESS_CHECK = checks.entity_synced_recently_check(PARTITIONS)

@@ -34,6 +34,7 @@ from syncflow_dagster.clients.schedulehub import WIRE_REF_PREFIX, ScheduleHubCli
 from syncflow_dagster.defs import bookkeeping, stages
 from syncflow_dagster.defs.maintenance import EntitiesConfig
 from syncflow_dagster.engine import columns as c
+from syncflow_dagster.engine import stage_table as st
 from syncflow_dagster.engine.delta import dedupe_batch
 from syncflow_dagster.engine.drift import TargetDrift, compare_target
 from syncflow_dagster.engine.identity import add_identity, key_hash_of
@@ -43,7 +44,7 @@ from syncflow_dagster.store.repositories import SyncStore
 AUDIT_CHECK = "target_matches_state"
 SCHEDULEHUB_RECORDS = dg.AssetSpec(
     "schedulehub_records",
-    deps=["committed"],
+    deps=[st.PERSIST.asset],
     description="The records ScheduleHub holds, as it answers GET /v1/resources/{resource}/records. "
     "SyncFlow never materialises it: the target_audit job checks it against SyncFlow's committed state.",
     group_name="target",
@@ -170,7 +171,7 @@ def repair_entity(
         database,
         batch,
         entity.name,
-        "target_repair",
+        st.TARGET_REPAIR.name,
         rows.num_rows,
         round(time.perf_counter() - started, 3),
         counts,

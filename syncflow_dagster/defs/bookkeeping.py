@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from syncflow_dagster.catalog import Catalog, EntitySpec
 from syncflow_dagster.engine import columns as c
+from syncflow_dagster.engine import stage_table as st
 from syncflow_dagster.engine.identity import key_hash_of, key_text_of
 from syncflow_dagster.engine.normalize import target_type
 from syncflow_dagster.store.batches import STOPPED_STATUSES
@@ -83,6 +84,8 @@ def record_stage(
     seconds: float,
     counts: dict[str, int],
 ) -> None:
+    """Write a finished stage's event; its name and counts must be the stage table's (one vocabulary)."""
+    st.check_counts(stage, counts)
     database.events().record(
         batch,
         entity,

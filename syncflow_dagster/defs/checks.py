@@ -22,29 +22,30 @@ from dagster import AssetCheckExecutionContext
 from syncflow_dagster.defs import bookkeeping
 from syncflow_dagster.defs.resources import SyncTuning
 from syncflow_dagster.engine import columns as c
+from syncflow_dagster.engine import stage_table as st
 from syncflow_dagster.engine.delta import UNKNOWN_KEY
 from syncflow_dagster.store.frames.io_manager import partition_scopes
 from syncflow_dagster.store.repositories import SyncStore
 
 KEYS_UNIQUE = dg.AssetCheckSpec(
     "business_keys_unique_and_present",
-    asset="delta_plan",
+    asset=st.DELTA.asset,
     blocking=True,
     description="Every planned row has a business key and a BK_HASH, and no key is planned twice.",
 )
 PENDING_AGE = dg.AssetCheckSpec(
     "pending_children_within_age",
-    asset="resolved",
+    asset=st.PARENT_CHILD.asset,
     description="Counts children waiting for a parent; fails (warn) when any has waited past the allowed age.",
 )
 DELIVERED_COMMITTED = dg.AssetCheckSpec(
     "delivered_equals_committed",
-    asset="committed",
+    asset=st.PERSIST.asset,
     description="Rows ScheduleHub accepted equal rows committed to entity state (upserts and deletes).",
 )
 NO_FAILED_ROWS = dg.AssetCheckSpec(
     "no_failed_rows",
-    asset="sync_report",
+    asset=st.REPORT.asset,
     description="The run of this partition sent every row it read: warns with the counts when rows were "
     "rejected by normalize or refused by ScheduleHub, and names the command that lists them "
     "(syncflow failed list --entity NAME).",
@@ -221,7 +222,7 @@ def entity_synced_recently_check(partitions: dg.PartitionsDefinition) -> dg.Asse
         warnings.simplefilter("ignore", dg.PreviewWarning)
 
         @dg.asset_check(
-            asset="sync_report",
+            asset=st.REPORT.asset,
             name="entity_synced_recently",
             description=FRESHNESS_DESCRIPTION,
             required_resource_keys={"database", "tuning"},

@@ -15,6 +15,7 @@ from syncflow_dagster.defs import bookkeeping, stages
 from syncflow_dagster.defs.interrupts import stop_means_stop
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
 from syncflow_dagster.engine import columns as c
+from syncflow_dagster.engine import stage_table as st
 from syncflow_dagster.engine.delta import plan_reconcile_deletes
 from syncflow_dagster.engine.identity import add_identity
 from syncflow_dagster.engine.normalize import normalize
@@ -126,21 +127,21 @@ def reconcile_entities(
             delivered = stages.deliver_stage(schedulehub.client(), entity, deletes)
             persisted = stages.persist_stage(database, entity, delivered.frame, batch)
             metadata.update({f"rows_{k}": v for k, v in persisted.counts.items()})
-            # A reconcile's deletes count under the name a sync's do (`delete`, shown as
-            # deleted), so a status over both kinds adds them up.
+            # A reconcile's deletes count under the name a sync's do (`delete`), so a
+            # status over both kinds adds them up (stage_table.RECONCILE).
             counts = stages.merged_counts({c.DELETE: deletes.num_rows}, delivered.counts, persisted.counts)
             bookkeeping.record_stage(
                 database,
                 batch,
                 entity.name,
-                "reconcile",
+                st.RECONCILE.name,
                 deletes.num_rows,
                 round(time.perf_counter() - started, 3),
                 counts,
             )
             bookkeeping.finish_from_events(database, batch)
         metadata["seconds"] = round(time.perf_counter() - started, 3)
-        context.log_event(dg.AssetObservation(asset_key="sync_report", metadata=metadata, partition=None))
+        context.log_event(dg.AssetObservation(asset_key=st.REPORT.asset, metadata=metadata, partition=None))
 
 
 @dg.op(
@@ -217,13 +218,19 @@ def _retry_entity(
     )
     # One stage event carries the retry's counts: progress, the batch and /metrics read it.
     bookkeeping.record_stage(
-        database, batch, entity.name, "retry", due.num_rows, round(time.perf_counter() - started, 3), counts
+        database,
+        batch,
+        entity.name,
+        st.RETRY.name,
+        due.num_rows,
+        round(time.perf_counter() - started, 3),
+        counts,
     )
     bookkeeping.finish_from_events(database, batch)
     context.log.info(f"retry {entity.name}: {counts}")
     context.log_event(
         dg.AssetObservation(
-            asset_key="sync_report",
+            asset_key=st.REPORT.asset,
             metadata={
                 "entity": entity.name,
                 **{f"rows_{k}": v for k, v in counts.items()},

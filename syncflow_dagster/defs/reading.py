@@ -37,6 +37,7 @@ from syncflow_dagster.catalog import EntitySpec
 from syncflow_dagster.clients.apismith import ApiSmithClient
 from syncflow_dagster.defs import stages
 from syncflow_dagster.defs.partitions import partitions_start
+from syncflow_dagster.engine import stage_table as st
 from syncflow_dagster.store.repositories import SyncStore
 
 # Run tag: read from the beginning (M = 0 for a catch-up read, the whole window for a closed one).
@@ -116,7 +117,7 @@ def window_read_up_to(context: AssetExecutionContext) -> int:
     key = context.partition_keys[0]
     instance = context.instance
     reports = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("sync_report"), asset_partitions=[key]), limit=1
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(st.REPORT.asset), asset_partitions=[key]), limit=1
     ).records
     if not reports:
         return 0

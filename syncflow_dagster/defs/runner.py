@@ -15,6 +15,7 @@ import dagster as dg
 
 from syncflow_dagster.defs.assets import CATALOG, FULL_WINDOW_TAG, RESYNC_TAG, STAGE_ASSETS
 from syncflow_dagster.defs.partitions import sync_partition_key
+from syncflow_dagster.engine import stage_table as st
 
 
 def materialize_sync(
@@ -76,7 +77,7 @@ def sync_all(
 
 def report_of(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
     """The sync_report asset's metadata of a finished run (counts per action, seconds)."""
-    for materialization in result.asset_materializations_for_node("sync_report"):
+    for materialization in result.asset_materializations_for_node(st.REPORT.asset):
         return {k: v.value for k, v in materialization.metadata.items()}
     return {}
 

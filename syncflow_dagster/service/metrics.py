@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Summa
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from syncflow_dagster.service.store_views import BATCH_METRICS, COUNT_ALIASES, entity_stats
+from syncflow_dagster.service.store_views import BATCH_METRICS, entity_stats
 from syncflow_dagster.store.schema import failed_records, stage_events, sync_batches
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,8 @@ class StoreCollector(Collector):
 def rows_by_action(conn: sa.Connection, entities: list[str]) -> dict[tuple[str, str], int]:
     """Per entity and count name, the sum over every finished stage event (monotonic: the log is append-only).
 
-    Names are the API's (`insert` reads `inserted`); entities of `entities` that
-    never synced are present with zeros for the batch metrics.
+    Names are the stage table's, as the stages wrote them; entities of `entities`
+    that never synced are present with zeros for the batch metrics.
     """
     e = stage_events
     kv = sa.func.jsonb_each_text(e.c.detail).table_valued("key", "value").alias("kv")
@@ -170,8 +170,7 @@ def rows_by_action(conn: sa.Connection, entities: list[str]) -> dict[tuple[str, 
     )
     out: dict[tuple[str, str], int] = {(name, action): 0 for name in entities for action in BATCH_METRICS}
     for entity, key, total in conn.execute(query):
-        name = (entity, COUNT_ALIASES.get(key, key))
-        out[name] = out.get(name, 0) + int(total)
+        out[(entity, key)] = out.get((entity, key), 0) + int(total)
     return out
 
 

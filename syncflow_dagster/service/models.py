@@ -100,10 +100,11 @@ class BatchMetrics(BaseModel):
     normalized: int
     rejected: int
     stale: int
-    inserted: int
-    updated: int
-    deleted: int
-    skipped: int
+    insert: int
+    update: int
+    delete: int
+    skip: int
+    resync: int
     duplicates: int
     pending: int
     released: int

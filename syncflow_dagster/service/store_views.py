@@ -3,8 +3,8 @@
 The sync writes `sync_batches`, `failed_records` and `pending_children`
 through the store's repositories; this module only reads them, in the shapes
 operators ask for: one batch's metrics, per-entity stats, pages of failures.
-Count names are normalised here (`insert` → `inserted`, ...) so every edge
-speaks the same vocabulary whatever the stage that wrote them called it.
+Counts keep the names the stages wrote them under (the stage table's,
+`engine/stage_table.py`), so every edge speaks the same vocabulary.
 """
 
 from __future__ import annotations
@@ -17,39 +17,21 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import distinct_on
 
+from syncflow_dagster.engine import stage_table as st
 from syncflow_dagster.store.events import StageEvent, StageEventRepository, stage_totals
 from syncflow_dagster.store.schema import failed_records, pending_children, sync_batches
 
-# The metrics every batch reports, in the order people read them.
-BATCH_METRICS = (
-    "fetched",
-    "tombstones",
-    "normalized",
-    "rejected",
-    "stale",
-    "inserted",
-    "updated",
-    "deleted",
-    "skipped",
-    "duplicates",
-    "pending",
-    "released",
-    "delivered",
-    "failed",
-    "committed",
-)
-# The delta stage counts by action (`insert`); people read past tense.
-COUNT_ALIASES = {"insert": "inserted", "update": "updated", "delete": "deleted", "skip": "skipped"}
-_ALIASES = COUNT_ALIASES
+# The counts every batch reports in fields of their own, in the order people read them:
+# the stage table's, under the names the stages write (one vocabulary, no aliases).
+BATCH_METRICS = st.BATCH_COUNTS
 
 
 def normalise_counts(raw: Mapping[str, Any] | None) -> dict[str, int]:
-    """Counts keyed by BATCH_METRICS names (missing ones are 0); unknown keys are kept as they are."""
+    """Every count of `raw`, with BATCH_METRICS present (0 when missing)."""
     out = dict.fromkeys(BATCH_METRICS, 0)
     for key, value in (raw or {}).items():
-        name = _ALIASES.get(key, key)
         try:
-            out[name] = out.get(name, 0) + int(value)
+            out[key] = out.get(key, 0) + int(value)
         except (TypeError, ValueError):
             raise ValueError(f"sync_batches count {key!r} is not an integer: {value!r}") from None
     return out
@@ -147,9 +129,7 @@ def _stage_views(events: list[StageEvent]) -> list[StageView]:
                 seconds=None if event.seconds is None else round(float(event.seconds), 3),
                 at=event.at,
                 counts={
-                    _ALIASES.get(k, k): int(v)
-                    for k, v in detail.items()
-                    if isinstance(v, int) and not isinstance(v, bool)
+                    k: int(v) for k, v in detail.items() if isinstance(v, int) and not isinstance(v, bool)
                 },
                 error=str(detail["error"]) if "error" in detail else None,
             )
@@ -237,9 +217,8 @@ def entity_stats(conn: sa.Connection, entities: list[str] | None = None) -> dict
         .group_by(sync_batches.c.entity, kv.c.key)
     )
     for entity, key, total in conn.execute(totals):
-        name = _ALIASES.get(key, key)
         view = of(entity)
-        view.totals[name] = view.totals.get(name, 0) + int(total)
+        view.totals[key] = view.totals.get(key, 0) + int(total)
 
     last = (
         sa.select(sync_batches)
@@ -299,7 +278,7 @@ def window_totals(
 ) -> dict[str, WindowView]:
     """Per entity, the totals of every batch (sync, retry, reconcile) that started in [since, until).
 
-    Counts are under the API's names (a reconcile's deletes are `deleted`, as a
+    Counts are under the stage table's names (a reconcile's deletes are `delete`, as a
     sync's); a batch still running, or stopped, adds what its finished stages
     counted. Failures and children waiting are as they are now.
     """
@@ -324,8 +303,7 @@ def window_totals(
     )
     for entity, key, total in conn.execute(closed):
         counts = of(entity).counts
-        name = COUNT_ALIASES.get(key, key)
-        counts[name] = counts.get(name, 0) + int(total)
+        counts[key] = counts.get(key, 0) + int(total)
     seconds = sa.func.extract("epoch", sa.func.coalesce(t.c.finished_at, sa.func.now()) - t.c.started_at)
     for entity, total in conn.execute(
         sa.select(t.c.entity, sa.func.sum(seconds)).where(*where).group_by(t.c.entity)

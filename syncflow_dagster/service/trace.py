@@ -25,12 +25,13 @@ import sqlalchemy as sa
 
 from syncflow_dagster.catalog import EntitySpec
 from syncflow_dagster.engine import columns as c
+from syncflow_dagster.engine import stage_table as st
 from syncflow_dagster.engine.identity import key_hash_of
 from syncflow_dagster.store.delivery_log import DeliveryLogRepository
 from syncflow_dagster.store.schema import entity_state, failed_records, pending_children
 
 # The stage frames a trace looks into, in pipeline order, and what each tells.
-TRACE_STAGES = ("identified", "fresh_rows", "delta_plan", "delivered")
+TRACE_STAGES = tuple(stage.asset for stage in (st.IDENTITY, st.ROWVERSION, st.DELTA, st.DELIVER))
 MAX_FRAME_DATES = 5
 
 

@@ -15,21 +15,6 @@ from uuid6 import uuid7
 from syncflow_dagster.store.events import StageEventRepository, stage_totals
 from syncflow_dagster.store.schema import BATCH_KINDS, BATCH_STATUSES, sync_batches
 
-# The counters a batch reports (others are accepted too: the list documents, it does not limit).
-COUNT_KEYS = (
-    "fetched",
-    "normalized",
-    "rejected",
-    "inserted",
-    "updated",
-    "deleted",
-    "skipped",
-    "pending",
-    "released",
-    "failed",
-    "delivered",
-)
-
 
 @dataclass(frozen=True)
 class BatchRecord:

@@ -235,7 +235,7 @@ def test_status_totals_the_window_across_kinds_under_one_name_and_fits_80_column
     assert lines["batches"] == {"sync": 3, "reconcile": 1, "retry": 1}
     assert lines["statuses"] == {"succeeded": 4, "failed": 1}
     assert lines["counts"]["fetched"] == 1_234_567 + 7 + 9
-    assert lines["counts"]["deleted"] == 301
+    assert lines["counts"]["delete"] == 301
     assert lines["counts"]["delivered"] == 1_234_560 + 7 + 301 + 2
     assert lines["counts"]["retried"] == 3
     earlier = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=3)).isoformat()
@@ -250,7 +250,7 @@ def test_status_totals_the_window_across_kinds_under_one_name_and_fits_80_column
             database_url=fresh_database_url,
         )
     )
-    assert wider["entities"][0]["counts"]["deleted"] == 306
+    assert wider["entities"][0]["counts"]["delete"] == 306
 
     table = syncflow("status", database_url=fresh_database_url, COLUMNS="80")
     assert table.returncode == 0, table.stderr

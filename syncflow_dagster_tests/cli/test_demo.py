@@ -55,15 +55,15 @@ def test_change_set_lands_and_summary_adds_up(database_url: str, monkeypatch: py
         "items", {"fetched": 10, "insert": 7, "update": 2, "skip": 1, "seconds_total": 0.5}, 1.234
     )
     second = outcome_of("sites", {"fetched": 3, "insert": 3, "delivered": 3, "entity": "sites"}, 0.5)
-    assert first.counts["inserted"] == 7
-    assert first.counts["skipped"] == 1
+    assert first.counts["insert"] == 7
+    assert first.counts["skip"] == 1
     assert first.seconds == 1.23
     console = Console(width=200, record=True)
     console.print(summary_table("initial sync", [first, second]))
     text = console.export_text()
     total = next(line for line in text.splitlines() if "total" in line)
     cells = [cell.strip() for cell in total.split("│") if cell.strip()]
-    assert cells[:4] == ["total", "13", "10", "2"]  # fetched, inserted, updated
+    assert cells[:4] == ["total", "13", "10", "2"]  # fetched, insert, update
 
 
 @pytest.mark.slow
@@ -72,8 +72,8 @@ def test_demo_end_to_end_reports_both_phases(database_url: str, monkeypatch: pyt
     initial, incremental = run_demo(rows=200, seed=3, keep=False)
     assert [o.entity for o in initial][:3] == ["customers", "items", "sites"]
     assert sum(o.counts["fetched"] for o in initial) > 0
-    assert sum(o.counts["inserted"] for o in initial) > 0
+    assert sum(o.counts["insert"] for o in initial) > 0
     assert sum(o.counts["delivered"] for o in initial) > 0
-    changed = sum(o.counts["updated"] + o.counts["inserted"] + o.counts["deleted"] for o in incremental)
+    changed = sum(o.counts["update"] + o.counts["insert"] + o.counts["delete"] for o in incremental)
     assert changed > 0
     assert all(isinstance(o, EntityOutcome) for o in incremental)

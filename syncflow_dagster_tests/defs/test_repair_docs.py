@@ -23,6 +23,7 @@ from syncflow_dagster.defs import audit
 from syncflow_dagster.defs.assets import RESYNC_TAG
 from syncflow_dagster.defs.audit import AUDIT_CHECK, AuditConfig
 from syncflow_dagster.defs.checks import failed_rows_hint
+from syncflow_dagster.engine import stage_table
 from syncflow_dagster.service.models import SyncRequest
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -87,9 +88,12 @@ def test_the_repair_section_names_what_the_code_has() -> None:
     assert set(op_config["config"]) == set(AuditConfig.model_fields)
     # The metadata and stage names the section promises are the ones the audit writes.
     source = inspect.getsource(audit)
-    for name in ("missing_in_target", "extra_in_target", "differing", "not_in_source", "target_repair"):
+    for name in ("missing_in_target", "extra_in_target", "differing", "not_in_source"):
         assert f"`{name}`" in section, name
         assert f'"{name}"' in source, name
+    # The repair's stage event takes its name from the stage table.
+    assert f"`{stage_table.TARGET_REPAIR.name}`" in section
+    assert "stage_table.TARGET_REPAIR.name" in source.replace("st.", "stage_table.")
 
 
 def test_troubleshooting_names_dev_s_files() -> None:

@@ -155,7 +155,7 @@ def test_start_a_sync_and_poll_it_to_success(stack: Stack) -> None:
     (batch,) = body["batches"]
     assert batch["entity"] == "customers"
     assert batch["fetched"] > 0
-    assert batch["delivered"] == batch["inserted"] > 0
+    assert batch["delivered"] == batch["insert"] > 0
     assert batch["stage_seconds"]
 
     # /metrics agrees with the batch rows the run wrote.

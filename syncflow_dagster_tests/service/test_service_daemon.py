@@ -271,7 +271,7 @@ def test_cancel_mid_delivery_then_resume_delivers_everything_once(stack: Stack) 
     assert done["batch_id"] == batch["batch_id"]
     assert done["status"] == "succeeded"
     assert done["fetched"] == batch["fetched"]  # the fetch was not run again
-    assert done["delivered"] == done["inserted"] > sent_before > 0
+    assert done["delivered"] == done["insert"] > sent_before > 0
 
     engine = make_engine(stack.state_url)
     try:

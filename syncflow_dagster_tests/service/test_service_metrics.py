@@ -96,11 +96,11 @@ def test_counters_match_the_stages_that_ran(engine: sa.Engine, database: SyncDat
 
     assert value("syncflow_store_up") == 1
     assert value("syncflow_rows_total", entity="items", action="fetched") == 130
-    assert value("syncflow_rows_total", entity="items", action="inserted") == 100
-    assert value("syncflow_rows_total", entity="items", action="updated") == 22
+    assert value("syncflow_rows_total", entity="items", action="insert") == 100
+    assert value("syncflow_rows_total", entity="items", action="update") == 22
     # A reconcile's deletes count under the same name as a sync's.
-    assert value("syncflow_rows_total", entity="items", action="deleted") == 304
-    assert value("syncflow_rows_total", entity="items", action="skipped") == 5
+    assert value("syncflow_rows_total", entity="items", action="delete") == 304
+    assert value("syncflow_rows_total", entity="items", action="skip") == 5
     assert value("syncflow_rows_total", entity="items", action="delivered") == 426
     assert value("syncflow_rows_total", entity="sites", action="failed") == 1
     # An entity that never synced is present with zeros, so dashboards show it.
