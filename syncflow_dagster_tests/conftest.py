@@ -29,7 +29,14 @@ import pytest
 
 from syncflow_dagster.store.database import libpq_url
 from syncflow_dagster.store.embedded import EmbeddedPostgres, start_embedded_postgres
-from syncflow_dagster_tests.isolation import scratch_database, scratch_name, with_database, worker_id
+from syncflow_dagster_tests.isolation import (
+    DatabaseDropper,
+    scratch_database,
+    scratch_database_dropped_later,
+    scratch_name,
+    with_database,
+    worker_id,
+)
 
 TEST_DATABASE_ENV = "SYNCFLOW_TEST_DATABASE_URL"
 
@@ -61,10 +68,23 @@ def database_url(pg_server_url: str) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def database_dropper(pg_server_url: str) -> Iterator[DatabaseDropper]:
+    """Drops the tests' own databases in the background; all are gone before the server stops."""
+    dropper = DatabaseDropper()
+    try:
+        yield dropper
+    finally:
+        dropper.close()
+
+
 @pytest.fixture
-def fresh_database_url(pg_server_url: str) -> Iterator[str]:
-    """A database of this test's own, for tests whose state must start empty (a new deployment)."""
-    with scratch_database(pg_server_url) as url:
+def fresh_database_url(pg_server_url: str, database_dropper: DatabaseDropper) -> Iterator[str]:
+    """A database of this test's own, for tests whose state must start empty (a new deployment).
+
+    Dropped after the test, on the dropper's thread: the test does not wait for Postgres's checkpoint.
+    """
+    with scratch_database_dropped_later(pg_server_url, database_dropper) as url:
         yield url
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import queue
 import random
 import re
 import socket
@@ -104,3 +105,53 @@ def scratch_database(server_url: str, prefix: str = "syncflow_test") -> Iterator
     finally:
         with psycopg.connect(server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class DatabaseDropper:
+    """Drops scratch databases on a thread of its own while the worker's next tests run.
+
+    DROP DATABASE makes Postgres checkpoint (flush every dirty buffer of the
+    server) before it returns: a second or more on a busy server, for each test
+    of its own database. The test gave its database up; nothing waits for the
+    drop but the end of the session (`close`), which fails if one failed.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._failed: list[str] = []
+
+    def drop(self, server_url: str, name: str) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="scratch-database-dropper", daemon=True)
+            self._thread.start()
+        self._queue.put((server_url, name))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            server_url, name = item
+            try:
+                with psycopg.connect(server_url, autocommit=True) as conn:
+                    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            except Exception as exc:  # reported by close(), at the end of the session
+                self._failed.append(f"{name}: {exc}")
+
+    def close(self) -> None:
+        """Wait until every database handed over is dropped."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        assert not self._failed, f"scratch databases not dropped: {self._failed}"
+
+
+@contextmanager
+def scratch_database_dropped_later(server_url: str, dropper: DatabaseDropper) -> Iterator[str]:
+    """`scratch_database`, whose drop `dropper` does in the background."""
+    name = scratch_name("syncflow_test")
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(server_url, name)
+    finally:
+        dropper.drop(server_url, name)

@@ -118,6 +118,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(30)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.daemon
 def test_adding_an_entity_walked_literally(tmp_path: Path, pg_server_url: str) -> None:

@@ -37,6 +37,7 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.daemon
 def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
@@ -214,6 +215,7 @@ def _dev_serves_the_source_dir(home: Path) -> None:
     assert (sites["row_count"], items["row_count"]) == (2, 0)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.daemon
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])

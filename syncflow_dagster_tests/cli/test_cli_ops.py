@@ -1,4 +1,10 @@
-"""The operator commands, run as a user runs them (a subprocess): output, exit codes, one-line errors."""
+"""The operator commands: output, exit codes, one-line errors.
+
+They run in process (`cli_runner.run_syncflow`: the console script's own `app`
+with argv and an environment of the test's); the first test runs the installed
+`syncflow` console script as a user does, which proves the script and the
+one-line error path of a real process.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,12 @@ import decimal
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from syncflow_dagster.store.database import make_engine
 from syncflow_dagster.store.frame_io_manager import (
@@ -23,24 +29,17 @@ from syncflow_dagster.store.frame_io_manager import (
 )
 from syncflow_dagster.store.migrate import upgrade
 from syncflow_dagster_tests._service_fixtures import insert_batch, insert_failure, insert_pending
+from syncflow_dagster_tests.cli_runner import CliResult, run_syncflow
+from syncflow_dagster_tests.processes import venv_bin
 
 
-def syncflow(*args: str, database_url: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k != "SYNCFLOW_DATABASE_URL"}
-    environ.update({"COLUMNS": "200", **env})
-    if database_url is not None:
-        environ["SYNCFLOW_DATABASE_URL"] = database_url
-    return subprocess.run(
-        [sys.executable, "-m", "syncflow_dagster.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=environ,
-        timeout=120,
-        check=False,
-    )
+def syncflow(*args: str, database_url: str | None = None, **env: str) -> CliResult:
+    """`syncflow ARGS` in process, SYNCFLOW_DATABASE_URL only if given, 200 columns unless COLUMNS is."""
+    columns = int(env.pop("COLUMNS", "200"))
+    return run_syncflow(*args, env={"SYNCFLOW_DATABASE_URL": database_url, **env}, columns=columns)
 
 
-def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+def _one_line_error(result: CliResult | subprocess.CompletedProcess[str]) -> str:
     assert "Traceback" not in result.stderr + result.stdout
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines, result.stdout
@@ -48,8 +47,17 @@ def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     return " ".join(lines)
 
 
+@pytest.mark.subprocess
 def test_missing_database_url_is_one_line() -> None:
-    result = syncflow("status")
+    environ = {k: v for k, v in os.environ.items() if k != "SYNCFLOW_DATABASE_URL"}
+    result = subprocess.run(
+        [venv_bin("syncflow"), "status"],
+        capture_output=True,
+        text=True,
+        env={**environ, "COLUMNS": "200"},
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 2
     assert "SYNCFLOW_DATABASE_URL" in _one_line_error(result)
 
@@ -198,7 +206,7 @@ def test_frame_show_prints_a_stage_frame_and_writes_it_to_parquet(database_url: 
     assert "the stage kept no rows for this date" in flat
 
 
-def _json(result: subprocess.CompletedProcess[str]) -> Any:
+def _json(result: CliResult) -> Any:
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 

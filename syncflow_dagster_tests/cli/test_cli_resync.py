@@ -1,4 +1,4 @@
-"""`syncflow resync` as a user runs it: a subprocess launching through Dagster's GraphQL API.
+"""`syncflow resync` launching through Dagster's GraphQL API, run in process (cli_runner).
 
 The webserver is the GraphQL stand-in of the launcher's tests (it records the
 tags of each run it is asked to launch); what a resync run then does is shown
@@ -8,13 +8,12 @@ end to end in defs/test_repair.py.
 from __future__ import annotations
 
 import datetime as dt
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 
 from syncflow_dagster.simulators.serve import RunningServer, start_server
-from syncflow_dagster_tests.processes import syncflow_launch_command
+from syncflow_dagster_tests.cli_runner import CliResult, run_launch_command
 from syncflow_dagster_tests.service.test_launch import FakeDagster
 
 TODAY = dt.datetime.now(dt.UTC).date()
@@ -31,10 +30,8 @@ def fake() -> Iterator[tuple[FakeDagster, RunningServer]]:
         server.stop()
 
 
-def resync(*args: str, dagster_url: str) -> subprocess.CompletedProcess[str]:
-    return syncflow_launch_command(
-        "resync", *args, dagster_url=dagster_url, partitions_start=START.isoformat(), timeout=120
-    )
+def resync(*args: str, dagster_url: str) -> CliResult:
+    return run_launch_command("resync", *args, dagster_url=dagster_url, partitions_start=START.isoformat())
 
 
 def test_resync_without_dates_covers_the_whole_history_parents_first(

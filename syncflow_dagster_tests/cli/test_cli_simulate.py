@@ -1,4 +1,5 @@
-"""`syncflow simulate ...` as a user runs it: real subprocesses on free loopback ports, then terminated."""
+"""`syncflow simulate ...`: the stand-ins as a user runs them (real subprocesses on free loopback ports,
+terminated at the end: marked `subprocess`), the one-shot commands and refusals in process (cli_runner)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from syncflow_dagster_tests.cli_runner import CliResult, run_syncflow
 from syncflow_dagster_tests.isolation import free_port
 from syncflow_dagster_tests.waiting import wait_until
 
@@ -26,6 +28,11 @@ def syncflow(*args: str) -> list[str]:
 def env(**extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("APISMITH_", "SCHEDULEHUB_"))}
     return {**base, **extra}
+
+
+def in_process(*args: str, **extra: str) -> CliResult:
+    """`syncflow ARGS` in this process with `env(**extra)`'s stand-in variables."""
+    return run_syncflow(*args, env=extra, drop_prefixes=("APISMITH_", "SCHEDULEHUB_"))
 
 
 @contextmanager
@@ -62,6 +69,7 @@ def token(url: str, client_id: str) -> str:
     return str(response.json()["access_token"])
 
 
+@pytest.mark.subprocess
 def test_simulate_apismith_serves_and_simulate_changes_changes_it() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -73,17 +81,22 @@ def test_simulate_apismith_serves_and_simulate_changes_changes_it() -> None:
         headers = {"Authorization": f"Bearer {token(url, 'cli')}"}
         before = httpx.get(f"{url}/v1/entities/ProductionOrders/watermark", headers=headers).json()
         assert before["row_count"] == 400
-        result = subprocess.run(
-            syncflow(
-                "simulate", "changes", "--url", url, "--updated", "1", "--inserted", "0.5", "--deleted", "0.2"
-            ),
-            env=environment,
-            capture_output=True,
-            timeout=120,
-            check=False,
+        result = in_process(
+            "simulate",
+            "changes",
+            "--url",
+            url,
+            "--updated",
+            "1",
+            "--inserted",
+            "0.5",
+            "--deleted",
+            "0.2",
+            APISMITH_CLIENT_ID="cli",
+            APISMITH_CLIENT_SECRET=SECRET,
         )
-        assert result.returncode == 0, result.stderr.decode()
-        assert "ProductionOrders" in result.stdout.decode()
+        assert result.returncode == 0, result.stderr
+        assert "ProductionOrders" in result.stdout
         after = httpx.get(f"{url}/v1/entities/ProductionOrders/watermark", headers=headers).json()
         assert after["max_rowversion"] > before["max_rowversion"]
         assert (
@@ -93,6 +106,7 @@ def test_simulate_apismith_serves_and_simulate_changes_changes_it() -> None:
         assert len(tombstones["records"]) >= 1
 
 
+@pytest.mark.subprocess
 def test_simulate_schedulehub_serves() -> None:
     pytest.importorskip("syncflow_dagster.simulators.schedulehub")
     port = free_port()
@@ -105,6 +119,7 @@ def test_simulate_schedulehub_serves() -> None:
         assert listed.status_code == 200
 
 
+@pytest.mark.subprocess
 def test_simulate_schedulehub_keeps_its_records_in_its_data_dir_across_a_restart(tmp_path: Path) -> None:
     environment = env(SCHEDULEHUB_CLIENT_ID="hub-cli", SCHEDULEHUB_CLIENT_SECRET=SECRET)
     data_dir = tmp_path / "hub"
@@ -124,17 +139,18 @@ def test_simulate_schedulehub_keeps_its_records_in_its_data_dir_across_a_restart
                 )
                 assert answer.status_code == 200
                 # A second stand-in on the same directory is refused with a reason.
-                refused = subprocess.run(
-                    syncflow(
-                        "simulate", "schedulehub", "--port", str(free_port()), "--data-dir", str(data_dir)
-                    ),
-                    env=environment,
-                    capture_output=True,
-                    timeout=120,
-                    check=False,
+                refused = in_process(
+                    "simulate",
+                    "schedulehub",
+                    "--port",
+                    str(free_port()),
+                    "--data-dir",
+                    str(data_dir),
+                    SCHEDULEHUB_CLIENT_ID="hub-cli",
+                    SCHEDULEHUB_CLIENT_SECRET=SECRET,
                 )
                 assert refused.returncode == 2
-                assert "in use by another stand-in" in " ".join(refused.stderr.decode().split())
+                assert "in use by another stand-in" in " ".join(refused.stderr.split())
             page = httpx.get(
                 f"{url}/v1/resources/sites/records", params={"limit": 100}, headers=headers
             ).json()
@@ -143,19 +159,14 @@ def test_simulate_schedulehub_keeps_its_records_in_its_data_dir_across_a_restart
     assert [r["external_key"] for r in held[1]["records"]] == [f"S{i}" for i in range(25)]
 
 
+@pytest.mark.subprocess
 def test_simulate_history_source_writes_a_folder_apismith_serves(tmp_path: Path) -> None:
     folder = tmp_path / "history"
-    written = subprocess.run(
-        syncflow(
-            "simulate", "history-source", "--rows", "3000", "--out", str(folder), "--start", "2025-01-01"
-        ),
-        env=env(),
-        capture_output=True,
-        timeout=300,
-        check=False,
+    written = in_process(
+        "simulate", "history-source", "--rows", "3000", "--out", str(folder), "--start", "2025-01-01"
     )
-    assert written.returncode == 0, written.stderr.decode()
-    assert "ProductionOrders" in written.stdout.decode()
+    assert written.returncode == 0, written.stderr
+    assert "ProductionOrders" in written.stdout
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     environment = env(APISMITH_CLIENT_ID="cli", APISMITH_CLIENT_SECRET=SECRET)
@@ -165,17 +176,12 @@ def test_simulate_history_source_writes_a_folder_apismith_serves(tmp_path: Path)
         mark = httpx.get(f"{url}/v1/entities/ProductionOrders/watermark", headers=headers).json()
         assert mark["row_count"] == 3000
         assert mark["max_changed_at"].startswith("2025-")
-    again = subprocess.run(
-        syncflow("simulate", "history-source", "--rows", "10", "--out", str(folder)),
-        env=env(),
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
+    again = in_process("simulate", "history-source", "--rows", "10", "--out", str(folder))
     assert again.returncode == 2
-    assert "is not empty" in " ".join(again.stderr.decode().split())
+    assert "is not empty" in " ".join(again.stderr.split())
 
 
+@pytest.mark.subprocess
 def test_servers_on_loopback_default_their_secret_and_elsewhere_refuse_without_one() -> None:
     from syncflow_dagster.cli.simulate import DEV_CLIENT_SECRET
 
@@ -198,17 +204,11 @@ def test_servers_on_loopback_default_their_secret_and_elsewhere_refuse_without_o
             data={"grant_type": "client_credentials", "client_id": "syncflow", "client_secret": SECRET},
         )
         assert wrong.status_code == 401
-    result = subprocess.run(
-        syncflow("simulate", "apismith", "--port", str(free_port()), "--rows", "10", "--host", "0.0.0.0"),
-        env=env(),
-        capture_output=True,
-        timeout=120,
-        check=False,
+    result = in_process(
+        "simulate", "apismith", "--port", str(free_port()), "--rows", "10", "--host", "0.0.0.0"
     )
     assert result.returncode == 2
-    assert "APISMITH_CLIENT_SECRET is not set" in result.stderr.decode()
-    no_url = subprocess.run(
-        syncflow("simulate", "changes"), env=env(), capture_output=True, timeout=120, check=False
-    )
+    assert "APISMITH_CLIENT_SECRET is not set" in result.stderr
+    no_url = in_process("simulate", "changes")
     assert no_url.returncode == 2
-    assert "APISMITH_BASE_URL" in no_url.stderr.decode()
+    assert "APISMITH_BASE_URL" in no_url.stderr

@@ -1,4 +1,5 @@
-"""`syncflow sync` as a user runs it: a subprocess against a real dagster-webserver + dagster-daemon.
+"""`syncflow sync`: its refusals in process, and as a user runs it (a subprocess) against a real
+dagster-webserver + dagster-daemon.
 
 The deployment is the one operators run (webserver.py): the repository's
 dagster.yaml (queued run coordinator, per-entity and per-plan run limits, run
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from syncflow_dagster.catalog import default_catalog
+from syncflow_dagster_tests.cli_runner import CliResult, run_launch_command
 from syncflow_dagster_tests.processes import syncflow_launch_command
 from syncflow_dagster_tests.sync_harness import Deployment, deployment
 from syncflow_dagster_tests.verify import verify_deployment
@@ -43,9 +45,15 @@ query RunsOfPlan($value: String!) {
 """
 
 
-def syncflow(
-    *args: str, dagster_url: str = "http://127.0.0.1:9", timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
+def syncflow(*args: str, dagster_url: str = "http://127.0.0.1:9") -> CliResult:
+    """`syncflow sync ARGS` in process (cli_runner): what the command answers before and without Dagster."""
+    return run_launch_command(
+        "sync", *args, dagster_url=dagster_url, partitions_start=PARTITIONS_START.isoformat()
+    )
+
+
+def syncflow_process(*args: str, dagster_url: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`syncflow sync ARGS` as a user runs it, a subprocess: the walks through the daemon."""
     return syncflow_launch_command(
         "sync", *args, dagster_url=dagster_url, partitions_start=PARTITIONS_START.isoformat(), timeout=timeout
     )
@@ -113,9 +121,12 @@ def _tags(run: dict[str, Any]) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.timeout(1800)
 def test_sync_all_history_wait_ends_with_schedulehub_equal_to_the_source(stack: Stack) -> None:
-    result = syncflow("--all", "--history", "--wait", dagster_url=stack.dagster.url, timeout=SYNC_TIMEOUT_S)
+    result = syncflow_process(
+        "--all", "--history", "--wait", dagster_url=stack.dagster.url, timeout=SYNC_TIMEOUT_S
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output + f"\n(logs: {stack.dagster.logs})"
     launched = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("launched ")]
@@ -152,9 +163,12 @@ def _resync(*args: str, dagster_url: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.timeout(1800)
 def test_resync_all_through_the_daemon_refills_a_schedulehub_that_lost_everything(stack: Stack) -> None:
-    synced = syncflow("--all", "--history", "--wait", dagster_url=stack.dagster.url, timeout=SYNC_TIMEOUT_S)
+    synced = syncflow_process(
+        "--all", "--history", "--wait", dagster_url=stack.dagster.url, timeout=SYNC_TIMEOUT_S
+    )
     assert synced.returncode == 0, synced.stdout + synced.stderr
     stack.env.admin(stack.env.schedulehub_url, "POST", "/admin/reset")
     assert stack.env.schedulehub_records("sites").num_rows == 0

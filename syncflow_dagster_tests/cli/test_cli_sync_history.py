@@ -63,6 +63,7 @@ def _changed_days(env: Deployment, entity: str) -> list[dt.date]:
     return [dt.date.fromisoformat(str(v)[:10]) for v in snapshot[spec.changed_at].to_pylist()]
 
 
+@pytest.mark.subprocess
 @pytest.mark.timeout(1200)
 def test_history_load_brings_records_changed_before_the_partitions_start(stack: Stack) -> None:
     before_start = {

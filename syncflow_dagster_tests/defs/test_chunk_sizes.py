@@ -108,6 +108,9 @@ def _sync_with_chunks(
         return outcome
 
 
+# Three whole-catalog syncs with changes, one of them a row per chunk: the lane's longest test by far
+# (docs/testing.md), so `make test` runs it and `make test-fast` does not.
+@pytest.mark.slow
 def test_chunk_sizes_one_seven_and_the_default_give_the_same_schedulehub_and_state(
     pg_server_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

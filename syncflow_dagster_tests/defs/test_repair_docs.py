@@ -11,8 +11,6 @@ from __future__ import annotations
 import inspect
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -25,6 +23,7 @@ from syncflow_dagster.defs.audit import AUDIT_CHECK, AuditConfig
 from syncflow_dagster.defs.checks import failed_rows_hint
 from syncflow_dagster.engine import stage_table
 from syncflow_dagster.service.models import SyncRequest
+from syncflow_dagster_tests.cli_runner import run_syncflow
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 BEGIN, END = "<!-- checks: generated from the Definitions -->", "<!-- checks: end -->"
@@ -106,13 +105,7 @@ def test_the_resync_usage_line_lists_the_command_s_options() -> None:
     section = _section("operations.md", "The commands")
     (usage,) = re.findall(r"`(syncflow resync [^`]*)`", section)
     written = set(re.findall(r"--[a-z-]+", usage))
-    helped = subprocess.run(
-        [sys.executable, "-m", "syncflow_dagster.cli.main", "resync", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"},
-    )
+    helped = run_syncflow("resync", "--help", env={"NO_COLOR": "1", "TERM": "dumb"})
     assert helped.returncode == 0, helped.stderr
     offered = set(re.findall(r"--[a-z][a-z-]+", helped.stdout)) - {"--help"}
     assert written == offered
