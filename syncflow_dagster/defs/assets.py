@@ -27,7 +27,7 @@ import pyarrow as pa
 from dagster import AssetExecutionContext
 
 from syncflow_dagster.catalog import Catalog, EntitySpec, default_catalog
-from syncflow_dagster.defs import bookkeeping, checks, reading, stages, streamed
+from syncflow_dagster.defs import bookkeeping, checks, pipeline, reading, stages, streamed
 from syncflow_dagster.defs import checks as checks_module
 from syncflow_dagster.defs.interrupts import stop_means_stop
 from syncflow_dagster.defs.partitions import sync_partitions
@@ -35,7 +35,7 @@ from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResourc
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine import stage_table as st
 from syncflow_dagster.store.frames.io_manager import PostgresFrameIOManager, partition_scopes
-from syncflow_dagster.store.frames.stream import EntityFrames, EntityStreams, SliceReader, SliceWriter
+from syncflow_dagster.store.frames.stream import EntityFrames, EntityStreams, SliceWriter
 
 GROUP = "sync"
 # Run tag that makes the fetch read from the beginning (defs/reading.py).
@@ -99,6 +99,27 @@ def _writer(context: AssetExecutionContext, scope: Scope) -> SliceWriter:
     manager: PostgresFrameIOManager = getattr(context.resources, FRAME_IO)
     entity, dates = scope
     return manager.writer(context.asset_key.path[-1], entity.name, dates)
+
+
+def _entity_run(
+    context: AssetExecutionContext, database: SyncDatabase, scope: Scope, **more: Any
+) -> pipeline.EntityRun:
+    """One entity's share of this run, as `pipeline.run_stage` takes it."""
+    entity, dates = scope
+    return pipeline.EntityRun(
+        CATALOG, entity, database, _batch_id(context, database, entity.name, dates[0]), **more
+    )
+
+
+def _run_stage(
+    context: AssetExecutionContext,
+    stage: st.Stage,
+    run: pipeline.EntityRun,
+    scope: Scope,
+    streams: EntityStreams,
+) -> stages.StageResult:
+    """This asset's one stage for one entity of the run: its input slice in, its output slice out."""
+    return pipeline.run_stage(stage.name, run, streams[scope[0].name], _writer(context, scope))
 
 
 def _shown(result: stages.StageResult) -> pa.Table:
@@ -305,24 +326,14 @@ def _resync(context: AssetExecutionContext) -> bool:
 def normalized(
     context: AssetExecutionContext, database: SyncDatabase, extracted: EntityStreams
 ) -> dg.Output[EntityFrames]:
-    return _stage_output(
-        context,
-        database,
-        st.NORMALIZE,
-        lambda scope: _normalize(context, database, scope, extracted[scope[0].name]),
-    )
+    def normalize(scope: Scope) -> stages.StageResult:
+        run = _entity_run(context, database, scope)
+        result = _run_stage(context, st.NORMALIZE, run, scope, extracted)
+        if run.rejected is not None and run.rejected.num_rows:
+            result.notes["rejected_sample"] = _preview(run.rejected)
+        return result
 
-
-def _normalize(
-    context: AssetExecutionContext, database: SyncDatabase, scope: Scope, extracted: SliceReader
-) -> stages.StageResult:
-    entity, dates = scope
-    result, rejected = streamed.normalize(entity, extracted, _writer(context, scope))
-    if rejected.num_rows:
-        batch = _batch_id(context, database, entity.name, dates[0])
-        bookkeeping.record_rejected(database, entity, batch, rejected)
-        result.notes["rejected_sample"] = _preview(rejected)
-    return result
+    return _stage_output(context, database, st.NORMALIZE, normalize)
 
 
 @_stage_asset(
@@ -336,10 +347,8 @@ def identified(
         context,
         database,
         st.IDENTITY,
-        lambda scope: streamed.row_wise(
-            normalized[scope[0].name],
-            _writer(context, scope),
-            lambda chunk: stages.identity_stage(scope[0], chunk),
+        lambda scope: _run_stage(
+            context, st.IDENTITY, _entity_run(context, database, scope), scope, normalized
         ),
     )
 
@@ -351,15 +360,13 @@ def identified(
 def fresh_rows(
     context: AssetExecutionContext, database: SyncDatabase, identified: EntityStreams
 ) -> dg.Output[EntityFrames]:
-    state, resync = database.state(), _resync(context)
+    resync = _resync(context)
     return _stage_output(
         context,
         database,
         st.ROWVERSION,
-        lambda scope: streamed.row_wise(
-            identified[scope[0].name],
-            _writer(context, scope),
-            lambda chunk: stages.rowversion_stage(state, scope[0], chunk, resync=resync),
+        lambda scope: _run_stage(
+            context, st.ROWVERSION, _entity_run(context, database, scope, resync=resync), scope, identified
         ),
     )
 
@@ -375,8 +382,10 @@ def delta_plan(
     keys: dict[str, checks.KeyTally] = {}
 
     def plan(scope: Scope) -> stages.StageResult:
-        reader = fresh_rows[scope[0].name]
-        result, keys[scope[0].name] = streamed.delta(reader, _writer(context, scope), resync=_resync(context))
+        run = _entity_run(context, database, scope, resync=_resync(context))
+        result = _run_stage(context, st.DELTA, run, scope, fresh_rows)
+        assert run.keys is not None
+        keys[scope[0].name] = run.keys
         return result
 
     yield _stage_output(context, database, st.DELTA, plan)
@@ -396,19 +405,8 @@ def resolved(
     arriving: dict[str, pa.Array] = {}
 
     def resolve(scope: Scope) -> stages.StageResult:
-        entity, dates = scope
-        batch = _batch_id(context, database, entity.name, dates[0])
-        result, arriving[entity.name] = streamed.parent_child(
-            CATALOG,
-            entity,
-            database,
-            delta_plan[entity.name],
-            _writer(context, scope),
-            batch,
-            run_date=dates[-1],
-            arriving=arriving,
-        )
-        return result
+        run = _entity_run(context, database, scope, run_date=scope[1][-1], arriving=arriving)
+        return _run_stage(context, st.PARENT_CHILD, run, scope, delta_plan)
 
     yield _stage_output(context, database, st.PARENT_CHILD, resolve)
     yield _check_of(
@@ -437,10 +435,12 @@ def delivered(
         context,
         database,
         st.DELIVER,
-        lambda scope: streamed.row_wise(
-            resolved[scope[0].name],
-            _writer(context, scope),
-            lambda chunk: stages.deliver_stage(schedulehub.client(), scope[0], chunk),
+        lambda scope: _run_stage(
+            context,
+            st.DELIVER,
+            _entity_run(context, database, scope, schedulehub=schedulehub.client),
+            scope,
+            resolved,
         ),
     )
 
@@ -456,25 +456,13 @@ def committed(
     verdicts: dict[str, dg.AssetCheckResult] = {}
 
     def commit(scope: Scope) -> stages.StageResult:
-        result, accepted = _commit(context, database, scope, delivered[scope[0].name])
-        verdicts[scope[0].name] = checks.delivered_equals_committed(accepted, result.counts)
+        run = _entity_run(context, database, scope)
+        result = _run_stage(context, st.PERSIST, run, scope, delivered)
+        verdicts[scope[0].name] = checks.delivered_equals_committed(run.accepted, result.counts)
         return result
 
     yield _stage_output(context, database, st.PERSIST, commit)
     yield _check_of(verdicts)
-
-
-def _commit(
-    context: AssetExecutionContext, database: SyncDatabase, scope: Scope, delivered: SliceReader
-) -> tuple[stages.StageResult, tuple[int, int]]:
-    entity, dates = scope
-    batch = _batch_id(context, database, entity.name, dates[0])
-    result, accepted = streamed.persist(database, entity, delivered, _writer(context, scope), batch)
-    # Every row of the entity is now committed, failed or parked: its catch-up read is accounted for.
-    read_through = reading.account_read(database, batch)
-    if read_through is not None:
-        result.notes["read_through"] = read_through
-    return result, accepted
 
 
 @_stage_asset(
