@@ -4,8 +4,10 @@
 
 Each asset is a row of the stage table (`engine/stage_table.py`): its key,
 description and the name its stage events carry come from there. Each body
-calls one stage function from `stages.py` per entity of the run and returns
-the frames with metadata; the Postgres frame IO manager stores each
+runs its one stage through `pipeline.run_stage` (the one implementation of
+each stage, which the retry, reconcile and repair jobs run too) per entity of
+the run, from the stage's input slice into its output slice, and returns the
+frames with metadata; the Postgres frame IO manager stores each
 entity's frame per partition. A run covers one entity, or several when a
 single-run backfill groups a few days of many entities: the body then handles
 them in the catalog's topological order, parents first, each with its own
