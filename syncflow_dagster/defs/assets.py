@@ -103,14 +103,9 @@ def _writer(context: AssetExecutionContext, scope: Scope) -> SliceWriter:
     return manager.writer(context.asset_key.path[-1], entity.name, dates)
 
 
-def _entity_run(
-    context: AssetExecutionContext, database: SyncDatabase, scope: Scope, **more: Any
-) -> pipeline.EntityRun:
+def _entity_run(database: SyncDatabase, scope: Scope, batch: uuid.UUID, **more: Any) -> pipeline.EntityRun:
     """One entity's share of this run, as `pipeline.run_stage` takes it."""
-    entity, dates = scope
-    return pipeline.EntityRun(
-        CATALOG, entity, database, _batch_id(context, database, entity.name, dates[0]), **more
-    )
+    return pipeline.EntityRun(CATALOG, scope[0], database, batch, **more)
 
 
 def _run_stage(
@@ -151,13 +146,13 @@ def _recorded(
     database: SyncDatabase,
     stage: st.Stage,
     scope: Scope,
+    batch: uuid.UUID,
     started: float,
     result: stages.StageResult,
 ) -> dict[str, Any]:
     """Book one entity's stage result (its batch's stage event) and return its metadata."""
     entity, dates = scope
     seconds = round(time.perf_counter() - started, 3)
-    batch = _batch_id(context, database, entity.name, dates[0])
     bookkeeping.record_stage(
         database, batch, entity.name, stage.name, result.frame.num_rows, seconds, result.counts
     )
@@ -211,9 +206,10 @@ def _stage_output(
     context: AssetExecutionContext,
     database: SyncDatabase,
     stage: st.Stage,
-    for_entity: Callable[[Scope], stages.StageResult],
+    for_entity: Callable[[Scope, uuid.UUID], stages.StageResult],
 ) -> dg.Output[EntityFrames]:
-    """Run `for_entity` for each of the run's entities, parents first, and hand over their frames.
+    """Run `for_entity` (given the entity's batch) for each of the run's entities, parents first,
+    and hand over their frames.
 
     Each entity's result is booked in its own batch; the output's metadata is
     the entity's own for a run of one entity, and totals plus a per-entity
@@ -222,9 +218,10 @@ def _stage_output(
     frames = EntityFrames()
     per_entity: dict[str, dict[str, Any]] = {}
     for scope in _scopes(context):
+        batch = _batch_id(context, database, scope[0].name, scope[1][0])
         started = time.perf_counter()
-        result = for_entity(scope)
-        per_entity[scope[0].name] = _recorded(context, database, stage, scope, started, result)
+        result = for_entity(scope, batch)
+        per_entity[scope[0].name] = _recorded(context, database, stage, scope, batch, started, result)
         frames[scope[0].name] = result.frame
     return dg.Output(frames, metadata=_metadata_of(per_entity))
 
@@ -297,7 +294,7 @@ def extracted(
     context: AssetExecutionContext, apismith: ApiSmithResource, database: SyncDatabase
 ) -> dg.Output[EntityFrames]:
     return _stage_output(
-        context, database, st.FETCH, lambda scope: _extract(context, apismith, database, *scope)
+        context, database, st.FETCH, lambda scope, batch: _extract(context, apismith, database, *scope, batch)
     )
 
 
@@ -307,8 +304,8 @@ def _extract(
     database: SyncDatabase,
     entity: EntitySpec,
     dates: tuple[dt.date, ...],
+    batch: uuid.UUID,
 ) -> stages.StageResult:
-    batch = _batch_id(context, database, entity.name, dates[0])
     out = streamed.Output(_writer(context, (entity, dates)))
     with out.writer:
         # Each page is written as it arrives: the fetch never holds the whole read.
@@ -328,8 +325,8 @@ def _resync(context: AssetExecutionContext) -> bool:
 def normalized(
     context: AssetExecutionContext, database: SyncDatabase, extracted: EntityStreams
 ) -> dg.Output[EntityFrames]:
-    def normalize(scope: Scope) -> stages.StageResult:
-        run = _entity_run(context, database, scope)
+    def normalize(scope: Scope, batch: uuid.UUID) -> stages.StageResult:
+        run = _entity_run(database, scope, batch)
         result = _run_stage(context, st.NORMALIZE, run, scope, extracted)
         if run.rejected is not None and run.rejected.num_rows:
             result.notes["rejected_sample"] = _preview(run.rejected)
@@ -349,8 +346,8 @@ def identified(
         context,
         database,
         st.IDENTITY,
-        lambda scope: _run_stage(
-            context, st.IDENTITY, _entity_run(context, database, scope), scope, normalized
+        lambda scope, batch: _run_stage(
+            context, st.IDENTITY, _entity_run(database, scope, batch), scope, normalized
         ),
     )
 
@@ -367,8 +364,8 @@ def fresh_rows(
         context,
         database,
         st.ROWVERSION,
-        lambda scope: _run_stage(
-            context, st.ROWVERSION, _entity_run(context, database, scope, resync=resync), scope, identified
+        lambda scope, batch: _run_stage(
+            context, st.ROWVERSION, _entity_run(database, scope, batch, resync=resync), scope, identified
         ),
     )
 
@@ -383,8 +380,8 @@ def delta_plan(
 ) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
     keys: dict[str, checks.KeyTally] = {}
 
-    def plan(scope: Scope) -> stages.StageResult:
-        run = _entity_run(context, database, scope, resync=_resync(context))
+    def plan(scope: Scope, batch: uuid.UUID) -> stages.StageResult:
+        run = _entity_run(database, scope, batch, resync=_resync(context))
         result = _run_stage(context, st.DELTA, run, scope, fresh_rows)
         assert run.keys is not None
         keys[scope[0].name] = run.keys
@@ -406,8 +403,8 @@ def resolved(
     # delivered after it (parents first), may count on them.
     arriving: dict[str, pa.Array] = {}
 
-    def resolve(scope: Scope) -> stages.StageResult:
-        run = _entity_run(context, database, scope, run_date=scope[1][-1], arriving=arriving)
+    def resolve(scope: Scope, batch: uuid.UUID) -> stages.StageResult:
+        run = _entity_run(database, scope, batch, run_date=scope[1][-1], arriving=arriving)
         return _run_stage(context, st.PARENT_CHILD, run, scope, delta_plan)
 
     yield _stage_output(context, database, st.PARENT_CHILD, resolve)
@@ -437,10 +434,10 @@ def delivered(
         context,
         database,
         st.DELIVER,
-        lambda scope: _run_stage(
+        lambda scope, batch: _run_stage(
             context,
             st.DELIVER,
-            _entity_run(context, database, scope, schedulehub=schedulehub.client),
+            _entity_run(database, scope, batch, schedulehub=schedulehub.client),
             scope,
             resolved,
         ),
@@ -457,8 +454,8 @@ def committed(
 ) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
     verdicts: dict[str, dg.AssetCheckResult] = {}
 
-    def commit(scope: Scope) -> stages.StageResult:
-        run = _entity_run(context, database, scope)
+    def commit(scope: Scope, batch: uuid.UUID) -> stages.StageResult:
+        run = _entity_run(database, scope, batch)
         result = _run_stage(context, st.PERSIST, run, scope, delivered)
         verdicts[scope[0].name] = checks.delivered_equals_committed(run.accepted, result.counts)
         return result
