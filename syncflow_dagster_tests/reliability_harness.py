@@ -1,12 +1,9 @@
-"""Helpers of the reliability tests: faults on the stand-ins, and a sync without Dagster's per-step cost.
+"""Helpers of the reliability tests: faults on the stand-ins, and syncs, retries and reconciles in process.
 
-`sync_stages` runs the nine stage functions of `defs/stages.py` in the order
-and with the bookkeeping the assets in `defs/assets.py` use (fetch → normalize
-with rejected rows recorded → identity → rowversion → delta → parent-child →
-deliver → persist → batch closed). The soak test uses it for its 30
-iterations because an in-process Dagster run costs seconds of step overhead
-per entity on a loaded 2-core machine; the fault tests and the soak's final
-runs go through Dagster itself (`materialize_sync`, `retry_job`, `reconcile_job`).
+`sync_entity` materialises the nine stage assets for one entity × day in this
+process (`defs/runner.materialize_sync`), the code users run, and returns the
+counts its batch's stage events recorded; the retry and reconcile jobs run
+with `execute_in_process`.
 """
 
 from __future__ import annotations
@@ -19,9 +16,9 @@ from typing import Any, TypeVar
 import dagster as dg
 import httpx
 
-from syncflow_dagster.defs import bookkeeping, stages
-from syncflow_dagster.defs.assets import CATALOG
 from syncflow_dagster.defs.jobs import reconcile_job, retry_job
+from syncflow_dagster.defs.runner import materialize_sync, report_of
+from syncflow_dagster.store.events import stage_totals
 from syncflow_dagster_tests.waiting import wait_until
 
 T = TypeVar("T")
@@ -58,33 +55,16 @@ def revoke_tokens(base_url: str) -> None:
     httpx.post(f"{base_url}/admin/tokens:revoke", timeout=30).raise_for_status()
 
 
-def sync_stages(resources: dict[str, Any], entity_name: str, day: dt.date) -> dict[str, int]:
-    """One entity × day through the nine stages, as the assets chain them; returns the merged counts."""
-    database = resources["database"]
-    entity = CATALOG.entity(entity_name)
-    dates = (day,)
-    batch = bookkeeping.batch_for_run(database, entity.name, day, f"stages-{uuid.uuid4()}")
-    fetched = stages.fetch_stage(resources["apismith"].client(), entity, dates)
-    normalized, rejected = stages.normalize_stage(entity, fetched.frame)
-    if rejected.num_rows:
-        bookkeeping.record_rejected(database, entity, batch, rejected)
-    identified = stages.identity_stage(entity, normalized.frame)
-    fresh = stages.rowversion_stage(database.state(), entity, identified.frame)
-    delta = stages.delta_stage(fresh.frame)
-    resolved = stages.parent_child_stage(CATALOG, entity, database, delta.frame, batch)
-    delivered = stages.deliver_stage(resources["schedulehub"].client(), entity, resolved.frame)
-    persisted = stages.persist_stage(database, entity, delivered.frame, batch)
-    counts = stages.merged_counts(
-        fetched.counts,
-        normalized.counts,
-        fresh.counts,
-        delta.counts,
-        resolved.counts,
-        delivered.counts,
-        persisted.counts,
-    )
-    database.batches().finish_batch(batch, "succeeded", counts, {})
-    return counts
+def sync_entity(resources: dict[str, Any], entity_name: str, day: dt.date) -> dict[str, int]:
+    """One entity × day through the Dagster assets, in process; the batch's counts (every stage's).
+
+    A run that fails raises, as the stage functions did: the soak counts it
+    and syncs the entity again later, as Dagster's run retry would.
+    """
+    result = materialize_sync(entity_name, day, resources=resources, log_level="WARNING")
+    batch = report_of(result)["batch_id"]
+    events = resources["database"].events().for_batch(uuid.UUID(str(batch)))
+    return dict(stage_totals(events).counts)
 
 
 def run_retry_job(resources: dict[str, Any], entities: list[str] | None = None) -> dg.ExecuteInProcessResult:

@@ -4,8 +4,10 @@
 
 Each asset is a row of the stage table (`engine/stage_table.py`): its key,
 description and the name its stage events carry come from there. Each body
-calls one stage function from `stages.py` per entity of the run and returns
-the frames with metadata; the Postgres frame IO manager stores each
+runs its one stage through `pipeline.run_stage` (the one implementation of
+each stage, which the retry, reconcile and repair jobs run too) per entity of
+the run, from the stage's input slice into its output slice, and returns the
+frames with metadata; the Postgres frame IO manager stores each
 entity's frame per partition. A run covers one entity, or several when a
 single-run backfill groups a few days of many entities: the body then handles
 them in the catalog's topological order, parents first, each with its own
@@ -27,7 +29,7 @@ import pyarrow as pa
 from dagster import AssetExecutionContext
 
 from syncflow_dagster.catalog import Catalog, EntitySpec, default_catalog
-from syncflow_dagster.defs import bookkeeping, checks, reading, stages, streamed
+from syncflow_dagster.defs import bookkeeping, checks, pipeline, reading, stages, streamed
 from syncflow_dagster.defs import checks as checks_module
 from syncflow_dagster.defs.interrupts import stop_means_stop
 from syncflow_dagster.defs.partitions import sync_partitions
@@ -35,7 +37,7 @@ from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResourc
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine import stage_table as st
 from syncflow_dagster.store.frames.io_manager import PostgresFrameIOManager, partition_scopes
-from syncflow_dagster.store.frames.stream import EntityFrames, EntityStreams, SliceReader, SliceWriter
+from syncflow_dagster.store.frames.stream import EntityFrames, EntityStreams, SliceWriter
 
 GROUP = "sync"
 # Run tag that makes the fetch read from the beginning (defs/reading.py).
@@ -101,6 +103,22 @@ def _writer(context: AssetExecutionContext, scope: Scope) -> SliceWriter:
     return manager.writer(context.asset_key.path[-1], entity.name, dates)
 
 
+def _entity_run(database: SyncDatabase, scope: Scope, batch: uuid.UUID, **more: Any) -> pipeline.EntityRun:
+    """One entity's share of this run, as `pipeline.run_stage` takes it."""
+    return pipeline.EntityRun(CATALOG, scope[0], database, batch, **more)
+
+
+def _run_stage(
+    context: AssetExecutionContext,
+    stage: st.Stage,
+    run: pipeline.EntityRun,
+    scope: Scope,
+    streams: EntityStreams,
+) -> stages.StageResult:
+    """This asset's one stage for one entity of the run: its input slice in, its output slice out."""
+    return pipeline.run_stage(stage.name, run, streams[scope[0].name], _writer(context, scope))
+
+
 def _shown(result: stages.StageResult) -> pa.Table:
     """The rows a stage's metadata previews: its streamed preview, or the head of its frame."""
     if result.preview is not None:
@@ -128,13 +146,13 @@ def _recorded(
     database: SyncDatabase,
     stage: st.Stage,
     scope: Scope,
+    batch: uuid.UUID,
     started: float,
     result: stages.StageResult,
 ) -> dict[str, Any]:
     """Book one entity's stage result (its batch's stage event) and return its metadata."""
     entity, dates = scope
     seconds = round(time.perf_counter() - started, 3)
-    batch = _batch_id(context, database, entity.name, dates[0])
     bookkeeping.record_stage(
         database, batch, entity.name, stage.name, result.frame.num_rows, seconds, result.counts
     )
@@ -188,9 +206,10 @@ def _stage_output(
     context: AssetExecutionContext,
     database: SyncDatabase,
     stage: st.Stage,
-    for_entity: Callable[[Scope], stages.StageResult],
+    for_entity: Callable[[Scope, uuid.UUID], stages.StageResult],
 ) -> dg.Output[EntityFrames]:
-    """Run `for_entity` for each of the run's entities, parents first, and hand over their frames.
+    """Run `for_entity` (given the entity's batch) for each of the run's entities, parents first,
+    and hand over their frames.
 
     Each entity's result is booked in its own batch; the output's metadata is
     the entity's own for a run of one entity, and totals plus a per-entity
@@ -199,9 +218,10 @@ def _stage_output(
     frames = EntityFrames()
     per_entity: dict[str, dict[str, Any]] = {}
     for scope in _scopes(context):
+        batch = _batch_id(context, database, scope[0].name, scope[1][0])
         started = time.perf_counter()
-        result = for_entity(scope)
-        per_entity[scope[0].name] = _recorded(context, database, stage, scope, started, result)
+        result = for_entity(scope, batch)
+        per_entity[scope[0].name] = _recorded(context, database, stage, scope, batch, started, result)
         frames[scope[0].name] = result.frame
     return dg.Output(frames, metadata=_metadata_of(per_entity))
 
@@ -274,7 +294,7 @@ def extracted(
     context: AssetExecutionContext, apismith: ApiSmithResource, database: SyncDatabase
 ) -> dg.Output[EntityFrames]:
     return _stage_output(
-        context, database, st.FETCH, lambda scope: _extract(context, apismith, database, *scope)
+        context, database, st.FETCH, lambda scope, batch: _extract(context, apismith, database, *scope, batch)
     )
 
 
@@ -284,8 +304,8 @@ def _extract(
     database: SyncDatabase,
     entity: EntitySpec,
     dates: tuple[dt.date, ...],
+    batch: uuid.UUID,
 ) -> stages.StageResult:
-    batch = _batch_id(context, database, entity.name, dates[0])
     out = streamed.Output(_writer(context, (entity, dates)))
     with out.writer:
         # Each page is written as it arrives: the fetch never holds the whole read.
@@ -305,24 +325,14 @@ def _resync(context: AssetExecutionContext) -> bool:
 def normalized(
     context: AssetExecutionContext, database: SyncDatabase, extracted: EntityStreams
 ) -> dg.Output[EntityFrames]:
-    return _stage_output(
-        context,
-        database,
-        st.NORMALIZE,
-        lambda scope: _normalize(context, database, scope, extracted[scope[0].name]),
-    )
+    def normalize(scope: Scope, batch: uuid.UUID) -> stages.StageResult:
+        run = _entity_run(database, scope, batch)
+        result = _run_stage(context, st.NORMALIZE, run, scope, extracted)
+        if run.rejected is not None and run.rejected.num_rows:
+            result.notes["rejected_sample"] = _preview(run.rejected)
+        return result
 
-
-def _normalize(
-    context: AssetExecutionContext, database: SyncDatabase, scope: Scope, extracted: SliceReader
-) -> stages.StageResult:
-    entity, dates = scope
-    result, rejected = streamed.normalize(entity, extracted, _writer(context, scope))
-    if rejected.num_rows:
-        batch = _batch_id(context, database, entity.name, dates[0])
-        bookkeeping.record_rejected(database, entity, batch, rejected)
-        result.notes["rejected_sample"] = _preview(rejected)
-    return result
+    return _stage_output(context, database, st.NORMALIZE, normalize)
 
 
 @_stage_asset(
@@ -336,10 +346,8 @@ def identified(
         context,
         database,
         st.IDENTITY,
-        lambda scope: streamed.row_wise(
-            normalized[scope[0].name],
-            _writer(context, scope),
-            lambda chunk: stages.identity_stage(scope[0], chunk),
+        lambda scope, batch: _run_stage(
+            context, st.IDENTITY, _entity_run(database, scope, batch), scope, normalized
         ),
     )
 
@@ -351,15 +359,13 @@ def identified(
 def fresh_rows(
     context: AssetExecutionContext, database: SyncDatabase, identified: EntityStreams
 ) -> dg.Output[EntityFrames]:
-    state, resync = database.state(), _resync(context)
+    resync = _resync(context)
     return _stage_output(
         context,
         database,
         st.ROWVERSION,
-        lambda scope: streamed.row_wise(
-            identified[scope[0].name],
-            _writer(context, scope),
-            lambda chunk: stages.rowversion_stage(state, scope[0], chunk, resync=resync),
+        lambda scope, batch: _run_stage(
+            context, st.ROWVERSION, _entity_run(database, scope, batch, resync=resync), scope, identified
         ),
     )
 
@@ -374,9 +380,11 @@ def delta_plan(
 ) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
     keys: dict[str, checks.KeyTally] = {}
 
-    def plan(scope: Scope) -> stages.StageResult:
-        reader = fresh_rows[scope[0].name]
-        result, keys[scope[0].name] = streamed.delta(reader, _writer(context, scope), resync=_resync(context))
+    def plan(scope: Scope, batch: uuid.UUID) -> stages.StageResult:
+        run = _entity_run(database, scope, batch, resync=_resync(context))
+        result = _run_stage(context, st.DELTA, run, scope, fresh_rows)
+        assert run.keys is not None
+        keys[scope[0].name] = run.keys
         return result
 
     yield _stage_output(context, database, st.DELTA, plan)
@@ -395,20 +403,9 @@ def resolved(
     # delivered after it (parents first), may count on them.
     arriving: dict[str, pa.Array] = {}
 
-    def resolve(scope: Scope) -> stages.StageResult:
-        entity, dates = scope
-        batch = _batch_id(context, database, entity.name, dates[0])
-        result, arriving[entity.name] = streamed.parent_child(
-            CATALOG,
-            entity,
-            database,
-            delta_plan[entity.name],
-            _writer(context, scope),
-            batch,
-            run_date=dates[-1],
-            arriving=arriving,
-        )
-        return result
+    def resolve(scope: Scope, batch: uuid.UUID) -> stages.StageResult:
+        run = _entity_run(database, scope, batch, run_date=scope[1][-1], arriving=arriving)
+        return _run_stage(context, st.PARENT_CHILD, run, scope, delta_plan)
 
     yield _stage_output(context, database, st.PARENT_CHILD, resolve)
     yield _check_of(
@@ -437,10 +434,12 @@ def delivered(
         context,
         database,
         st.DELIVER,
-        lambda scope: streamed.row_wise(
-            resolved[scope[0].name],
-            _writer(context, scope),
-            lambda chunk: stages.deliver_stage(schedulehub.client(), scope[0], chunk),
+        lambda scope, batch: _run_stage(
+            context,
+            st.DELIVER,
+            _entity_run(database, scope, batch, schedulehub=schedulehub.client),
+            scope,
+            resolved,
         ),
     )
 
@@ -455,26 +454,14 @@ def committed(
 ) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
     verdicts: dict[str, dg.AssetCheckResult] = {}
 
-    def commit(scope: Scope) -> stages.StageResult:
-        result, accepted = _commit(context, database, scope, delivered[scope[0].name])
-        verdicts[scope[0].name] = checks.delivered_equals_committed(accepted, result.counts)
+    def commit(scope: Scope, batch: uuid.UUID) -> stages.StageResult:
+        run = _entity_run(database, scope, batch)
+        result = _run_stage(context, st.PERSIST, run, scope, delivered)
+        verdicts[scope[0].name] = checks.delivered_equals_committed(run.accepted, result.counts)
         return result
 
     yield _stage_output(context, database, st.PERSIST, commit)
     yield _check_of(verdicts)
-
-
-def _commit(
-    context: AssetExecutionContext, database: SyncDatabase, scope: Scope, delivered: SliceReader
-) -> tuple[stages.StageResult, tuple[int, int]]:
-    entity, dates = scope
-    batch = _batch_id(context, database, entity.name, dates[0])
-    result, accepted = streamed.persist(database, entity, delivered, _writer(context, scope), batch)
-    # Every row of the entity is now committed, failed or parked: its catch-up read is accounted for.
-    read_through = reading.account_read(database, batch)
-    if read_through is not None:
-        result.notes["read_through"] = read_through
-    return result, accepted
 
 
 @_stage_asset(

@@ -20,6 +20,7 @@ UI, reading all of ScheduleHub each time.
 """
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
@@ -31,7 +32,7 @@ from pydantic import Field
 from syncflow_dagster.catalog import EntitySpec
 from syncflow_dagster.clients.apismith import ApiSmithClient
 from syncflow_dagster.clients.schedulehub import WIRE_REF_PREFIX, ScheduleHubClient, canonical_attribute
-from syncflow_dagster.defs import bookkeeping, stages
+from syncflow_dagster.defs import bookkeeping, pipeline, stages
 from syncflow_dagster.defs.maintenance import EntitiesConfig
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine import stage_table as st
@@ -144,7 +145,7 @@ def repair_entity(
     context: AssetCheckExecutionContext,
     database: SyncStore,
     apismith_client: ApiSmithClient,
-    schedulehub_client: ScheduleHubClient,
+    schedulehub: Callable[[], ScheduleHubClient],
     entity: EntitySpec,
     drift: TargetDrift,
 ) -> dict[str, int]:
@@ -157,9 +158,10 @@ def repair_entity(
     batch = bookkeeping.batch_for_run(
         database, entity.name, None, run.root_run_id or run.run_id, kind="reconcile"
     )
-    ready = stages.parent_child_stage(CATALOG, entity, database, rows, batch)
-    delivered = stages.deliver_stage(schedulehub_client, entity, ready.frame)
-    persisted = stages.persist_stage(database, entity, delivered.frame, batch)
+    # The sync's own stages from parent-child on: parents first, then what ScheduleHub confirmed.
+    repair = pipeline.EntityRun(CATALOG, entity, database, batch, schedulehub=schedulehub)
+    ran = pipeline.run_stages(st.PARENT_CHILD.name, rows, repair)
+    ready, delivered, persisted = ran[st.PARENT_CHILD.name], ran[st.DELIVER.name], ran[st.PERSIST.name]
     wanted = drift.missing.num_rows + drift.differing.num_rows
     counts = stages.merged_counts(
         {"to_repair": wanted, "not_in_source": wanted - rows.num_rows},
@@ -223,7 +225,7 @@ def _audit(context: AssetCheckExecutionContext, config: AuditConfig) -> dg.Asset
                 context,
                 resources.database,
                 resources.apismith.client(),
-                resources.schedulehub.client(),
+                resources.schedulehub.client,
                 entity,
                 drift,
             )

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from syncflow_dagster.catalog import DeletePolicy, EntitySpec
 from syncflow_dagster.clients.apismith import ApiSmithClient
-from syncflow_dagster.defs import bookkeeping, stages
+from syncflow_dagster.defs import bookkeeping, pipeline, stages
 from syncflow_dagster.defs.interrupts import stop_means_stop
 from syncflow_dagster.defs.resources import ApiSmithResource, ScheduleHubResource, SyncDatabase, SyncTuning
 from syncflow_dagster.engine import columns as c
@@ -82,6 +82,8 @@ def reconcile_entities(
     schedulehub: ScheduleHubResource,
     database: SyncDatabase,
 ) -> None:
+    from syncflow_dagster.defs.assets import CATALOG
+
     for entity in _selected(config):
         started = time.perf_counter()
         keys = stages.run_async(_source_keys(apismith.client(), entity))
@@ -124,8 +126,9 @@ def reconcile_entities(
                 deletes = deletes.append_column(c.ACTION, pa.array([c.DELETE] * deletes.num_rows))
             if c.ROWVERSION not in deletes.column_names:
                 deletes = deletes.append_column(c.ROWVERSION, pa.nulls(deletes.num_rows, pa.int64()))
-            delivered = stages.deliver_stage(schedulehub.client(), entity, deletes)
-            persisted = stages.persist_stage(database, entity, delivered.frame, batch)
+            run = pipeline.EntityRun(CATALOG, entity, database, batch, schedulehub=schedulehub.client)
+            ran = pipeline.run_stages(st.DELIVER.name, deletes, run)
+            delivered, persisted = ran[st.DELIVER.name], ran[st.PERSIST.name]
             metadata.update({f"rows_{k}": v for k, v in persisted.counts.items()})
             # A reconcile's deletes count under the name a sync's do (`delete`), so a
             # status over both kinds adds them up (stage_table.RECONCILE).
@@ -207,9 +210,9 @@ def _retry_entity(
     # Released children join inside the parent-child stage.
     # A retried row must still have its parents: otherwise it goes back to waiting.
     batch = bookkeeping.batch_for_run(database, entity.name, None, root_run_id(context), kind="retry")
-    ready = stages.parent_child_stage(CATALOG, entity, database, due, batch)
-    delivered = stages.deliver_stage(schedulehub.client(), entity, ready.frame)
-    persisted = stages.persist_stage(database, entity, delivered.frame, batch)
+    run = pipeline.EntityRun(CATALOG, entity, database, batch, schedulehub=schedulehub.client)
+    ran = pipeline.run_stages(st.PARENT_CHILD.name, due, run)
+    ready, delivered, persisted = ran[st.PARENT_CHILD.name], ran[st.DELIVER.name], ran[st.PERSIST.name]
     counts = stages.merged_counts(
         {"retried": due.num_rows, "expired_pending": int(expired or 0), "gave_up": gave_up},
         ready.counts,

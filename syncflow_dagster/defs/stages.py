@@ -1,10 +1,10 @@
 """The nine sync stages as plain functions: engine + store + clients, no Dagster.
 
-Each stage takes the previous stage's frame and returns its own frame plus the
-counts it wants reported. The Dagster assets in `assets.py` are thin wrappers
-around these, and the retry and reconcile jobs reuse the deliver and persist
-stages, so there is one implementation of "deliver then commit what was
-confirmed".
+Each stage function takes a frame (a chunk of the previous stage's output)
+and returns its own frame plus the counts it wants reported: they are the
+per-chunk kernels that `streamed.py` runs over a stage's input, and
+`pipeline.py` is the one place that runs a stage, for the assets of
+`assets.py` and for the retry, reconcile and repair jobs alike.
 
 Frames follow docs/architecture.md. Two flags travel through the stages:
 `_deleted` marks tombstones (a key deleted at the source) and `_partition_date`
@@ -440,41 +440,6 @@ def delta_stage(fresh: pa.Table, *, resync: bool = False) -> StageResult:
 
 
 # 6. parent-child --------------------------------------------------------------------------------
-
-
-def parent_child_stage(
-    catalog: Catalog,
-    entity: EntitySpec,
-    database: SyncStore,
-    plan: pa.Table,
-    batch_id: uuid.UUID,
-    run_date: dt.date | None = None,
-    arriving: Mapping[str, pa.Array] | None = None,
-) -> StageResult:
-    """Split into ready and pending by whether each parent is in ScheduleHub already.
-
-    Children of this entity parked earlier whose parents have since arrived are
-    released into the ready frame, so a late parent never strands its children.
-    A released child may have been parked by a run of another day; it belongs
-    to this run now, so it takes `run_date` as its partition date.
-
-    `arriving` (parent entity → key hashes) are the parents the same run
-    delivers before this entity: a run over several entities delivers them in
-    topological order, one entity after the other, so its children count on
-    them as on parents already delivered (and parked children waiting for one
-    are released). If ScheduleHub refuses such a parent after all, it refuses
-    the child too (`parent_missing`), which becomes a retryable failed record.
-    """
-    arriving = arriving or {}
-    plan_keys = plan[c.BK_HASH] if plan.num_rows else pa.array([], c.BK_HASH_TYPE)
-    released = released_for_run(database, entity, plan_keys, run_date, arriving)
-    plan, held_deletes = _held_tombstones_only(database, entity, plan)
-    if released.num_rows:
-        plan = pa.concat_tables([plan, align(released, plan)]) if plan.num_rows else released
-    result = resolve_parents(catalog, entity, database, plan, batch_id, arriving, hold_deletes=False)
-    result.counts["released"] = released.num_rows
-    result.counts["held_deleted_at_source"] = held_deletes
-    return result
 
 
 def released_for_run(

@@ -1,10 +1,12 @@
 """The sync stages over streams: each reads its input slice chunk by chunk and writes its output as it goes.
 
-The stage functions of `stages.py` take and return whole frames; here each is
-run over chunks of `SYNCFLOW_CHUNK_SIZE` rows of its stored input (a
-`SliceReader`), and what it returns is appended to the stage's output slice
-(a `SliceWriter`, one transaction, committed when the stage ends). So the
-memory a stage holds follows the chunk size, not the partition's size.
+The stage functions of `stages.py` are the per-chunk kernels; here each is
+run over chunks of `SYNCFLOW_CHUNK_SIZE` rows of its input (a `FrameReader`:
+a stored slice's `SliceReader` in a sync, a `TableReader` in the retry and
+reconcile jobs), and what it returns is appended to the stage's output (a
+`FrameWriter`: a `SliceWriter`, one transaction, committed when the stage
+ends). So the memory a stage holds follows the chunk size, not the
+partition's size. `pipeline.py` is what calls these, one stage at a time.
 
 Row-wise stages (normalize, identity, rowversion, deliver, persist) are exact
 chunk by chunk. Two need the whole batch, and read only the few columns that
@@ -33,10 +35,10 @@ import pyarrow as pa
 from syncflow_dagster.catalog import Catalog, EntitySpec
 from syncflow_dagster.defs import stages
 from syncflow_dagster.defs.checks import KeyTally, accepted_changes
+from syncflow_dagster.defs.memory_frames import FrameReader, FrameWriter
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.chunks import chunk_size
 from syncflow_dagster.engine.delta import batch_winners
-from syncflow_dagster.store.frames.stream import SliceReader, SliceWriter
 from syncflow_dagster.store.repositories import SyncStore
 
 PREVIEW_ROWS = 5
@@ -45,7 +47,7 @@ PREVIEW_ROWS = 5
 class Output:
     """A stage's output slice as it is written: the writer, the counts so far, a few rows to show."""
 
-    def __init__(self, writer: SliceWriter) -> None:
+    def __init__(self, writer: FrameWriter) -> None:
         self.writer = writer
         self.counts: dict[str, int] = {}
         self.notes: dict[str, Any] = {}
@@ -70,8 +72,8 @@ class Output:
 
 
 def _each_chunk(
-    reader: SliceReader,
-    writer: SliceWriter,
+    reader: FrameReader,
+    writer: FrameWriter,
     stage: Callable[[pa.Table], stages.StageResult],
     extra: Iterable[pa.Table] = (),
 ) -> stages.StageResult:
@@ -91,20 +93,20 @@ def _each_chunk(
     return out.result()
 
 
-def _chain(reader: SliceReader, extra: Iterable[pa.Table]) -> Iterable[pa.Table]:
+def _chain(reader: FrameReader, extra: Iterable[pa.Table]) -> Iterable[pa.Table]:
     yield from reader.chunks(chunk_size())
     yield from extra
 
 
 def row_wise(
-    reader: SliceReader, writer: SliceWriter, stage: Callable[[pa.Table], stages.StageResult]
+    reader: FrameReader, writer: FrameWriter, stage: Callable[[pa.Table], stages.StageResult]
 ) -> stages.StageResult:
     """A stage whose rows do not depend on each other (identity, rowversion, deliver), chunk by chunk."""
     return _each_chunk(reader, writer, stage)
 
 
 def normalize(
-    entity: EntitySpec, reader: SliceReader, writer: SliceWriter
+    entity: EntitySpec, reader: FrameReader, writer: FrameWriter
 ) -> tuple[stages.StageResult, pa.Table]:
     """Normalise chunk by chunk; the rejected values of every chunk come back together (they are few)."""
     rejected: list[pa.Table] = []
@@ -123,7 +125,7 @@ def normalize(
 
 
 def delta(
-    reader: SliceReader, writer: SliceWriter, *, resync: bool = False
+    reader: FrameReader, writer: FrameWriter, *, resync: bool = False
 ) -> tuple[stages.StageResult, KeyTally]:
     """Plan the batch in two passes (see the module's docstring); the keys check is tallied on the way."""
     wanted = [
@@ -151,8 +153,8 @@ def parent_child(
     catalog: Catalog,
     entity: EntitySpec,
     database: SyncStore,
-    reader: SliceReader,
-    writer: SliceWriter,
+    reader: FrameReader,
+    writer: FrameWriter,
     batch_id: uuid.UUID,
     run_date: dt.date | None,
     arriving: Mapping[str, pa.Array],
@@ -185,7 +187,7 @@ def parent_child(
 
 
 def persist(
-    database: SyncStore, entity: EntitySpec, reader: SliceReader, writer: SliceWriter, batch_id: uuid.UUID
+    database: SyncStore, entity: EntitySpec, reader: FrameReader, writer: FrameWriter, batch_id: uuid.UUID
 ) -> tuple[stages.StageResult, tuple[int, int]]:
     """Commit chunk by chunk (idempotent: a re-run re-commits the same rows); one summary for the slice.
 

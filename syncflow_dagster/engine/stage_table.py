@@ -38,7 +38,7 @@ class Stage:
     asset: str
     function: (
         str | None
-    )  # the whole-frame stage function in defs/stages.py (None: the report's is the batch close)
+    )  # the stage's per-chunk kernel in defs/stages.py (None: the report's is the batch close)
     description: str
     counts: tuple[str, ...] = ()
     detail_counts: tuple[str, ...] = ()
@@ -108,7 +108,7 @@ PARENT_CHILD = Stage(
     6,
     "parent_child",
     "resolved",
-    "parent_child_stage",
+    "resolve_parents",
     "rows whose parent ScheduleHub does not have yet wait in pending_children; children parked earlier whose "
     "parents have since arrived are released into this frame. In a run over several entities, a parent this "
     "run delivers first counts as arrived.",

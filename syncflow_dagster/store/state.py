@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -257,44 +258,13 @@ class StateRepository:
         (a chunk of an initial load after the first): they are COPYed in as
         into an empty entity, and if a key was stored after all, that COPY is
         rolled back to a savepoint and the rows are merged instead.
+
+        Three steps, each its own function: `_validated` (refuses a batch that
+        breaks the contract before anything is touched), `_first_load` (COPY
+        straight into entity_state) or else `_merge` (staged UPDATE + INSERT),
+        then the deletes and the watermark.
         """
-        _check_entity(entity)
-        missing = [c for c in ACCEPTED_COLUMNS if c not in accepted.column_names]
-        if missing:
-            raise ValueError(f"entity {entity!r}: accepted rows lack column(s) {missing}")
-        keys = check_keys(entity, BK_HASH, accepted.column(BK_HASH))
-        for name in (BK, DATA_HASH, ROWVERSION, RECIPE):
-            nulls = accepted.column(name).null_count
-            if nulls:
-                raise ValueError(f"entity {entity!r}, field {name!r}: {nulls} accepted row(s) have no value")
-        if accepted.column(DATA_HASH).type != DATA_HASH_TYPE:
-            raise ValueError(
-                f"entity {entity!r}, field {DATA_HASH!r}: expected {DATA_HASH_TYPE}, "
-                f"got {accepted.column(DATA_HASH).type}"
-            )
-        words = key_words(keys)
-        order = _key_order(words)
-        if _repeats_in_order(words, order):
-            raise ValueError(
-                f"entity {entity!r}, field {BK_HASH!r}: accepted rows repeat a key; "
-                "dedupe the batch before delivering (delta.dedupe_batch)"
-            )
-        deleted_keys = check_keys(entity, "deleted", deleted) if deleted is not None else None
-        if deleted_keys is not None and len(deleted_keys) and len(keys):
-            both = int(pc.sum(pc.cast(pc.is_in(deleted_keys, value_set=keys), pa.int64())).as_py() or 0)
-            if both:
-                raise ValueError(
-                    f"entity {entity!r}: {both} key hash(es) are both accepted and deleted in one commit"
-                )
-
-        columns = [STATE_COLUMNS[c] for c in (*ACCEPTED_COLUMNS, SCHEDULEHUB_ID)]
-        frame = accepted.select(list(ACCEPTED_COLUMNS))
-        if SCHEDULEHUB_ID in accepted.column_names:
-            frame = frame.append_column(SCHEDULEHUB_ID, accepted.column(SCHEDULEHUB_ID).cast(pa.string()))
-        else:
-            frame = frame.append_column(SCHEDULEHUB_ID, pa.nulls(accepted.num_rows, pa.string()))
-        frame = frame.rename_columns([c.name for c in columns])
-
+        commit = _validated(entity, accepted, deleted)
         written = 0
         with self.engine.begin() as conn:
             cursor = driver_cursor(conn)
@@ -310,77 +280,16 @@ class StateRepository:
             cursor.execute(
                 sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(StoreSettings().merge_work_mem))
             )
-            entity_is_new = False
-            if frame.num_rows:
-                cursor.execute(
-                    sql.SQL("SELECT EXISTS (SELECT 1 FROM {state} WHERE entity = %(entity)s)").format(
-                        state=_STATE_TABLE
-                    ),
-                    {"entity": entity},
-                )
-                held = cursor.fetchone()
-                entity_is_new = held is not None and not held[0]
             copied = False
-            if frame.num_rows and (entity_is_new or new_keys):
-                if entity_is_new:
-                    written += self._copy_new_rows(cursor, entity, batch_id, frame, order)
-                    copied = True
-                else:
-                    cursor.execute("SAVEPOINT new_keys")
-                    try:
-                        written += self._copy_new_rows(cursor, entity, batch_id, frame, order)
-                        copied = True
-                    except psycopg.errors.UniqueViolation:
-                        cursor.execute("ROLLBACK TO SAVEPOINT new_keys")
-            if frame.num_rows and not copied:
-                create_staging(cursor, _ACCEPTED_STAGING, columns)
-                copy_in(cursor, _ACCEPTED_STAGING, frame, columns)
-                prefer_index_joins(cursor)
-                # One statement, two halves that share a snapshot: the UPDATE
-                # rewrites keys already stored, the INSERT adds the keys that were
-                # not (NOT EXISTS sees the state before the UPDATE). This is faster
-                # than INSERT ... ON CONFLICT DO UPDATE (docs/benchmarks.md), whose
-                # speculative insertion costs per row. It relies on no other
-                # transaction inserting the same keys meanwhile, which the
-                # transaction-scoped commit lock taken above guarantees.
-                cursor.execute(
-                    sql.SQL(
-                        "WITH updated AS ("
-                        " UPDATE {state} AS s SET bk = a.bk, data_hash = a.data_hash,"
-                        " rowversion = a.rowversion, recipe = a.recipe,"
-                        " schedulehub_id = COALESCE(a.schedulehub_id, s.schedulehub_id),"
-                        " last_synced_at = now(), last_batch_id = %(batch_id)s"
-                        " FROM {staging} AS a WHERE s.entity = %(entity)s AND s.bk_hash = a.bk_hash"
-                        " RETURNING 1),"
-                        " inserted AS ("
-                        " INSERT INTO {state} (entity, bk_hash, bk, data_hash, rowversion, recipe,"
-                        " schedulehub_id, first_seen_at, last_synced_at, last_batch_id)"
-                        " SELECT %(entity)s, a.bk_hash, a.bk, a.data_hash, a.rowversion, a.recipe,"
-                        " a.schedulehub_id, now(), now(), %(batch_id)s FROM {staging} AS a"
-                        " WHERE NOT EXISTS (SELECT 1 FROM {state} AS s"
-                        " WHERE s.entity = %(entity)s AND s.bk_hash = a.bk_hash)"
-                        # Sorted by key, the index inserts walk the btree in order
-                        # instead of touching a random leaf page per row.
-                        " ORDER BY a.bk_hash"
-                        " RETURNING 1)"
-                        " SELECT (SELECT count(*) FROM updated), (SELECT count(*) FROM inserted)"
-                    ).format(state=_STATE_TABLE, staging=sql.Identifier(_ACCEPTED_STAGING)),
-                    {"entity": entity, "batch_id": batch_id},
-                )
-                counted = cursor.fetchone()
-                updated, inserted = counted if counted is not None else (0, 0)
-                written += int(updated) + int(inserted)
-            if deleted_keys is not None and len(deleted_keys):
-                stage_keys(cursor, entity, "deleted", deleted_keys)
-                cursor.execute(
-                    sql.SQL(
-                        "DELETE FROM {state} AS s USING {keys} AS k"
-                        " WHERE s.entity = %(entity)s AND s.bk_hash = k.bk_hash"
-                    ).format(state=_STATE_TABLE, keys=KEYS),
-                    {"entity": entity},
-                )
-                written += cursor.rowcount
-            if frame.num_rows:
+            if commit.frame.num_rows:
+                loaded = self._first_load(cursor, entity, batch_id, commit, new_keys=new_keys)
+                copied = loaded is not None
+                written += loaded or 0
+            if commit.frame.num_rows and not copied:
+                written += self._merge(cursor, entity, batch_id, commit)
+            if commit.deleted is not None and len(commit.deleted):
+                written += self._delete(cursor, entity, commit.deleted)
+            if commit.frame.num_rows:
                 top = pc.max(accepted.column(ROWVERSION)).as_py()
                 changed_at = (
                     pc.max(accepted.column(CHANGED_AT)).as_py()
@@ -389,6 +298,146 @@ class StateRepository:
                 )
                 advance_watermark(conn, entity, int(top), changed_at)
         return written
+
+    def _first_load(
+        self, cursor: Any, entity: str, batch_id: uuid.UUID, commit: _Commit, *, new_keys: bool
+    ) -> int | None:
+        """COPY the accepted rows in when none of their keys can be stored yet; None when they must merge.
+
+        An entity with no state at all takes the COPY outright. With `new_keys`
+        (the caller expects every key to be new, an initial load's later
+        chunks) the COPY runs under a savepoint: a key stored after all
+        violates the primary key, the savepoint is rolled back and the caller
+        merges instead. Otherwise None: the rows go through `_merge`.
+        """
+        cursor.execute(
+            sql.SQL("SELECT EXISTS (SELECT 1 FROM {state} WHERE entity = %(entity)s)").format(
+                state=_STATE_TABLE
+            ),
+            {"entity": entity},
+        )
+        held = cursor.fetchone()
+        entity_is_new = held is not None and not held[0]
+        if entity_is_new:
+            return self._copy_new_rows(cursor, entity, batch_id, commit.frame, commit.order)
+        if not new_keys:
+            return None
+        cursor.execute("SAVEPOINT new_keys")
+        try:
+            return self._copy_new_rows(cursor, entity, batch_id, commit.frame, commit.order)
+        except psycopg.errors.UniqueViolation:
+            cursor.execute("ROLLBACK TO SAVEPOINT new_keys")
+            return None
+
+    def _merge(self, cursor: Any, entity: str, batch_id: uuid.UUID, commit: _Commit) -> int:
+        """Stage the accepted rows and merge them into entity_state; returns rows updated plus inserted.
+
+        One statement, two halves that share a snapshot: the UPDATE rewrites
+        keys already stored, the INSERT adds the keys that were not (NOT
+        EXISTS sees the state before the UPDATE). This is faster than INSERT
+        ... ON CONFLICT DO UPDATE (docs/benchmarks.md), whose speculative
+        insertion costs per row. It relies on no other transaction inserting
+        the same keys meanwhile, which the transaction-scoped commit lock
+        taken by `commit_delivered` guarantees.
+        """
+        create_staging(cursor, _ACCEPTED_STAGING, commit.columns)
+        copy_in(cursor, _ACCEPTED_STAGING, commit.frame, commit.columns)
+        prefer_index_joins(cursor)
+        cursor.execute(
+            sql.SQL(
+                "WITH updated AS ("
+                " UPDATE {state} AS s SET bk = a.bk, data_hash = a.data_hash,"
+                " rowversion = a.rowversion, recipe = a.recipe,"
+                " schedulehub_id = COALESCE(a.schedulehub_id, s.schedulehub_id),"
+                " last_synced_at = now(), last_batch_id = %(batch_id)s"
+                " FROM {staging} AS a WHERE s.entity = %(entity)s AND s.bk_hash = a.bk_hash"
+                " RETURNING 1),"
+                " inserted AS ("
+                " INSERT INTO {state} (entity, bk_hash, bk, data_hash, rowversion, recipe,"
+                " schedulehub_id, first_seen_at, last_synced_at, last_batch_id)"
+                " SELECT %(entity)s, a.bk_hash, a.bk, a.data_hash, a.rowversion, a.recipe,"
+                " a.schedulehub_id, now(), now(), %(batch_id)s FROM {staging} AS a"
+                " WHERE NOT EXISTS (SELECT 1 FROM {state} AS s"
+                " WHERE s.entity = %(entity)s AND s.bk_hash = a.bk_hash)"
+                # Sorted by key, the index inserts walk the btree in order
+                # instead of touching a random leaf page per row.
+                " ORDER BY a.bk_hash"
+                " RETURNING 1)"
+                " SELECT (SELECT count(*) FROM updated), (SELECT count(*) FROM inserted)"
+            ).format(state=_STATE_TABLE, staging=sql.Identifier(_ACCEPTED_STAGING)),
+            {"entity": entity, "batch_id": batch_id},
+        )
+        counted = cursor.fetchone()
+        updated, inserted = counted if counted is not None else (0, 0)
+        return int(updated) + int(inserted)
+
+    def _delete(self, cursor: Any, entity: str, deleted_keys: pa.Array) -> int:
+        """Remove the state of the key hashes whose delete ScheduleHub confirmed; returns rows removed."""
+        stage_keys(cursor, entity, "deleted", deleted_keys)
+        cursor.execute(
+            sql.SQL(
+                "DELETE FROM {state} AS s USING {keys} AS k"
+                " WHERE s.entity = %(entity)s AND s.bk_hash = k.bk_hash"
+            ).format(state=_STATE_TABLE, keys=KEYS),
+            {"entity": entity},
+        )
+        return int(cursor.rowcount)
+
+
+@dataclass(frozen=True)
+class _Commit:
+    """A commit's rows once validated: the state frame, the order that sorts its keys, the deletes."""
+
+    frame: pa.Table
+    columns: list[PgColumn]
+    order: np.ndarray | None
+    deleted: pa.Array | None
+
+
+def _validated(entity: str, accepted: pa.Table, deleted: pa.Array | pa.ChunkedArray | None) -> _Commit:
+    """Check a commit against `commit_delivered`'s contract and shape its rows as entity_state's columns.
+
+    Refuses (ValueError naming entity and field) a missing column, a null in a
+    required field, a data hash of the wrong type, a key accepted twice, and a
+    key both accepted and deleted. Nothing has touched the database yet.
+    """
+    _check_entity(entity)
+    missing = [c for c in ACCEPTED_COLUMNS if c not in accepted.column_names]
+    if missing:
+        raise ValueError(f"entity {entity!r}: accepted rows lack column(s) {missing}")
+    keys = check_keys(entity, BK_HASH, accepted.column(BK_HASH))
+    for name in (BK, DATA_HASH, ROWVERSION, RECIPE):
+        nulls = accepted.column(name).null_count
+        if nulls:
+            raise ValueError(f"entity {entity!r}, field {name!r}: {nulls} accepted row(s) have no value")
+    if accepted.column(DATA_HASH).type != DATA_HASH_TYPE:
+        raise ValueError(
+            f"entity {entity!r}, field {DATA_HASH!r}: expected {DATA_HASH_TYPE}, "
+            f"got {accepted.column(DATA_HASH).type}"
+        )
+    words = key_words(keys)
+    order = _key_order(words)
+    if _repeats_in_order(words, order):
+        raise ValueError(
+            f"entity {entity!r}, field {BK_HASH!r}: accepted rows repeat a key; "
+            "dedupe the batch before delivering (delta.dedupe_batch)"
+        )
+    deleted_keys = check_keys(entity, "deleted", deleted) if deleted is not None else None
+    if deleted_keys is not None and len(deleted_keys) and len(keys):
+        both = int(pc.sum(pc.cast(pc.is_in(deleted_keys, value_set=keys), pa.int64())).as_py() or 0)
+        if both:
+            raise ValueError(
+                f"entity {entity!r}: {both} key hash(es) are both accepted and deleted in one commit"
+            )
+
+    columns = [STATE_COLUMNS[c] for c in (*ACCEPTED_COLUMNS, SCHEDULEHUB_ID)]
+    frame = accepted.select(list(ACCEPTED_COLUMNS))
+    if SCHEDULEHUB_ID in accepted.column_names:
+        frame = frame.append_column(SCHEDULEHUB_ID, accepted.column(SCHEDULEHUB_ID).cast(pa.string()))
+    else:
+        frame = frame.append_column(SCHEDULEHUB_ID, pa.nulls(accepted.num_rows, pa.string()))
+    frame = frame.rename_columns([c.name for c in columns])
+    return _Commit(frame, columns, order, deleted_keys)
 
 
 def _key_order(words: np.ndarray) -> np.ndarray | None:

@@ -33,7 +33,7 @@ from syncflow_dagster_tests.reliability_harness import (
     revoke_tokens,
     run_reconcile_job,
     run_retry_job,
-    sync_stages,
+    sync_entity,
 )
 from syncflow_dagster_tests.sync_harness import deployment
 from syncflow_dagster_tests.verify import verify_deployment
@@ -81,7 +81,7 @@ def test_soak_random_changes_and_faults_converge(fresh_database_url: str, fast_r
     with deployment(fresh_database_url, rows=ROWS, seed=seed % 10_000) as env:
         urls = {"apismith": env.apismith_url, "schedulehub": env.schedulehub_url}
         for name in names:
-            sync_stages(env.resources, name, today)
+            sync_entity(env.resources, name, today)
         behind: set[str] = set()  # entities whose last sync raised: synced again next time
         faults_seen: dict[str, int] = {}
         raised = 0
@@ -107,7 +107,7 @@ def test_soak_random_changes_and_faults_converge(fresh_database_url: str, fast_r
                 if name not in changed and name not in behind:
                     continue
                 try:
-                    sync_stages(env.resources, name, today)
+                    sync_entity(env.resources, name, today)
                     behind.discard(name)
                 except Exception as exc:
                     raised += 1
@@ -118,7 +118,7 @@ def test_soak_random_changes_and_faults_converge(fresh_database_url: str, fast_r
 
         for name in names:
             if name in behind:
-                sync_stages(env.resources, name, today)
+                sync_entity(env.resources, name, today)
         reconcile_entities = [n for n in names if CATALOG.entity(n).delete_policy.value == "reconcile"]
         assert run_reconcile_job(env.resources, reconcile_entities).success
         assert run_retry_job(env.resources).success
