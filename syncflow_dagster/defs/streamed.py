@@ -15,7 +15,8 @@ decide it first:
 * delta: duplicate keys across chunks resolve to the highest rowversion, and a
   tombstone against a live row as in `plan_delta`: pass 1 reads `_bk_hash`,
   `_rowversion`, `_data_hash` and `_deleted` and picks each key's one row
-  (`batch_winners`); pass 2 plans each chunk's kept rows.
+  (`batch_winners`); pass 2 plans each chunk's kept rows. An input of one
+  chunk is read once, and its winners picked on the table it plans.
 * parent-child: children parked earlier are released once (minus the keys the
   plan holds anew, read as key hashes only), each chunk's parents are looked
   up on their own, and the keys an entity hands on to its children in the
@@ -131,7 +132,13 @@ def delta(
     wanted = [
         name for name in (c.BK_HASH, c.ROWVERSION, c.DATA_HASH, stages.DELETED) if name in reader.schema.names
     ]
-    keep, duplicates = batch_winners(reader.read_all(wanted)) if reader.num_rows else (np.ones(0, bool), 0)
+    # One chunk (or less): read once, winners picked on the very table planned (an empty input
+    # is that one chunk too, as `_each_chunk` runs the stage once on it).
+    whole = reader.read_all() if reader.num_rows <= chunk_size() else None
+    if whole is not None:
+        keep, duplicates = batch_winners(whole.select(wanted)) if whole.num_rows else (np.ones(0, bool), 0)
+    else:
+        keep, duplicates = batch_winners(reader.read_all(wanted))
     keys = KeyTally()
     offset = 0
 
@@ -144,7 +151,14 @@ def delta(
         keys.add(result.frame)
         return result
 
-    result = _each_chunk(reader, writer, one)
+    if whole is None:
+        result = _each_chunk(reader, writer, one)
+    else:
+        out = Output(writer)
+        with writer:
+            out.add(one(whole))
+        del whole
+        result = out.result()
     result.counts["duplicates"] = duplicates
     return result, keys
 

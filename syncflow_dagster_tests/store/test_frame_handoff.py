@@ -12,6 +12,7 @@ import sys
 import time
 import weakref
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from syncflow_dagster.store.frames import io_manager as fio
+from syncflow_dagster.store.frames import stream
 from syncflow_dagster.store.frames.codec import PARTITION_COLUMN
 from syncflow_dagster.store.frames.io_manager import (
     FrameSlice,
@@ -51,17 +52,29 @@ def _assets() -> list[dg.AssetsDefinition]:
     return [big_upstream, small_downstream]
 
 
+class _Decodes:
+    """Counts the stored chunks decoded (every read from Postgres decodes each chunk it reads)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = stream.decode
+
+        def counting(blob: Any, columns: Any = None) -> pa.Table:
+            self.count += 1
+            return real(blob, columns)
+
+        monkeypatch.setattr(stream, "decode", counting)
+
+
 def test_in_process_stage_reads_the_handed_frame_and_postgres_holds_it(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_read(self: PostgresFrameClient, where: FrameSlice) -> pa.Table:
-        raise AssertionError(f"{where.table} was read back although it was handed over in this process")
-
-    monkeypatch.setattr(PostgresFrameClient, "reader", no_read)
+    decodes = _Decodes(monkeypatch)
     manager = PostgresFrameIOManager(database_url=database_url, schema_name="syncflow_stage_handoff")
     key = dg.MultiPartitionKey({"entity": "items", "date": DAY.isoformat()})
     result = dg.materialize(_assets(), partition_key=key, resources={"frames": manager})
     assert result.success
+    assert decodes.count == 0, "a frame handed over in this process was read back from Postgres"
     monkeypatch.undo()
 
     client = PostgresFrameClient(database_url, "syncflow_stage_handoff")
@@ -111,28 +124,6 @@ def test_a_finished_in_process_run_holds_no_stage_frame(database_url: str) -> No
     assert stored.num_rows == ROWS
 
 
-def test_a_frame_from_another_run_is_never_handed_over() -> None:
-    handed = fio._HandedFrames()
-    frame = pa.table({"n": [1]})
-    handed.put(("url", "schema", "t", (DAY,)), "run-a", frame)
-    assert handed.take(("url", "schema", "t", (DAY,)), "run-b") is None
-    # Taking removes the entry whatever the outcome: a later read goes to Postgres.
-    assert handed.take(("url", "schema", "t", (DAY,)), "run-a") is None
-    handed.put(("url", "schema", "t", (DAY,)), "run-a", frame)
-    assert handed.take(("url", "schema", "t", (DAY,)), "run-a") is frame
-    # Frames nobody takes do not pile up: only the newest few are kept.
-    for i in range(fio._HandedFrames.MAX_FRAMES + 3):
-        handed.put(("url", "schema", f"t{i}", (DAY,)), "run-a", frame)
-    assert handed.take(("url", "schema", "t0", (DAY,)), "run-a") is None
-    last = fio._HandedFrames.MAX_FRAMES + 2
-    assert handed.take(("url", "schema", f"t{last}", (DAY,)), "run-a") is frame
-    # A new run's frame drops the frames an earlier run left behind.
-    handed.put(("url", "schema", "t1", (DAY,)), "run-a", frame)
-    handed.put(("url", "schema", "t2", (DAY,)), "run-b", frame)
-    assert handed.take(("url", "schema", "t1", (DAY,)), "run-a") is None
-    assert handed.take(("url", "schema", "t2", (DAY,)), "run-b") is frame
-
-
 def test_replacing_the_only_stored_date_truncates_and_other_dates_survive(database_url: str) -> None:
     client = PostgresFrameClient(database_url, "syncflow_stage_handoff_clear")
     other = DAY - dt.timedelta(days=1)
@@ -168,10 +159,10 @@ SLOW_WRITE_S = 4.0
 class _SlowFrameClient(PostgresFrameClient):
     """The second run's upstream write takes SLOW_WRITE_S longer (a busy Postgres)."""
 
-    def replace_slice(self, where: FrameSlice, frame: pa.Table) -> bool:
+    def replace_slice(self, where: FrameSlice, frame: pa.Table, handoff: Any = None) -> bool:
         if where.table.startswith("versioned_upstream") and os.environ.get(STALE_VALUE_ENV) == "2":
             time.sleep(SLOW_WRITE_S)
-        return super().replace_slice(where, frame)
+        return super().replace_slice(where, frame, handoff)
 
 
 class _SlowFrameIOManager(PostgresFrameIOManager):

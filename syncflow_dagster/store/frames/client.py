@@ -35,6 +35,7 @@ STAGE_SCHEMA = "syncflow_stage"
 FRAMES_TABLE = "_frames"
 SLICES_TABLE = "_slices"
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_TOKEN = re.compile(r"^[0-9a-f]{32}$")
 # Stage tables are replaced wholesale (TRUNCATE) or by date (DELETE); autovacuum on
 # them only competed with the pipeline for CPU after every large write, and a
 # TRUNCATE that met it waited deadlock_timeout before Postgres cancelled it.
@@ -151,8 +152,31 @@ class PostgresFrameClient:
         cur.execute(
             f"CREATE TABLE IF NOT EXISTS {self.qualified(SLICES_TABLE)} ("
             " table_name text NOT NULL, partition_date date NOT NULL, row_count bigint NOT NULL,"
-            " written_at timestamptz NOT NULL, PRIMARY KEY (table_name, partition_date))"
+            " written_at timestamptz NOT NULL, write_token text, PRIMARY KEY (table_name, partition_date))"
         )
+        self._ensure_write_token(cur)
+
+    def _ensure_write_token(self, cur: Any) -> None:
+        """Give a `_slices` table created by an earlier release its `write_token` column (once per process).
+
+        The token says which committed write a slice's rows are (the in-process
+        hand-off, handoff.py); rows of an earlier release have none, which
+        matches no write. Checked in the catalog first: ALTER TABLE would wait
+        for every open write transaction that recorded a slice.
+        """
+        marker = (self._url, f"{self.qualified(SLICES_TABLE)}.write_token")
+        if marker in POOL.settled:
+            return
+        cur.execute(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = "
+            f"'{self.schema}.{SLICES_TABLE}'::regclass AND attname = 'write_token' AND NOT attisdropped"
+        )
+        row = cur.fetchone()
+        if row is None or not row[0]:
+            cur.execute(
+                f"ALTER TABLE {self.qualified(SLICES_TABLE)} ADD COLUMN IF NOT EXISTS write_token text"
+            )
+        POOL.settled.add(marker)
 
     def stored_schema(self, cur: Any, table: str) -> pa.Schema | None:
         cur.execute(f"SELECT arrow_schema FROM {self.qualified(FRAMES_TABLE)} WHERE table_name = '{table}'")
@@ -209,15 +233,20 @@ class PostgresFrameClient:
         POOL.settled.add((self._url, qualified))
         return True
 
-    def record_slice(self, cur: Any, where: FrameSlice, rows: dict[dt.date, int]) -> None:
-        """Record the rows written per date, in the transaction of the write."""
+    def record_slice(self, cur: Any, where: FrameSlice, rows: dict[dt.date, int], token: str) -> None:
+        """Record the rows written per date and the write's token, in the transaction of the write."""
+        if not _TOKEN.match(token):
+            raise FrameStoreError(f"refusing unsafe write token {token!r}")
         values = ", ".join(
-            f"('{where.table}', '{day.isoformat()}'::date, {count}, now())" for day, count in rows.items()
+            f"('{where.table}', '{day.isoformat()}'::date, {count}, now(), '{token}')"
+            for day, count in rows.items()
         )
         cur.execute(
-            f"INSERT INTO {self.qualified(SLICES_TABLE)} (table_name, partition_date, row_count, written_at) "
+            f"INSERT INTO {self.qualified(SLICES_TABLE)} "
+            "(table_name, partition_date, row_count, written_at, write_token) "
             f"VALUES {values} ON CONFLICT (table_name, partition_date) DO UPDATE "
-            "SET row_count = EXCLUDED.row_count, written_at = EXCLUDED.written_at"
+            "SET row_count = EXCLUDED.row_count, written_at = EXCLUDED.written_at, "
+            "write_token = EXCLUDED.write_token"
         )
 
     def keep_only(self, cur: Any, where: FrameSlice) -> None:
@@ -253,26 +282,28 @@ class PostgresFrameClient:
         else:
             cur.execute(f"DELETE FROM {qualified} WHERE {column} IN ({dates_sql(dates)})")
 
-    def writer(self, where: FrameSlice, schema: pa.Schema | None = None) -> Any:
-        """A `SliceWriter` that replaces the slice in one transaction (use it as a context manager)."""
+    def writer(self, where: FrameSlice, schema: pa.Schema | None = None, handoff: Any = None) -> Any:
+        """A `SliceWriter` that replaces the slice in one transaction (use it as a context manager);
+        with `handoff` (a `HandedSlices`), a small slice is kept for a reader in this process."""
         from syncflow_dagster.store.frames.stream import SliceWriter
 
-        return SliceWriter(self, where, schema)
+        return SliceWriter(self, where, schema, handoff=handoff)
 
-    def reader(self, where: FrameSlice) -> Any:
-        """A `SliceReader` of the slice (None if the table was never written); checks its row counts."""
+    def reader(self, where: FrameSlice, handoff: Any = None) -> Any:
+        """A `SliceReader` of the slice (None if the table was never written); checks its row counts.
+        With `handoff`, it serves the tables kept there when they are the committed write."""
         from syncflow_dagster.store.frames.stream import SliceReader
 
-        return SliceReader.open(self, where)
+        return SliceReader.open(self, where, handoff=handoff)
 
-    def replace_slice(self, where: FrameSlice, frame: pa.Table) -> bool:
+    def replace_slice(self, where: FrameSlice, frame: pa.Table, handoff: Any = None) -> bool:
         """Replace the slice with `frame` in one transaction; True when the table took a new schema.
 
         Stage tables are rebuildable, so a schema change replaces the table's
         other dates rather than failing the run.
         """
         dates_sql(where.dates)  # refuses an empty slice before anything is touched
-        with self.writer(where, frame.schema) as writer:
+        with self.writer(where, frame.schema, handoff) as writer:
             writer.write(frame)
         stored: bool = writer.stored.recreated
         return stored

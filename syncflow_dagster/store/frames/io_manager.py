@@ -20,22 +20,25 @@ Two ways through it:
   which `handle_output` only records.
 * Whole frames (`pa.Table`, `pd.DataFrame`, `EntityFrames` of tables):
   `handle_output` writes the frame, committed before the step can report
-  success, under every executor. In-process execution hands the very frame
-  to its downstream step without reading it back (`_HandedFrames`).
+  success, under every executor.
+
+Either way, a slice of a few chunks that a stage committed is handed to its
+reader in the same process from memory (handoff.py), when Postgres still
+holds that very write; the IO manager owns the `HandedSlices` for one run
+(`setup_for_execution` to `teardown_after_execution`).
 """
 
 from __future__ import annotations
 
 import atexit
 import datetime as dt
-import threading
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 import dagster as dg
 import pandas as pd
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from syncflow_dagster.store.frames.client import (
     POOL,
@@ -45,6 +48,7 @@ from syncflow_dagster.store.frames.client import (
     stage_table_name,
 )
 from syncflow_dagster.store.frames.codec import FrameLostError, FrameStoreError
+from syncflow_dagster.store.frames.handoff import HandedSlices
 from syncflow_dagster.store.frames.stream import (
     EntityFrames,
     EntityStreams,
@@ -126,11 +130,25 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
         description="Stage partitions older than this many days are pruned by the maintenance job.",
     )
 
+    # The slices this run's stages committed in this process, for their readers here (handoff.py).
+    _handoff: HandedSlices | None = PrivateAttr(default=None)
+
     def _client(self) -> PostgresFrameClient:
         return PostgresFrameClient(self.database_url, self.schema_name, self.unlogged)
 
+    @property
+    def handoff(self) -> HandedSlices | None:
+        """The run's hand-off while the resource is set up for execution; None outside a run."""
+        return self._handoff
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._handoff = HandedSlices()
+
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        # The run is over in this process: its idle stage-store connections go.
+        # The run is over in this process: the slices it kept and its idle stage-store connections go.
+        if self._handoff is not None:
+            self._handoff.clear()
+        self._handoff = None
         POOL.close()
 
     @staticmethod
@@ -151,9 +169,6 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
             for entity, dates in partition_scopes(partition_keys).items()
         ]
 
-    def _key(self, where: FrameSlice) -> tuple[str, str, str, tuple[dt.date, ...]]:
-        return (self.database_url, self.schema_name, where.table, where.dates)
-
     def writer(self, asset_name: str, entity: str, dates: tuple[dt.date, ...]) -> SliceWriter:
         """A writer that replaces `asset_name`'s slice of `entity` × `dates` in one transaction.
 
@@ -161,7 +176,7 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
         `StoredFrame` it leaves (`writer.stored`) for `handle_output` to record.
         """
         where = FrameSlice(stage_table_name(asset_name, entity), entity, tuple(dates))
-        writer: SliceWriter = self._client().writer(where)
+        writer: SliceWriter = self._client().writer(where, handoff=self._handoff)
         return writer
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
@@ -236,8 +251,7 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
         # Written and committed before the step can report success, under every
         # executor: a downstream step in another process (multiprocess, Celery),
         # or a re-execution after this process died, reads exactly this frame.
-        recreated = self._client().replace_slice(where, frame)
-        _HANDED.put(self._key(where), context.run_id, frame)
+        recreated = self._client().replace_slice(where, frame, self._handoff)
         return StoredFrame(where, frame.num_rows, frame.schema, recreated)
 
     def load_input(self, context: dg.InputContext) -> Any:
@@ -262,7 +276,7 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
     def _open(self, context: dg.InputContext, where: FrameSlice) -> SliceReader:
         """A reader of the stored slice (its row counts checked now, its rows read as the stage goes)."""
         try:
-            reader: SliceReader | None = self._client().reader(where)
+            reader: SliceReader | None = self._client().reader(where, self._handoff)
         except FrameLostError as lost:
             # No retry of this step can bring the rows back: fail it now, with the way out.
             raise dg.Failure(description=str(lost), allow_retries=False) from lost
@@ -274,10 +288,6 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
         return reader
 
     def _load(self, context: dg.InputContext, where: FrameSlice, handler: FrameHandler) -> Any:
-        upstream_run = context.upstream_output.run_id if context.upstream_output is not None else None
-        handed = _HANDED.take(self._key(where), upstream_run)
-        if handed is not None:
-            return handler.from_arrow(handed)
         return handler.from_arrow(self._open(context, where).read_all())
 
 
@@ -332,45 +342,3 @@ def _forget_captured_output(context: dg.OutputContext) -> None:
         return
     for handle in [h for h in captured if h.step_key == context.step_key and h.output_name == context.name]:
         del captured[handle]
-
-
-class _HandedFrames:
-    """The frame each stage handed over in this process, until its downstream stage takes it.
-
-    In-process execution (materialize, the in-process executor) runs a stage
-    right after the one it reads, in the same process: it gets the very frame
-    that was stored, without reading it back. The frame is the one written to
-    Postgres (partition column included, same schema), so the result is the
-    same as a read. Any other case (another process, a re-execution whose
-    upstream ran in an earlier run) misses and reads Postgres. Taking removes
-    the entry, so memory holds at most the frames not consumed yet.
-    """
-
-    def __init__(self) -> None:
-        self._frames: dict[tuple[Any, ...], tuple[str, pa.Table]] = {}
-        self._lock = threading.Lock()
-
-    # A frame nobody reads in this process (the last stage's, or one whose
-    # reader runs elsewhere) must not stay forever: the oldest entries go.
-    MAX_FRAMES = 4
-
-    def put(self, key: tuple[Any, ...], run_id: str, frame: pa.Table) -> None:
-        with self._lock:
-            # A frame of another run is never handed over (`take` checks the
-            # run), so holding it would only hold memory.
-            for stale in [k for k, (owner, _) in self._frames.items() if owner != run_id]:
-                del self._frames[stale]
-            self._frames.pop(key, None)
-            self._frames[key] = (run_id, frame)
-            while len(self._frames) > self.MAX_FRAMES:
-                self._frames.pop(next(iter(self._frames)))
-
-    def take(self, key: tuple[Any, ...], run_id: str | None) -> pa.Table | None:
-        with self._lock:
-            entry = self._frames.pop(key, None)
-        if entry is None or run_id is None or entry[0] != run_id:
-            return None
-        return entry[1]
-
-
-_HANDED = _HandedFrames()

@@ -15,11 +15,16 @@ A stage never needs its whole input or output in memory:
 * `StoredFrame` is what a closed writer leaves: the small handle a stage
   returns instead of a frame, which the IO manager records without writing
   anything again.
+
+Given a `HandedSlices` (handoff.py), a writer keeps a small slice it
+committed and a reader in the same process serves it without decoding it,
+when the token Postgres holds for the slice is that write's.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -45,6 +50,7 @@ from syncflow_dagster.store.frames.codec import (
     rows_per_date,
     unify,
 )
+from syncflow_dagster.store.frames.handoff import HandedSlices, HeldSlice, SliceKey
 
 if TYPE_CHECKING:
     from syncflow_dagster.store.frames.client import PostgresFrameClient
@@ -104,11 +110,19 @@ class SliceWriter:
     """Replaces one slice in one transaction, chunk by chunk (see the module's docstring)."""
 
     def __init__(
-        self, client: PostgresFrameClient, where: FrameSlice, schema: pa.Schema | None = None
+        self,
+        client: PostgresFrameClient,
+        where: FrameSlice,
+        schema: pa.Schema | None = None,
+        handoff: HandedSlices | None = None,
     ) -> None:
         dates_sql(where.dates)  # refuses an empty slice before anything is touched
         self.where = where
         self._client = client
+        self._handoff = handoff
+        # What this write records in `_slices`; the hand-off serves the tables kept under it only.
+        self.token = uuid.uuid4().hex
+        self._kept: dict[dt.date, list[pa.Table]] | None = {} if handoff is not None else None
         self._fallback = schema
         self._schema: pa.Schema | None = None
         self._rows = dict.fromkeys(where.dates, 0)
@@ -135,6 +149,8 @@ class SliceWriter:
 
     def open(self) -> None:
         client, table = self._client, self.where.table
+        if self._handoff is not None:
+            self._handoff.forget(slice_key(client, self.where))
         self._conn = POOL.take(client.url)
         try:
             cur = self._cur = self._conn.cursor()
@@ -168,9 +184,13 @@ class SliceWriter:
             raise
         for day, rows in counts.items():
             self._rows[day] += rows
+        if self._kept is not None and self._handoff is not None and self.num_rows > self._handoff.limit():
+            self._kept = None  # too large to hold: its reader reads Postgres
 
     def _chunks(self, frame: pa.Table, counts: dict[dt.date, int]) -> Iterator[pa.RecordBatch]:
         for day, rows in by_date(frame, counts):
+            if self._kept is not None:
+                self._kept.setdefault(day, []).append(rows)
             size = codec.CHUNK_ROWS
             for start in range(0, rows.num_rows, size):
                 yield chunk_batch(day, self._seq[day], rows.slice(start, size))
@@ -190,7 +210,7 @@ class SliceWriter:
                 if not self._created:
                     client.keep_only(cur, self.where)  # other dates hold chunks of the old schema
                 client.record_schema(cur, self.where.table, schema)
-            client.record_slice(cur, self.where, self._rows)
+            client.record_slice(cur, self.where, self._rows, self.token)
             self._conn.commit()
             cur.close()
         except BaseException:
@@ -198,12 +218,20 @@ class SliceWriter:
             raise
         POOL.give_back(client.url, self._conn)
         self._conn = self._cur = None
+        kept, self._kept = self._kept, None
+        if kept is not None and self._handoff is not None:
+            # Only now, committed: the token in `_slices` is this write's.
+            parts = tuple(part for day in sorted(kept) for part in kept[day])
+            self._handoff.put(
+                slice_key(client, self.where), HeldSlice(self.token, schema, parts, self.num_rows)
+            )
         self.stored = StoredFrame(self.where, self.num_rows, schema, recreated, dict(self._rows))
         return self.stored
 
     def abort(self) -> None:
         """Roll the write back and discard the connection (the previous slice stays)."""
         conn, self._conn, self._cur = self._conn, None, None
+        self._kept = None
         if conn is not None:
             with suppress(Exception):  # the connection is closed next either way
                 conn.rollback()
@@ -215,12 +243,23 @@ class SliceReader:
     """A stored slice, read chunk by chunk (see the module's docstring)."""
 
     def __init__(
-        self, client: PostgresFrameClient, where: FrameSlice, schema: pa.Schema, rows: dict[dt.date, int]
+        self,
+        client: PostgresFrameClient,
+        where: FrameSlice,
+        schema: pa.Schema,
+        rows: dict[dt.date, int],
+        held: HeldSlice | None = None,
     ) -> None:
         self.where = where
         self.schema = schema
         self.rows_per_date = rows
         self._client = client
+        self._held = held
+
+    @property
+    def handed(self) -> bool:
+        """Whether this reader serves the write committed in this process from memory (handoff.py)."""
+        return self._held is not None
 
     @property
     def num_rows(self) -> int:
@@ -231,8 +270,13 @@ class SliceReader:
         return f"{self._client.schema}.{self.where.table}"
 
     @classmethod
-    def open(cls, client: PostgresFrameClient, where: FrameSlice) -> SliceReader | None:
-        """The slice, or None when its table was never written; refuses a slice that lost rows."""
+    def open(
+        cls, client: PostgresFrameClient, where: FrameSlice, handoff: HandedSlices | None = None
+    ) -> SliceReader | None:
+        """The slice, or None when its table was never written; refuses a slice that lost rows.
+
+        With `handoff`, the slice's write tokens are read too, and the tables
+        kept there are served if they are the write Postgres holds."""
         with client.connect() as conn:
             cur = conn.cursor()
             client.ensure_catalog(cur)
@@ -254,10 +298,12 @@ class SliceReader:
             )
             found = {day: int(count) for day, count in cur.fetchall()}
             cur.execute(
-                f"SELECT partition_date, row_count FROM {client.qualified(SLICES_TABLE)} "
+                f"SELECT partition_date, row_count, write_token FROM {client.qualified(SLICES_TABLE)} "
                 f"WHERE table_name = '{where.table}' AND partition_date IN ({dates_sql(where.dates)})"
             )
-            recorded = {day: int(count) for day, count in cur.fetchall()}
+            recorded_rows = cur.fetchall()
+            recorded = {day: int(count) for day, count, _ in recorded_rows}
+            tokens = {day: token for day, _, token in recorded_rows}
             conn.commit()  # ends the read: an idle pooled session holds no lock on the stage tables
             cur.close()
         rows = {day: found.get(day, 0) for day in where.dates}
@@ -272,15 +318,21 @@ class SliceReader:
                 "Postgres crash recovery (an immediate stop, a power loss) empties UNLOGGED stage tables. "
                 "Run the partition again from its first stage; re-executing later stages cannot rebuild it"
             )
-        return cls(client, where, schema, rows)
+        held = handoff.take(slice_key(client, where), tokens) if handoff is not None else None
+        if held is not None and (held.num_rows != sum(rows.values()) or not held.schema.equals(schema)):
+            held = None  # cannot be, with the same token; Postgres decides
+        return cls(client, where, schema, rows, held)
 
     def stored_chunks(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
         """The stored chunks in order (date, then sequence), one decoded at a time, in the slice's schema."""
         if not self.num_rows:
             return
+        wanted = list(columns) if columns is not None else None
+        if self._held is not None:
+            yield from self._held_chunks(wanted)
+            return
         import psycopg  # a server-side cursor: the chunks arrive a few at a time
 
-        wanted = list(columns) if columns is not None else None
         query = (
             f"SELECT {IPC} FROM {self._client.qualified(self.where.table)} "
             f"WHERE {quote(PARTITION_COLUMN)} IN ({dates_sql(self.where.dates)}) "
@@ -294,6 +346,15 @@ class SliceReader:
                 part = conform(decode(blob, wanted), schema, self.name)
                 del blob
                 yield part
+
+    def _held_chunks(self, wanted: list[str] | None) -> Iterator[pa.Table]:
+        """The kept tables of the write, as `stored_chunks` would decode them from its stored chunks."""
+        assert self._held is not None
+        schema = self.schema if wanted is None else pa.schema([self.schema.field(n) for n in wanted])
+        for part in self._held.parts:
+            if wanted is not None:
+                part = part.select([name for name in wanted if name in part.column_names])
+            yield conform(part, schema, self.name)
 
     def chunks(self, size: int, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
         """The slice `size` rows at a time (the last chunk may be shorter); nothing for an empty slice."""
@@ -325,3 +386,8 @@ class SliceReader:
         if columns is not None:
             schema = pa.schema([schema.field(name) for name in columns])
         return schema.empty_table()
+
+
+def slice_key(client: PostgresFrameClient, where: FrameSlice) -> SliceKey:
+    """The hand-off's key of a slice: the database, the schema, the table and the dates."""
+    return (client.url, client.schema, where.table, where.dates)
