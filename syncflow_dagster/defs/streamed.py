@@ -18,13 +18,15 @@ decide it first:
   (`batch_winners`); pass 2 plans each chunk's kept rows. An input of one
   chunk is read once, and its winners picked on the table it plans.
 * parent-child: children parked earlier are released once (minus the keys the
-  plan holds anew, read as key hashes only), each chunk's parents are looked
-  up on their own, and the keys an entity hands on to its children in the
+  plan holds anew, read as key hashes only); a plan of several chunks reads
+  the delivered keys of its (smaller) parents once (`stages.stored_parent_keys`,
+  16 bytes a key), a smaller one looks each chunk's parents up, and the keys an entity hands on to its children in the
   same run (`arriving`) are kept as key hashes only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -40,6 +42,7 @@ from syncflow_dagster.defs.memory_frames import FrameReader, FrameWriter
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.chunks import chunk_size
 from syncflow_dagster.engine.delta import batch_winners
+from syncflow_dagster.store.first_load import FirstLoad
 from syncflow_dagster.store.repositories import SyncStore
 
 PREVIEW_ROWS = 5
@@ -177,11 +180,21 @@ def parent_child(
     plan_keys = reader.read_all([c.BK_HASH])[c.BK_HASH] if reader.num_rows else pa.array([], c.BK_HASH_TYPE)
     released = stages.released_for_run(database, entity, plan_keys, run_date, arriving)
     del plan_keys
+    parent_keys = stages.stored_parent_keys(
+        database, entity, reader.num_rows + released.num_rows, chunk_size()
+    )
     handed: list[pa.Array] = []
 
     def one(chunk: pa.Table, *, hold_deletes: bool = True) -> stages.StageResult:
         result = stages.resolve_parents(
-            catalog, entity, database, chunk, batch_id, arriving, hold_deletes=hold_deletes
+            catalog,
+            entity,
+            database,
+            chunk,
+            batch_id,
+            arriving,
+            hold_deletes=hold_deletes,
+            parent_keys=parent_keys,
         )
         handed.append(stages.arriving_keys(result.frame))
         return result
@@ -210,15 +223,27 @@ def persist(
     summaries: list[pa.Table] = []
     counts: dict[str, int] = {}
     upserts = deletes = 0
-    # An initial load: every chunk's keys are new (the plan holds each key once), so each
-    # chunk is COPYed in as the first one is, not merged (commit_delivered checks it).
+    size = chunk_size()
+    # An initial load: every chunk's keys are new (the plan holds each key once). One
+    # chunk is COPYed straight in; several are staged and written once, in key order,
+    # when the stage ends (store/first_load.py), as chunk after chunk of random keys
+    # inserted into a growing primary key costs more with every chunk.
     new_keys = reader.num_rows > 0 and database.state().count(entity.name) == 0
-    for chunk in reader.chunks(chunk_size()) if reader.num_rows else [reader.schema.empty_table()]:
-        result = stages.persist_stage(database, entity, chunk, batch_id, new_keys=new_keys)
-        summaries.append(result.frame)
-        counts = stages.merged_counts(counts, result.counts)
-        more_upserts, more_deletes = accepted_changes(chunk)
-        upserts, deletes = upserts + more_upserts, deletes + more_deletes
+    first_load = (
+        FirstLoad(database.engine, entity.name, batch_id) if new_keys and reader.num_rows > size else None
+    )
+    with first_load or contextlib.nullcontext():
+        for chunk in reader.chunks(size) if reader.num_rows else [reader.schema.empty_table()]:
+            result = stages.persist_stage(
+                database, entity, chunk, batch_id, new_keys=new_keys, first_load=first_load
+            )
+            summaries.append(result.frame)
+            counts = stages.merged_counts(counts, result.counts)
+            more_upserts, more_deletes = accepted_changes(chunk)
+            upserts, deletes = upserts + more_upserts, deletes + more_deletes
+        if first_load is not None:
+            with database.entity_lock(entity.name):
+                first_load.finish()
     summary = stages.regroup_summaries(summaries)
     out = Output(writer)
     with writer:
