@@ -5,12 +5,16 @@ chunk after chunk inserts each chunk's keys all over the primary key (key
 hashes are random): once the index outgrows Postgres's shared buffers, every
 chunk reads and dirties most of its leaf pages again, so each chunk costs more
 than the one before, and the delivery log's (entity, bk_hash) index the same.
-`FirstLoad` instead holds ONE transaction for the persist stage: each chunk's
-accepted rows, deleted keys and delivery-log rows are COPYed into TEMP tables
-(no index, no WAL), and `finish` puts them into entity_state and the delivery
-log with one INSERT ... SELECT ... ORDER BY bk_hash each, so every leaf page
-is written once, then advances the watermark, all in that transaction. An
-exception before `finish` has committed rolls all of it back: nothing is
+`FirstLoad` instead holds one transaction for the persist stage's state and
+one for its delivery log: each chunk's accepted rows and deleted keys, and
+its delivery-log rows, are COPYed into TEMP tables (no index, no WAL), and
+`finish` puts them into entity_state and the delivery log with one
+INSERT ... SELECT ... ORDER BY bk_hash each, so every leaf page is written
+once; the state's transaction also advances the watermark. The two are
+written at the same time on their two connections, and each commits on its
+own, as the per-chunk path logs on a connection of its own too: the log says
+what was sent, which it was, whatever became of the state. An exception
+before `finish` rolls both back; one in the state's part leaves nothing
 marked synced, and as ScheduleHub's deliveries are idempotent by key the next
 run delivers and commits them again.
 
@@ -23,6 +27,7 @@ merged over them (INSERT ... ON CONFLICT) instead of inserted.
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
@@ -64,8 +69,31 @@ _ROW_COLUMNS = [STATE_COLUMNS[c] for c in (*ACCEPTED_COLUMNS, SCHEDULEHUB_ID)]
 _KEY = [PgColumn("bk_hash", "uuid")]
 
 
+class _Session:
+    """One connection with a transaction open on it, and its driver cursor."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.conn = engine.connect()
+        try:
+            self.transaction = self.conn.begin()
+            self.cursor = driver_cursor(self.conn)
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def close(self, *, commit: bool) -> None:
+        try:
+            if self.transaction.is_active:
+                if commit:
+                    self.transaction.commit()
+                else:
+                    self.transaction.rollback()
+        finally:
+            self.conn.close()
+
+
 class FirstLoad:
-    """The persist stage's one transaction for an entity's first load (see the module's docstring).
+    """The persist stage's transactions for an entity's first load (see the module's docstring).
 
     Use as a context manager: `add` each chunk's committed rows and deleted
     keys, `log` each chunk's delivered frame, then `finish` (which commits).
@@ -81,19 +109,16 @@ class FirstLoad:
         self.rows = 0
         self._top: int | None = None
         self._changed_at: Any = None
-        self._conn: sa.Connection | None = None
-        self._transaction: sa.RootTransaction | None = None
-        self._cursor: psycopg.Cursor[Any] | None = None
+        self._state: _Session | None = None
+        self._log: _Session | None = None
 
     def __enter__(self) -> FirstLoad:
-        self._conn = self.engine.connect()
-        self._transaction = self._conn.begin()
         try:
-            cursor = driver_cursor(self._conn)
-            create_staging(cursor, _ROWS, _ROW_COLUMNS)
-            create_staging(cursor, _DELETED, _KEY)
-            create_staging(cursor, _LOGGED, ROW_COLUMNS)
-            self._cursor = cursor
+            self._state = _Session(self.engine)
+            create_staging(self._state.cursor, _ROWS, _ROW_COLUMNS)
+            create_staging(self._state.cursor, _DELETED, _KEY)
+            self._log = _Session(self.engine)
+            create_staging(self._log.cursor, _LOGGED, ROW_COLUMNS)
         except BaseException:
             self._close(commit=False)
             raise
@@ -105,25 +130,19 @@ class FirstLoad:
         self._close(commit=False)
 
     def _close(self, *, commit: bool) -> None:
-        try:
-            if self._transaction is not None and self._transaction.is_active:
-                if commit:
-                    self._transaction.commit()
-                else:
-                    self._transaction.rollback()
-        finally:
-            if self._conn is not None:
-                self._conn.close()
-            self._conn = self._transaction = self._cursor = None
+        sessions, self._state, self._log = (self._state, self._log), None, None
+        for session in sessions:
+            if session is not None:
+                session.close(commit=commit)
 
-    def _live(self) -> psycopg.Cursor[Any]:
-        if self._cursor is None:
+    def _open(self, session: _Session | None) -> _Session:
+        if session is None:
             raise RuntimeError(f"entity {self.entity!r}: the first load is not open")
-        return self._cursor
+        return session
 
     def add(self, accepted: pa.Table, deleted: pa.Array | pa.ChunkedArray | None = None) -> int:
         """Stage a chunk's accepted rows (as `commit_delivered` takes them) and deleted keys; rows staged."""
-        cursor = self._live()
+        cursor = self._open(self._state).cursor
         entity = self.entity
         missing = [c for c in ACCEPTED_COLUMNS if c not in accepted.column_names]
         if missing:
@@ -166,11 +185,43 @@ class FirstLoad:
         frame = log_rows(self.entity, delivered)
         if frame.num_rows == 0:
             return 0
-        return int(copy_in(self._live(), _LOGGED, frame, ROW_COLUMNS))
+        return int(copy_in(self._open(self._log).cursor, _LOGGED, frame, ROW_COLUMNS))
 
     def finish(self) -> None:
-        """Write the staged rows, deletes and log rows, advance the watermark, and commit."""
-        cursor = self._live()
+        """Write the staged log rows and, meanwhile, the staged rows, deletes and watermark; commit both."""
+        state, log = self._open(self._state), self._open(self._log)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="first-load-log") as pool:
+            logged = pool.submit(self._write_log, log)
+            try:
+                self._write_state(state)
+            finally:
+                # The log's rows were sent, so they are logged whatever became of the state.
+                logged.result()
+        self._state = None
+        state.close(commit=True)
+
+    def _write_log(self, log: _Session) -> None:
+        self._log = None
+        try:
+            cursor = log.cursor
+            cursor.execute(
+                sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(StoreSettings().merge_work_mem))
+            )
+            logged = sql.SQL(", ").join(sql.Identifier(c.name) for c in ROW_COLUMNS)
+            cursor.execute(
+                sql.SQL(
+                    "INSERT INTO {log} (entity, batch_id, {cols}) SELECT %(entity)s, %(batch_id)s, {cols}"
+                    " FROM {logged} ORDER BY bk_hash"
+                ).format(log=_LOG, cols=logged, logged=sql.Identifier(_LOGGED)),
+                {"entity": self.entity, "batch_id": self.batch_id},
+            )
+        except BaseException:
+            log.close(commit=False)
+            raise
+        log.close(commit=True)
+
+    def _write_state(self, state: _Session) -> None:
+        cursor = state.cursor
         params = {"entity": self.entity, "batch_id": self.batch_id}
         # Commits of one entity take turns (see StateRepository.commit_delivered).
         cursor.execute(
@@ -216,19 +267,9 @@ class FirstLoad:
             ).format(state=_STATE, deleted=sql.Identifier(_DELETED)),
             params,
         )
-        logged = sql.SQL(", ").join(sql.Identifier(c.name) for c in ROW_COLUMNS)
-        cursor.execute(
-            sql.SQL(
-                "INSERT INTO {log} (entity, batch_id, {cols}) SELECT %(entity)s, %(batch_id)s, {cols}"
-                " FROM {logged} ORDER BY bk_hash"
-            ).format(log=_LOG, cols=logged, logged=sql.Identifier(_LOGGED)),
-            params,
-        )
         if self.rows >= ANALYZE_AFTER_FIRST_LOAD_ROWS:
             # As after StateRepository's first commit: the next run's key-staged joins
             # need statistics that know the entity's rows (see _copy_new_rows).
             cursor.execute(sql.SQL("ANALYZE {state} (entity)").format(state=_STATE))
         if self._top is not None:
-            assert self._conn is not None
-            advance_watermark(self._conn, self.entity, self._top, self._changed_at)
-        self._close(commit=True)
+            advance_watermark(state.conn, self.entity, self._top, self._changed_at)
