@@ -48,6 +48,10 @@ from syncflow_dagster.store.first_load import FirstLoad
 from syncflow_dagster.store.repositories import SyncStore
 
 PREVIEW_ROWS = 5
+# An initial load of more rows than this is persisted as one `FirstLoad` (store/first_load.py):
+# its final sorted inserts cost more than they save until the primary keys outgrow
+# Postgres's buffers (measured: slower at 3M rows, faster at 10M; docs/benchmarks.md).
+FIRST_LOAD_MIN_ROWS = 5_000_000
 
 
 class Output:
@@ -251,13 +255,15 @@ def persist(
     counts: dict[str, int] = {}
     upserts = deletes = 0
     size = chunk_size()
-    # An initial load: every chunk's keys are new (the plan holds each key once). One
-    # chunk is COPYed straight in; several are staged and written once, in key order,
-    # when the stage ends (store/first_load.py), as chunk after chunk of random keys
-    # inserted into a growing primary key costs more with every chunk.
+    # An initial load: every chunk's keys are new (the plan holds each key once), so each
+    # is COPYed straight in; a large one is staged and written once, in key order, when
+    # the stage ends (store/first_load.py), as chunk after chunk of random keys inserted
+    # into a growing primary key costs more with every chunk.
     new_keys = reader.num_rows > 0 and database.state().count(entity.name) == 0
     first_load = (
-        FirstLoad(database.engine, entity.name, batch_id) if new_keys and reader.num_rows > size else None
+        FirstLoad(database.engine, entity.name, batch_id)
+        if new_keys and reader.num_rows > max(size, FIRST_LOAD_MIN_ROWS)
+        else None
     )
     with first_load or contextlib.nullcontext():
         for chunk in reader.chunks(size) if reader.num_rows else [reader.schema.empty_table()]:
