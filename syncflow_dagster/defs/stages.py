@@ -17,7 +17,7 @@ import asyncio
 import datetime as dt
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -32,9 +32,11 @@ from syncflow_dagster.defs import bookkeeping
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.delta import UNKNOWN_KEY, dedupe_batch, plan_delta, resync_skips
 from syncflow_dagster.engine.identity import add_identity, key_text_of
+from syncflow_dagster.engine.keyset import KeySet
 from syncflow_dagster.engine.normalize import normalize
 from syncflow_dagster.engine.relations import parent_key_hashes, split_ready_pending
 from syncflow_dagster.engine.rowversion import fresh_rows
+from syncflow_dagster.store.first_load import FirstLoad
 from syncflow_dagster.store.repositories import SyncStore
 from syncflow_dagster.store.schema import failed_records, pending_children
 from syncflow_dagster.store.state import StateRepository
@@ -469,12 +471,15 @@ def resolve_parents(
     arriving: Mapping[str, pa.Array],
     *,
     hold_deletes: bool = True,
+    parent_keys: Mapping[str, KeySet] | None = None,
 ) -> StageResult:
     """Rows of `plan` (a chunk of it, or the released children) split into ready and parked.
 
     With `hold_deletes`, the never-stored deletes of keys SyncFlow does not
     hold are dropped first (`_held_tombstones_only`). Each row is judged on
-    its own parents, so a plan can be resolved chunk by chunk.
+    its own parents, so a plan can be resolved chunk by chunk. `parent_keys`
+    (parent entity → its delivered keys, read once for the stage by
+    `stored_parent_keys`) answers for those parents instead of a lookup.
     """
     held_deletes = 0
     if hold_deletes:
@@ -485,7 +490,12 @@ def resolve_parents(
     for name, hashes in needed.items():
         parent = name.split("#", 1)[0]
         wanted = pc.unique(pc.drop_null(hashes)) if len(hashes) else hashes
-        found = state.stored_for_keys(parent, wanted)[c.BK_HASH].combine_chunks() if len(wanted) else None
+        if not len(wanted):
+            found = None
+        elif parent_keys is not None and parent in parent_keys:
+            found = parent_keys[parent].among(wanted)
+        else:
+            found = state.stored_for_keys(parent, wanted)[c.BK_HASH].combine_chunks()
         previous = known.get(parent)
         if found is None:
             found = pa.array([], c.BK_HASH_TYPE)
@@ -506,6 +516,34 @@ def resolve_parents(
         "held_deleted_at_source": held_deletes,
     }
     return StageResult(ready, counts)
+
+
+def stored_parent_keys(
+    database: SyncStore, entity: EntitySpec, plan_rows: int, chunk: int
+) -> dict[str, KeySet]:
+    """The delivered keys of the parents worth reading whole for a plan of `plan_rows` rows.
+
+    Looked up chunk by chunk, every chunk stages its distinct parents and
+    probes the parent's index for each, so the lookups of a large plan cost
+    about a probe per row, each dearer as the parent grows; read whole (one
+    binary COPY) and held as a `KeySet`, a parent costs 16 bytes a key. Only for a plan of more than one chunk, and only parents that hold no more
+    keys than the plan has rows (so the set is no larger than the plan's own
+    key column): a small run keeps its per-chunk lookups, whose cost follows
+    the keys asked. The set is read once, when the stage starts; a parent
+    delivered by another run while the stage goes is seen by the next run,
+    as one delivered just after the stage would be.
+    """
+    if plan_rows <= chunk:
+        return {}
+    state = database.state()
+    out: dict[str, KeySet] = {}
+    for parent in entity.parent_entities:
+        if parent in out:
+            continue
+        held = state.count(parent)
+        if held <= plan_rows:
+            out[parent] = KeySet(state.known_keys(parent)) if held else KeySet(pa.array([], c.BK_HASH_TYPE))
+    return out
 
 
 def arriving_keys(ready: pa.Table) -> pa.Array:
@@ -643,12 +681,15 @@ def persist_stage(
     batch_id: uuid.UUID,
     *,
     new_keys: bool = False,
+    first_load: FirstLoad | None = None,
 ) -> StageResult:
     """Commit state for what ScheduleHub confirmed; everything else becomes a failed record.
 
     Nothing is marked synced that ScheduleHub did not accept: rejected rows keep
     their old state (or none), so the next run compares against what is really there.
     `new_keys`: the entity held no state when the stage began (see `commit_delivered`).
+    `first_load`: the state rows and the delivery log of this chunk are staged in
+    it and written when the stage finishes it (store/first_load.py), not now.
     """
     if delivered.num_rows == 0:
         return StageResult(_summary(delivered), {"committed": 0, "deleted_state": 0, "failed_recorded": 0})
@@ -677,17 +718,21 @@ def persist_stage(
     deleted = accepted.filter(is_delete)
     # Every row sent and ScheduleHub's answer, for `syncflow trace` (store/delivery_log.py):
     # written on a thread and connection of its own while the state commits on this one.
-    logged = _LOG_WRITER.submit(database.delivery_log().record, entity.name, batch_id, delivered)
+    committed = upserted.select(
+        [c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "_schedulehub_id"]
+    ).rename_columns([c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "schedulehub_id"])
+    logged: Future[int] | None = None
+    if first_load is not None:
+        first_load.log(delivered)
+    else:
+        logged = _LOG_WRITER.submit(database.delivery_log().record, entity.name, batch_id, delivered)
     with database.entity_lock(entity.name):
-        written = database.state().commit_delivered(
-            entity.name,
-            batch_id,
-            upserted.select(
-                [c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "_schedulehub_id"]
-            ).rename_columns([c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "schedulehub_id"]),
-            deleted[c.BK_HASH].combine_chunks(),
-            new_keys=new_keys,
-        )
+        if first_load is not None:
+            written = first_load.add(committed, deleted[c.BK_HASH].combine_chunks())
+        else:
+            written = database.state().commit_delivered(
+                entity.name, batch_id, committed, deleted[c.BK_HASH].combine_chunks(), new_keys=new_keys
+            )
         # Only keys that have an open failure or a parked child need closing:
         # those sets are small, the accepted keys may be a million, and staging
         # a million keys to update a thousand rows took minutes. Read under
@@ -702,7 +747,8 @@ def persist_stage(
                 bookkeeping.forget_delivered_children(database, entity, pa.table({c.BK_HASH: parked}))
         parent_missing = _is(rejected["_reason_code"], "parent_missing")
         bookkeeping.record_delivery_failures(database, entity, batch_id, rejected)
-    logged.result()
+    if logged is not None:
+        logged.result()
     # A delete of a key that was never stored removes no state (see `delta_stage`).
     never_stored = _count(_never_stored_deletes(deleted))
     counts = {

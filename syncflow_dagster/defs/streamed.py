@@ -16,15 +16,19 @@ decide it first:
   tombstone against a live row as in `plan_delta`: pass 1 reads `_bk_hash`,
   `_rowversion`, `_data_hash` and `_deleted` and picks each key's one row
   (`batch_winners`); pass 2 plans each chunk's kept rows. An input of one
-  chunk is read once, and its winners picked on the table it plans.
+  chunk is read once, and its winners picked on the table it plans. A larger
+  batch whose keys are all distinct (told from their first 64-bit words, 8
+  bytes a row) keeps every row without reading those columns whole.
 * parent-child: children parked earlier are released once (minus the keys the
-  plan holds anew, read as key hashes only), each chunk's parents are looked
-  up on their own, and the keys an entity hands on to its children in the
+  plan holds anew, read as key hashes only); a plan of several chunks reads
+  the delivered keys of its (smaller) parents once (`stages.stored_parent_keys`,
+  16 bytes a key), a smaller one looks each chunk's parents up, and the keys an entity hands on to its children in the
   same run (`arriving`) are kept as key hashes only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -39,10 +43,15 @@ from syncflow_dagster.defs.checks import KeyTally, accepted_changes
 from syncflow_dagster.defs.memory_frames import FrameReader, FrameWriter
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.chunks import chunk_size
-from syncflow_dagster.engine.delta import batch_winners
+from syncflow_dagster.engine.delta import batch_winners, key_words
+from syncflow_dagster.store.first_load import FirstLoad
 from syncflow_dagster.store.repositories import SyncStore
 
 PREVIEW_ROWS = 5
+# An initial load of more rows than this is persisted as one `FirstLoad` (store/first_load.py):
+# its final sorted inserts cost more than they save until the primary keys outgrow
+# Postgres's buffers (measured: slower at 3M rows, faster at 10M; docs/benchmarks.md).
+FIRST_LOAD_MIN_ROWS = 5_000_000
 
 
 class Output:
@@ -137,6 +146,10 @@ def delta(
     whole = reader.read_all() if reader.num_rows <= chunk_size() else None
     if whole is not None:
         keep, duplicates = batch_winners(whole.select(wanted)) if whole.num_rows else (np.ones(0, bool), 0)
+    elif _keys_distinct(reader):
+        # Every key once (an initial load's usual batch): every row is kept, and the
+        # other key columns need not be read at all.
+        keep, duplicates = np.ones(reader.num_rows, bool), 0
     else:
         keep, duplicates = batch_winners(reader.read_all(wanted))
     keys = KeyTally()
@@ -163,6 +176,27 @@ def delta(
     return result, keys
 
 
+def _keys_distinct(reader: FrameReader) -> bool:
+    """Whether no two rows of the slice share a first 64-bit word of their key hash (so no key repeats).
+
+    Holds 8 bytes a row (the first words, sorted in place) instead of the key
+    columns `batch_winners` reads. Two distinct keys sharing a first word are
+    rare (at 10M random keys, the odds that any pair does are about 1 in
+    370 000); then, or for a null key, the answer is False and the caller
+    takes `batch_winners`' way, which is exact.
+    """
+    firsts: list[np.ndarray] = []
+    for part in reader.chunks(chunk_size(), [c.BK_HASH]):
+        keys = part[c.BK_HASH].combine_chunks()
+        if keys.null_count:
+            return False
+        firsts.append(np.ascontiguousarray(key_words(keys)[:, 0]))
+    words = np.concatenate(firsts) if firsts else np.empty(0, np.uint64)
+    del firsts
+    words.sort()
+    return not bool(np.any(words[1:] == words[:-1]))
+
+
 def parent_child(
     catalog: Catalog,
     entity: EntitySpec,
@@ -177,11 +211,21 @@ def parent_child(
     plan_keys = reader.read_all([c.BK_HASH])[c.BK_HASH] if reader.num_rows else pa.array([], c.BK_HASH_TYPE)
     released = stages.released_for_run(database, entity, plan_keys, run_date, arriving)
     del plan_keys
+    parent_keys = stages.stored_parent_keys(
+        database, entity, reader.num_rows + released.num_rows, chunk_size()
+    )
     handed: list[pa.Array] = []
 
     def one(chunk: pa.Table, *, hold_deletes: bool = True) -> stages.StageResult:
         result = stages.resolve_parents(
-            catalog, entity, database, chunk, batch_id, arriving, hold_deletes=hold_deletes
+            catalog,
+            entity,
+            database,
+            chunk,
+            batch_id,
+            arriving,
+            hold_deletes=hold_deletes,
+            parent_keys=parent_keys,
         )
         handed.append(stages.arriving_keys(result.frame))
         return result
@@ -210,15 +254,29 @@ def persist(
     summaries: list[pa.Table] = []
     counts: dict[str, int] = {}
     upserts = deletes = 0
+    size = chunk_size()
     # An initial load: every chunk's keys are new (the plan holds each key once), so each
-    # chunk is COPYed in as the first one is, not merged (commit_delivered checks it).
+    # is COPYed straight in; a large one is staged and written once, in key order, when
+    # the stage ends (store/first_load.py), as chunk after chunk of random keys inserted
+    # into a growing primary key costs more with every chunk.
     new_keys = reader.num_rows > 0 and database.state().count(entity.name) == 0
-    for chunk in reader.chunks(chunk_size()) if reader.num_rows else [reader.schema.empty_table()]:
-        result = stages.persist_stage(database, entity, chunk, batch_id, new_keys=new_keys)
-        summaries.append(result.frame)
-        counts = stages.merged_counts(counts, result.counts)
-        more_upserts, more_deletes = accepted_changes(chunk)
-        upserts, deletes = upserts + more_upserts, deletes + more_deletes
+    first_load = (
+        FirstLoad(database.engine, entity.name, batch_id)
+        if new_keys and reader.num_rows > max(size, FIRST_LOAD_MIN_ROWS)
+        else None
+    )
+    with first_load or contextlib.nullcontext():
+        for chunk in reader.chunks(size) if reader.num_rows else [reader.schema.empty_table()]:
+            result = stages.persist_stage(
+                database, entity, chunk, batch_id, new_keys=new_keys, first_load=first_load
+            )
+            summaries.append(result.frame)
+            counts = stages.merged_counts(counts, result.counts)
+            more_upserts, more_deletes = accepted_changes(chunk)
+            upserts, deletes = upserts + more_upserts, deletes + more_deletes
+        if first_load is not None:
+            with database.entity_lock(entity.name):
+                first_load.finish()
     summary = stages.regroup_summaries(summaries)
     out = Output(writer)
     with writer:

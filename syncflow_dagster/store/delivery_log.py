@@ -48,6 +48,43 @@ _COLUMNS = [
 ]
 
 
+# The columns `log_rows` gives, as a COPY sends them (entity and batch are the COPY's constants).
+ROW_COLUMNS = [column for column in _COLUMNS if column.name not in ("entity", "batch_id")]
+
+
+def log_rows(entity: str, delivered: pa.Table) -> pa.Table:
+    """The delivery log's rows of a deliver stage's frame, in key order (ROW_COLUMNS; no columns for no rows)."""
+    if delivered.num_rows == 0:
+        return pa.table({})
+    missing = [n for n in (BK_HASH, ACTION, STATUS) if n not in delivered.column_names]
+    if missing:
+        raise ValueError(f"entity {entity!r}: delivered rows lack column(s) {missing}")
+
+    def column(name: str, kind: pa.DataType) -> Any:
+        if name in delivered.column_names:
+            return delivered[name].cast(kind)
+        return pa.nulls(delivered.num_rows).cast(kind)
+
+    outcome = column(OUTCOME, pa.string())
+    if REASON_CODE in delivered.column_names:
+        outcome = pc.coalesce(outcome, delivered[REASON_CODE].cast(pa.string()))
+    columns: dict[str, Any] = {
+        "bk_hash": delivered[BK_HASH],
+        "action": delivered[ACTION].cast(pa.string()),
+        "status": delivered[STATUS].cast(pa.string()),
+        "outcome": outcome,
+        "data_hash": column(DATA_HASH, DATA_HASH_TYPE).cast(pa.binary()),
+        "rowversion": column(ROWVERSION, pa.int64()),
+    }
+    frame = pa.table(columns)
+    # In key order, the index inserts walk the btree's leaves in order instead of
+    # touching a random leaf per row (as commit_delivered does for entity_state).
+    keys = frame["bk_hash"].combine_chunks()
+    if len(keys) > 1 and keys.null_count == 0:
+        frame = frame.take(pa.array(word_order(key_words(keys))))
+    return frame
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One delivery of a record, with the batch and run that sent it."""
@@ -73,34 +110,9 @@ class DeliveryLogRepository:
 
     def record(self, entity: str, batch_id: uuid.UUID | None, delivered: pa.Table) -> int:
         """Log every row of the deliver stage's frame (`_bk_hash`, `_action`, ScheduleHub's answer); rows logged."""
-        if delivered.num_rows == 0:
+        frame = log_rows(entity, delivered)
+        if frame.num_rows == 0:
             return 0
-        missing = [n for n in (BK_HASH, ACTION, STATUS) if n not in delivered.column_names]
-        if missing:
-            raise ValueError(f"entity {entity!r}: delivered rows lack column(s) {missing}")
-
-        def column(name: str, kind: pa.DataType) -> Any:
-            if name in delivered.column_names:
-                return delivered[name].cast(kind)
-            return pa.nulls(delivered.num_rows).cast(kind)
-
-        outcome = column(OUTCOME, pa.string())
-        if REASON_CODE in delivered.column_names:
-            outcome = pc.coalesce(outcome, delivered[REASON_CODE].cast(pa.string()))
-        columns: dict[str, Any] = {
-            "bk_hash": delivered[BK_HASH],
-            "action": delivered[ACTION].cast(pa.string()),
-            "status": delivered[STATUS].cast(pa.string()),
-            "outcome": outcome,
-            "data_hash": column(DATA_HASH, DATA_HASH_TYPE).cast(pa.binary()),
-            "rowversion": column(ROWVERSION, pa.int64()),
-        }
-        frame = pa.table(columns)
-        # In key order, the index inserts walk the btree's leaves in order instead of
-        # touching a random leaf per row (as commit_delivered does for entity_state).
-        keys = frame["bk_hash"].combine_chunks()
-        if len(keys) > 1 and keys.null_count == 0:
-            frame = frame.take(pa.array(word_order(key_words(keys))))
         constants: dict[str, pa.Scalar[Any]] = {
             "entity": pa.scalar(entity, pa.string()),
             "batch_id": pa.scalar(None if batch_id is None else batch_id.bytes, pa.binary(16)),

@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from syncflow_dagster.catalog import default_catalog
+from syncflow_dagster.defs import streamed
 from syncflow_dagster.defs.assets import CATALOG, STAGE_ASSETS
 from syncflow_dagster.defs.runner import report_of
 from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE
@@ -77,6 +78,8 @@ def _sync_with_chunks(
     pg_server_url: str, size: int, now: dt.datetime, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, Any]:
     monkeypatch.setenv("SYNCFLOW_CHUNK_SIZE", str(size))
+    # Initial loads of several chunks take the first-load path (store/first_load.py), as a large one does.
+    monkeypatch.setattr(streamed, "FIRST_LOAD_MIN_ROWS", 0)
     today = now.date()
     # The same data for every chunk size: generated values depend on the time they are drawn around.
     source = generate_dataset(default_catalog(), ROWS, SEED, as_of=now, bad_row_fraction=0.03)
