@@ -30,7 +30,7 @@ import sqlalchemy as sa
 
 from syncflow_dagster.catalog import Catalog, EntitySpec
 from syncflow_dagster.clients.schedulehub import to_wire
-from syncflow_dagster.defs import stages
+from syncflow_dagster.defs import parents, stages
 from syncflow_dagster.defs.assets import CATALOG
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.identity import add_identity
@@ -153,7 +153,7 @@ def source_view(catalog: Catalog, entity: EntitySpec, snapshot: pa.Table) -> Sou
             f"field {row['field']}: {row['reason']} (value {row['raw_value']!r})"
         )
     rows = add_identity(entity, result.rows)
-    rows = stages.add_references(catalog, entity, rows)
+    rows = parents.add_references(catalog, entity, rows)
     wanted = [c.BK, *entity.targets, *[n for n in rows.column_names if n.startswith(stages.REF_PREFIX)]]
     wire = to_wire(rows.select(wanted))
     return SourceView(

@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import sqlalchemy as sa
 
 from syncflow_dagster.catalog import Catalog, EntitySpec
 from syncflow_dagster.engine import columns as c
@@ -293,3 +294,18 @@ def releasable_counts(database: SyncStore, catalog: Catalog) -> dict[str, int]:
 
 def last_success_per_entity(database: SyncStore) -> dict[str, dt.datetime]:
     return database.batches().last_success_per_entity()
+
+
+def held_among(
+    database: SyncStore, table: sa.Table, entity: str, accepted_keys: pa.Array, *, open_only: bool = False
+) -> pa.Array:
+    """The given key hashes that have a row in `table` (failed_records or pending_children)."""
+    query = sa.select(table.c.bk_hash).where(table.c.entity == entity)
+    if open_only:
+        query = query.where(table.c.resolved_at.is_(None))
+    with database.engine.connect() as conn:
+        held = [row[0].bytes for row in conn.execute(query)]
+    if not held:
+        return pa.array([], c.BK_HASH_TYPE)
+    keys = pa.array(held, c.BK_HASH_TYPE)
+    return accepted_keys.filter(pc.is_in(accepted_keys, value_set=keys))

@@ -1,10 +1,14 @@
-"""The nine sync stages as plain functions: engine + store + clients, no Dagster.
+"""The sync stages as plain functions: engine + store + clients, no Dagster.
 
 Each stage function takes a frame (a chunk of the previous stage's output)
 and returns its own frame plus the counts it wants reported: they are the
 per-chunk kernels that `streamed.py` runs over a stage's input, and
 `pipeline.py` is the one place that runs a stage, for the assets of
 `assets.py` and for the retry, reconcile and repair jobs alike.
+
+Here: the helpers the kernels share (`StageResult`, the frame flags below)
+and the kernels of fetch, normalize, identity, rowversion, delta and deliver.
+Parent-child's are in `parents.py`, persist's in `commits.py`.
 
 Frames follow docs/architecture.md. Two flags travel through the stages:
 `_deleted` marks tombstones (a key deleted at the source) and `_partition_date`
@@ -15,30 +19,21 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import uuid
 from collections.abc import Callable, Coroutine, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import sqlalchemy as sa
 
-from syncflow_dagster.catalog import Catalog, EntitySpec
+from syncflow_dagster.catalog import EntitySpec
 from syncflow_dagster.clients.apismith import ApiSmithClient
 from syncflow_dagster.clients.schedulehub import ScheduleHubClient
-from syncflow_dagster.defs import bookkeeping
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.delta import UNKNOWN_KEY, dedupe_batch, plan_delta, resync_skips
-from syncflow_dagster.engine.identity import add_identity, key_text_of
-from syncflow_dagster.engine.keyset import KeySet
+from syncflow_dagster.engine.identity import add_identity
 from syncflow_dagster.engine.normalize import normalize
-from syncflow_dagster.engine.relations import parent_key_hashes, split_ready_pending
 from syncflow_dagster.engine.rowversion import fresh_rows
-from syncflow_dagster.store.first_load import FirstLoad
-from syncflow_dagster.store.repositories import SyncStore
-from syncflow_dagster.store.schema import failed_records, pending_children
 from syncflow_dagster.store.state import StateRepository
 
 DELETED = "_deleted"
@@ -56,17 +51,17 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-def _is(column: Any, value: str) -> Any:
+def is_value(column: Any, value: str) -> Any:
     """Boolean mask `column == value`, with nulls read as False."""
     return pc.fill_null(pc.equal(column, pa.scalar(value)), pa.scalar(False))
 
 
-def _count(mask: Any) -> int:
+def count_true(mask: Any) -> int:
     """How many entries of a boolean mask are true."""
     return int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)
 
 
-def _table(columns: dict[str, Any]) -> pa.Table:
+def table_of(columns: dict[str, Any]) -> pa.Table:
     return pa.table(columns)
 
 
@@ -385,7 +380,7 @@ def fresh_with_stored(identified: pa.Table, stored: pa.Table, *, keep_stale: boo
 def _stored_of(fresh: pa.Table) -> pa.Table:
     mask = pc.is_valid(fresh[STORED_ROWVERSION])
     known = fresh.filter(mask)
-    return _table(
+    return table_of(
         {
             c.BK_HASH: known[c.BK_HASH],
             c.DATA_HASH: known[STORED_DATA_HASH],
@@ -412,9 +407,9 @@ def delta_stage(fresh: pa.Table, *, resync: bool = False) -> StageResult:
     plan = plan_delta(live, stored, tombstones)
     resent = 0
     if resync:
-        before = _count(_is(plan[c.ACTION], c.SKIP)) if plan.num_rows else 0
+        before = count_true(is_value(plan[c.ACTION], c.SKIP)) if plan.num_rows else 0
         plan = resync_skips(plan)
-        resent = before - (_count(_is(plan[c.ACTION], c.SKIP)) if plan.num_rows else 0)
+        resent = before - (count_true(is_value(plan[c.ACTION], c.SKIP)) if plan.num_rows else 0)
     counts = {action: 0 for action in c.ACTIONS}
     if plan.num_rows:
         for action, count in zip(
@@ -430,187 +425,22 @@ def delta_stage(fresh: pa.Table, *, resync: bool = False) -> StageResult:
     # would resend a record the source deleted, and one ScheduleHub took without
     # its answer reaching us (a dropped connection) would stay there for good.
     if counts[c.SKIP]:
-        unknown = pc.and_(_is(plan[c.ACTION], c.SKIP), _is(plan[c.REASON], UNKNOWN_KEY))
-        if _count(unknown):
+        unknown = pc.and_(is_value(plan[c.ACTION], c.SKIP), is_value(plan[c.REASON], UNKNOWN_KEY))
+        if count_true(unknown):
             action = pc.if_else(unknown, pa.scalar(c.DELETE), plan[c.ACTION])
             plan = plan.set_column(plan.schema.get_field_index(c.ACTION), c.ACTION, action)
     # Skips are counted, not kept; with none (an initial sync) the plan is kept as it is.
-    changed = plan.filter(pc.invert(_is(plan[c.ACTION], c.SKIP))) if counts[c.SKIP] else plan
+    changed = plan.filter(pc.invert(is_value(plan[c.ACTION], c.SKIP))) if counts[c.SKIP] else plan
     if DELETED not in changed.column_names:
-        changed = changed.append_column(DELETED, _is(changed[c.ACTION], c.DELETE))
+        changed = changed.append_column(DELETED, is_value(changed[c.ACTION], c.DELETE))
     return StageResult(changed, counts)
 
 
-# 6. parent-child --------------------------------------------------------------------------------
-
-
-def released_for_run(
-    database: SyncStore,
-    entity: EntitySpec,
-    plan_keys: pa.Array | pa.ChunkedArray,
-    run_date: dt.date | None,
-    arriving: Mapping[str, pa.Array],
-) -> pa.Table:
-    """Children of `entity` parked earlier whose parents have arrived, but for keys the plan holds anew."""
-    released = bookkeeping.released_children(database, entity, arriving)
-    if released.num_rows and run_date is not None:
-        released = released.append_column(
-            PARTITION_DATE, pa.repeat(pa.scalar(run_date, pa.date32()), released.num_rows)
-        )
-    if released.num_rows and len(plan_keys):
-        released = released.filter(pc.invert(pc.is_in(released[c.BK_HASH], value_set=plan_keys)))
-    return released
-
-
-def resolve_parents(
-    catalog: Catalog,
-    entity: EntitySpec,
-    database: SyncStore,
-    plan: pa.Table,
-    batch_id: uuid.UUID,
-    arriving: Mapping[str, pa.Array],
-    *,
-    hold_deletes: bool = True,
-    parent_keys: Mapping[str, KeySet] | None = None,
-) -> StageResult:
-    """Rows of `plan` (a chunk of it, or the released children) split into ready and parked.
-
-    With `hold_deletes`, the never-stored deletes of keys SyncFlow does not
-    hold are dropped first (`_held_tombstones_only`). Each row is judged on
-    its own parents, so a plan can be resolved chunk by chunk. `parent_keys`
-    (parent entity → its delivered keys, read once for the stage by
-    `stored_parent_keys`) answers for those parents instead of a lookup.
-    """
-    held_deletes = 0
-    if hold_deletes:
-        plan, held_deletes = _held_tombstones_only(database, entity, plan)
-    state = database.state()
-    needed = parent_key_hashes(catalog, entity.name, plan)
-    known: dict[str, pa.Array] = {}
-    for name, hashes in needed.items():
-        parent = name.split("#", 1)[0]
-        wanted = pc.unique(pc.drop_null(hashes)) if len(hashes) else hashes
-        if not len(wanted):
-            found = None
-        elif parent_keys is not None and parent in parent_keys:
-            found = parent_keys[parent].among(wanted)
-        else:
-            found = state.stored_for_keys(parent, wanted)[c.BK_HASH].combine_chunks()
-        previous = known.get(parent)
-        if found is None:
-            found = pa.array([], c.BK_HASH_TYPE)
-        known[parent] = found if previous is None else pa.concat_arrays([previous, found])
-    for parent in entity.parent_entities:
-        known.setdefault(parent, pa.array([], c.BK_HASH_TYPE))
-        if len(arriving.get(parent, [])):
-            known[parent] = pa.concat_arrays([known[parent], arriving[parent].cast(c.BK_HASH_TYPE)])
-    ready, waiting = split_ready_pending(catalog, entity.name, plan, known, needed)
-    parked = bookkeeping.park_children(database, catalog, entity, batch_id, waiting)
-    ready = add_references(catalog, entity, ready)
-    counts = {
-        "ready": ready.num_rows,
-        "pending": parked.waiting,
-        # Waiting for a parent too, but held as the open failed records they already were.
-        "failed_parent_missing_kept": parked.kept_failed,
-        "released": 0,
-        "held_deleted_at_source": held_deletes,
-    }
-    return StageResult(ready, counts)
-
-
-def stored_parent_keys(
-    database: SyncStore, entity: EntitySpec, plan_rows: int, chunk: int
-) -> dict[str, KeySet]:
-    """The delivered keys of the parents worth reading whole for a plan of `plan_rows` rows.
-
-    Looked up chunk by chunk, every chunk stages its distinct parents and
-    probes the parent's index for each, so the lookups of a large plan cost
-    about a probe per row, each dearer as the parent grows; read whole (one
-    binary COPY) and held as a `KeySet`, a parent costs 16 bytes a key. Only for a plan of more than one chunk, and only parents that hold no more
-    keys than the plan has rows (so the set is no larger than the plan's own
-    key column): a small run keeps its per-chunk lookups, whose cost follows
-    the keys asked. The set is read once, when the stage starts; a parent
-    delivered by another run while the stage goes is seen by the next run,
-    as one delivered just after the stage would be.
-    """
-    if plan_rows <= chunk:
-        return {}
-    state = database.state()
-    out: dict[str, KeySet] = {}
-    for parent in entity.parent_entities:
-        if parent in out:
-            continue
-        held = state.count(parent)
-        if held <= plan_rows:
-            out[parent] = KeySet(state.known_keys(parent)) if held else KeySet(pa.array([], c.BK_HASH_TYPE))
-    return out
-
-
-def arriving_keys(ready: pa.Table) -> pa.Array:
-    """The keys a resolved frame hands to delivery as live records (its deletes excluded)."""
-    if ready.num_rows == 0:
-        return pa.array([], c.BK_HASH_TYPE)
-    live = ready.filter(pc.invert(_is(ready[c.ACTION], c.DELETE)))
-    return live[c.BK_HASH].combine_chunks()
-
-
-def _never_stored_deletes(rows: pa.Table) -> Any:
+def never_stored_deletes(rows: pa.Table) -> Any:
     """Mask of the deletes of keys ScheduleHub never confirmed (see `delta_stage`)."""
     if c.REASON not in rows.column_names or rows.num_rows == 0:
         return pa.repeat(pa.scalar(False), rows.num_rows)
-    return pc.and_(_is(rows[c.ACTION], c.DELETE), _is(rows[c.REASON], UNKNOWN_KEY))
-
-
-def _held_tombstones_only(database: SyncStore, entity: EntitySpec, plan: pa.Table) -> tuple[pa.Table, int]:
-    """The plan without the never-stored deletes of keys SyncFlow does not hold; and how many it kept.
-
-    A key deleted at the source before anything of it was delivered or held
-    needs nothing. One with an open failed record or a parked child is deleted
-    in ScheduleHub (idempotent: `not_found` is success), which closes both.
-    """
-    unknown = _never_stored_deletes(plan)
-    candidates = _count(unknown)
-    if not candidates:
-        return plan, 0
-    keys = plan.filter(unknown)[c.BK_HASH].combine_chunks()
-    held = pa.concat_arrays(
-        [
-            _held_among(database, failed_records, entity.name, keys, open_only=True),
-            _held_among(database, pending_children, entity.name, keys),
-        ]
-    )
-    keep = pc.or_(pc.invert(unknown), pc.is_in(plan[c.BK_HASH], value_set=held))
-    kept = plan.filter(keep)
-    return kept, kept.num_rows - (plan.num_rows - candidates)
-
-
-def align(frame: pa.Table, like: pa.Table) -> pa.Table:
-    """Cast and order `frame`'s columns like `like`'s (missing ones become nulls)."""
-    columns = []
-    for fld in like.schema:
-        if fld.name in frame.column_names:
-            columns.append(frame[fld.name].cast(fld.type))
-        else:
-            columns.append(pa.nulls(frame.num_rows, fld.type))
-    return pa.Table.from_arrays(columns, schema=like.schema)
-
-
-def add_references(catalog: Catalog, entity: EntitySpec, rows: pa.Table) -> pa.Table:
-    """`_ref.<parent resource>` columns: the parent's external key (its `_bk`), as ScheduleHub wants it.
-
-    Built from the child's FK fields with the same canonical recipe identity
-    uses for the parent's own key, so the reference matches the parent's `_bk`.
-    """
-    for relation in entity.parents:
-        name = REF_PREFIX + catalog.entity(relation.entity).resource
-        if name in rows.column_names:
-            rows = rows.drop_columns([name])
-        if rows.num_rows == 0 or any(f not in rows.column_names for f in relation.fields):
-            rows = rows.append_column(name, pa.nulls(rows.num_rows, pa.string()))
-            continue
-        text = key_text_of([rows[f] for f in relation.fields])
-        rows = rows.append_column(name, pc.cast(text, pa.string()))
-    return rows
+    return pc.and_(is_value(rows[c.ACTION], c.DELETE), is_value(rows[c.REASON], UNKNOWN_KEY))
 
 
 # 7. deliver -------------------------------------------------------------------------------------
@@ -634,8 +464,8 @@ async def _deliver(client: ScheduleHubClient, entity: EntitySpec, ready: pa.Tabl
     Only the payload columns go to the client, and `ready` is filtered only
     when it holds deletes: the client builds the wire form batch by batch.
     """
-    is_delete = _is(ready[c.ACTION], c.DELETE)
-    deleting = _count(is_delete)
+    is_delete = is_value(ready[c.ACTION], c.DELETE)
+    deleting = count_true(is_delete)
     names = [c.BK, *entity.targets, *[n for n in ready.column_names if n.startswith(REF_PREFIX)]]
     payload = ready.select([n for n in names if n in ready.column_names])
     upserts = payload.filter(pc.invert(is_delete)) if deleting else payload
@@ -666,161 +496,12 @@ def _join_results(rows: pa.Table, results: pa.Table | None) -> pa.Table:
 def deliver_stage(client: ScheduleHubClient, entity: EntitySpec, ready: pa.Table) -> StageResult:
     """Every row of `ready` with ScheduleHub's answer for it: accepted (with its id) or rejected."""
     frame = _join_results(ready, run_async(_deliver(client, entity, ready)))
-    accepted = _count(_is(frame[STATUS], "accepted")) if frame.num_rows else 0
+    accepted = count_true(is_value(frame[STATUS], "accepted")) if frame.num_rows else 0
     counts = {"delivered": accepted, "failed": frame.num_rows - accepted}
     return StageResult(frame, counts)
 
 
 # 8. persist -------------------------------------------------------------------------------------
-
-
-def persist_stage(
-    database: SyncStore,
-    entity: EntitySpec,
-    delivered: pa.Table,
-    batch_id: uuid.UUID,
-    *,
-    new_keys: bool = False,
-    first_load: FirstLoad | None = None,
-) -> StageResult:
-    """Commit state for what ScheduleHub confirmed; everything else becomes a failed record.
-
-    Nothing is marked synced that ScheduleHub did not accept: rejected rows keep
-    their old state (or none), so the next run compares against what is really there.
-    `new_keys`: the entity held no state when the stage began (see `commit_delivered`).
-    `first_load`: the state rows and the delivery log of this chunk are staged in
-    it and written when the stage finishes it (store/first_load.py), not now.
-    """
-    if delivered.num_rows == 0:
-        return StageResult(_summary(delivered), {"committed": 0, "deleted_state": 0, "failed_recorded": 0})
-    ok = _is(delivered[STATUS], "accepted")
-    # Only the state columns of accepted rows are needed (rejected rows keep
-    # their payload for the failed record): filtering the narrow table spares
-    # a copy of every payload column of a million delivered rows.
-    committed_columns = [
-        c.BK_HASH,
-        c.BK,
-        c.DATA_HASH,
-        c.ROWVERSION,
-        c.RECIPE,
-        "_schedulehub_id",
-        c.ACTION,
-        c.REASON,
-    ]
-    accepted = delivered.select([n for n in committed_columns if n in delivered.column_names])
-    if _count(ok) < delivered.num_rows:
-        accepted = accepted.filter(ok)
-        rejected = delivered.filter(pc.invert(ok))
-    else:
-        rejected = delivered.slice(0, 0)
-    is_delete = _is(accepted[c.ACTION], c.DELETE)
-    upserted = accepted.filter(pc.invert(is_delete))
-    deleted = accepted.filter(is_delete)
-    # Every row sent and ScheduleHub's answer, for `syncflow trace` (store/delivery_log.py):
-    # written on a thread and connection of its own while the state commits on this one.
-    committed = upserted.select(
-        [c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "_schedulehub_id"]
-    ).rename_columns([c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE, "schedulehub_id"])
-    logged: Future[int] | None = None
-    if first_load is not None:
-        first_load.log(delivered)
-    else:
-        logged = _LOG_WRITER.submit(database.delivery_log().record, entity.name, batch_id, delivered)
-    with database.entity_lock(entity.name):
-        if first_load is not None:
-            written = first_load.add(committed, deleted[c.BK_HASH].combine_chunks())
-        else:
-            written = database.state().commit_delivered(
-                entity.name, batch_id, committed, deleted[c.BK_HASH].combine_chunks(), new_keys=new_keys
-            )
-        # Only keys that have an open failure or a parked child need closing:
-        # those sets are small, the accepted keys may be a million, and staging
-        # a million keys to update a thousand rows took minutes. Read under
-        # the entity lock, so no run adds to them meanwhile.
-        if accepted.num_rows:
-            accepted_keys = accepted[c.BK_HASH].combine_chunks()
-            failing = _held_among(database, failed_records, entity.name, accepted_keys, open_only=True)
-            if len(failing):
-                database.failures().resolve(entity.name, failing)
-            parked = _held_among(database, pending_children, entity.name, accepted_keys)
-            if len(parked):
-                bookkeeping.forget_delivered_children(database, entity, pa.table({c.BK_HASH: parked}))
-        parent_missing = _is(rejected["_reason_code"], "parent_missing")
-        bookkeeping.record_delivery_failures(database, entity, batch_id, rejected)
-    if logged is not None:
-        logged.result()
-    # A delete of a key that was never stored removes no state (see `delta_stage`).
-    never_stored = _count(_never_stored_deletes(deleted))
-    counts = {
-        "committed": int(written),
-        "deleted_state": deleted.num_rows - never_stored,
-        "deleted_never_stored": never_stored,
-        "failed_recorded": rejected.num_rows,
-        "failed_parent_missing": _count(parent_missing),
-    }
-    return StageResult(_summary(delivered), counts)
-
-
-# The delivery log's writers (a stage waits for its own write before it ends).
-_LOG_WRITER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="delivery-log")
-
-
-def _held_among(
-    database: SyncStore, table: sa.Table, entity: str, accepted_keys: pa.Array, *, open_only: bool = False
-) -> pa.Array:
-    """The given key hashes that have a row in `table` (failed_records or pending_children)."""
-    query = sa.select(table.c.bk_hash).where(table.c.entity == entity)
-    if open_only:
-        query = query.where(table.c.resolved_at.is_(None))
-    with database.engine.connect() as conn:
-        held = [row[0].bytes for row in conn.execute(query)]
-    if not held:
-        return pa.array([], c.BK_HASH_TYPE)
-    keys = pa.array(held, c.BK_HASH_TYPE)
-    return accepted_keys.filter(pc.is_in(accepted_keys, value_set=keys))
-
-
-def _summary(delivered: pa.Table) -> pa.Table:
-    """One row per partition date × action × status: what the persist stage committed or failed.
-
-    The partition date is kept so that the summary of a run over several dates
-    is stored, like every stage frame, on the dates its rows belong to.
-    """
-    if delivered.num_rows == 0:
-        return pa.table(
-            {
-                c.ACTION: pa.array([], pa.string()),
-                "status": pa.array([], pa.string()),
-                "rows": pa.array([], pa.int64()),
-                PARTITION_DATE: pa.array([], pa.date32()),
-            }
-        )
-    keys = [c.ACTION, STATUS, *([PARTITION_DATE] if PARTITION_DATE in delivered.column_names else [])]
-    grouped = delivered.group_by(keys).aggregate([(c.BK, "count")])
-    columns = {
-        c.ACTION: grouped[c.ACTION],
-        "status": grouped[STATUS],
-        "rows": pc.cast(grouped[f"{c.BK}_count"], pa.int64()),
-    }
-    if PARTITION_DATE in grouped.column_names:
-        columns[PARTITION_DATE] = grouped[PARTITION_DATE]
-    return _table(columns)
-
-
-def regroup_summaries(summaries: list[pa.Table]) -> pa.Table:
-    """Per-chunk `_summary` frames as one: rows summed per partition date × action × status."""
-    if len(summaries) == 1:
-        return summaries[0]
-    whole = pa.concat_tables(summaries, promote_options="default")
-    if whole.num_rows == 0:
-        return summaries[0]
-    keys = [name for name in (c.ACTION, "status", PARTITION_DATE) if name in whole.column_names]
-    grouped = whole.group_by(keys).aggregate([("rows", "sum")])
-    columns = {name: grouped[name] for name in keys if name != PARTITION_DATE}
-    columns["rows"] = pc.cast(grouped["rows_sum"], pa.int64())
-    if PARTITION_DATE in keys:
-        columns[PARTITION_DATE] = grouped[PARTITION_DATE]
-    return _table(columns)
 
 
 def merged_counts(*parts: Mapping[str, int]) -> dict[str, int]:

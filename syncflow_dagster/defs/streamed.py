@@ -1,6 +1,6 @@
 """The sync stages over streams: each reads its input slice chunk by chunk and writes its output as it goes.
 
-The stage functions of `stages.py` are the per-chunk kernels; here each is
+The stage functions of `stages.py`, `parents.py` and `commits.py` are the per-chunk kernels; here each is
 run over chunks of `SYNCFLOW_CHUNK_SIZE` rows of its input (a `FrameReader`:
 a stored slice's `SliceReader` in a sync, a `TableReader` in the retry and
 reconcile jobs), and what it returns is appended to the stage's output (a
@@ -21,7 +21,7 @@ decide it first:
   bytes a row) keeps every row without reading those columns whole.
 * parent-child: children parked earlier are released once (minus the keys the
   plan holds anew, read as key hashes only); a plan of several chunks reads
-  the delivered keys of its (smaller) parents once (`stages.stored_parent_keys`,
+  the delivered keys of its (smaller) parents once (`parents.stored_parent_keys`,
   16 bytes a key), a smaller one looks each chunk's parents up, and the keys an entity hands on to its children in the
   same run (`arriving`) are kept as key hashes only.
 """
@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 
 from syncflow_dagster.catalog import Catalog, EntitySpec
-from syncflow_dagster.defs import stages
+from syncflow_dagster.defs import commits, parents, stages
 from syncflow_dagster.defs.checks import KeyTally, accepted_changes
 from syncflow_dagster.defs.memory_frames import FrameReader, FrameWriter
 from syncflow_dagster.engine import columns as c
@@ -209,15 +209,15 @@ def parent_child(
 ) -> tuple[stages.StageResult, pa.Array]:
     """Resolve parents chunk by chunk, then the released children; returns the keys handed on too."""
     plan_keys = reader.read_all([c.BK_HASH])[c.BK_HASH] if reader.num_rows else pa.array([], c.BK_HASH_TYPE)
-    released = stages.released_for_run(database, entity, plan_keys, run_date, arriving)
+    released = parents.released_for_run(database, entity, plan_keys, run_date, arriving)
     del plan_keys
-    parent_keys = stages.stored_parent_keys(
+    parent_keys = parents.stored_parent_keys(
         database, entity, reader.num_rows + released.num_rows, chunk_size()
     )
     handed: list[pa.Array] = []
 
     def one(chunk: pa.Table, *, hold_deletes: bool = True) -> stages.StageResult:
-        result = stages.resolve_parents(
+        result = parents.resolve_parents(
             catalog,
             entity,
             database,
@@ -227,12 +227,12 @@ def parent_child(
             hold_deletes=hold_deletes,
             parent_keys=parent_keys,
         )
-        handed.append(stages.arriving_keys(result.frame))
+        handed.append(parents.arriving_keys(result.frame))
         return result
 
     extra: list[pa.Table] = []
     if released.num_rows:
-        extra.append(stages.align(released, reader.schema.empty_table()) if reader.num_rows else released)
+        extra.append(parents.align(released, reader.schema.empty_table()) if reader.num_rows else released)
 
     def each(chunk: pa.Table) -> stages.StageResult:
         # The released children come last; they are not the plan's, so no delete of theirs is dropped.
@@ -267,7 +267,7 @@ def persist(
     )
     with first_load or contextlib.nullcontext():
         for chunk in reader.chunks(size) if reader.num_rows else [reader.schema.empty_table()]:
-            result = stages.persist_stage(
+            result = commits.persist_stage(
                 database, entity, chunk, batch_id, new_keys=new_keys, first_load=first_load
             )
             summaries.append(result.frame)
@@ -277,7 +277,7 @@ def persist(
         if first_load is not None:
             with database.entity_lock(entity.name):
                 first_load.finish()
-    summary = stages.regroup_summaries(summaries)
+    summary = commits.regroup_summaries(summaries)
     out = Output(writer)
     with writer:
         out.write(summary)

@@ -36,9 +36,8 @@ class Stage:
     number: int
     name: str
     asset: str
-    function: (
-        str | None
-    )  # the stage's per-chunk kernel in defs/stages.py (None: the report's is the batch close)
+    # The stage's per-chunk kernel as `module.function` of defs/ (None: the report's is the batch close).
+    function: str | None
     description: str
     counts: tuple[str, ...] = ()
     detail_counts: tuple[str, ...] = ()
@@ -58,7 +57,7 @@ FETCH = Stage(
     1,
     "fetch",
     "extracted",
-    "fetch_stage",
+    "stages.fetch_stage",
     "the entity's APISmith records and tombstones (`_deleted`), keyset-paged by rowversion. A run of today "
     "reads everything newer than the entity's read-through mark, whatever its change time; a run of past "
     "days reads the records that changed on them (the first day also holds everything earlier). Raw source "
@@ -69,7 +68,7 @@ NORMALIZE = Stage(
     2,
     "normalize",
     "normalized",
-    "normalize_stage",
+    "stages.normalize_stage",
     "field mapping and the layered coercions the catalog declares (type, string, numeric, datetime). Rows "
     "with a value that cannot be coerced become failed records naming entity, key, field, value.",
     counts=("normalized", "rejected"),
@@ -79,7 +78,7 @@ IDENTITY = Stage(
     3,
     "identity",
     "identified",
-    "identity_stage",
+    "stages.identity_stage",
     "BK_HASH = xxHash3-128 of the canonical business key, DATA_HASH = BLAKE3 of the canonical payload "
     "(recipe and test vectors in docs/identity.md).",
     detail_counts=("identified",),
@@ -88,7 +87,7 @@ ROWVERSION = Stage(
     4,
     "rowversion",
     "fresh_rows",
-    "rowversion_stage",
+    "stages.rowversion_stage",
     "rows whose source rowversion is not newer than the delivered one are dropped before any hash compare; "
     "the incremental path's cost scales with the rows changed, not the entity's size.",
     counts=("stale",),
@@ -98,7 +97,7 @@ DELTA = Stage(
     5,
     "delta",
     "delta_plan",
-    "delta_stage",
+    "stages.delta_stage",
     "insert / update / delete per business key against the last DELIVERED data hash (A→B→A is an update); "
     "duplicates in a batch resolve to the highest rowversion. Skips are counted, not kept.",
     # One count per planned action, named as the action (`_action` in the frame).
@@ -108,7 +107,7 @@ PARENT_CHILD = Stage(
     6,
     "parent_child",
     "resolved",
-    "resolve_parents",
+    "parents.resolve_parents",
     "rows whose parent ScheduleHub does not have yet wait in pending_children; children parked earlier whose "
     "parents have since arrived are released into this frame. In a run over several entities, a parent this "
     "run delivers first counts as arrived.",
@@ -119,7 +118,7 @@ DELIVER = Stage(
     7,
     "deliver",
     "delivered",
-    "deliver_stage",
+    "stages.deliver_stage",
     "batched, idempotent upserts and deletes by external key to ScheduleHub; every row comes back accepted "
     "(with its ScheduleHub id) or rejected with a reason code.",
     counts=("delivered", "failed"),
@@ -128,7 +127,7 @@ PERSIST = Stage(
     8,
     "persist",
     "committed",
-    "persist_stage",
+    "commits.persist_stage",
     "entity state is committed only for rows ScheduleHub confirmed; rejected rows become failed records with "
     "their reason and a retry time. Serialised per entity by an advisory lock.",
     counts=("committed",),
