@@ -145,9 +145,13 @@ def test_children_parked_on_one_day_are_released_by_a_run_of_another_day(fresh_d
     """A backfill runs entities in any order: a child parked by today's run may be released by
     yesterday's. The released rows belong to the releasing run's partition (the IO manager refuses
     rows outside the run's dates)."""
-    today = dt.datetime.now(dt.UTC).date()
+    # Two whole past days of changes, so both days' windows hold rows whatever the hour the test runs:
+    # with the changes spread over the last 24 hours, "yesterday" held almost none late in the UTC day
+    # (a CI run at 23:45 UTC fetched 0 rows for it).
+    midnight = dt.datetime.combine(dt.datetime.now(dt.UTC).date(), dt.time(), dt.UTC)
+    today = midnight.date() - dt.timedelta(days=1)
     yesterday = today - dt.timedelta(days=1)
-    with deployment(fresh_database_url, rows=400, seed=5, history_days=1) as env:
+    with deployment(fresh_database_url, rows=400, seed=5, history_days=2, as_of=midnight) as env:
         early = report_of(materialize_sync("work_centers", today, resources=env.resources))
         assert early["pending"] > 0
         for day in (yesterday, today):
