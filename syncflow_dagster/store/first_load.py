@@ -38,12 +38,8 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from syncflow_dagster.engine.columns import (
-    BK,
     BK_HASH,
     CHANGED_AT,
-    DATA_HASH,
-    DATA_HASH_TYPE,
-    RECIPE,
     ROWVERSION,
 )
 from syncflow_dagster.store.copy import PgColumn, copy_in, create_staging
@@ -57,6 +53,7 @@ from syncflow_dagster.store.state import (
     ANALYZE_AFTER_FIRST_LOAD_ROWS,
     SCHEDULEHUB_ID,
     STATE_COLUMNS,
+    checked_accepted,
 )
 from syncflow_dagster.store.watermarks import advance_watermark
 
@@ -144,19 +141,7 @@ class FirstLoad:
         """Stage a chunk's accepted rows (as `commit_delivered` takes them) and deleted keys; rows staged."""
         cursor = self._open(self._state).cursor
         entity = self.entity
-        missing = [c for c in ACCEPTED_COLUMNS if c not in accepted.column_names]
-        if missing:
-            raise ValueError(f"entity {entity!r}: accepted rows lack column(s) {missing}")
-        check_keys(entity, BK_HASH, accepted.column(BK_HASH))
-        for name in (BK, DATA_HASH, ROWVERSION, RECIPE):
-            nulls = accepted.column(name).null_count
-            if nulls:
-                raise ValueError(f"entity {entity!r}, field {name!r}: {nulls} accepted row(s) have no value")
-        if accepted.column(DATA_HASH).type != DATA_HASH_TYPE:
-            raise ValueError(
-                f"entity {entity!r}, field {DATA_HASH!r}: expected {DATA_HASH_TYPE}, "
-                f"got {accepted.column(DATA_HASH).type}"
-            )
+        checked_accepted(entity, accepted)
         if deleted is not None and len(deleted):
             copy_in(cursor, _DELETED, pa.table({"bk_hash": check_keys(entity, "deleted", deleted)}), _KEY)
         if accepted.num_rows == 0:

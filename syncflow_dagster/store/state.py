@@ -394,14 +394,13 @@ class _Commit:
     deleted: pa.Array | None
 
 
-def _validated(entity: str, accepted: pa.Table, deleted: pa.Array | pa.ChunkedArray | None) -> _Commit:
-    """Check a commit against `commit_delivered`'s contract and shape its rows as entity_state's columns.
+def checked_accepted(entity: str, accepted: pa.Table) -> pa.Array:
+    """The accepted rows' key hashes, once their columns, required values and data-hash type are checked.
 
     Refuses (ValueError naming entity and field) a missing column, a null in a
-    required field, a data hash of the wrong type, a key accepted twice, and a
-    key both accepted and deleted. Nothing has touched the database yet.
+    required field and a data hash of the wrong type: the row contract that
+    `commit_delivered` and a first load (`store/first_load.py`) share.
     """
-    _check_entity(entity)
     missing = [c for c in ACCEPTED_COLUMNS if c not in accepted.column_names]
     if missing:
         raise ValueError(f"entity {entity!r}: accepted rows lack column(s) {missing}")
@@ -415,6 +414,18 @@ def _validated(entity: str, accepted: pa.Table, deleted: pa.Array | pa.ChunkedAr
             f"entity {entity!r}, field {DATA_HASH!r}: expected {DATA_HASH_TYPE}, "
             f"got {accepted.column(DATA_HASH).type}"
         )
+    return keys
+
+
+def _validated(entity: str, accepted: pa.Table, deleted: pa.Array | pa.ChunkedArray | None) -> _Commit:
+    """Check a commit against `commit_delivered`'s contract and shape its rows as entity_state's columns.
+
+    Refuses (ValueError naming entity and field) a missing column, a null in a
+    required field, a data hash of the wrong type, a key accepted twice, and a
+    key both accepted and deleted. Nothing has touched the database yet.
+    """
+    _check_entity(entity)
+    keys = checked_accepted(entity, accepted)
     words = key_words(keys)
     order = _key_order(words)
     if _repeats_in_order(words, order):
