@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from syncflow_dagster.catalog.models import EntitySpec
@@ -49,3 +50,10 @@ def stored_from(rows: pa.Table) -> pa.Table:
 
 def plan_view(plan: pa.Table) -> list[dict[str, Any]]:
     return plan.select(["_bk", "_action", "_reason", ROWVERSION]).to_pylist()
+
+
+def random_hashes(rng: np.random.Generator, n: int, width: int = 16) -> pa.Array:
+    """`n` random fixed-width hashes (a key hash at 16 bytes, a data hash at 32), without Python objects."""
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), n, [None, pa.py_buffer(rng.bytes(width * n))]
+    )

@@ -8,16 +8,13 @@ import pyarrow.compute as pc
 import pytest
 
 from syncflow_dagster.engine.keyset import KeySet
-
-
-def _hashes(rng: np.random.Generator, n: int) -> pa.Array:
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), n, [None, pa.py_buffer(rng.bytes(16 * n))])
+from syncflow_dagster_tests.engine_frames import random_hashes
 
 
 def test_membership_equals_is_in() -> None:
     rng = np.random.default_rng(1)
-    held = _hashes(rng, 5000)
-    others = _hashes(rng, 3000)
+    held = random_hashes(rng, 5000)
+    others = random_hashes(rng, 3000)
     asked = pa.concat_arrays([held.slice(0, 2000), others]).take(rng.permutation(5000))
     keys = KeySet(held)
     assert len(keys) == 5000
@@ -35,10 +32,13 @@ def test_keys_sharing_their_first_word_are_told_apart() -> None:
 
 def test_empty_sets_and_questions() -> None:
     rng = np.random.default_rng(2)
-    assert KeySet(pa.array([], pa.binary(16))).contains(_hashes(rng, 3)).tolist() == [False] * 3
-    assert KeySet(_hashes(rng, 3)).contains(pa.array([], pa.binary(16))).tolist() == []
+    assert KeySet(pa.array([], pa.binary(16))).contains(random_hashes(rng, 3)).tolist() == [False] * 3
+    assert KeySet(random_hashes(rng, 3)).contains(pa.array([], pa.binary(16))).tolist() == []
     assert (
-        KeySet(pa.chunked_array([_hashes(rng, 2), _hashes(rng, 2)])).among(_hashes(rng, 4)).to_pylist() == []
+        KeySet(pa.chunked_array([random_hashes(rng, 2), random_hashes(rng, 2)]))
+        .among(random_hashes(rng, 4))
+        .to_pylist()
+        == []
     )
 
 

@@ -16,6 +16,7 @@ from syncflow_dagster.store.delivery_log import STATUS, DeliveryLogRepository
 from syncflow_dagster.store.first_load import FirstLoad
 from syncflow_dagster.store.state import StateRepository
 from syncflow_dagster.store.watermarks import WatermarkRepository
+from syncflow_dagster_tests.engine_frames import random_hashes
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +25,6 @@ def engine(database_url: str) -> Iterator[sa.Engine]:
     StateRepository(engine).ensure_schema()
     yield engine
     engine.dispose()
-
-
-def _hashes(rng: np.random.Generator, n: int, width: int) -> pa.Array:
-    return pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(width), n, [None, pa.py_buffer(rng.bytes(width * n))]
-    )
 
 
 def _rows(keys: pa.Array, data: pa.Array, rowversion: int) -> pa.Table:
@@ -63,9 +58,9 @@ def test_chunks_are_staged_and_written_once_with_the_log_and_the_watermark(engin
     entity = f"first_{uuid.uuid4().hex[:8]}"
     state = StateRepository(engine)
     rng = np.random.default_rng(5)
-    keys = _hashes(rng, 250, 16)
+    keys = random_hashes(rng, 250, 16)
     chunks = [
-        _rows(keys.slice(start, 50), _hashes(rng, 50, 32), rowversion=1 + start)
+        _rows(keys.slice(start, 50), random_hashes(rng, 50, 32), rowversion=1 + start)
         for start in range(0, 250, 50)
     ]
     batch = uuid.uuid4()
@@ -91,7 +86,7 @@ def test_chunks_are_staged_and_written_once_with_the_log_and_the_watermark(engin
 
 def _load_that_fails(engine: sa.Engine, entity: str, keys: pa.Array, rng: np.random.Generator) -> None:
     with FirstLoad(engine, entity, uuid.uuid4()) as load:
-        load.add(_rows(keys, _hashes(rng, len(keys), 32), rowversion=1))
+        load.add(_rows(keys, random_hashes(rng, len(keys), 32), rowversion=1))
         load.log(_delivered(keys))
         raise RuntimeError("deliver failed")
 
@@ -100,8 +95,8 @@ def _load_with_a_repeated_key(
     engine: sa.Engine, entity: str, keys: pa.Array, rng: np.random.Generator
 ) -> None:
     with FirstLoad(engine, entity, uuid.uuid4()) as load:
-        load.add(_rows(keys, _hashes(rng, len(keys), 32), rowversion=1))
-        load.add(_rows(keys.slice(0, 1), _hashes(rng, 1, 32), rowversion=20))
+        load.add(_rows(keys, random_hashes(rng, len(keys), 32), rowversion=1))
+        load.add(_rows(keys.slice(0, 1), random_hashes(rng, 1, 32), rowversion=20))
         load.finish()
 
 
@@ -109,7 +104,7 @@ def test_a_load_left_without_finish_leaves_nothing(engine: sa.Engine) -> None:
     entity = f"first_{uuid.uuid4().hex[:8]}"
     rng = np.random.default_rng(6)
     with pytest.raises(RuntimeError, match="deliver failed"):
-        _load_that_fails(engine, entity, _hashes(rng, 20, 16), rng)
+        _load_that_fails(engine, entity, random_hashes(rng, 20, 16), rng)
     assert StateRepository(engine).count(entity) == 0
     assert _logged(engine, entity) == 0
     assert WatermarkRepository(engine).get(entity) is None
@@ -119,7 +114,7 @@ def test_a_repeated_key_fails_the_load_and_leaves_nothing(engine: sa.Engine) -> 
     entity = f"first_{uuid.uuid4().hex[:8]}"
     rng = np.random.default_rng(7)
     with pytest.raises(ValueError, match="repeat a key"):
-        _load_with_a_repeated_key(engine, entity, _hashes(rng, 10, 16), rng)
+        _load_with_a_repeated_key(engine, entity, random_hashes(rng, 10, 16), rng)
     assert StateRepository(engine).count(entity) == 0
 
 
@@ -127,12 +122,12 @@ def test_keys_stored_by_another_commit_meanwhile_are_merged_over(engine: sa.Engi
     entity = f"first_{uuid.uuid4().hex[:8]}"
     state = StateRepository(engine)
     rng = np.random.default_rng(8)
-    keys = _hashes(rng, 30, 16)
-    ours = _rows(keys, _hashes(rng, 30, 32), rowversion=100)
+    keys = random_hashes(rng, 30, 16)
+    ours = _rows(keys, random_hashes(rng, 30, 32), rowversion=100)
     with FirstLoad(engine, entity, uuid.uuid4()) as load:
         load.add(ours, keys.slice(29, 0))
         # A retry run commits ten of the keys (and one of ours is deleted at the source).
-        theirs = _rows(keys.slice(0, 10), _hashes(rng, 10, 32), rowversion=1)
+        theirs = _rows(keys.slice(0, 10), random_hashes(rng, 10, 32), rowversion=1)
         state.commit_delivered(entity, uuid.uuid4(), theirs)
         load.add(ours.slice(0, 0), keys.slice(29, 1))
         load.finish()
@@ -145,8 +140,8 @@ def test_keys_stored_by_another_commit_meanwhile_are_merged_over(engine: sa.Engi
 def test_bad_rows_are_refused_when_added(engine: sa.Engine) -> None:
     entity = f"first_{uuid.uuid4().hex[:8]}"
     rng = np.random.default_rng(9)
-    keys = _hashes(rng, 3, 16)
-    rows = _rows(keys, _hashes(rng, 3, 32), rowversion=1)
+    keys = random_hashes(rng, 3, 16)
+    rows = _rows(keys, random_hashes(rng, 3, 32), rowversion=1)
     with FirstLoad(engine, entity, uuid.uuid4()) as load:
         with pytest.raises(ValueError, match=BK):
             load.add(rows.set_column(1, BK, pa.array([None, "a", "b"], pa.string())))

@@ -14,6 +14,7 @@ from syncflow_dagster.engine.columns import BK, BK_HASH, CHANGED_AT, DATA_HASH, 
 from syncflow_dagster.store.database import make_engine
 from syncflow_dagster.store.state import STORED_SCHEMA, StateRepository
 from syncflow_dagster.store.watermarks import WatermarkRepository
+from syncflow_dagster_tests.engine_frames import random_hashes
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +35,13 @@ def entity() -> str:
     return f"work_orders_{uuid.uuid4().hex[:8]}"
 
 
-def _hashes(rng: np.random.Generator, n: int, width: int) -> pa.Array:
-    return pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(width), n, [None, pa.py_buffer(rng.bytes(width * n))]
-    )
-
-
 def _accepted(n: int, seed: int = 1, rowversion_start: int = 1) -> pa.Table:
     rng = np.random.default_rng(seed)
     return pa.table(
         {
-            BK_HASH: _hashes(rng, n, 16),
+            BK_HASH: random_hashes(rng, n, 16),
             BK: pa.array([f"WO-{i:07d}" for i in range(n)]),
-            DATA_HASH: _hashes(rng, n, 32),
+            DATA_HASH: random_hashes(rng, n, 32),
             ROWVERSION: pa.array(np.arange(rowversion_start, rowversion_start + n, dtype=np.int64)),
             RECIPE: pa.array(np.ones(n, dtype=np.int16)),
         }
@@ -69,7 +64,7 @@ def test_commit_then_stored_for_keys_at_a_few_thousand_rows(repo: StateRepositor
 
     rng = np.random.default_rng(99)
     asked_idx = np.sort(rng.choice(5000, 1200, replace=False))
-    unknown = _hashes(rng, 300, 16)
+    unknown = random_hashes(rng, 300, 16)
     asked = pa.concat_arrays([accepted.column(BK_HASH).combine_chunks().take(pa.array(asked_idx)), unknown])
     stored = repo.stored_for_keys(entity, asked)
 
@@ -116,7 +111,7 @@ def test_deleted_hashes_are_removed_and_counted(repo: StateRepository, entity: s
     accepted = _accepted(20, seed=4)
     repo.commit_delivered(entity, uuid.uuid4(), accepted)
     gone = accepted.column(BK_HASH).combine_chunks().slice(0, 5)
-    stranger = _hashes(np.random.default_rng(8), 2, 16)
+    stranger = random_hashes(np.random.default_rng(8), 2, 16)
     written = repo.commit_delivered(
         entity, uuid.uuid4(), accepted.slice(0, 0), deleted=pa.concat_arrays([gone, stranger])
     )

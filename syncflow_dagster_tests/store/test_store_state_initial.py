@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from syncflow_dagster.engine.columns import BK, BK_HASH, DATA_HASH, RECIPE, ROWVERSION
 from syncflow_dagster.store.database import make_engine
 from syncflow_dagster.store.state import StateRepository
+from syncflow_dagster_tests.engine_frames import random_hashes
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +24,6 @@ def repo(database_url: str) -> Iterator[StateRepository]:
     repository.ensure_schema()
     yield repository
     engine.dispose()
-
-
-def _hashes(rng: np.random.Generator, n: int, width: int) -> pa.Array:
-    return pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(width), n, [None, pa.py_buffer(rng.bytes(width * n))]
-    )
 
 
 def _rows(keys: pa.Array, data: pa.Array, rowversion: int) -> pa.Table:
@@ -46,7 +41,7 @@ def _rows(keys: pa.Array, data: pa.Array, rowversion: int) -> pa.Table:
 
 def test_new_entity_lookup_is_empty_but_still_refuses_null_keys(repo: StateRepository) -> None:
     entity = f"fresh_{uuid.uuid4().hex[:8]}"
-    keys = _hashes(np.random.default_rng(1), 50, 16)
+    keys = random_hashes(np.random.default_rng(1), 50, 16)
     assert repo.stored_for_keys(entity, keys).num_rows == 0
     with pytest.raises(ValueError, match=entity):
         repo.stored_for_keys(entity, pa.array([None], pa.binary(16)))
@@ -55,8 +50,8 @@ def test_new_entity_lookup_is_empty_but_still_refuses_null_keys(repo: StateRepos
 def test_first_commit_inserts_and_the_next_merges(repo: StateRepository) -> None:
     entity = f"fresh_{uuid.uuid4().hex[:8]}"
     rng = np.random.default_rng(2)
-    keys = _hashes(rng, 1000, 16)
-    first = _rows(keys, _hashes(rng, 1000, 32), rowversion=1)
+    keys = random_hashes(rng, 1000, 16)
+    first = _rows(keys, random_hashes(rng, 1000, 32), rowversion=1)
     assert repo.commit_delivered(entity, uuid.uuid4(), first) == 1000
     assert repo.count(entity) == 1000
     stored = repo.stored_for_keys(entity, keys)
@@ -64,9 +59,9 @@ def test_first_commit_inserts_and_the_next_merges(repo: StateRepository) -> None
     assert set(stored[DATA_HASH].to_pylist()) == set(first[DATA_HASH].to_pylist())
 
     # Second commit: half the keys again with new data, plus new keys: the merge path.
-    more = _hashes(rng, 200, 16)
+    more = random_hashes(rng, 200, 16)
     again = pa.concat_arrays([keys.slice(0, 500), more])
-    second = _rows(again, _hashes(rng, 700, 32), rowversion=2)
+    second = _rows(again, random_hashes(rng, 700, 32), rowversion=2)
     assert repo.commit_delivered(entity, uuid.uuid4(), second) == 700
     assert repo.count(entity) == 1200
     after = repo.stored_for_keys(entity, again)
@@ -84,7 +79,7 @@ def test_first_commit_inserts_and_the_next_merges(repo: StateRepository) -> None
 def test_a_repeated_key_is_found_wherever_it_is() -> None:
     from syncflow_dagster.store.state import _repeats_a_key
 
-    keys = _hashes(np.random.default_rng(3), 5000, 16)
+    keys = random_hashes(np.random.default_rng(3), 5000, 16)
     assert not _repeats_a_key(keys)
     assert not _repeats_a_key(keys.slice(10, 1))
     for i, j in ((0, 4999), (1234, 1235), (4998, 7)):
@@ -114,7 +109,7 @@ def test_first_commit_stores_every_column_from_unsorted_rows(repo: StateReposito
     entity = f"fresh_{uuid.uuid4().hex[:8]}"
     rng = np.random.default_rng(4)
     n = 3000
-    rows = _rows(_hashes(rng, n, 16), _hashes(rng, n, 32), rowversion=7).append_column(
+    rows = _rows(random_hashes(rng, n, 16), random_hashes(rng, n, 32), rowversion=7).append_column(
         "schedulehub_id", pa.array([None if i % 3 else f"sh-{i}" for i in range(n)])
     )
     batch = uuid.uuid4()
@@ -150,7 +145,9 @@ def test_first_commit_that_fails_leaves_no_state_and_no_watermark(repo: StateRep
     n = 2000
     # Postgres text cannot hold a NUL byte: the COPY fails at that row, after the rows sorted before it.
     keys = [f"WO-{i:06d}" for i in range(n - 1)] + ["WO-\x00"]
-    rows = _rows(_hashes(rng, n, 16), _hashes(rng, n, 32), rowversion=3).set_column(1, BK, pa.array(keys))
+    rows = _rows(random_hashes(rng, n, 16), random_hashes(rng, n, 32), rowversion=3).set_column(
+        1, BK, pa.array(keys)
+    )
     with pytest.raises(Exception, match="0x00"):
         repo.commit_delivered(entity, uuid.uuid4(), rows)
     assert repo.count(entity) == 0
@@ -168,9 +165,9 @@ def test_first_commit_that_fails_leaves_no_state_and_no_watermark(repo: StateRep
 def test_first_commit_refuses_a_repeated_key_in_unsorted_rows(repo: StateRepository) -> None:
     entity = f"fresh_{uuid.uuid4().hex[:8]}"
     rng = np.random.default_rng(6)
-    keys = _hashes(rng, 500, 16)
+    keys = random_hashes(rng, 500, 16)
     repeated = pa.concat_arrays([keys, keys.slice(123, 1)])
-    rows = _rows(repeated, _hashes(rng, 501, 32), rowversion=1)
+    rows = _rows(repeated, random_hashes(rng, 501, 32), rowversion=1)
     with pytest.raises(ValueError, match=f"{entity}.*repeat a key"):
         repo.commit_delivered(entity, uuid.uuid4(), rows)
     assert repo.count(entity) == 0
@@ -180,7 +177,7 @@ def test_key_order_sorts_bytewise_and_sees_an_already_sorted_frame() -> None:
     from syncflow_dagster.engine.delta import key_words
     from syncflow_dagster.store.state import _key_order
 
-    keys = _hashes(np.random.default_rng(7), 4000, 16)
+    keys = random_hashes(np.random.default_rng(7), 4000, 16)
     # Keys that tie on the first eight bytes are ordered by the last eight.
     tied = pa.array([b"\x01" * 8 + bytes([9 - i]) * 8 for i in range(5)], pa.binary(16))
     keys = pa.concat_arrays([keys, tied])
@@ -213,8 +210,10 @@ def test_a_large_first_load_is_known_to_the_planner_before_autovacuum(repo: Stat
     n = ANALYZE_AFTER_FIRST_LOAD_ROWS
     rng = np.random.default_rng(4)
     assert _estimated_rows(repo, entity) < 100  # unknown to the planner before the load
-    keys = _hashes(rng, n, 16)
-    assert repo.commit_delivered(entity, uuid.uuid4(), _rows(keys, _hashes(rng, n, 32), rowversion=1)) == n
+    keys = random_hashes(rng, n, 16)
+    assert (
+        repo.commit_delivered(entity, uuid.uuid4(), _rows(keys, random_hashes(rng, n, 32), rowversion=1)) == n
+    )
     assert _estimated_rows(repo, entity) >= n // 2
 
 
@@ -225,14 +224,14 @@ def test_chunks_of_new_keys_are_copied_in_and_a_stored_key_among_them_falls_back
     if a key was stored after all, that COPY is rolled back and the chunk is merged instead."""
     entity = f"fresh_{uuid.uuid4().hex[:8]}"
     rng = np.random.default_rng(3)
-    keys = _hashes(rng, 300, 16)
+    keys = random_hashes(rng, 300, 16)
     for start in (0, 100):
-        chunk = _rows(keys.slice(start, 100), _hashes(rng, 100, 32), rowversion=1)
+        chunk = _rows(keys.slice(start, 100), random_hashes(rng, 100, 32), rowversion=1)
         assert repo.commit_delivered(entity, uuid.uuid4(), chunk, new_keys=True) == 100
     assert repo.count(entity) == 200
     # 50 keys stored already, 100 new: the COPY meets a stored key and the merge takes over.
     mixed_keys = pa.concat_arrays([keys.slice(150, 50), keys.slice(200, 100)])
-    mixed = _rows(mixed_keys, _hashes(rng, 150, 32), rowversion=2)
+    mixed = _rows(mixed_keys, random_hashes(rng, 150, 32), rowversion=2)
     assert repo.commit_delivered(entity, uuid.uuid4(), mixed, new_keys=True) == 150
     assert repo.count(entity) == 300
     after = repo.stored_for_keys(entity, mixed_keys)
