@@ -52,7 +52,7 @@ def _assets() -> list[dg.AssetsDefinition]:
     return [big_upstream, small_downstream]
 
 
-class _Decodes:
+class DecodeCounter:
     """Counts the stored chunks decoded (every read from Postgres decodes each chunk it reads)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,7 +69,7 @@ class _Decodes:
 def test_in_process_stage_reads_the_handed_frame_and_postgres_holds_it(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    decodes = _Decodes(monkeypatch)
+    decodes = DecodeCounter(monkeypatch)
     manager = PostgresFrameIOManager(database_url=database_url, schema_name="syncflow_stage_handoff")
     key = dg.MultiPartitionKey({"entity": "items", "date": DAY.isoformat()})
     result = dg.materialize(_assets(), partition_key=key, resources={"frames": manager})

@@ -10,30 +10,16 @@ import pyarrow as pa
 import pytest
 from dagster import AssetExecutionContext
 
-from syncflow_dagster.store.frames import stream
 from syncflow_dagster.store.frames.client import FrameSlice, PostgresFrameClient
 from syncflow_dagster.store.frames.codec import PARTITION_COLUMN
 from syncflow_dagster.store.frames.handoff import HandedSlices
 from syncflow_dagster.store.frames.io_manager import PostgresFrameIOManager
 from syncflow_dagster.store.frames.stream import EntityFrames, EntityStreams
+from syncflow_dagster_tests.store.test_frame_handoff import DecodeCounter
 
 DAY1 = dt.date(2026, 11, 27)
 DAY2 = dt.date(2026, 11, 28)
 SCHEMA = "syncflow_stage_tokens"
-
-
-class _Decodes:
-    """Counts the stored chunks decoded: every read from Postgres decodes each chunk it reads."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.count = 0
-        real = stream.decode
-
-        def counting(blob: Any, columns: Any = None) -> pa.Table:
-            self.count += 1
-            return real(blob, columns)
-
-        monkeypatch.setattr(stream, "decode", counting)
 
 
 @pytest.fixture
@@ -65,7 +51,7 @@ def test_the_committed_write_is_served_from_memory_and_equals_what_postgres_hold
         writer.write(_frame([1, 2], DAY2))
         writer.write(_frame([3], DAY1))
         writer.write(_frame([4, 5], DAY2).drop_columns(["t"]))
-    decodes = _Decodes(monkeypatch)
+    decodes = DecodeCounter(monkeypatch)
     handed = client.reader(where, handoff)
     assert handed.handed
     from_memory = handed.read_all()
@@ -220,7 +206,7 @@ def _streamed_assets(seen: dict[str, Any]) -> list[dg.AssetsDefinition]:
 def test_streamed_stages_in_one_process_hand_over_without_decoding(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    decodes = _Decodes(monkeypatch)
+    decodes = DecodeCounter(monkeypatch)
     seen: dict[str, Any] = {}
     manager = PostgresFrameIOManager(database_url=database_url, schema_name="syncflow_stage_streamed_handoff")
     key = dg.MultiPartitionKey({"entity": "items", "date": DAY2.isoformat()})
