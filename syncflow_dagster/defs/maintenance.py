@@ -253,7 +253,7 @@ def _retry_entity(
 def prune_stage_frames(context: OpExecutionContext) -> None:
     manager = context.resources.frame_io_manager
     cutoff = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=int(manager.retention_days))
-    removed = manager._client().prune(cutoff)
+    removed = manager.prune(cutoff)
     context.log.info(
         f"pruned stage rows older than {cutoff}: {sum(removed.values())} rows in {len(removed)} tables"
     )

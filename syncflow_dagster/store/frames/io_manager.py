@@ -24,13 +24,16 @@ Two ways through it:
 
 Either way, a slice of a few chunks that a stage committed is handed to its
 reader in the same process from memory (handoff.py), when Postgres still
-holds that very write; the IO manager owns the `HandedSlices` for one run
-(`setup_for_execution` to `teardown_after_execution`).
+holds that very write.
+
+The IO manager's state is the run's, from `setup_for_execution` to
+`teardown_after_execution`: the `HandedSlices`, and the `FrameConnections`
+(idle connections, the stage tables checked) that every client it builds
+shares. Nothing is kept at module level.
 """
 
 from __future__ import annotations
 
-import atexit
 import datetime as dt
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -41,8 +44,8 @@ import pyarrow as pa
 from pydantic import Field, PrivateAttr
 
 from syncflow_dagster.store.frames.client import (
-    POOL,
     STAGE_SCHEMA,
+    FrameConnections,
     FrameSlice,
     PostgresFrameClient,
     stage_table_name,
@@ -57,10 +60,6 @@ from syncflow_dagster.store.frames.stream import (
     StoredFrame,
     with_partition_column,
 )
-
-# Idle pooled connections are closed at exit at the latest (the IO manager closes them
-# when a run's resources are torn down), while the driver is still loaded.
-atexit.register(POOL.close)
 
 
 class FrameHandler(Protocol):
@@ -132,24 +131,43 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
 
     # The slices this run's stages committed in this process, for their readers here (handoff.py).
     _handoff: HandedSlices | None = PrivateAttr(default=None)
+    # The run's connections to the stage store, shared by every client built for it.
+    _connections: FrameConnections | None = PrivateAttr(default=None)
 
     def _client(self) -> PostgresFrameClient:
-        return PostgresFrameClient(self.database_url, self.schema_name, self.unlogged)
+        return PostgresFrameClient(self.database_url, self.schema_name, self.unlogged, self.connections)
 
     @property
     def handoff(self) -> HandedSlices | None:
         """The run's hand-off while the resource is set up for execution; None outside a run."""
         return self._handoff
 
+    @property
+    def connections(self) -> FrameConnections:
+        """The run's connections while the resource is set up for execution."""
+        if self._connections is None:
+            raise FrameStoreError(
+                "the frame IO manager is not set up for execution: Dagster sets it up for a run "
+                "(outside one, use `with PostgresFrameClient(url) as client:`)"
+            )
+        return self._connections
+
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._handoff = HandedSlices()
+        self._connections = FrameConnections()
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         # The run is over in this process: the slices it kept and its idle stage-store connections go.
         if self._handoff is not None:
             self._handoff.clear()
         self._handoff = None
-        POOL.close()
+        if self._connections is not None:
+            self._connections.close()
+        self._connections = None
+
+    def prune(self, older_than: dt.date) -> dict[str, int]:
+        """Delete stage frames' rows dated before `older_than` (`PostgresFrameClient.prune`)."""
+        return self._client().prune(older_than)
 
     @staticmethod
     def _handler_for(obj_or_type: Any) -> FrameHandler:
