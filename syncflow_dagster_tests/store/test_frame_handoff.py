@@ -5,12 +5,10 @@ never reads an earlier run's frame."""
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import os
 import subprocess
 import sys
 import time
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,41 +85,6 @@ def test_in_process_stage_reads_the_handed_frame_and_postgres_holds_it(
     assert pc.sum(upstream["n"]).as_py() == ROWS * (ROWS - 1) // 2
     assert downstream.to_pylist()[0]["rows"] == ROWS
     assert downstream.to_pylist()[0]["total"] == ROWS * (ROWS - 1) // 2
-
-
-def test_a_finished_in_process_run_holds_no_stage_frame(database_url: str) -> None:
-    """`materialize` keeps every output in its result; stored frames must not stay alive through it."""
-    returned: list[weakref.ref[pa.Table]] = []
-    partitions = dg.MultiPartitionsDefinition(
-        {
-            "entity": dg.StaticPartitionsDefinition(["items"]),
-            "date": dg.DailyPartitionsDefinition("2026-11-01"),
-        }
-    )
-
-    @dg.asset(partitions_def=partitions, io_manager_key="frames")
-    def wide_upstream() -> pa.Table:
-        frame = pa.table({"n": pa.array(np.arange(ROWS, dtype=np.int64))})
-        returned.append(weakref.ref(frame))
-        return frame
-
-    @dg.asset(partitions_def=partitions, io_manager_key="frames")
-    def count_downstream(wide_upstream: pa.Table) -> pa.Table:
-        return pa.table({"rows": [wide_upstream.num_rows]})
-
-    manager = PostgresFrameIOManager(database_url=database_url, schema_name="syncflow_stage_capture")
-    key = dg.MultiPartitionKey({"entity": "items", "date": DAY.isoformat()})
-    result = dg.materialize(
-        [wide_upstream, count_downstream], partition_key=key, resources={"frames": manager}
-    )
-    assert result.success
-    gc.collect()
-    assert len(returned) == 1
-    assert returned[0]() is None, "the run result (or the IO manager) still holds the upstream frame"
-    with PostgresFrameClient(database_url, "syncflow_stage_capture") as reading:
-        stored = reading.select_slice(FrameSlice("wide_upstream__items", "items", (DAY,)))
-    assert stored is not None
-    assert stored.num_rows == ROWS
 
 
 @pytest.fixture

@@ -13,14 +13,17 @@ frame per entity, and each is stored in and loaded from its entity's own table.
 
 Two ways through it:
 
-* Streaming (the sync stages): an input annotated `EntityStreams` is loaded
-  as one `SliceReader` per entity, nothing read yet; the stage writes its
-  output through `writer(...)` (one transaction per slice, committed before
-  the stage returns) and returns the `StoredFrame` handles in `EntityFrames`,
-  which `handle_output` only records.
+* Streaming (every sync stage, the report too): an input annotated
+  `EntityStreams` is loaded as one `SliceReader` per entity, nothing read
+  yet; the stage writes its output through `writer(...)` (one transaction
+  per slice, committed before the stage returns) and returns the
+  `StoredFrame` handles in `EntityFrames`, which `handle_output` only
+  records.
 * Whole frames (`pa.Table`, `pd.DataFrame`, `EntityFrames` of tables):
   `handle_output` writes the frame, committed before the step can report
-  success, under every executor.
+  success, under every executor. An in-process run (`materialize`,
+  `execute_in_process`) keeps every step's output in its result until it
+  ends, a whole frame included: that is why the stages hand over handles.
 
 Either way, a slice of a few chunks that a stage committed is handed to its
 reader in the same process from memory (handoff.py), when Postgres still
@@ -219,7 +222,6 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
                 "a stage over several entities returns EntityFrames (one frame per entity)"
             )
         stored = [self._store(context, where, frame) for where, frame in frames]
-        _forget_captured_output(context)
         # The stage's temporaries are gone by now: give their pages back.
         return_freed_memory()
         if len(stored) == 1:
@@ -338,25 +340,3 @@ def _column_schema(schema: pa.Schema) -> dg.TableSchema:
     """
     return dg.TableSchema(columns=[dg.TableColumn(name=f.name, type=str(f.type)) for f in schema])
 
-
-def _forget_captured_output(context: dg.OutputContext) -> None:
-    """Drop the in-process run result's reference to a frame this IO manager stored.
-
-    `materialize` and `execute_in_process` keep every step's output value in
-    the run result (`ExecuteInProcessResult.output_for_node`) until the run
-    ends, so a run of the nine stages held all nine frames at once: at a
-    million rows that was most of the peak RSS. The frame is in Postgres and
-    handed to its downstream stage, so that copy is dropped here (read a stage
-    frame from its table instead of `result.asset_value`). Executors in other
-    processes capture nothing, and if Dagster ever stops exposing the capture
-    this does nothing.
-    """
-    try:
-        step_context = context.step_context
-    except dg.DagsterInvariantViolationError:
-        return
-    captured = getattr(step_context, "output_capture", None)
-    if not isinstance(captured, dict):
-        return
-    for handle in [h for h in captured if h.step_key == context.step_key and h.output_name == context.name]:
-        del captured[handle]
