@@ -127,22 +127,10 @@ def reconcile_entities(
             if c.ROWVERSION not in deletes.column_names:
                 deletes = deletes.append_column(c.ROWVERSION, pa.nulls(deletes.num_rows, pa.int64()))
             run = pipeline.EntityRun(CATALOG, entity, database, batch, schedulehub=schedulehub.client)
-            ran = pipeline.run_stages(st.DELIVER.name, deletes, run)
-            delivered, persisted = ran[st.DELIVER.name], ran[st.PERSIST.name]
-            metadata.update({f"rows_{k}": v for k, v in persisted.counts.items()})
             # A reconcile's deletes count under the name a sync's do (`delete`), so a
             # status over both kinds adds them up (stage_table.RECONCILE).
-            counts = stages.merged_counts({c.DELETE: deletes.num_rows}, delivered.counts, persisted.counts)
-            bookkeeping.record_stage(
-                database,
-                batch,
-                entity.name,
-                st.RECONCILE.name,
-                deletes.num_rows,
-                round(time.perf_counter() - started, 3),
-                counts,
-            )
-            bookkeeping.finish_from_events(database, batch)
+            ran, _ = pipeline.run_batch(st.RECONCILE, deletes, run, {c.DELETE: deletes.num_rows}, started)
+            metadata.update({f"rows_{k}": v for k, v in ran[st.PERSIST.name].counts.items()})
         metadata["seconds"] = round(time.perf_counter() - started, 3)
         context.log_event(dg.AssetObservation(asset_key=st.REPORT.asset, metadata=metadata, partition=None))
 
@@ -211,25 +199,14 @@ def _retry_entity(
     # A retried row must still have its parents: otherwise it goes back to waiting.
     batch = bookkeeping.batch_for_run(database, entity.name, None, root_run_id(context), kind="retry")
     run = pipeline.EntityRun(CATALOG, entity, database, batch, schedulehub=schedulehub.client)
-    ran = pipeline.run_stages(st.PARENT_CHILD.name, due, run)
-    ready, delivered, persisted = ran[st.PARENT_CHILD.name], ran[st.DELIVER.name], ran[st.PERSIST.name]
-    counts = stages.merged_counts(
+    ran, counts = pipeline.run_batch(
+        st.RETRY,
+        due,
+        run,
         {"retried": due.num_rows, "expired_pending": int(expired or 0), "gave_up": gave_up},
-        ready.counts,
-        delivered.counts,
-        persisted.counts,
+        started,
     )
-    # One stage event carries the retry's counts: progress, the batch and /metrics read it.
-    bookkeeping.record_stage(
-        database,
-        batch,
-        entity.name,
-        st.RETRY.name,
-        due.num_rows,
-        round(time.perf_counter() - started, 3),
-        counts,
-    )
-    bookkeeping.finish_from_events(database, batch)
+    delivered = ran[st.DELIVER.name]
     context.log.info(f"retry {entity.name}: {counts}")
     context.log_event(
         dg.AssetObservation(

@@ -339,4 +339,3 @@ def _column_schema(schema: pa.Schema) -> dg.TableSchema:
     that call's frame (`obj`, `frame`) alive for as long as the process lived.
     """
     return dg.TableSchema(columns=[dg.TableColumn(name=f.name, type=str(f.type)) for f in schema])
-
