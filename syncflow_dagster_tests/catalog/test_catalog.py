@@ -84,6 +84,11 @@ def test_missing_catalog_file_names_the_path(tmp_path: Path) -> None:
             r"entity 'work_centers', parent FK \['site_code'\]: unknown entity 'plants'",
         ),
         (
+            "{entity: sites, fields: [site_code]}",
+            "{entity: sites, fields: [site_code], colour: red}",
+            r"entity 'work_centers', parent 'sites', key colour: unknown key",
+        ),
+        (
             "business_key: [site_code, code]",
             "business_key: [site_code, wc_code]",
             r"entity 'work_centers'.*business key field 'wc_code' is not the target of any field mapping",
