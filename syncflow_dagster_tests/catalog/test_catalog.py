@@ -116,6 +116,22 @@ def test_wrong_catalog_is_refused_naming_entity_and_field(old: str, new: str, ex
         parse_catalog(GOOD.replace(old, new, 1))
 
 
+def test_ancestors_are_the_parents_parents_and_so_on_parents_first() -> None:
+    catalog = load_catalog()
+    assert catalog.ancestors_of("sites") == ()
+    assert catalog.ancestors_of("sales_order_lines") == ("customers", "items", "sales_orders")
+    # operations ← work_orders ← sales_order_lines ← sales_orders ← customers, and the other branches.
+    assert catalog.ancestors_of("operations") == (
+        "customers",
+        "items",
+        "sites",
+        "sales_orders",
+        "work_centers",
+        "sales_order_lines",
+        "work_orders",
+    )
+
+
 def test_cycle_in_parent_graph_is_refused() -> None:
     text = GOOD + textwrap.indent(
         textwrap.dedent(
