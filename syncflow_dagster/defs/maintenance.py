@@ -21,6 +21,11 @@ from syncflow_dagster.engine.identity import add_identity
 from syncflow_dagster.engine.normalize import normalize
 
 _NO_CHANGE_TIME = pa.scalar("1970-01-01T00:00:00+00:00", pa.string())
+# The reconcile and retry ops talk to both partner systems: a failed attempt is retried with
+# exponential backoff and full jitter, like the stages that do (assets.NETWORK_RETRY).
+MAINTENANCE_RETRY = dg.RetryPolicy(
+    max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.FULL
+)
 
 
 class EntitiesConfig(dg.Config):
@@ -69,9 +74,7 @@ async def _source_keys(client: ApiSmithClient, entity: EntitySpec) -> pa.Table:
 @dg.op(
     description="For each entity: list APISmith's keys, compare with what ScheduleHub holds, delete the rest "
     "unless the delete guard blocks it.",
-    retry_policy=dg.RetryPolicy(
-        max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.FULL
-    ),
+    retry_policy=MAINTENANCE_RETRY,
     pool="apismith",
 )
 @stop_means_stop
@@ -137,9 +140,7 @@ def reconcile_entities(
 
 @dg.op(
     description="Redeliver failed records that are due and children whose parents have arrived.",
-    retry_policy=dg.RetryPolicy(
-        max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.FULL
-    ),
+    retry_policy=MAINTENANCE_RETRY,
     pool="schedulehub",
 )
 @stop_means_stop
