@@ -211,14 +211,7 @@ def phase_figures(name: str, rows: int, seconds: float, stage_seconds: dict[str,
 def ancestors_of(entity: str) -> list[str]:
     from syncflow_dagster.defs.assets import CATALOG
 
-    seen: set[str] = set()
-    todo = list(CATALOG.entity(entity).parent_entities)
-    while todo:
-        name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            todo.extend(CATALOG.entity(name).parent_entities)
-    return [n for n in CATALOG.topological_order if n in seen]
+    return list(CATALOG.ancestors_of(entity))
 
 
 # -- correctness -------------------------------------------------------------------------------

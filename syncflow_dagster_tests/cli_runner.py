@@ -203,12 +203,10 @@ def _restore_logging(state: Mapping[str, _LoggerState]) -> None:
 
 def _forget_process_caches() -> None:
     """What a command keeps for the rest of its process: the catalog read from its
-    SYNCFLOW_CATALOG_PATH, the frame store's idle connections to its database."""
+    SYNCFLOW_CATALOG_PATH (the frame store's connections end with the command's client or run)."""
     from syncflow_dagster.catalog.loader import _cached
-    from syncflow_dagster.store.frames.client import POOL
 
     _cached.cache_clear()
-    POOL.close()
 
 
 def _no_thread_left(before: set[threading.Thread], args: tuple[str, ...]) -> None:

@@ -27,6 +27,10 @@ class CatalogError(ValueError):
     """A catalog that cannot be used; the message names entity, field and fault."""
 
 
+# An entity's lists whose items an error names: list → (what an item is, the key that names it).
+_NAMED_ITEMS = {"fields": ("field", "source"), "parents": ("parent", "entity")}
+
+
 def _describe_location(raw: dict[str, Any], loc: tuple[int | str, ...]) -> str:
     """Turn a pydantic error location into 'entity X, field Y' using the raw YAML."""
     parts: list[str] = []
@@ -47,17 +51,12 @@ def _describe_location(raw: dict[str, Any], loc: tuple[int | str, ...]) -> str:
         parts.append(f"entity {name!r}")
         i = 2
     rest = loc[i:]
-    if len(rest) >= 2 and rest[0] == "fields" and isinstance(rest[1], int) and isinstance(body, dict):
-        fields = body.get("fields") or []
-        field = fields[rest[1]] if rest[1] < len(fields) else None
-        label = field.get("source", f"#{rest[1]}") if isinstance(field, dict) else f"#{rest[1]}"
-        parts.append(f"field {label!r}")
-        rest = rest[2:]
-    elif len(rest) >= 2 and rest[0] == "parents" and isinstance(rest[1], int) and isinstance(body, dict):
-        parents = body.get("parents") or []
-        parent = parents[rest[1]] if rest[1] < len(parents) else None
-        label = parent.get("entity", f"#{rest[1]}") if isinstance(parent, dict) else f"#{rest[1]}"
-        parts.append(f"parent {label!r}")
+    if len(rest) >= 2 and rest[0] in _NAMED_ITEMS and isinstance(rest[1], int) and isinstance(body, dict):
+        what, named_by = _NAMED_ITEMS[str(rest[0])]
+        items = body.get(str(rest[0])) or []
+        item = items[rest[1]] if rest[1] < len(items) else None
+        label = item.get(named_by, f"#{rest[1]}") if isinstance(item, dict) else f"#{rest[1]}"
+        parts.append(f"{what} {label!r}")
         rest = rest[2:]
     if rest:
         parts.append("key " + ".".join(str(p) for p in rest))

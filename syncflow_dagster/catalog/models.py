@@ -524,6 +524,17 @@ class Catalog(_Strict):
     def children_of(self, name: str) -> tuple[str, ...]:
         return tuple(e.name for e in self.entities if name in e.parent_entities)
 
+    def ancestors_of(self, name: str) -> tuple[str, ...]:
+        """Every entity `name` depends on through its parents, their parents and so on, parents first."""
+        seen: set[str] = set()
+        todo = list(self.entity(name).parent_entities)
+        while todo:
+            parent = todo.pop()
+            if parent not in seen:
+                seen.add(parent)
+                todo.extend(self.entity(parent).parent_entities)
+        return tuple(n for n in self.topological_order if n in seen)
+
 
 def _topological_order(entities: tuple[EntitySpec, ...]) -> tuple[str, ...]:
     parents = {e.name: set(e.parent_entities) - {e.name} for e in entities}

@@ -65,17 +65,17 @@ def frame_show(
     finally:
         engine.dispose()
     table_name = stage_table_name(asset, entity)
-    client = PostgresFrameClient(_settings().database_url.get_secret_value())
     where = FrameSlice(table_name, entity, (day.date(),))
-    try:
-        frame = client.select_slice(where)
-    except FrameStoreError as exc:
-        raise ValueError(str(exc)) from None
-    if frame is None:
-        raise ValueError(
-            f"{asset} has never been materialized for {entity} (no table {client.schema}.{table_name})"
-        )
-    written = client.written_slices(where).get(day.date())
+    with PostgresFrameClient(_settings().database_url.get_secret_value()) as client:
+        try:
+            frame = client.select_slice(where)
+        except FrameStoreError as exc:
+            raise ValueError(str(exc)) from None
+        if frame is None:
+            raise ValueError(
+                f"{asset} has never been materialized for {entity} (no table {client.schema}.{table_name})"
+            )
+        written = client.written_slices(where).get(day.date())
     if written is None and frame.num_rows == 0:
         # An empty frame of a date nobody wrote is not an empty stage: say which it is.
         raise ValueError(

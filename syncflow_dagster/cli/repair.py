@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from syncflow_dagster.cli.sync import _parse_date, _parse_dates, launch_and_follow
+from syncflow_dagster.cli.sync import _parse_date, _parse_dates, chosen_entities, launch_and_follow
 
 
 def resync(
@@ -36,9 +36,7 @@ def resync(
     """Deliver again to ScheduleHub what SyncFlow holds as delivered (run tag syncflow/resync=true)."""
     from syncflow_dagster.service import launch
 
-    names = list(entities or [])
-    if all_entities == bool(names):
-        raise ValueError("name the entities to resync, or --all (not both)")
+    names = chosen_entities(entities, all_entities, "resync")
     if date is not None and dates is not None:
         raise ValueError("give one of --date or --dates")
     request = launch.SyncRequest(

@@ -57,6 +57,14 @@ def _parse_date(value: str) -> dt.date:
         raise typer.BadParameter(f"{value!r}: a date is YYYY-MM-DD") from None
 
 
+def chosen_entities(entities: list[str] | None, all_entities: bool, verb: str) -> list[str]:
+    """The entities named on the command line, or none with --all (every entity): one of the two."""
+    names = list(entities or [])
+    if all_entities == bool(names):
+        raise ValueError(f"name the entities to {verb}, or --all (not both)")
+    return names
+
+
 def sync(
     entities: Annotated[
         list[str] | None, typer.Argument(help="Catalog entities to sync (parents are launched first).")
@@ -82,9 +90,7 @@ def sync(
     """Launch sync runs through the Dagster webserver (SYNCFLOW_DAGSTER_URL), one per entity, parents first."""
     from syncflow_dagster.service import launch
 
-    names = list(entities or [])
-    if all_entities == bool(names):
-        raise ValueError("name the entities to sync, or --all (not both)")
+    names = chosen_entities(entities, all_entities, "sync")
     if sum(x is not None and x is not False for x in (date, dates, history)) > 1:
         raise ValueError("give one of --date, --dates or --history")
     request = launch.SyncRequest(

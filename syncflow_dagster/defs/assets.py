@@ -6,12 +6,14 @@ Each asset is a row of the stage table (`engine/stage_table.py`): its key,
 description and the name its stage events carry come from there. Each body
 runs its one stage through `pipeline.run_stage` (the one implementation of
 each stage, which the retry, reconcile and repair jobs run too) per entity of
-the run, from the stage's input slice into its output slice, and returns the
-frames with metadata; the Postgres frame IO manager stores each
-entity's frame per partition. A run covers one entity, or several when a
-single-run backfill groups a few days of many entities: the body then handles
-them in the catalog's topological order, parents first, each with its own
-batch, and hands over `EntityFrames` (entity → frame) either way.
+the run, from the stage's input slice into its output slice (written through
+the frame IO manager's `writer`, the report's one row too), and returns the
+`StoredFrame` handles of those slices with metadata, which the IO manager
+only records: no stage hands Dagster a whole table. A run covers one entity,
+or several when a single-run backfill groups a few days of many entities:
+the body then handles them in the catalog's topological order, parents
+first, each with its own batch, and hands over `EntityFrames` (entity →
+handle) either way.
 Stages are separate assets (rather than one op) so that a run can be
 re-executed from the stage that failed, each stage's frame can be inspected
 in the UI and in Postgres, and checks attach to the stage they are about.
@@ -120,12 +122,8 @@ def _run_stage(
 
 
 def _shown(result: stages.StageResult) -> pa.Table:
-    """The rows a stage's metadata previews: its streamed preview, or the head of its frame."""
-    if result.preview is not None:
-        return result.preview
-    if isinstance(result.frame, pa.Table):
-        return result.frame
-    return pa.table({})
+    """The rows a stage's metadata previews: the first rows it wrote (none when it wrote none)."""
+    return result.preview if result.preview is not None else pa.table({})
 
 
 def _preview(frame: pa.Table) -> dg.MetadataValue:
@@ -209,7 +207,7 @@ def _stage_output(
     for_entity: Callable[[Scope, uuid.UUID], stages.StageResult],
 ) -> dg.Output[EntityFrames]:
     """Run `for_entity` (given the entity's batch) for each of the run's entities, parents first,
-    and hand over their frames.
+    and hand over the `StoredFrame` handles of the slices they wrote.
 
     Each entity's result is booked in its own batch; the output's metadata is
     the entity's own for a run of one entity, and totals plus a per-entity
@@ -476,7 +474,11 @@ def sync_report(
     per_entity: dict[str, dict[str, Any]] = {}
     failed_rows: dict[str, dg.AssetCheckResult] = {}
     for entity, dates in _scopes(context):
-        frames[entity.name], per_entity[entity.name] = _report(context, database, entity, dates)
+        report, per_entity[entity.name] = _report(context, database, entity, dates)
+        # Written like every stage's frame, so that the run hands over a handle, never a table.
+        with _writer(context, (entity, dates)) as writer:
+            writer.write(report)
+        frames[entity.name] = writer.stored
         failed_rows[entity.name] = checks.no_failed_rows(
             entity.name, per_entity[entity.name], database.failures().count(entity.name)
         )

@@ -160,25 +160,14 @@ def repair_entity(
     )
     # The sync's own stages from parent-child on: parents first, then what ScheduleHub confirmed.
     repair = pipeline.EntityRun(CATALOG, entity, database, batch, schedulehub=schedulehub)
-    ran = pipeline.run_stages(st.PARENT_CHILD.name, rows, repair)
-    ready, delivered, persisted = ran[st.PARENT_CHILD.name], ran[st.DELIVER.name], ran[st.PERSIST.name]
     wanted = drift.missing.num_rows + drift.differing.num_rows
-    counts = stages.merged_counts(
+    _, counts = pipeline.run_batch(
+        st.TARGET_REPAIR,
+        rows,
+        repair,
         {"to_repair": wanted, "not_in_source": wanted - rows.num_rows},
-        ready.counts,
-        delivered.counts,
-        persisted.counts,
+        started,
     )
-    bookkeeping.record_stage(
-        database,
-        batch,
-        entity.name,
-        st.TARGET_REPAIR.name,
-        rows.num_rows,
-        round(time.perf_counter() - started, 3),
-        counts,
-    )
-    bookkeeping.finish_from_events(database, batch)
     return counts
 
 

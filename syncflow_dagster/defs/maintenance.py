@@ -21,6 +21,11 @@ from syncflow_dagster.engine.identity import add_identity
 from syncflow_dagster.engine.normalize import normalize
 
 _NO_CHANGE_TIME = pa.scalar("1970-01-01T00:00:00+00:00", pa.string())
+# The reconcile and retry ops talk to both partner systems: a failed attempt is retried with
+# exponential backoff and full jitter, like the stages that do (assets.NETWORK_RETRY).
+MAINTENANCE_RETRY = dg.RetryPolicy(
+    max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.FULL
+)
 
 
 class EntitiesConfig(dg.Config):
@@ -69,9 +74,7 @@ async def _source_keys(client: ApiSmithClient, entity: EntitySpec) -> pa.Table:
 @dg.op(
     description="For each entity: list APISmith's keys, compare with what ScheduleHub holds, delete the rest "
     "unless the delete guard blocks it.",
-    retry_policy=dg.RetryPolicy(
-        max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.FULL
-    ),
+    retry_policy=MAINTENANCE_RETRY,
     pool="apismith",
 )
 @stop_means_stop
@@ -127,31 +130,17 @@ def reconcile_entities(
             if c.ROWVERSION not in deletes.column_names:
                 deletes = deletes.append_column(c.ROWVERSION, pa.nulls(deletes.num_rows, pa.int64()))
             run = pipeline.EntityRun(CATALOG, entity, database, batch, schedulehub=schedulehub.client)
-            ran = pipeline.run_stages(st.DELIVER.name, deletes, run)
-            delivered, persisted = ran[st.DELIVER.name], ran[st.PERSIST.name]
-            metadata.update({f"rows_{k}": v for k, v in persisted.counts.items()})
             # A reconcile's deletes count under the name a sync's do (`delete`), so a
             # status over both kinds adds them up (stage_table.RECONCILE).
-            counts = stages.merged_counts({c.DELETE: deletes.num_rows}, delivered.counts, persisted.counts)
-            bookkeeping.record_stage(
-                database,
-                batch,
-                entity.name,
-                st.RECONCILE.name,
-                deletes.num_rows,
-                round(time.perf_counter() - started, 3),
-                counts,
-            )
-            bookkeeping.finish_from_events(database, batch)
+            ran, _ = pipeline.run_batch(st.RECONCILE, deletes, run, {c.DELETE: deletes.num_rows}, started)
+            metadata.update({f"rows_{k}": v for k, v in ran[st.PERSIST.name].counts.items()})
         metadata["seconds"] = round(time.perf_counter() - started, 3)
         context.log_event(dg.AssetObservation(asset_key=st.REPORT.asset, metadata=metadata, partition=None))
 
 
 @dg.op(
     description="Redeliver failed records that are due and children whose parents have arrived.",
-    retry_policy=dg.RetryPolicy(
-        max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.FULL
-    ),
+    retry_policy=MAINTENANCE_RETRY,
     pool="schedulehub",
 )
 @stop_means_stop
@@ -211,25 +200,14 @@ def _retry_entity(
     # A retried row must still have its parents: otherwise it goes back to waiting.
     batch = bookkeeping.batch_for_run(database, entity.name, None, root_run_id(context), kind="retry")
     run = pipeline.EntityRun(CATALOG, entity, database, batch, schedulehub=schedulehub.client)
-    ran = pipeline.run_stages(st.PARENT_CHILD.name, due, run)
-    ready, delivered, persisted = ran[st.PARENT_CHILD.name], ran[st.DELIVER.name], ran[st.PERSIST.name]
-    counts = stages.merged_counts(
+    ran, counts = pipeline.run_batch(
+        st.RETRY,
+        due,
+        run,
         {"retried": due.num_rows, "expired_pending": int(expired or 0), "gave_up": gave_up},
-        ready.counts,
-        delivered.counts,
-        persisted.counts,
+        started,
     )
-    # One stage event carries the retry's counts: progress, the batch and /metrics read it.
-    bookkeeping.record_stage(
-        database,
-        batch,
-        entity.name,
-        st.RETRY.name,
-        due.num_rows,
-        round(time.perf_counter() - started, 3),
-        counts,
-    )
-    bookkeeping.finish_from_events(database, batch)
+    delivered = ran[st.DELIVER.name]
     context.log.info(f"retry {entity.name}: {counts}")
     context.log_event(
         dg.AssetObservation(
@@ -253,7 +231,7 @@ def _retry_entity(
 def prune_stage_frames(context: OpExecutionContext) -> None:
     manager = context.resources.frame_io_manager
     cutoff = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=int(manager.retention_days))
-    removed = manager._client().prune(cutoff)
+    removed = manager.prune(cutoff)
     context.log.info(
         f"pruned stage rows older than {cutoff}: {sum(removed.values())} rows in {len(removed)} tables"
     )

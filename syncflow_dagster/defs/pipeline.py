@@ -8,11 +8,14 @@
   once the rows are committed (persist). Each stage asset of `assets.py` calls
   it for its own stage, between the frame store's reader and writer.
 * `run_stages(first, frame, run)` runs the stages from `first` through
-  persist over a frame held in memory (`memory_frames.py`): what the retry op
-  (from parent-child, on the failed records that are due), the reconcile op
-  (from deliver, on the deletes its key scan planned) and the target audit's
-  repair (from parent-child, on APISmith's rows of the keys ScheduleHub lost)
-  call. The soak and the other end-to-end tests run the assets themselves.
+  persist over a frame held in memory (`memory_frames.py`).
+  `run_batch(event, frame, run, ...)` runs those of a job event (the stage
+  table's `JOB_EVENTS`) that way as one maintenance batch, booked as one
+  stage event and closed: what the retry op (from parent-child, on the failed
+  records that are due), the reconcile op (from deliver, on the deletes its
+  key scan planned) and the target audit's repair (from parent-child, on
+  APISmith's rows of the keys ScheduleHub lost) call. The soak and the other
+  end-to-end tests run the assets themselves.
 
 The fetch (`assets.extracted`, `reading.extract`) makes the first frame and
 the report (`assets.sync_report`) closes the batch; neither runs on a frame,
@@ -22,8 +25,9 @@ so they are not in `STAGES`.
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -130,3 +134,27 @@ def run_stages(
         assert writer.stored is not None
         reader = TableReader(writer.stored)
     return results
+
+
+def run_batch(
+    event: st.JobEvent,
+    frame: pa.Table,
+    run: EntityRun,
+    counts: Mapping[str, int],
+    started: float,
+) -> tuple[dict[str, stages.StageResult], dict[str, int]]:
+    """A maintenance batch: the stages the job event says it runs (`event.stages`) on `frame`, then
+    one stage event `event` of `run`'s batch, and the batch closed from its events.
+
+    The event carries `counts` (the job's own) plus every stage's, and the
+    seconds since `started`: the batch, progress and /metrics read it. Returns
+    each stage's result by its name and the counts booked.
+    """
+    ran = run_stages(event.stages[0].name, frame, run, last=event.stages[-1].name)
+    booked = stages.merged_counts(counts, *(result.counts for result in ran.values()))
+    seconds = round(time.perf_counter() - started, 3)
+    bookkeeping.record_stage(
+        run.database, run.batch_id, run.entity.name, event.name, frame.num_rows, seconds, booked
+    )
+    bookkeeping.finish_from_events(run.database, run.batch_id)
+    return ran, booked

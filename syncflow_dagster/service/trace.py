@@ -129,34 +129,38 @@ def _frames(url: str, entity: str, digest: bytes, dates: list[dt.date]) -> list[
     """The record's row in each kept stage frame of `dates` (frames of pruned dates say so)."""
     from syncflow_dagster.store.frame_io_manager import FrameSlice, PostgresFrameClient, stage_table_name
 
-    client = PostgresFrameClient(url)
     found: list[dict[str, Any]] = []
-    for day in sorted(dates):
-        seen: dict[str, Any] = {"date": day}
-        for stage in TRACE_STAGES:
-            frame = client.select_slice(FrameSlice(stage_table_name(stage, entity), entity, (day,)))
-            if frame is None or frame.num_rows == 0 or c.BK_HASH not in frame.column_names:
-                seen[stage] = None if frame is None or frame.num_rows == 0 else "no key column"
-                continue
-            mine = frame.filter(pc.equal(frame[c.BK_HASH], pa.scalar(digest, c.BK_HASH_TYPE)))
-            if mine.num_rows == 0:
-                seen[stage] = "absent"
-                continue
-            row = mine.slice(mine.num_rows - 1).to_pylist()[0]
-            seen[stage] = {
-                k: (v.hex() if isinstance(v, bytes) else v)
-                for k, v in row.items()
-                if k
-                in (
-                    c.ROWVERSION,
-                    c.CHANGED_AT,
-                    c.DATA_HASH,
-                    c.ACTION,
-                    c.REASON,
-                    "_delivery_status",
-                    "_outcome",
-                )
-                or k == "_deleted"
-            }
-        found.append(seen)
+    with PostgresFrameClient(url) as client:
+        for day in sorted(dates):
+            seen: dict[str, Any] = {"date": day}
+            for stage in TRACE_STAGES:
+                frame = client.select_slice(FrameSlice(stage_table_name(stage, entity), entity, (day,)))
+                seen[stage] = _row_in(frame, digest)
+            found.append(seen)
     return found
+
+
+# The columns of a stage frame a trace shows.
+_TRACED_COLUMNS = (
+    c.ROWVERSION,
+    c.CHANGED_AT,
+    c.DATA_HASH,
+    c.ACTION,
+    c.REASON,
+    "_delivery_status",
+    "_outcome",
+    "_deleted",
+)
+
+
+def _row_in(frame: pa.Table | None, digest: bytes) -> Any:
+    """The record's last row in one stage frame, or why there is none (None: no rows kept)."""
+    if frame is None or frame.num_rows == 0:
+        return None
+    if c.BK_HASH not in frame.column_names:
+        return "no key column"
+    mine = frame.filter(pc.equal(frame[c.BK_HASH], pa.scalar(digest, c.BK_HASH_TYPE)))
+    if mine.num_rows == 0:
+        return "absent"
+    row = mine.slice(mine.num_rows - 1).to_pylist()[0]
+    return {k: (v.hex() if isinstance(v, bytes) else v) for k, v in row.items() if k in _TRACED_COLUMNS}

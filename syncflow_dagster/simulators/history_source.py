@@ -97,7 +97,7 @@ def write_history_source(
     rng = np.random.default_rng(seed)
     ctx = _Ctx(rng=rng, as_of=datetime(start.year, start.month, start.day, tzinfo=UTC) + timedelta(days=days))
     entity = catalog.entity(ENTITY)
-    ancestors = _ancestors(catalog, ENTITY)
+    ancestors = set(catalog.ancestors_of(ENTITY))
     sizes = entity_sizes(catalog, rows)
     start_ms = _ms(start)
     files: list[Path] = []
@@ -163,17 +163,6 @@ def write_history_source(
         datetime.fromtimestamp(int(changed_all[-1]) / 1000, UTC),
         rowversion + rows,
     )
-
-
-def _ancestors(catalog: Catalog, name: str) -> set[str]:
-    seen: set[str] = set()
-    stack = list(catalog.entity(name).parent_entities)
-    while stack:
-        parent = stack.pop()
-        if parent not in seen:
-            seen.add(parent)
-            stack.extend(catalog.entity(parent).parent_entities)
-    return seen
 
 
 def day_counts(folder: Path, catalog: Catalog) -> dict[date, int]:

@@ -84,6 +84,11 @@ def test_missing_catalog_file_names_the_path(tmp_path: Path) -> None:
             r"entity 'work_centers', parent FK \['site_code'\]: unknown entity 'plants'",
         ),
         (
+            "{entity: sites, fields: [site_code]}",
+            "{entity: sites, fields: [site_code], colour: red}",
+            r"entity 'work_centers', parent 'sites', key colour: unknown key",
+        ),
+        (
             "business_key: [site_code, code]",
             "business_key: [site_code, wc_code]",
             r"entity 'work_centers'.*business key field 'wc_code' is not the target of any field mapping",
@@ -109,6 +114,22 @@ def test_wrong_catalog_is_refused_naming_entity_and_field(old: str, new: str, ex
     assert old in GOOD
     with pytest.raises(CatalogError, match=expected):
         parse_catalog(GOOD.replace(old, new, 1))
+
+
+def test_ancestors_are_the_parents_parents_and_so_on_parents_first() -> None:
+    catalog = load_catalog()
+    assert catalog.ancestors_of("sites") == ()
+    assert catalog.ancestors_of("sales_order_lines") == ("customers", "items", "sales_orders")
+    # operations ← work_orders ← sales_order_lines ← sales_orders ← customers, and the other branches.
+    assert catalog.ancestors_of("operations") == (
+        "customers",
+        "items",
+        "sites",
+        "sales_orders",
+        "work_centers",
+        "sales_order_lines",
+        "work_orders",
+    )
 
 
 def test_cycle_in_parent_graph_is_refused() -> None:

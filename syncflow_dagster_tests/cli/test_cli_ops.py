@@ -159,8 +159,12 @@ def test_frame_show_prints_a_stage_frame_and_writes_it_to_parquet(database_url: 
             PARTITION_COLUMN: pa.array([day] * 3, pa.date32()),
         }
     )
-    client = PostgresFrameClient(database_url)
-    client.replace_slice(FrameSlice(stage_table_name("normalized", "items"), "items", (day,)), frame)
+    empty_day = dt.date(2026, 11, 22)
+    with PostgresFrameClient(database_url) as client:
+        client.replace_slice(FrameSlice(stage_table_name("normalized", "items"), "items", (day,)), frame)
+        client.replace_slice(
+            FrameSlice(stage_table_name("normalized", "items"), "items", (empty_day,)), frame.slice(0, 0)
+        )
     out = tmp_path / "normalized.parquet"
     result = syncflow(
         "frame",
@@ -195,10 +199,6 @@ def test_frame_show_prints_a_stage_frame_and_writes_it_to_parquet(database_url: 
         other_day
     )
     # A date materialized with no rows is empty, and says so.
-    empty_day = dt.date(2026, 11, 22)
-    client.replace_slice(
-        FrameSlice(stage_table_name("normalized", "items"), "items", (empty_day,)), frame.slice(0, 0)
-    )
     empty = syncflow("frame", "show", "normalized", "items", "2026-11-22", database_url=database_url)
     assert empty.returncode == 0, empty.stderr
     flat = " ".join(empty.stdout.split())

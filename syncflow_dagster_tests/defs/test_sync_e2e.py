@@ -13,11 +13,22 @@ import pyarrow.compute as pc
 import pytest
 
 from syncflow_dagster.defs import bookkeeping
-from syncflow_dagster.defs.assets import CATALOG
+from syncflow_dagster.defs.assets import CATALOG, STAGE_ASSETS
 from syncflow_dagster.defs.jobs import retry_job
 from syncflow_dagster.defs.runner import materialize_sync, report_of, sync_all
 from syncflow_dagster.defs.sensors import apismith_change_sensor
+from syncflow_dagster.store.frames.stream import EntityFrames, StoredFrame
 from syncflow_dagster_tests.sync_harness import deployment
+
+
+def _handed_over(result: dg.ExecuteInProcessResult) -> dict[str, set[str]]:
+    """Each stage's output as the in-process run result keeps it until the run ends: the type names."""
+    kept: dict[str, set[str]] = {}
+    for asset in STAGE_ASSETS:
+        frames = result.output_for_node(asset.key.path[-1])
+        assert isinstance(frames, EntityFrames), asset.key
+        kept[asset.key.path[-1]] = {type(frame).__name__ for frame in frames.values()}
+    return kept
 
 
 def _sensor_tick(resources: dict, instance: dg.DagsterInstance) -> dg.SensorResult | dg.SkipReason:
@@ -50,6 +61,11 @@ def test_initial_rerun_change_sensor_and_incremental(fresh_database_url: str) ->
 
         results = sync_all(today, resources=env.resources, instance=instance)
         assert all(r.success for r in results.values())
+        # A run result keeps every step's output: each stage hands over small handles, never its rows.
+        for result in results.values():
+            assert _handed_over(result) == {
+                asset.key.path[-1]: {StoredFrame.__name__} for asset in STAGE_ASSETS
+            }
         reports = {name: report_of(r) for name, r in results.items()}
         for name, report in reports.items():
             assert report["fetched"] > 0, name

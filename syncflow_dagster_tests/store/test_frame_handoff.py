@@ -5,12 +5,11 @@ never reads an earlier run's frame."""
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import os
 import subprocess
 import sys
 import time
-import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +76,9 @@ def test_in_process_stage_reads_the_handed_frame_and_postgres_holds_it(
     assert decodes.count == 0, "a frame handed over in this process was read back from Postgres"
     monkeypatch.undo()
 
-    client = PostgresFrameClient(database_url, "syncflow_stage_handoff")
-    upstream = client.select_slice(FrameSlice("big_upstream__items", "items", (DAY,)))
-    downstream = client.select_slice(FrameSlice("small_downstream__items", "items", (DAY,)))
+    with PostgresFrameClient(database_url, "syncflow_stage_handoff") as client:
+        upstream = client.select_slice(FrameSlice("big_upstream__items", "items", (DAY,)))
+        downstream = client.select_slice(FrameSlice("small_downstream__items", "items", (DAY,)))
     assert upstream is not None
     assert downstream is not None
     assert upstream.num_rows == ROWS
@@ -88,44 +87,16 @@ def test_in_process_stage_reads_the_handed_frame_and_postgres_holds_it(
     assert downstream.to_pylist()[0]["total"] == ROWS * (ROWS - 1) // 2
 
 
-def test_a_finished_in_process_run_holds_no_stage_frame(database_url: str) -> None:
-    """`materialize` keeps every output in its result; stored frames must not stay alive through it."""
-    returned: list[weakref.ref[pa.Table]] = []
-    partitions = dg.MultiPartitionsDefinition(
-        {
-            "entity": dg.StaticPartitionsDefinition(["items"]),
-            "date": dg.DailyPartitionsDefinition("2026-11-01"),
-        }
-    )
-
-    @dg.asset(partitions_def=partitions, io_manager_key="frames")
-    def wide_upstream() -> pa.Table:
-        frame = pa.table({"n": pa.array(np.arange(ROWS, dtype=np.int64))})
-        returned.append(weakref.ref(frame))
-        return frame
-
-    @dg.asset(partitions_def=partitions, io_manager_key="frames")
-    def count_downstream(wide_upstream: pa.Table) -> pa.Table:
-        return pa.table({"rows": [wide_upstream.num_rows]})
-
-    manager = PostgresFrameIOManager(database_url=database_url, schema_name="syncflow_stage_capture")
-    key = dg.MultiPartitionKey({"entity": "items", "date": DAY.isoformat()})
-    result = dg.materialize(
-        [wide_upstream, count_downstream], partition_key=key, resources={"frames": manager}
-    )
-    assert result.success
-    gc.collect()
-    assert len(returned) == 1
-    assert returned[0]() is None, "the run result (or the IO manager) still holds the upstream frame"
-    stored = PostgresFrameClient(database_url, "syncflow_stage_capture").select_slice(
-        FrameSlice("wide_upstream__items", "items", (DAY,))
-    )
-    assert stored is not None
-    assert stored.num_rows == ROWS
+@pytest.fixture
+def clear_client(database_url: str) -> Iterator[PostgresFrameClient]:
+    with PostgresFrameClient(database_url, "syncflow_stage_handoff_clear") as client:
+        yield client
 
 
-def test_replacing_the_only_stored_date_truncates_and_other_dates_survive(database_url: str) -> None:
-    client = PostgresFrameClient(database_url, "syncflow_stage_handoff_clear")
+def test_replacing_the_only_stored_date_truncates_and_other_dates_survive(
+    clear_client: PostgresFrameClient,
+) -> None:
+    client = clear_client
     other = DAY - dt.timedelta(days=1)
 
     def frame(day: dt.date, n: int) -> pa.Table:
@@ -167,7 +138,7 @@ class _SlowFrameClient(PostgresFrameClient):
 
 class _SlowFrameIOManager(PostgresFrameIOManager):
     def _client(self) -> PostgresFrameClient:
-        return _SlowFrameClient(self.database_url, self.schema_name, self.unlogged)
+        return _SlowFrameClient(self.database_url, self.schema_name, self.unlogged, self.connections)
 
 
 def _versioned_assets() -> list[dg.AssetsDefinition]:
@@ -219,9 +190,8 @@ def test_a_step_that_succeeded_left_its_frame_in_postgres_though_the_worker_died
     died = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
     assert died.returncode == 9, died.stderr.decode()[-2000:]
     assert marker.read_text() == "upstream step succeeded"
-    stored = PostgresFrameClient(database_url, STALE_SCHEMA).select_slice(
-        FrameSlice("versioned_upstream__items", "items", (DAY,))
-    )
+    with PostgresFrameClient(database_url, STALE_SCHEMA) as reading:
+        stored = reading.select_slice(FrameSlice("versioned_upstream__items", "items", (DAY,)))
     assert stored is not None
     assert stored.num_rows == ROWS
     assert pc.unique(stored["n"]).to_pylist() == [2], (

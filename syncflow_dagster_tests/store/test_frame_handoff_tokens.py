@@ -2,6 +2,7 @@
 serves the committed write from memory, and only while Postgres holds that very write (its token)."""
 
 import datetime as dt
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
@@ -10,7 +11,7 @@ import pyarrow as pa
 import pytest
 from dagster import AssetExecutionContext
 
-from syncflow_dagster.store.frames.client import FrameSlice, PostgresFrameClient
+from syncflow_dagster.store.frames.client import FrameConnections, FrameSlice, PostgresFrameClient
 from syncflow_dagster.store.frames.codec import PARTITION_COLUMN
 from syncflow_dagster.store.frames.handoff import HandedSlices
 from syncflow_dagster.store.frames.io_manager import PostgresFrameIOManager
@@ -23,8 +24,9 @@ SCHEMA = "syncflow_stage_tokens"
 
 
 @pytest.fixture
-def client(database_url: str) -> PostgresFrameClient:
-    return PostgresFrameClient(database_url, SCHEMA)
+def client(database_url: str) -> Iterator[PostgresFrameClient]:
+    with PostgresFrameClient(database_url, SCHEMA) as client:
+        yield client
 
 
 def _frame(values: list[int], day: dt.date = DAY1) -> pa.Table:
@@ -163,14 +165,14 @@ def test_an_old_slices_table_gets_its_token_column(database_url: str) -> None:
             f"CREATE TABLE {schema}._slices (table_name text NOT NULL, partition_date date NOT NULL,"
             " row_count bigint NOT NULL, written_at timestamptz NOT NULL, PRIMARY KEY (table_name, partition_date))"
         )
-    client = PostgresFrameClient(database_url, schema)
     handoff = HandedSlices()
     where = FrameSlice("old__items", "items", (DAY1,))
-    client.replace_slice(where, _frame([1, 2]), handoff)
-    reader = client.reader(where, handoff)
-    assert reader.handed
-    assert _values(reader) == [1, 2]
-    assert _values(client.reader(where)) == [1, 2]
+    with PostgresFrameClient(database_url, schema) as client:
+        client.replace_slice(where, _frame([1, 2]), handoff)
+        reader = client.reader(where, handoff)
+        assert reader.handed
+        assert _values(reader) == [1, 2]
+        assert _values(client.reader(where)) == [1, 2]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,12 +191,16 @@ def _streamed_assets(seen: dict[str, Any]) -> list[dg.AssetsDefinition]:
     def streamed_upstream(context: AssetExecutionContext) -> EntityFrames:
         manager: PostgresFrameIOManager = context.resources.frames
         seen["handoff"] = manager.handoff
+        seen["connections"] = manager.connections
         with manager.writer("streamed_upstream", "items", (DAY2,)) as writer:
             writer.write(pa.table({"v": pa.array(range(1000), pa.int64())}))
         return EntityFrames({"items": writer.stored})
 
-    @dg.asset(partitions_def=partitions, io_manager_key="frames")
-    def streamed_downstream(streamed_upstream: EntityStreams) -> pa.Table:
+    @dg.asset(partitions_def=partitions, io_manager_key="frames", required_resource_keys={"frames"})
+    def streamed_downstream(context: AssetExecutionContext, streamed_upstream: EntityStreams) -> pa.Table:
+        manager: PostgresFrameIOManager = context.resources.frames
+        seen["same_connections"] = manager.connections is seen["connections"]
+        seen["idle_in_run"] = manager.connections.idle
         reader = streamed_upstream["items"]
         seen["handed"] = reader.handed
         total = sum(int(chunk["v"].to_numpy().sum()) for chunk in reader.chunks(300))
@@ -218,9 +224,14 @@ def test_streamed_stages_in_one_process_hand_over_without_decoding(
     assert isinstance(seen["handoff"], HandedSlices)
     assert len(seen["handoff"]) == 0
     assert manager.handoff is None
+    # One pool of connections for the run: reused from stage to stage, closed by the teardown.
+    assert seen["same_connections"] is True
+    assert seen["idle_in_run"] >= 1, "the upstream's connection was not kept for the rest of the run"
+    assert isinstance(seen["connections"], FrameConnections)
+    assert seen["connections"].closed
+    assert seen["connections"].idle == 0
     monkeypatch.undo()
-    stored = PostgresFrameClient(database_url, "syncflow_stage_streamed_handoff").select_slice(
-        FrameSlice("streamed_downstream__items", "items", (DAY2,))
-    )
+    with PostgresFrameClient(database_url, "syncflow_stage_streamed_handoff") as reading:
+        stored = reading.select_slice(FrameSlice("streamed_downstream__items", "items", (DAY2,)))
     assert stored is not None
     assert stored["total"].to_pylist() == [sum(range(1000))]

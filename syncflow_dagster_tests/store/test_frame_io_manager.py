@@ -3,6 +3,7 @@
 import datetime as dt
 import decimal
 import uuid
+from collections.abc import Iterator
 
 import dagster as dg
 import pandas as pd
@@ -73,8 +74,9 @@ def dated_frame(day: dt.date, values: list[int]) -> pa.Table:
 
 
 @pytest.fixture
-def client(database_url: str) -> PostgresFrameClient:
-    return PostgresFrameClient(database_url, schema="syncflow_stage_test")
+def client(database_url: str) -> Iterator[PostgresFrameClient]:
+    with PostgresFrameClient(database_url, schema="syncflow_stage_test") as client:
+        yield client
 
 
 def test_every_catalog_type_round_trips_with_its_dtype(client: PostgresFrameClient) -> None:
@@ -140,9 +142,8 @@ def test_io_manager_stores_and_loads_partitions_through_dagster(database_url: st
     assert metadata["dagster/row_count"].value == 2
     assert metadata["dagster/table_name"].value == "syncflow_stage_dg.downstream__items"
     assert metadata["read_back"].value == "syncflow frame show downstream items 2026-11-28"
-    stored = PostgresFrameClient(database_url, "syncflow_stage_dg").select_slice(
-        FrameSlice("downstream__items", "items", (DAY2,))
-    )
+    with PostgresFrameClient(database_url, "syncflow_stage_dg") as reading:
+        stored = reading.select_slice(FrameSlice("downstream__items", "items", (DAY2,)))
     assert stored["double"].to_pylist() == [2, 4]
 
 
@@ -184,8 +185,6 @@ def test_a_frame_over_several_dates_is_stored_in_chunks_and_read_by_any_dates(
 def test_a_table_of_the_row_layout_is_replaced_on_write_and_refused_on_read(
     client: PostgresFrameClient, database_url: str
 ) -> None:
-    from syncflow_dagster.store.frames import client as frame_client
-
     written = dated_frame(DAY1, [1, 2])
     where = FrameSlice("t__legacy", "legacy", (DAY1,))
     client.replace_slice(where, written)
@@ -193,11 +192,12 @@ def test_a_table_of_the_row_layout_is_replaced_on_write_and_refused_on_read(
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         conn.execute('DROP TABLE "syncflow_stage_test"."t__legacy"')
         conn.execute('CREATE TABLE "syncflow_stage_test"."t__legacy" (v bigint, "_partition_date" date)')
-    frame_client.POOL.settled.clear()
-    with pytest.raises(FrameStoreError, match="row layout; materialize the partition again"):
-        client.select_slice(where)
-    assert client.replace_slice(where, written) is True  # re-created
-    assert client.select_slice(where) == written
+    # The next run's connections check the table again (this client's checked it once).
+    with PostgresFrameClient(database_url, client.schema) as next_run:
+        with pytest.raises(FrameStoreError, match="row layout; materialize the partition again"):
+            next_run.select_slice(where)
+        assert next_run.replace_slice(where, written) is True  # re-created
+        assert next_run.select_slice(where) == written
 
 
 def test_a_slice_emptied_under_the_manager_is_refused_not_read_as_empty(
@@ -285,8 +285,6 @@ def test_stage_tables_skip_autovacuum_and_prune_vacuums_them(
 ) -> None:
     # Autovacuum on a freshly written million-row stage table made the next run's
     # TRUNCATE wait deadlock_timeout for it to be cancelled; prune cleans up instead.
-    from syncflow_dagster.store.frames import client as frame_client
-
     table = f"t__vacuum_{uuid.uuid4().hex[:8]}"  # a new table: last_vacuum starts empty
     client.replace_slice(FrameSlice(table, "vacuum", (DAY1,)), dated_frame(DAY1, [1, 2]))
     options, _ = _table_state(database_url, client.schema, table)
@@ -295,8 +293,11 @@ def test_stage_tables_skip_autovacuum_and_prune_vacuums_them(
     # A table made before this setting existed gets it on its next write.
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         conn.execute(f'ALTER TABLE "{client.schema}"."{table}" RESET (autovacuum_enabled)')
-    frame_client.POOL.settled.clear()
     client.replace_slice(FrameSlice(table, "vacuum", (DAY2,)), dated_frame(DAY2, [3]))
+    options, _ = _table_state(database_url, client.schema, table)
+    assert "autovacuum_enabled=false" not in options  # checked once per pool: not again by this one
+    with PostgresFrameClient(database_url, client.schema) as next_run:
+        next_run.replace_slice(FrameSlice(table, "vacuum", (DAY2,)), dated_frame(DAY2, [3]))
     options, last_vacuum = _table_state(database_url, client.schema, table)
     assert "autovacuum_enabled=false" in options
     assert last_vacuum is None

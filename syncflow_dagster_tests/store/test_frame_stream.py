@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pytest
@@ -16,8 +17,9 @@ DAY2 = dt.date(2026, 11, 28)
 
 
 @pytest.fixture
-def client(database_url: str) -> PostgresFrameClient:
-    return PostgresFrameClient(database_url, "syncflow_stage_stream")
+def client(database_url: str) -> Iterator[PostgresFrameClient]:
+    with PostgresFrameClient(database_url, "syncflow_stage_stream") as client:
+        yield client
 
 
 def _part(values: list[int], day: dt.date, *, text: bool = True) -> pa.Table:

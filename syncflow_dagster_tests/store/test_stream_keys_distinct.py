@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -20,8 +20,9 @@ DAY = dt.date(2026, 12, 6)
 
 
 @pytest.fixture
-def client(database_url: str) -> PostgresFrameClient:
-    return PostgresFrameClient(database_url, "syncflow_stage_keys_distinct")
+def client(database_url: str) -> Iterator[PostgresFrameClient]:
+    with PostgresFrameClient(database_url, "syncflow_stage_keys_distinct") as client:
+        yield client
 
 
 def _reader(client: PostgresFrameClient, name: str, keys: Sequence[bytes | None]) -> SliceReader:

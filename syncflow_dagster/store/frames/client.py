@@ -73,21 +73,44 @@ class FrameSlice:
     dates: tuple[dt.date, ...]
 
 
-class _ConnectionPool:
-    """Idle ADBC connections per URL (opening one reads the type catalog: ~0.1 s each).
+class FrameConnections:
+    """Idle ADBC connections per URL (opening one reads the type catalog: ~0.1 s each), and the
+    stage tables whose layout and autovacuum setting were checked through them.
 
-    A connection is handed to one user at a time; a streaming writer holds one
-    for its whole transaction while others are taken or opened beside it.
+    Owned by whoever owns the client: the IO manager for one run
+    (`setup_for_execution` to `teardown_after_execution`), a `PostgresFrameClient`
+    used as a context manager for its `with` block. A connection is handed to
+    one user at a time; a streaming writer holds one for its whole transaction
+    while others are taken or opened beside it. `close` closes the idle ones
+    while the driver is loaded (its finalizer complains about a connection
+    left to it), and a closed pool keeps nothing: a connection given back
+    after it is closed too.
     """
 
     def __init__(self) -> None:
         self._idle: dict[str, list[Any]] = {}
         self._lock = threading.Lock()
-        # Stage tables whose layout and autovacuum setting this process has checked.
+        self._closed = False
+        # (URL, table) of each stage table checked: the check is made once per table per pool.
         self.settled: set[tuple[str, str]] = set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def idle(self) -> int:
+        """How many connections wait to be taken again."""
+        with self._lock:
+            return sum(len(conns) for conns in self._idle.values())
 
     def take(self, url: str) -> Any:
         with self._lock:
+            if self._closed:
+                raise FrameStoreError(
+                    "the frame store's connections are closed: the run that owned them ended, "
+                    "or the client's `with` block did"
+                )
             idle = self._idle.get(url)
             if idle:
                 return idle.pop()
@@ -97,38 +120,84 @@ class _ConnectionPool:
 
     def give_back(self, url: str, conn: Any) -> None:
         with self._lock:
-            self._idle.setdefault(url, []).append(conn)
+            if not self._closed:
+                self._idle.setdefault(url, []).append(conn)
+                return
+        with suppress(Exception):
+            conn.close()
 
     def close(self) -> None:
-        """Close the idle connections (while the driver is still loaded, else its finalizer complains)."""
+        """Close the idle connections; what is given back later is closed, not kept."""
         with self._lock:
+            self._closed = True
             idle = [conn for conns in self._idle.values() for conn in conns]
             self._idle.clear()
+            self.settled.clear()
         for conn in idle:
             with suppress(Exception):
                 conn.close()
 
+    def __enter__(self) -> FrameConnections:
+        return self
 
-POOL = _ConnectionPool()
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 class PostgresFrameClient:
-    """Ensure tables, write and read slices, prune."""
+    """Ensure tables, write and read slices, prune.
 
-    def __init__(self, database_url: str, schema: str = STAGE_SCHEMA, unlogged: bool = True) -> None:
+    Its connections are `connections` (their owner closes them), or, given
+    none, its own for the length of a `with` block:
+
+        with PostgresFrameClient(url) as client:
+            frame = client.select_slice(where)
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        schema: str = STAGE_SCHEMA,
+        unlogged: bool = True,
+        connections: FrameConnections | None = None,
+    ) -> None:
         self._url = libpq_url(database_url)
         self.schema = schema
         self.unlogged = unlogged
         quote(schema)
+        self._owns_connections = connections is None
+        self._connections = connections
+
+    def __enter__(self) -> PostgresFrameClient:
+        if self._owns_connections:
+            if self._connections is not None:
+                raise FrameStoreError("a PostgresFrameClient's `with` block is not re-entrant")
+            self._connections = FrameConnections()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._owns_connections and self._connections is not None:
+            self._connections.close()
+            self._connections = None
 
     @property
     def url(self) -> str:
         return self._url
 
+    @property
+    def connections(self) -> FrameConnections:
+        if self._connections is None:
+            raise FrameStoreError(
+                "this PostgresFrameClient has no connections: given none, it opens its own inside "
+                "`with PostgresFrameClient(url) as client:` and closes them when the block ends"
+            )
+        return self._connections
+
     @contextmanager
     def connect(self) -> Iterator[Any]:
         """A pooled ADBC connection; one that failed is discarded rather than returned."""
-        conn = POOL.take(self._url)
+        connections = self.connections
+        conn = connections.take(self._url)
         try:
             yield conn
         except BaseException:
@@ -137,7 +206,7 @@ class PostgresFrameClient:
             conn.close()
             raise
         else:
-            POOL.give_back(self._url, conn)
+            connections.give_back(self._url, conn)
 
     def qualified(self, table: str) -> str:
         return f"{quote(self.schema)}.{quote(table)}"
@@ -157,7 +226,7 @@ class PostgresFrameClient:
         self._ensure_write_token(cur)
 
     def _ensure_write_token(self, cur: Any) -> None:
-        """Give a `_slices` table created by an earlier release its `write_token` column (once per process).
+        """Give a `_slices` table created by an earlier release its `write_token` column (once per pool).
 
         The token says which committed write a slice's rows are (the in-process
         hand-off, handoff.py); rows of an earlier release have none, which
@@ -165,7 +234,7 @@ class PostgresFrameClient:
         for every open write transaction that recorded a slice.
         """
         marker = (self._url, f"{self.qualified(SLICES_TABLE)}.write_token")
-        if marker in POOL.settled:
+        if marker in self.connections.settled:
             return
         cur.execute(
             "SELECT count(*) FROM pg_attribute WHERE attrelid = "
@@ -176,7 +245,7 @@ class PostgresFrameClient:
             cur.execute(
                 f"ALTER TABLE {self.qualified(SLICES_TABLE)} ADD COLUMN IF NOT EXISTS write_token text"
             )
-        POOL.settled.add(marker)
+        self.connections.settled.add(marker)
 
     def stored_schema(self, cur: Any, table: str) -> pa.Schema | None:
         cur.execute(f"SELECT arrow_schema FROM {self.qualified(FRAMES_TABLE)} WHERE table_name = '{table}'")
@@ -206,11 +275,11 @@ class PostgresFrameClient:
         # The chunks are LZ4-compressed already: TOAST stores them out of line as they are.
         cur.execute(f"ALTER TABLE {qualified} ALTER COLUMN {IPC} SET STORAGE EXTERNAL")
         cur.execute(f"CREATE INDEX ON {qualified} ({quote(PARTITION_COLUMN)}, {SEQ})")
-        POOL.settled.add((self._url, qualified))
+        self.connections.settled.add((self._url, qualified))
 
     def has_chunk_layout(self, cur: Any, table: str) -> bool:
         """Whether an existing stage table holds chunks (an earlier release wrote one row per frame row)."""
-        if (self._url, self.qualified(table)) in POOL.settled:
+        if (self._url, self.qualified(table)) in self.connections.settled:
             return True
         cur.execute(
             "SELECT count(*) FROM pg_attribute WHERE attrelid = "
@@ -220,17 +289,17 @@ class PostgresFrameClient:
         return row is not None and bool(row[0])
 
     def settle(self, cur: Any, table: str) -> bool:
-        """Whether an existing stage table can be written as it is; if so, autovacuum goes off (once per process).
+        """Whether an existing stage table can be written as it is; if so, autovacuum goes off (once per pool).
 
         Tables of the row layout are reported as not reusable, and the write re-creates them.
         """
         qualified = self.qualified(table)
-        if (self._url, qualified) in POOL.settled:
+        if (self._url, qualified) in self.connections.settled:
             return True
         if not self.has_chunk_layout(cur, table):
             return False
         cur.execute(f"ALTER TABLE {qualified} SET ({_NO_AUTOVACUUM})")
-        POOL.settled.add((self._url, qualified))
+        self.connections.settled.add((self._url, qualified))
         return True
 
     def record_slice(self, cur: Any, where: FrameSlice, rows: dict[dt.date, int], token: str) -> None:

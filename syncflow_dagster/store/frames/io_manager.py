@@ -13,24 +13,30 @@ frame per entity, and each is stored in and loaded from its entity's own table.
 
 Two ways through it:
 
-* Streaming (the sync stages): an input annotated `EntityStreams` is loaded
-  as one `SliceReader` per entity, nothing read yet; the stage writes its
-  output through `writer(...)` (one transaction per slice, committed before
-  the stage returns) and returns the `StoredFrame` handles in `EntityFrames`,
-  which `handle_output` only records.
+* Streaming (every sync stage, the report too): an input annotated
+  `EntityStreams` is loaded as one `SliceReader` per entity, nothing read
+  yet; the stage writes its output through `writer(...)` (one transaction
+  per slice, committed before the stage returns) and returns the
+  `StoredFrame` handles in `EntityFrames`, which `handle_output` only
+  records.
 * Whole frames (`pa.Table`, `pd.DataFrame`, `EntityFrames` of tables):
   `handle_output` writes the frame, committed before the step can report
-  success, under every executor.
+  success, under every executor. An in-process run (`materialize`,
+  `execute_in_process`) keeps every step's output in its result until it
+  ends, a whole frame included: that is why the stages hand over handles.
 
 Either way, a slice of a few chunks that a stage committed is handed to its
 reader in the same process from memory (handoff.py), when Postgres still
-holds that very write; the IO manager owns the `HandedSlices` for one run
-(`setup_for_execution` to `teardown_after_execution`).
+holds that very write.
+
+The IO manager's state is the run's, from `setup_for_execution` to
+`teardown_after_execution`: the `HandedSlices`, and the `FrameConnections`
+(idle connections, the stage tables checked) that every client it builds
+shares. Nothing is kept at module level.
 """
 
 from __future__ import annotations
 
-import atexit
 import datetime as dt
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -41,8 +47,8 @@ import pyarrow as pa
 from pydantic import Field, PrivateAttr
 
 from syncflow_dagster.store.frames.client import (
-    POOL,
     STAGE_SCHEMA,
+    FrameConnections,
     FrameSlice,
     PostgresFrameClient,
     stage_table_name,
@@ -57,10 +63,6 @@ from syncflow_dagster.store.frames.stream import (
     StoredFrame,
     with_partition_column,
 )
-
-# Idle pooled connections are closed at exit at the latest (the IO manager closes them
-# when a run's resources are torn down), while the driver is still loaded.
-atexit.register(POOL.close)
 
 
 class FrameHandler(Protocol):
@@ -132,24 +134,43 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
 
     # The slices this run's stages committed in this process, for their readers here (handoff.py).
     _handoff: HandedSlices | None = PrivateAttr(default=None)
+    # The run's connections to the stage store, shared by every client built for it.
+    _connections: FrameConnections | None = PrivateAttr(default=None)
 
     def _client(self) -> PostgresFrameClient:
-        return PostgresFrameClient(self.database_url, self.schema_name, self.unlogged)
+        return PostgresFrameClient(self.database_url, self.schema_name, self.unlogged, self.connections)
 
     @property
     def handoff(self) -> HandedSlices | None:
         """The run's hand-off while the resource is set up for execution; None outside a run."""
         return self._handoff
 
+    @property
+    def connections(self) -> FrameConnections:
+        """The run's connections while the resource is set up for execution."""
+        if self._connections is None:
+            raise FrameStoreError(
+                "the frame IO manager is not set up for execution: Dagster sets it up for a run "
+                "(outside one, use `with PostgresFrameClient(url) as client:`)"
+            )
+        return self._connections
+
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._handoff = HandedSlices()
+        self._connections = FrameConnections()
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         # The run is over in this process: the slices it kept and its idle stage-store connections go.
         if self._handoff is not None:
             self._handoff.clear()
         self._handoff = None
-        POOL.close()
+        if self._connections is not None:
+            self._connections.close()
+        self._connections = None
+
+    def prune(self, older_than: dt.date) -> dict[str, int]:
+        """Delete stage frames' rows dated before `older_than` (`PostgresFrameClient.prune`)."""
+        return self._client().prune(older_than)
 
     @staticmethod
     def _handler_for(obj_or_type: Any) -> FrameHandler:
@@ -201,7 +222,6 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
                 "a stage over several entities returns EntityFrames (one frame per entity)"
             )
         stored = [self._store(context, where, frame) for where, frame in frames]
-        _forget_captured_output(context)
         # The stage's temporaries are gone by now: give their pages back.
         return_freed_memory()
         if len(stored) == 1:
@@ -319,26 +339,3 @@ def _column_schema(schema: pa.Schema) -> dg.TableSchema:
     that call's frame (`obj`, `frame`) alive for as long as the process lived.
     """
     return dg.TableSchema(columns=[dg.TableColumn(name=f.name, type=str(f.type)) for f in schema])
-
-
-def _forget_captured_output(context: dg.OutputContext) -> None:
-    """Drop the in-process run result's reference to a frame this IO manager stored.
-
-    `materialize` and `execute_in_process` keep every step's output value in
-    the run result (`ExecuteInProcessResult.output_for_node`) until the run
-    ends, so a run of the nine stages held all nine frames at once: at a
-    million rows that was most of the peak RSS. The frame is in Postgres and
-    handed to its downstream stage, so that copy is dropped here (read a stage
-    frame from its table instead of `result.asset_value`). Executors in other
-    processes capture nothing, and if Dagster ever stops exposing the capture
-    this does nothing.
-    """
-    try:
-        step_context = context.step_context
-    except dg.DagsterInvariantViolationError:
-        return
-    captured = getattr(step_context, "output_capture", None)
-    if not isinstance(captured, dict):
-        return
-    for handle in [h for h in captured if h.step_key == context.step_key and h.output_name == context.name]:
-        del captured[handle]

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from syncflow_dagster.store.frames import codec
-from syncflow_dagster.store.frames.client import POOL, SLICES_TABLE, FrameSlice, dates_sql, quote
+from syncflow_dagster.store.frames.client import SLICES_TABLE, FrameSlice, dates_sql, quote
 from syncflow_dagster.store.frames.codec import (
     CHUNK_SCHEMA,
     IPC,
@@ -151,7 +151,7 @@ class SliceWriter:
         client, table = self._client, self.where.table
         if self._handoff is not None:
             self._handoff.forget(slice_key(client, self.where))
-        self._conn = POOL.take(client.url)
+        self._conn = client.connections.take(client.url)
         try:
             cur = self._cur = self._conn.cursor()
             client.ensure_catalog(cur)
@@ -216,7 +216,7 @@ class SliceWriter:
         except BaseException:
             self.abort()
             raise
-        POOL.give_back(client.url, self._conn)
+        client.connections.give_back(client.url, self._conn)
         self._conn = self._cur = None
         kept, self._kept = self._kept, None
         if kept is not None and self._handoff is not None:
@@ -230,11 +230,14 @@ class SliceWriter:
 
     def abort(self) -> None:
         """Roll the write back and discard the connection (the previous slice stays)."""
-        conn, self._conn, self._cur = self._conn, None, None
+        conn, cur, self._conn, self._cur = self._conn, self._cur, None, None
         self._kept = None
         if conn is not None:
             with suppress(Exception):  # the connection is closed next either way
                 conn.rollback()
+            if cur is not None:
+                with suppress(Exception):  # else the driver's finalizer complains of it later
+                    cur.close()
             with suppress(Exception):
                 conn.close()
 
