@@ -30,6 +30,7 @@ from syncflow_dagster.simulators.apismith import ARROW_STREAM, create_app
 from syncflow_dagster.simulators.datagen import generate_dataset
 from syncflow_dagster.simulators.parquet_store import CHANGES_DIR, ParquetErpStore, is_disk_source
 from syncflow_dagster.simulators.serve import start_server
+from syncflow_dagster_tests import loopback_http
 
 AS_OF = datetime(2024, 5, 10, 12, 0, tzinfo=UTC)
 CLIENT = {"c": "apismith-parquet-secret"}
@@ -69,7 +70,7 @@ def write_folder(dataset: dict[str, pa.Table], folder: Path) -> None:
 
 
 def client(url: str) -> httpx.Client:
-    http = httpx.Client(base_url=url, timeout=60)
+    http = loopback_http.client(base_url=url, timeout=60)
     token = http.post(
         "/oauth/token",
         data={"grant_type": "client_credentials", "client_id": "c", "client_secret": CLIENT["c"]},
