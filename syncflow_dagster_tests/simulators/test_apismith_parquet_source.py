@@ -134,13 +134,27 @@ def windows() -> list[dict[str, Any]]:
     ]
 
 
-def assert_same(a: httpx.Client, b: httpx.Client, sources: list[str], *, windows_read: int = 99) -> None:
+def after_restart() -> list[dict[str, Any]]:
+    """The windows read again after the disk-backed stand-in restarts.
+
+    A restart can lose or misorder the change sets it reads back from the folder, which
+    any whole read shows: the default page, pages of 7, one page of everything and a
+    day's window (row-group pruning). Not the one-row pages, the costliest read (a
+    request per row per source, about a thousand per store): they walk the same paging
+    code over the same files, and both states were walked that way before the restart.
+    """
+    return [params for params in windows() if params.get("limit") != 1][:4]
+
+
+def assert_same(
+    a: httpx.Client, b: httpx.Client, sources: list[str], *, reads: list[dict[str, Any]] | None = None
+) -> None:
     for source in sources:
         assert (
             a.get(f"/v1/entities/{source}/watermark").json()
             == b.get(f"/v1/entities/{source}/watermark").json()
         )
-        for params in windows()[:windows_read]:
+        for params in windows() if reads is None else reads:
             for kind in ("changes", "tombstones"):
                 assert read(a, source, kind, **params) == read(b, source, kind, **params), (
                     source,
@@ -227,8 +241,8 @@ def test_a_parquet_folder_answers_like_the_in_memory_store(
     # The disk-backed stand-in restarts on the folder with its change sets.
     again = create_app(source_dir=folder, clients=CLIENT, secret="e" * 32)
     with start_server(again) as server, closing(client(server.url)) as restarted:
-        assert_same(memory, restarted, list(dataset), windows_read=4)
+        assert_same(memory, restarted, list(dataset), reads=after_restart())
         for http in (memory, restarted):
             assert http.post("/admin/reset").status_code == 200
         assert not (folder / CHANGES_DIR).exists()
-        assert_same(memory, restarted, list(dataset), windows_read=4)
+        assert_same(memory, restarted, list(dataset), reads=after_restart())
