@@ -17,6 +17,7 @@ embedded server of the test's own, never the shared one.
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import shutil
 import tempfile
@@ -27,6 +28,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from _pytest.mark import MarkMatcher
+from _pytest.mark.expression import Expression
+from schemathesis.pytest.plugin import SchemathesisCase
 
 from syncflow_dagster.store.database import libpq_url
 from syncflow_dagster.store.embedded import EmbeddedPostgres, start_embedded_postgres
@@ -159,6 +163,35 @@ DAGSTER_PROCESS_FIXTURES = {
     "webserver": "ui-webserver",  # ui/test_ui.py
     "sync_deployment": "backfill-deployment",  # ui/test_graphql_backfill.py
 }
+
+
+def _lane_markers(collector: pytest.Collector, function: object) -> list[pytest.Mark]:
+    """The markers a test function will carry once collected: its own, its module's and class's, and
+    `daemon` when it uses a DAGSTER_PROCESS_FIXTURES fixture (pytest_itemcollected adds that one)."""
+    marks = [*collector.iter_markers(), *getattr(function, "pytestmark", [])]
+    parameters = inspect.signature(function).parameters if callable(function) else {}
+    if any(fixture in parameters for fixture in DAGSTER_PROCESS_FIXTURES):
+        marks.append(pytest.mark.daemon.mark)
+    return marks
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> Iterator[None]:
+    """A schemathesis test that `-m` deselects is not expanded into its cases.
+
+    Schemathesis builds a test's cases while the test is collected (its coverage phase walks
+    every operation's schema), before `-m` deselects anything: every xdist worker of
+    `make test-fast` built the cases of the service stack's OpenAPI fuzz test (`daemon`), which
+    the lane never runs. Such a test is left out at collection instead; without `-m`, or with
+    one that selects it, nothing changes.
+    """
+    outcome = yield
+    markexpr = collector.config.option.markexpr
+    if not markexpr or not isinstance(outcome.get_result(), SchemathesisCase):
+        return
+    matcher = MarkMatcher.from_markers(_lane_markers(collector, obj))
+    if not Expression.compile(markexpr).evaluate(matcher):
+        outcome.force_result([])
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
