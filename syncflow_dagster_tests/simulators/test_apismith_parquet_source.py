@@ -146,9 +146,24 @@ def after_restart() -> list[dict[str, Any]]:
     return [params for params in windows() if params.get("limit") != 1][:4]
 
 
+def expected_read(reference: httpx.Client, source: str, kind: str, params: dict[str, Any]) -> Any:
+    """What `read(..., **params)` must give on the store under test, from the reference store.
+
+    One-row pages are the test's costliest read (a request per row per source). The store
+    under test walks them; the reference (the in-memory store, whose paging
+    test_apismith_server.py covers) is read whole, and the walk it would give follows: the
+    same records and snapshot, one row per page, or one empty page for an empty window.
+    """
+    if params.get("limit") != 1:
+        return read(reference, source, kind, **params)
+    records, snapshot, _ = read(reference, source, kind, **{**params, "limit": 50_000})
+    return records, snapshot, [1] * len(records) or [0]
+
+
 def assert_same(
     a: httpx.Client, b: httpx.Client, sources: list[str], *, reads: list[dict[str, Any]] | None = None
 ) -> None:
+    """`b` answers as the reference `a` does."""
     for source in sources:
         assert (
             a.get(f"/v1/entities/{source}/watermark").json()
@@ -156,7 +171,7 @@ def assert_same(
         )
         for params in windows() if reads is None else reads:
             for kind in ("changes", "tombstones"):
-                assert read(a, source, kind, **params) == read(b, source, kind, **params), (
+                assert expected_read(a, source, kind, params) == read(b, source, kind, **params), (
                     source,
                     kind,
                     params,
