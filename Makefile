@@ -14,6 +14,11 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # on one worker (xdist_group + --dist loadgroup). docs/testing.md has the figures.
 TEST_WORKERS ?= 6
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
+# The fast lane starts no Dagster process to wait for: its tests mostly compute, and every worker
+# first pays for its own imports and collection, so on two cores fewer workers do the same work
+# with less CPU (docs/testing.md has the figures). `make test-fast FAST_TEST_WORKERS=n` changes it.
+FAST_TEST_WORKERS ?= 4
+FAST_PARALLEL := -n $(FAST_TEST_WORKERS) --dist loadgroup
 # Bytecode caches on, whatever the shell says: with PYTHONDONTWRITEBYTECODE set, every xdist
 # worker re-did pytest's assertion rewriting of the test modules and of the schemathesis plugin
 # (~4 s of CPU each), and every subprocess a test starts (code servers, `syncflow ...`) compiled
@@ -33,7 +38,7 @@ test: $(STAMP)
 	$(PYTEST_ENV) $(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PYTEST_ENV) $(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
+	$(PYTEST_ENV) $(BIN)/python -m pytest $(FAST_PARALLEL) -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/syncflow demo

@@ -15,6 +15,7 @@ import httpx
 import sqlalchemy as sa
 
 from syncflow_dagster.store.schema import failed_records, pending_children, sync_batches
+from syncflow_dagster_tests import loopback_http
 from syncflow_dagster_tests.isolation import free_port
 from syncflow_dagster_tests.processes import stop_process_group
 from syncflow_dagster_tests.waiting import wait_until
@@ -92,7 +93,7 @@ def _dagster_answers(url: str, proc: subprocess.Popen[bytes], log: Path) -> bool
     if proc.poll() is not None:
         raise RuntimeError(f"dagster-webserver exited: {log.read_text()[-3000:]}")
     try:
-        body = httpx.post(f"{url}/graphql", json={"query": "{ version }"}, timeout=5).json()
+        body = loopback_http.post(f"{url}/graphql", json={"query": "{ version }"}, timeout=5).json()
     except (httpx.HTTPError, ValueError):
         return False
     return bool(body.get("data", {}).get("version"))
@@ -147,7 +148,7 @@ def poll_run(
     seen: dict[str, Any] = {}
 
     def status_reached() -> dict[str, Any] | None:
-        response = httpx.get(f"{api_url}/sync/{run_id}", headers=dict(headers), timeout=60)
+        response = loopback_http.get(f"{api_url}/sync/{run_id}", headers=dict(headers), timeout=60)
         assert response.status_code == 200, response.text
         seen.update(response.json())
         return dict(seen) if seen["status"] in until else None

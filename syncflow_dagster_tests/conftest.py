@@ -16,6 +16,8 @@ embedded server of the test's own, never the shared one.
 
 from __future__ import annotations
 
+import gc
+import inspect
 import os
 import shutil
 import tempfile
@@ -26,6 +28,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from _pytest.mark import MarkMatcher
+from _pytest.mark.expression import Expression
+from schemathesis.pytest.plugin import SchemathesisCase
 
 from syncflow_dagster.store.database import libpq_url
 from syncflow_dagster.store.embedded import EmbeddedPostgres, start_embedded_postgres
@@ -160,6 +165,35 @@ DAGSTER_PROCESS_FIXTURES = {
 }
 
 
+def _lane_markers(collector: pytest.Collector, function: object) -> list[pytest.Mark]:
+    """The markers a test function will carry once collected: its own, its module's and class's, and
+    `daemon` when it uses a DAGSTER_PROCESS_FIXTURES fixture (pytest_itemcollected adds that one)."""
+    marks = [*collector.iter_markers(), *getattr(function, "pytestmark", [])]
+    parameters = inspect.signature(function).parameters if callable(function) else {}
+    if any(fixture in parameters for fixture in DAGSTER_PROCESS_FIXTURES):
+        marks.append(pytest.mark.daemon.mark)
+    return marks
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> Iterator[None]:
+    """A schemathesis test that `-m` deselects is not expanded into its cases.
+
+    Schemathesis builds a test's cases while the test is collected (its coverage phase walks
+    every operation's schema), before `-m` deselects anything: every xdist worker of
+    `make test-fast` built the cases of the service stack's OpenAPI fuzz test (`daemon`), which
+    the lane never runs. Such a test is left out at collection instead; without `-m`, or with
+    one that selects it, nothing changes.
+    """
+    outcome = yield
+    markexpr = collector.config.option.markexpr
+    if not markexpr or not isinstance(outcome.get_result(), SchemathesisCase):
+        return
+    matcher = MarkMatcher.from_markers(_lane_markers(collector, obj))
+    if not Expression.compile(markexpr).evaluate(matcher):
+        outcome.force_result([])
+
+
 def pytest_itemcollected(item: pytest.Item) -> None:
     """Mark each test as it is collected: before `-m` deselects and before xdist reads the groups.
 
@@ -171,3 +205,15 @@ def pytest_itemcollected(item: pytest.Item) -> None:
         if fixture in fixtures:
             item.add_marker(pytest.mark.daemon)
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Move what collection created out of the garbage collector's sight for the rest of the session.
+
+    Collection imports Dagster, pandas, pyarrow and every test module: about half a million
+    objects that live as long as the worker. Each full collection during the tests, and
+    the several that pytest makes at the end of the session, walked all of them again;
+    frozen (`gc.freeze`), they are never walked, and never freed, which they would not
+    be anyway. What the tests create is collected as before.
+    """
+    gc.freeze()

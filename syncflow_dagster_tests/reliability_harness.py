@@ -14,11 +14,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import dagster as dg
-import httpx
 
 from syncflow_dagster.defs.jobs import reconcile_job, retry_job
 from syncflow_dagster.defs.runner import materialize_sync, report_of
 from syncflow_dagster.store.events import stage_totals
+from syncflow_dagster_tests import loopback_http
 from syncflow_dagster_tests.waiting import wait_until
 
 T = TypeVar("T")
@@ -33,14 +33,14 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, poll_s: f
 
 def put_faults(base_url: str, **config: Any) -> dict[str, Any]:
     """Replace a stand-in's fault configuration (`FaultConfig` fields); returns the new state."""
-    response = httpx.put(f"{base_url}/admin/faults", json=config, timeout=30)
+    response = loopback_http.put(f"{base_url}/admin/faults", json=config, timeout=30)
     response.raise_for_status()
     state: dict[str, Any] = response.json()
     return state
 
 
 def faults_served(base_url: str) -> dict[str, int]:
-    response = httpx.get(f"{base_url}/admin/faults", timeout=30)
+    response = loopback_http.get(f"{base_url}/admin/faults", timeout=30)
     response.raise_for_status()
     served: dict[str, int] = response.json()["faults_served"]
     return served
@@ -48,11 +48,11 @@ def faults_served(base_url: str) -> dict[str, int]:
 
 def clear_faults(*base_urls: str) -> None:
     for base in base_urls:
-        httpx.delete(f"{base}/admin/faults", timeout=30).raise_for_status()
+        loopback_http.delete(f"{base}/admin/faults", timeout=30).raise_for_status()
 
 
 def revoke_tokens(base_url: str) -> None:
-    httpx.post(f"{base_url}/admin/tokens:revoke", timeout=30).raise_for_status()
+    loopback_http.post(f"{base_url}/admin/tokens:revoke", timeout=30).raise_for_status()
 
 
 def sync_entity(resources: dict[str, Any], entity_name: str, day: dt.date) -> dict[str, int]:

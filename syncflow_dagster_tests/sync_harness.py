@@ -10,12 +10,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pyarrow as pa
 
 from syncflow_dagster.defs.configuration import build_resources, deployment_environment
 from syncflow_dagster.simulators import apismith, schedulehub
 from syncflow_dagster.simulators.serve import start_server
+from syncflow_dagster_tests import loopback_http
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Deployment:
         )
 
     def admin(self, base: str, method: str, path: str, **kwargs: Any) -> Any:
-        response = httpx.request(method, base + path, timeout=60, **kwargs)
+        response = loopback_http.request(method, base + path, timeout=60, **kwargs)
         response.raise_for_status()
         return response.json() if response.content else None
 

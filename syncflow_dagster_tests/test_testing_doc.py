@@ -40,10 +40,14 @@ def test_the_commands_the_doc_names_are_make_targets() -> None:
     assert "make test-fast" in (ROOT / "README.md").read_text()
 
 
-def test_the_default_worker_count_is_the_makefiles() -> None:
+def test_the_default_worker_counts_are_the_makefiles() -> None:
     workers = _make_variable("TEST_WORKERS")
     assert f"`TEST_WORKERS` (default {workers})" in DOC
     assert "--dist loadgroup" in _make_variable("PYTEST_PARALLEL")
+    fast_workers = _make_variable("FAST_TEST_WORKERS")
+    assert f"`FAST_TEST_WORKERS` (default {fast_workers})" in DOC
+    assert "--dist loadgroup" in _make_variable("FAST_PARALLEL")
+    assert "$(FAST_PARALLEL)" in MAKEFILE.split("\ntest-fast:")[1].split("\n\n")[0]
 
 
 def test_the_marker_table_is_pyprojects_markers_and_the_fast_lane_leaves_out_the_nos() -> None:

@@ -24,7 +24,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import pyarrow as pa
 import sqlalchemy as sa
 
@@ -36,6 +35,7 @@ from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine.identity import add_identity
 from syncflow_dagster.engine.normalize import normalize
 from syncflow_dagster.store.schema import failed_records, pending_children
+from syncflow_dagster_tests import loopback_http
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 INVALID_VALUE = "invalid_value"
@@ -334,7 +334,7 @@ def _explain_parents(
 
 
 def fetch_snapshot(apismith_url: str, source: str) -> pa.Table:
-    response = httpx.get(
+    response = loopback_http.get(
         f"{apismith_url}/admin/snapshot/{source}", headers={"Accept": ARROW_STREAM}, timeout=60
     )
     response.raise_for_status()

@@ -26,6 +26,7 @@ from dagster_graphql import DagsterGraphQLClient
 from playwright.sync_api import Browser, Playwright, expect
 
 from syncflow_dagster.defs.assets import STAGE_ASSETS as stage_asset_defs
+from syncflow_dagster_tests import loopback_http
 from syncflow_dagster_tests.isolation import free_port, scratch_database, with_database
 from syncflow_dagster_tests.processes import log_tail, stop_process_group, venv_bin
 from syncflow_dagster_tests.waiting import WaitTimeout, wait_until
@@ -110,7 +111,7 @@ class DagsterDeployment:
         self, query: str, variables: Mapping[str, Any] | None = None, timeout_s: float = 120.0
     ) -> Any:
         """POST a GraphQL document; raises on transport or GraphQL errors, returns `data`."""
-        response = httpx.post(
+        response = loopback_http.post(
             f"{self.url}/graphql",
             json={"query": query, "variables": dict(variables or {})},
             timeout=timeout_s,
@@ -191,7 +192,7 @@ def _wait_for(ready: Any, process: subprocess.Popen[bytes], log: Path, what: str
 
 def _server_answers(url: str) -> bool:
     try:
-        return httpx.get(f"{url}/server_info", timeout=5.0).status_code == 200
+        return loopback_http.get(f"{url}/server_info", timeout=5.0).status_code == 200
     except httpx.HTTPError:
         return False
 

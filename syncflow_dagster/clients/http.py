@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import logging
+import os
 import random
+import ssl
 import time
 from collections.abc import AsyncGenerator, Callable
 from datetime import UTC, datetime
@@ -168,6 +171,26 @@ def retrying(settings: HttpSettings) -> AsyncRetrying:
     )
 
 
+def tls_verification(verify_tls: bool) -> ssl.SSLContext | bool:
+    """What a client passes as httpx's `verify`: this process's one verifying context, or False.
+
+    httpx builds a new SSL context for every client it makes, and loading certifi's CA
+    bundle into it is most of the CPU of making a client. Every stage run makes its
+    partner clients anew, so they share one context instead: the one httpx would build
+    (certifi's bundle, or `SSL_CERT_FILE` / `SSL_CERT_DIR` when set), built again when
+    those variables change. A context is safe to share between clients and threads.
+    """
+    if not verify_tls:
+        return False
+    return _verifying_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@functools.cache
+def _verifying_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    # The arguments are the cache key: httpx reads the same two variables itself.
+    return httpx.create_ssl_context(verify=True, trust_env=True)
+
+
 def make_async_client(base_url: str, auth: httpx.Auth | None, settings: HttpSettings) -> httpx.AsyncClient:
     """A pooled httpx client with the settings' timeouts, limits and TLS verification."""
     return httpx.AsyncClient(
@@ -183,7 +206,7 @@ def make_async_client(base_url: str, auth: httpx.Auth | None, settings: HttpSett
             max_connections=settings.max_connections,
             max_keepalive_connections=settings.max_connections,
         ),
-        verify=settings.verify_tls,
+        verify=tls_verification(settings.verify_tls),
         headers={"User-Agent": USER_AGENT},
     )
 

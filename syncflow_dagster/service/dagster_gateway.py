@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 import httpx
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
+from syncflow_dagster.clients.http import tls_verification
+
 REPOSITORY = "__repository__"  # the implicit repository of a `Definitions`
 
 _RUN_QUERY = """
@@ -305,7 +307,10 @@ class DagsterGateway:
     def _graphql(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
         try:
             response = httpx.post(
-                self.graphql_url, json={"query": query, "variables": variables}, timeout=self._timeout_s
+                self.graphql_url,
+                json={"query": query, "variables": variables},
+                timeout=self._timeout_s,
+                verify=tls_verification(True),
             )
         except httpx.HTTPError as exc:
             raise DagsterUnavailable(

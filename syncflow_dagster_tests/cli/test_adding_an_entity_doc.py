@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from syncflow_dagster_tests import loopback_http
 from syncflow_dagster_tests.isolation import free_port
 from syncflow_dagster_tests.waiting import wait_until
 
@@ -100,7 +101,7 @@ def _answers(url: str, process: subprocess.Popen[bytes], log: Path) -> bool:
     if process.poll() is not None:
         pytest.fail(f"exited with {process.returncode}: {log.read_text(errors='replace')[-3000:]}")
     try:
-        httpx.get(url, timeout=5)
+        loopback_http.get(url, timeout=5)
     except httpx.HTTPError:
         return False
     return True
@@ -207,7 +208,7 @@ def _env_file(path: Path) -> dict[str, str]:
 def _the_suppliers_are_in_schedulehub_as_the_doc_says(work: Path) -> None:
     env = _env_file(work / ".syncflow-dev" / "env")
     base = env["SCHEDULEHUB_BASE_URL"]
-    token = httpx.post(
+    token = loopback_http.post(
         f"{base}/oauth/token",
         data={
             "grant_type": "client_credentials",
@@ -216,7 +217,7 @@ def _the_suppliers_are_in_schedulehub_as_the_doc_says(work: Path) -> None:
         },
         timeout=30,
     ).json()["access_token"]
-    page = httpx.get(
+    page = loopback_http.get(
         f"{base}/v1/resources/suppliers/records",
         params={"limit": 100},
         headers={"Authorization": f"Bearer {token}"},

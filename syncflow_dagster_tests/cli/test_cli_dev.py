@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from syncflow_dagster_tests import loopback_http
 from syncflow_dagster_tests.defs.test_definitions import STAGES as STAGE_NAMES
 from syncflow_dagster_tests.isolation import free_port
 from syncflow_dagster_tests.waiting import WaitTimeout, wait_until
@@ -94,7 +95,7 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
                     output = log.read_text(errors="replace")
                     pytest.fail(f"syncflow dev exited with {proc.returncode}: {output[-2000:]}")
                 try:
-                    response = httpx.post(
+                    response = loopback_http.post(
                         f"http://127.0.0.1:{port}/graphql", json={"query": query}, timeout=10
                     )
                     data = response.json().get("data") if response.status_code == 200 else None
@@ -118,7 +119,9 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
                 "batch_failure_sensor": "RUNNING",
                 "batch_cancel_sensor": "RUNNING",
             }
-            assert httpx.get(f"http://127.0.0.1:{apismith_port}/health", timeout=10).status_code == 200
+            assert (
+                loopback_http.get(f"http://127.0.0.1:{apismith_port}/health", timeout=10).status_code == 200
+            )
             _dev_tells_how_to_reach_it(log.read_text(errors="replace"), home, state_url, port, api_port)
             _dev_serves_the_source_dir(home)
         finally:
@@ -168,10 +171,12 @@ def _dev_tells_how_to_reach_it(output: str, home: Path, state_url: str, port: in
         assert shown in output, f"{shown!r} not in syncflow dev's output: {output[-2000:]}"
     # The API dev started answers with that token and refuses without it.
     assert (
-        httpx.get(f"{api_url}/stats", headers={"Authorization": f"Bearer {token}"}, timeout=30).status_code
+        loopback_http.get(
+            f"{api_url}/stats", headers={"Authorization": f"Bearer {token}"}, timeout=30
+        ).status_code
         == 200
     )
-    assert httpx.get(f"{api_url}/stats", timeout=30).status_code == 401
+    assert loopback_http.get(f"{api_url}/stats", timeout=30).status_code == 401
     # From a shell that knows nothing of dev, `source <home>/env` makes `syncflow status` work.
     bare = {
         k: v
@@ -200,7 +205,7 @@ def _dev_tells_how_to_reach_it(output: str, home: Path, state_url: str, port: in
 def _dev_serves_the_source_dir(home: Path) -> None:
     values = _env_file(home)
     base = values["APISMITH_BASE_URL"]
-    token = httpx.post(
+    token = loopback_http.post(
         f"{base}/oauth/token",
         data={
             "grant_type": "client_credentials",
@@ -210,8 +215,8 @@ def _dev_serves_the_source_dir(home: Path) -> None:
         timeout=30,
     ).json()["access_token"]
     auth = {"Authorization": f"Bearer {token}"}
-    sites = httpx.get(f"{base}/v1/entities/Sites/watermark", headers=auth, timeout=30).json()
-    items = httpx.get(f"{base}/v1/entities/Items/watermark", headers=auth, timeout=30).json()
+    sites = loopback_http.get(f"{base}/v1/entities/Sites/watermark", headers=auth, timeout=30).json()
+    items = loopback_http.get(f"{base}/v1/entities/Items/watermark", headers=auth, timeout=30).json()
     assert (sites["row_count"], items["row_count"]) == (2, 0)
 
 
@@ -263,7 +268,10 @@ def test_syncflow_dev_stopped_by_sigterm_or_a_closed_terminal_leaves_nothing_run
                         f"syncflow dev exited {proc.returncode}: {log.read_text(errors='replace')[-2000:]}"
                     )
                 try:
-                    return httpx.get(f"http://127.0.0.1:{port}/server_info", timeout=5).status_code == 200
+                    return (
+                        loopback_http.get(f"http://127.0.0.1:{port}/server_info", timeout=5).status_code
+                        == 200
+                    )
                 except httpx.HTTPError:
                     return False
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from syncflow_dagster_tests import loopback_http
 from syncflow_dagster_tests.cli_runner import CliResult, run_syncflow
 from syncflow_dagster_tests.isolation import free_port
 from syncflow_dagster_tests.waiting import wait_until
@@ -44,7 +45,7 @@ def running(command: list[str], url: str, health_path: str, environment: dict[st
             _, err = process.communicate(timeout=10)
             raise AssertionError(f"{command[3:5]} exited {process.returncode}: {err.decode()[-2000:]}")
         try:
-            return httpx.get(url + health_path, timeout=2.0).status_code in (200, 401)
+            return loopback_http.get(url + health_path, timeout=2.0).status_code in (200, 401)
         except httpx.HTTPError:
             return False
 
@@ -61,7 +62,7 @@ def running(command: list[str], url: str, health_path: str, environment: dict[st
 
 
 def token(url: str, client_id: str) -> str:
-    response = httpx.post(
+    response = loopback_http.post(
         f"{url}/oauth/token",
         data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": SECRET},
     )
@@ -79,7 +80,7 @@ def test_simulate_apismith_serves_and_simulate_changes_changes_it() -> None:
     )
     with running(command, url, "/health", environment):
         headers = {"Authorization": f"Bearer {token(url, 'cli')}"}
-        before = httpx.get(f"{url}/v1/entities/ProductionOrders/watermark", headers=headers).json()
+        before = loopback_http.get(f"{url}/v1/entities/ProductionOrders/watermark", headers=headers).json()
         assert before["row_count"] == 400
         result = in_process(
             "simulate",
@@ -97,12 +98,14 @@ def test_simulate_apismith_serves_and_simulate_changes_changes_it() -> None:
         )
         assert result.returncode == 0, result.stderr
         assert "ProductionOrders" in result.stdout
-        after = httpx.get(f"{url}/v1/entities/ProductionOrders/watermark", headers=headers).json()
+        after = loopback_http.get(f"{url}/v1/entities/ProductionOrders/watermark", headers=headers).json()
         assert after["max_rowversion"] > before["max_rowversion"]
         assert (
             after["row_count"] == 400 + 2 - 1
         )  # 0.5% inserted, 0.2% deleted (no parent small enough to cascade)
-        tombstones = httpx.get(f"{url}/v1/entities/ProductionOrders/tombstones", headers=headers).json()
+        tombstones = loopback_http.get(
+            f"{url}/v1/entities/ProductionOrders/tombstones", headers=headers
+        ).json()
         assert len(tombstones["records"]) >= 1
 
 
@@ -113,7 +116,7 @@ def test_simulate_schedulehub_serves() -> None:
     url = f"http://127.0.0.1:{port}"
     environment = env(SCHEDULEHUB_CLIENT_ID="hub-cli", SCHEDULEHUB_CLIENT_SECRET=SECRET)
     with running(syncflow("simulate", "schedulehub", "--port", str(port)), url, "/v1/resources", environment):
-        listed = httpx.get(
+        listed = loopback_http.get(
             f"{url}/v1/resources", headers={"Authorization": f"Bearer {token(url, 'hub-cli')}"}
         )
         assert listed.status_code == 200
@@ -132,7 +135,7 @@ def test_simulate_schedulehub_keeps_its_records_in_its_data_dir_across_a_restart
         with running(command, url, "/v1/resources", environment):
             headers = {"Authorization": f"Bearer {token(url, 'hub-cli')}"}
             if attempt == 0:
-                answer = httpx.put(
+                answer = loopback_http.put(
                     f"{url}/v1/resources/sites/records:batch-upsert",
                     json={"records": records},
                     headers=headers,
@@ -151,7 +154,7 @@ def test_simulate_schedulehub_keeps_its_records_in_its_data_dir_across_a_restart
                 )
                 assert refused.returncode == 2
                 assert "in use by another stand-in" in " ".join(refused.stderr.split())
-            page = httpx.get(
+            page = loopback_http.get(
                 f"{url}/v1/resources/sites/records", params={"limit": 100}, headers=headers
             ).json()
             held.append(page)
@@ -173,7 +176,7 @@ def test_simulate_history_source_writes_a_folder_apismith_serves(tmp_path: Path)
     command = syncflow("simulate", "apismith", "--port", str(port), "--source-dir", str(folder))
     with running(command, url, "/health", environment):
         headers = {"Authorization": f"Bearer {token(url, 'cli')}"}
-        mark = httpx.get(f"{url}/v1/entities/ProductionOrders/watermark", headers=headers).json()
+        mark = loopback_http.get(f"{url}/v1/entities/ProductionOrders/watermark", headers=headers).json()
         assert mark["row_count"] == 3000
         assert mark["max_changed_at"].startswith("2025-")
     again = in_process("simulate", "history-source", "--rows", "10", "--out", str(folder))
@@ -190,7 +193,7 @@ def test_servers_on_loopback_default_their_secret_and_elsewhere_refuse_without_o
     with running(
         syncflow("simulate", "apismith", "--port", str(port), "--rows", "10"), url, "/health", env()
     ):
-        response = httpx.post(
+        response = loopback_http.post(
             f"{url}/oauth/token",
             data={
                 "grant_type": "client_credentials",
@@ -199,7 +202,7 @@ def test_servers_on_loopback_default_their_secret_and_elsewhere_refuse_without_o
             },
         )
         assert response.status_code == 200, response.text
-        wrong = httpx.post(
+        wrong = loopback_http.post(
             f"{url}/oauth/token",
             data={"grant_type": "client_credentials", "client_id": "syncflow", "client_secret": SECRET},
         )

@@ -17,6 +17,7 @@ from syncflow_dagster.cli.demo import (
     start_environment,
     summary_table,
 )
+from syncflow_dagster_tests import loopback_http
 
 
 def test_everything_started_is_stopped_even_on_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -28,7 +29,7 @@ def test_everything_started_is_stopped_even_on_error(monkeypatch: pytest.MonkeyP
         with ExitStack() as stack:
             env = start_environment(stack, rows=50, seed=1, keep=False)
             seen.update(urls=(env.apismith_url, env.schedulehub_url), workdir=env.workdir)
-            assert httpx.get(f"{env.apismith_url}/health", timeout=10).status_code == 200
+            assert loopback_http.get(f"{env.apismith_url}/health", timeout=10).status_code == 200
             assert (env.workdir / "pgdata").is_dir()
             raise RuntimeError("boom")
 
@@ -39,7 +40,7 @@ def test_everything_started_is_stopped_even_on_error(monkeypatch: pytest.MonkeyP
     assert isinstance(workdir, Path)
     for url in urls:
         with pytest.raises(httpx.ConnectError):
-            httpx.get(f"{url}/health", timeout=5)
+            loopback_http.get(f"{url}/health", timeout=5)
     assert not workdir.exists()
 
 

@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
-import httpx
 import pyarrow as pa
 import pytest
 from pydantic import SecretStr
@@ -25,6 +24,7 @@ from syncflow_dagster.clients.http import AuthenticationError, HttpSettings
 from syncflow_dagster.simulators.apismith import create_app
 from syncflow_dagster.simulators.datagen import generate_dataset
 from syncflow_dagster.simulators.serve import RunningServer, start_server
+from syncflow_dagster_tests import loopback_http
 from syncflow_dagster_tests.waiting import token_expired, wait_until_async
 
 AS_OF = datetime(2024, 5, 10, 12, 0, tzinfo=UTC)
@@ -66,7 +66,7 @@ def client(
 
 
 def admin(server: RunningServer, method: str, path: str, body: Any = None) -> Any:
-    response = httpx.request(method, server.url + path, json=body, timeout=30)
+    response = loopback_http.request(method, server.url + path, json=body, timeout=30)
     assert response.status_code == 200, response.text
     return response.json()
 

@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -22,6 +21,7 @@ from syncflow_dagster.engine.columns import BK, KEY_SEPARATOR
 from syncflow_dagster.simulators import schedulehub
 from syncflow_dagster.simulators.apismith import create_app
 from syncflow_dagster.simulators.serve import start_server
+from syncflow_dagster_tests import loopback_http
 
 SECRET = "transport-e2e-secret"
 STORM = {
@@ -62,7 +62,7 @@ def test_fetch_and_deliver_every_row_exactly_once_through_storms_on_both_sides()
     hub = schedulehub.create_app(clients={"syncflow": SECRET}, secret="b" * 32)
     with start_server(erp) as erp_server, start_server(hub) as hub_server:
         for url in (erp_server.url, hub_server.url):
-            assert httpx.put(f"{url}/admin/faults", json=STORM).status_code == 200
+            assert loopback_http.put(f"{url}/admin/faults", json=STORM).status_code == 200
 
         async def run() -> dict[str, Any]:
             source = ApiSmithSettings(
@@ -99,8 +99,8 @@ def test_fetch_and_deliver_every_row_exactly_once_through_storms_on_both_sides()
                 }
 
         got = asyncio.run(run())
-        erp_faults = httpx.get(f"{erp_server.url}/admin/faults").json()["total_served"]
-        hub_faults = httpx.get(f"{hub_server.url}/admin/faults").json()["total_served"]
+        erp_faults = loopback_http.get(f"{erp_server.url}/admin/faults").json()["total_served"]
+        hub_faults = loopback_http.get(f"{hub_server.url}/admin/faults").json()["total_served"]
 
     assert erp_faults > 0  # the storm hit the reads (a budget of 25 at most)
     assert hub_faults > 0

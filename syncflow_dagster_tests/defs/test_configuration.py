@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import re
 import secrets
 from collections.abc import Callable
@@ -127,13 +128,21 @@ def code_location(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, value)
 
 
+@functools.cache
+def _instance() -> dg.DagsterInstance:
+    """The instance `_resources` builds on: none of SyncFlow's resources reads or writes one, and
+    without it dg.build_resources makes an ephemeral instance each time (Dagster stamps the
+    migrations of its in-memory storages, reading every revision file), most of what a build cost."""
+    return dg.DagsterInstance.ephemeral()
+
+
 def _resources() -> Any:
     """The code location's resources as definitions.py builds them, from this process's environment."""
     import os
 
     from syncflow_dagster.defs.configuration import build_resources
 
-    return dg.build_resources(build_resources(os.environ, env_vars=True))
+    return dg.build_resources(build_resources(os.environ, env_vars=True), instance=_instance())
 
 
 def _through_resources(read: Callable[[Any], Any]) -> Callable[[], Any]:

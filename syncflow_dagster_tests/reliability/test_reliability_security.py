@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import shutil
+import ssl
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus, urlsplit, urlunsplit
 
+import certifi
 import dagster as dg
 import httpx
 import pytest
@@ -41,6 +43,7 @@ from syncflow_dagster.service.app import create_app
 from syncflow_dagster.simulators import apismith, schedulehub
 from syncflow_dagster.simulators.serve import start_server
 from syncflow_dagster.store.migrate import upgrade
+from syncflow_dagster_tests import loopback_http
 from syncflow_dagster_tests._service_fixtures import dagster_webserver, free_port, poll_run
 from syncflow_dagster_tests.reliability_harness import clear_faults, put_faults
 from syncflow_dagster_tests.sync_harness import deployment
@@ -200,7 +203,7 @@ def _call_every_route(
         ("POST", "/sync", {"headers": good, "json": {"entities": ["no_such_entity"]}}),
         ("PUT", "/stats", {"headers": good}),
     ]
-    return [httpx.request(method, base + path, timeout=60, **extra) for method, path, extra in probes]
+    return [loopback_http.request(method, base + path, timeout=60, **extra) for method, path, extra in probes]
 
 
 def _leaks(haystacks: dict[str, str], known: ApiSecrets) -> list[str]:
@@ -257,7 +260,7 @@ def test_the_monitoring_api_leaks_no_secret(
                 # Half of ScheduleHub's answers fail (failed records); work centers whose
                 # site is not there wait for it (pending children).
                 put_faults(target.url, partial_failure_probability=0.5, seed=53)
-                started = httpx.post(
+                started = loopback_http.post(
                     f"{service.url}/sync",
                     headers=known.auth,
                     json={"entities": ["sites", "work_centers"]},
@@ -271,9 +274,9 @@ def test_the_monitoring_api_leaks_no_secret(
                 assert [run["status"] for run in runs] == ["SUCCESS", "SUCCESS"], runs
                 # The state the scan reads is not empty: the bodies have something to leak into.
                 for path in ("/failed-records", "/pending-children"):
-                    listed = httpx.get(f"{service.url}{path}", headers=known.auth, timeout=60).json()
+                    listed = loopback_http.get(f"{service.url}{path}", headers=known.auth, timeout=60).json()
                     assert listed["total"] > 0, path
-                retry = httpx.post(
+                retry = loopback_http.post(
                     f"{service.url}/failed-records/retry",
                     headers=known.auth,
                     json={"entities": ["sites", "work_centers"], "include_permanent": True},
@@ -374,9 +377,34 @@ def test_tls_verification_is_on_by_default(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(http.httpx, "AsyncClient", capture)
     http.make_async_client("https://schedulehub.example", None, settings)
-    assert seen["verify"] is True
+    context = seen["verify"]
+    assert isinstance(context, ssl.SSLContext)
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname is True
+    assert context.cert_store_stats()["x509_ca"] > 0  # certifi's bundle is loaded
+    # Every client of the process shares that one context: loading the bundle is most of making a client.
+    http.make_async_client("https://apismith.example", None, settings)
+    assert seen["verify"] is context
     monkeypatch.setenv("SYNCFLOW_HTTP_VERIFY_TLS", "false")
     assert http.HttpSettings().verify_tls is False  # only by an explicit setting
+    http.make_async_client("https://schedulehub.example", None, http.HttpSettings())
+    assert seen["verify"] is False
+
+
+def test_the_shared_tls_context_follows_ssl_cert_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx reads SSL_CERT_FILE for each client it makes; the shared context is built again when it changes."""
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    default = http.tls_verification(True)
+    assert isinstance(default, ssl.SSLContext)
+    monkeypatch.setenv("SSL_CERT_FILE", "/nonexistent/syncflow-ca.pem")
+    with pytest.raises((FileNotFoundError, ssl.SSLError)):
+        http.tls_verification(True)
+    monkeypatch.setenv("SSL_CERT_FILE", certifi.where())
+    chosen = http.tls_verification(True)
+    assert isinstance(chosen, ssl.SSLContext)
+    assert chosen is not default
+    assert http.tls_verification(True) is chosen
 
 
 @pytest.mark.timeout(400)

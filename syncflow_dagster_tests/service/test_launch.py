@@ -27,6 +27,7 @@ from syncflow_dagster.service.app import create_app
 from syncflow_dagster.service.dagster_gateway import DagsterGateway
 from syncflow_dagster.service.settings import ServiceSettings
 from syncflow_dagster.simulators.serve import RunningServer, start_server
+from syncflow_dagster_tests import loopback_http
 
 CATALOG = default_catalog()
 ORDER = list(CATALOG.topological_order)
@@ -217,7 +218,7 @@ def api(fake: tuple[FakeDagster, RunningServer], database_url: str) -> Iterator[
 
 
 def _post(url: str, body: dict[str, Any]) -> httpx.Response:
-    return httpx.post(f"{url}/sync", json=body, headers={"Authorization": "Bearer t0ken"}, timeout=60)
+    return loopback_http.post(f"{url}/sync", json=body, headers={"Authorization": "Bearer t0ken"}, timeout=60)
 
 
 def test_post_sync_answers_both_lists(api: tuple[FakeDagster, str]) -> None:

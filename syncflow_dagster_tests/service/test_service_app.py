@@ -31,6 +31,7 @@ from syncflow_dagster.simulators.serve import RunningServer, start_server
 from syncflow_dagster.store.database import make_engine
 from syncflow_dagster.store.migrate import upgrade
 from syncflow_dagster.store.schema import sync_batches
+from syncflow_dagster_tests import loopback_http
 from syncflow_dagster_tests._service_fixtures import (
     TERMINAL,
     dagster_webserver,
@@ -55,10 +56,10 @@ class Stack:
         return {"Authorization": f"Bearer {self.token}"}
 
     def get(self, path: str, **kw: object) -> httpx.Response:
-        return httpx.get(f"{self.url}{path}", headers=self.auth, timeout=60, **kw)  # type: ignore[arg-type]
+        return loopback_http.get(f"{self.url}{path}", headers=self.auth, timeout=60, **kw)  # type: ignore[arg-type]
 
     def post(self, path: str, json: object = None) -> httpx.Response:
-        return httpx.post(f"{self.url}{path}", headers=self.auth, json=json, timeout=60)
+        return loopback_http.post(f"{self.url}{path}", headers=self.auth, json=json, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -113,15 +114,15 @@ def _poll(stack: Stack, run_id: str, until: frozenset[str] | set[str]) -> dict[s
 
 
 def test_protected_routes_refuse_without_the_token(stack: Stack) -> None:
-    assert httpx.get(f"{stack.url}/stats", timeout=30).status_code == 401
-    wrong = httpx.get(f"{stack.url}/stats", headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert loopback_http.get(f"{stack.url}/stats", timeout=30).status_code == 401
+    wrong = loopback_http.get(f"{stack.url}/stats", headers={"Authorization": "Bearer nope"}, timeout=30)
     assert wrong.status_code == 401
     assert wrong.headers["www-authenticate"] == "Bearer"
-    assert httpx.post(f"{stack.url}/sync", json={}, timeout=30).status_code == 401
+    assert loopback_http.post(f"{stack.url}/sync", json={}, timeout=30).status_code == 401
     assert stack.get("/stats").status_code == 200
     # Public by default: probes and scrapers carry no token.
-    assert httpx.get(f"{stack.url}/metrics", timeout=30).status_code == 200
-    health = httpx.get(f"{stack.url}/health", timeout=30)
+    assert loopback_http.get(f"{stack.url}/metrics", timeout=30).status_code == 200
+    health = loopback_http.get(f"{stack.url}/health", timeout=30)
     assert health.status_code == 200
     checks = health.json()["checks"]
     assert {name: c["status"] for name, c in checks.items()} == dict.fromkeys(
@@ -159,7 +160,7 @@ def test_start_a_sync_and_poll_it_to_success(stack: Stack) -> None:
     assert batch["stage_seconds"]
 
     # /metrics agrees with the batch rows the run wrote.
-    text = httpx.get(f"{stack.url}/metrics", timeout=30).text
+    text = loopback_http.get(f"{stack.url}/metrics", timeout=30).text
     rows = {
         s.labels["action"]: s.value
         for f in text_string_to_metric_families(text)
@@ -182,7 +183,7 @@ def test_start_a_sync_and_poll_it_to_success(stack: Stack) -> None:
 def test_cancel_a_second_run(stack: Stack) -> None:
     # Every APISmith answer is slow, so the run is surely still fetching when canceled.
     slow = {"slow_probability": 1.0, "slow_delay_s": 20.0}
-    assert httpx.put(f"{stack.apismith.url}/admin/faults", json=slow, timeout=30).status_code == 200
+    assert loopback_http.put(f"{stack.apismith.url}/admin/faults", json=slow, timeout=30).status_code == 200
     try:
         started = stack.post("/sync", {"entities": ["items"]})
         assert started.status_code == 202, started.text
@@ -192,19 +193,21 @@ def test_cancel_a_second_run(stack: Stack) -> None:
         assert canceled.status_code == 202, canceled.text
         assert _poll(stack, run_id, TERMINAL)["status"] == "CANCELED"
     finally:
-        httpx.delete(f"{stack.apismith.url}/admin/faults", timeout=30)
+        loopback_http.delete(f"{stack.apismith.url}/admin/faults", timeout=30)
 
 
 @pytest.mark.slow
 def test_failed_and_pending_after_schedulehub_faults(stack: Stack) -> None:
     # Half of every ScheduleHub batch fails as transient_failure: those rows become failed records.
     faults = {"partial_failure_probability": 0.5, "seed": 7}
-    assert httpx.put(f"{stack.schedulehub.url}/admin/faults", json=faults, timeout=30).status_code == 200
+    assert (
+        loopback_http.put(f"{stack.schedulehub.url}/admin/faults", json=faults, timeout=30).status_code == 200
+    )
     try:
         run = stack.post("/sync", {"entities": ["sites"]}).json()["launched"][0]
         assert _poll(stack, run["run_id"], TERMINAL)["status"] == "SUCCESS"
     finally:
-        httpx.delete(f"{stack.schedulehub.url}/admin/faults", timeout=30)
+        loopback_http.delete(f"{stack.schedulehub.url}/admin/faults", timeout=30)
     # Operations before their work orders exist in ScheduleHub (no test of this module syncs
     # work orders, whatever the order the tests run in): the children wait.
     run = stack.post("/sync", {"entities": ["operations"]}).json()["launched"][0]

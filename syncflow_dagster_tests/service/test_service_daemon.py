@@ -43,6 +43,7 @@ from syncflow_dagster.simulators.serve import RunningServer, start_server
 from syncflow_dagster.store.database import make_engine
 from syncflow_dagster.store.migrate import upgrade
 from syncflow_dagster.store.schema import delivery_log
+from syncflow_dagster_tests import loopback_http
 from syncflow_dagster_tests.verify import verify_sync
 from syncflow_dagster_tests.waiting import wait_until
 from syncflow_dagster_tests.webserver import DagsterDeployment, dagster_deployment, scratch_database
@@ -81,10 +82,10 @@ class Stack:
     state_url: str
 
     def get(self, path: str, **params: Any) -> httpx.Response:
-        return httpx.get(f"{self.api}{path}", params=params, headers=self._auth, timeout=120)
+        return loopback_http.get(f"{self.api}{path}", params=params, headers=self._auth, timeout=120)
 
     def post(self, path: str, body: Any = None) -> httpx.Response:
-        return httpx.post(f"{self.api}{path}", json=body, headers=self._auth, timeout=300)
+        return loopback_http.post(f"{self.api}{path}", json=body, headers=self._auth, timeout=300)
 
     @property
     def _auth(self) -> dict[str, str]:
@@ -208,7 +209,7 @@ def _run_messages(stack: Stack, run_id: str) -> str:
 
 
 def _put_faults(url: str, **faults: Any) -> None:
-    assert httpx.put(f"{url}/admin/faults", json=faults, timeout=30).status_code == 200
+    assert loopback_http.put(f"{url}/admin/faults", json=faults, timeout=30).status_code == 200
 
 
 @pytest.mark.slow
@@ -232,7 +233,7 @@ def test_cancel_mid_delivery_then_resume_delivers_everything_once(stack: Stack) 
         ended = stack.wait(run_id)["status"]
         assert ended == "CANCELED", _run_messages(stack, run_id)
     finally:
-        httpx.delete(f"{stack.schedulehub.url}/admin/faults", timeout=30)
+        loopback_http.delete(f"{stack.schedulehub.url}/admin/faults", timeout=30)
     sent_before = len(_hub_keys(stack, "customers"))
 
     # The daemon's batch_cancel_sensor closes the batch with what the finished stages counted.
@@ -353,7 +354,7 @@ def test_one_run_per_entity_holds_across_sync_retry_and_reconcile(stack: Stack) 
         ]
         statuses = [stack.wait(run_id)["status"] for run_id in run_ids]
     finally:
-        httpx.delete(f"{stack.apismith.url}/admin/faults", timeout=30)
+        loopback_http.delete(f"{stack.apismith.url}/admin/faults", timeout=30)
     assert statuses == ["SUCCESS", "SUCCESS", "SUCCESS"]
     runs = {r["runId"]: r for r in _runs_of(stack, entity)}
     assert set(run_ids) <= set(runs)

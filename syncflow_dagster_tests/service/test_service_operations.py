@@ -23,6 +23,7 @@ from syncflow_dagster.engine.columns import BK, BK_HASH
 from syncflow_dagster.service.app import create_app
 from syncflow_dagster.service.settings import ServiceSettings
 from syncflow_dagster.simulators.serve import start_server
+from syncflow_dagster_tests import loopback_http
 
 
 @dataclass
@@ -32,12 +33,12 @@ class Api:
     database: SyncDatabase
 
     def get(self, path: str, **params: object) -> httpx.Response:
-        return httpx.get(
+        return loopback_http.get(
             f"{self.url}{path}", params=params, headers={"Authorization": f"Bearer {self.token}"}, timeout=30
         )
 
     def post(self, path: str, body: object) -> httpx.Response:
-        return httpx.post(
+        return loopback_http.post(
             f"{self.url}{path}", json=body, headers={"Authorization": f"Bearer {self.token}"}, timeout=30
         )
 

@@ -30,6 +30,7 @@ from syncflow_dagster.simulators.apismith import ARROW_STREAM, create_app
 from syncflow_dagster.simulators.datagen import generate_dataset
 from syncflow_dagster.simulators.parquet_store import CHANGES_DIR, ParquetErpStore, is_disk_source
 from syncflow_dagster.simulators.serve import start_server
+from syncflow_dagster_tests import loopback_http
 
 AS_OF = datetime(2024, 5, 10, 12, 0, tzinfo=UTC)
 CLIENT = {"c": "apismith-parquet-secret"}
@@ -69,7 +70,7 @@ def write_folder(dataset: dict[str, pa.Table], folder: Path) -> None:
 
 
 def client(url: str) -> httpx.Client:
-    http = httpx.Client(base_url=url, timeout=60)
+    http = loopback_http.client(base_url=url, timeout=60)
     token = http.post(
         "/oauth/token",
         data={"grant_type": "client_credentials", "client_id": "c", "client_secret": CLIENT["c"]},
@@ -133,15 +134,44 @@ def windows() -> list[dict[str, Any]]:
     ]
 
 
-def assert_same(a: httpx.Client, b: httpx.Client, sources: list[str], *, windows_read: int = 99) -> None:
+def after_restart() -> list[dict[str, Any]]:
+    """The windows read again after the disk-backed stand-in restarts.
+
+    A restart can lose or misorder the change sets it reads back from the folder, which
+    any whole read shows: the default page, pages of 7, one page of everything and a
+    day's window (row-group pruning). Not the one-row pages, the costliest read (a
+    request per row per source, about a thousand per store): they walk the same paging
+    code over the same files, and both states were walked that way before the restart.
+    """
+    return [params for params in windows() if params.get("limit") != 1][:4]
+
+
+def expected_read(reference: httpx.Client, source: str, kind: str, params: dict[str, Any]) -> Any:
+    """What `read(..., **params)` must give on the store under test, from the reference store.
+
+    One-row pages are the test's costliest read (a request per row per source). The store
+    under test walks them; the reference (the in-memory store, whose paging
+    test_apismith_server.py covers) is read whole, and the walk it would give follows: the
+    same records and snapshot, one row per page, or one empty page for an empty window.
+    """
+    if params.get("limit") != 1:
+        return read(reference, source, kind, **params)
+    records, snapshot, _ = read(reference, source, kind, **{**params, "limit": 50_000})
+    return records, snapshot, [1] * len(records) or [0]
+
+
+def assert_same(
+    a: httpx.Client, b: httpx.Client, sources: list[str], *, reads: list[dict[str, Any]] | None = None
+) -> None:
+    """`b` answers as the reference `a` does."""
     for source in sources:
         assert (
             a.get(f"/v1/entities/{source}/watermark").json()
             == b.get(f"/v1/entities/{source}/watermark").json()
         )
-        for params in windows()[:windows_read]:
+        for params in windows() if reads is None else reads:
             for kind in ("changes", "tombstones"):
-                assert read(a, source, kind, **params) == read(b, source, kind, **params), (
+                assert expected_read(a, source, kind, params) == read(b, source, kind, **params), (
                     source,
                     kind,
                     params,
@@ -226,8 +256,8 @@ def test_a_parquet_folder_answers_like_the_in_memory_store(
     # The disk-backed stand-in restarts on the folder with its change sets.
     again = create_app(source_dir=folder, clients=CLIENT, secret="e" * 32)
     with start_server(again) as server, closing(client(server.url)) as restarted:
-        assert_same(memory, restarted, list(dataset), windows_read=4)
+        assert_same(memory, restarted, list(dataset), reads=after_restart())
         for http in (memory, restarted):
             assert http.post("/admin/reset").status_code == 200
         assert not (folder / CHANGES_DIR).exists()
-        assert_same(memory, restarted, list(dataset), windows_read=4)
+        assert_same(memory, restarted, list(dataset), reads=after_restart())

@@ -20,6 +20,7 @@ from syncflow_dagster.catalog import default_catalog
 from syncflow_dagster.simulators.apismith import ARROW_STREAM, create_app
 from syncflow_dagster.simulators.datagen import generate_dataset
 from syncflow_dagster.simulators.serve import RunningServer, start_server
+from syncflow_dagster_tests import loopback_http
 
 AS_OF = datetime(2024, 5, 10, 12, 0, tzinfo=UTC)
 CLIENT = {"syncflow-test": "apismith-test-secret"}
@@ -41,7 +42,7 @@ def server(dataset: dict[str, pa.Table]) -> Iterator[RunningServer]:
 
 @pytest.fixture
 def http(server: RunningServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30.0) as client:
+    with loopback_http.client(base_url=server.url, timeout=30.0) as client:
         token = client.post(
             "/oauth/token",
             data={
@@ -82,7 +83,7 @@ def read_all(
 
 
 def test_api_needs_a_token_and_bad_credentials_are_refused(server: RunningServer) -> None:
-    with httpx.Client(base_url=server.url) as client:
+    with loopback_http.client(base_url=server.url) as client:
         response = client.get("/v1/entities")
         assert response.status_code == 401
         assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
@@ -339,7 +340,7 @@ def test_serves_a_folder_of_parquet_and_csv(tmp_path: Path, dataset: dict[str, p
         else:
             pacsv.write_csv(table.drop_columns(["RowVersion"]), tmp_path / f"{source}.csv")
     app = create_app(source_dir=tmp_path, catalog=catalog, clients=CLIENT, secret="s" * 32)
-    with start_server(app) as running, httpx.Client(base_url=running.url) as client:
+    with start_server(app) as running, loopback_http.client(base_url=running.url) as client:
         token = client.post(
             "/oauth/token",
             data={
@@ -359,7 +360,7 @@ def test_serves_a_folder_of_parquet_and_csv(tmp_path: Path, dataset: dict[str, p
     (tmp_path / "Sites.csv").unlink(missing_ok=True)
     (tmp_path / "Sites.parquet").unlink(missing_ok=True)
     subset = create_app(source_dir=tmp_path, catalog=catalog, clients=CLIENT, secret="s" * 32)
-    with start_server(subset) as running, httpx.Client(base_url=running.url) as client:
+    with start_server(subset) as running, loopback_http.client(base_url=running.url) as client:
         token = client.post(
             "/oauth/token",
             data={

@@ -18,6 +18,7 @@ from syncflow_dagster.simulators.datagen import DatagenError
 from syncflow_dagster.simulators.history_source import day_counts, write_history_source
 from syncflow_dagster.simulators.parquet_store import ParquetErpStore
 from syncflow_dagster.simulators.serve import start_server
+from syncflow_dagster_tests import loopback_http
 
 START = date(2025, 1, 1)
 CLIENT = {"c": "history-secret"}
@@ -39,7 +40,10 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def http(folder: Path) -> Iterator[httpx.Client]:
     app = create_app(source_dir=folder, clients=CLIENT, secret="h" * 32)
     assert isinstance(app.state.apismith.store, ParquetErpStore)
-    with start_server(app) as server, closing(httpx.Client(base_url=server.url, timeout=60)) as client:
+    with (
+        start_server(app) as server,
+        closing(loopback_http.client(base_url=server.url, timeout=60)) as client,
+    ):
         token = client.post(
             "/oauth/token",
             data={"grant_type": "client_credentials", "client_id": "c", "client_secret": CLIENT["c"]},

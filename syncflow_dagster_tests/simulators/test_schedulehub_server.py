@@ -16,6 +16,7 @@ import pytest
 from syncflow_dagster.simulators.hub_store import DataDirInUseError, HubStore
 from syncflow_dagster.simulators.schedulehub import ARROW_STREAM, create_app
 from syncflow_dagster.simulators.serve import start_server
+from syncflow_dagster_tests import loopback_http
 
 CONTRACT = Path(__file__).resolve().parents[2] / "docs" / "contracts" / "schedulehub.md"
 SECRET = "hub-client-secret-123"
@@ -24,7 +25,7 @@ SECRET = "hub-client-secret-123"
 @pytest.fixture
 def hub() -> Iterator[httpx.Client]:
     app = create_app(clients={"syncflow": SECRET}, secret="t" * 32, max_batch_rows=50)
-    with start_server(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+    with start_server(app) as server, loopback_http.client(base_url=server.url, timeout=30) as client:
         token = client.post(
             "/oauth/token",
             data={"grant_type": "client_credentials", "client_id": "syncflow", "client_secret": SECRET},
@@ -59,12 +60,12 @@ def test_contract_lists_exactly_the_served_endpoints() -> None:
 
 
 def test_api_requires_a_token(hub: httpx.Client) -> None:
-    response = httpx.get(f"{_base(hub)}v1/resources")
+    response = loopback_http.get(f"{_base(hub)}v1/resources")
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
-    bad = httpx.get(f"{_base(hub)}v1/resources", headers={"Authorization": "Bearer nonsense"})
+    bad = loopback_http.get(f"{_base(hub)}v1/resources", headers={"Authorization": "Bearer nonsense"})
     assert bad.status_code == 401
-    wrong = httpx.post(
+    wrong = loopback_http.post(
         f"{_base(hub)}oauth/token",
         data={"grant_type": "client_credentials", "client_id": "syncflow", "client_secret": "nope"},
     )
@@ -126,7 +127,9 @@ def test_delete_is_idempotent_and_can_be_restricted(hub: httpx.Client) -> None:
     upsert(hub, "sites", [rec("S1"), rec("S2")])
     upsert(hub, "items", [rec("I1", {"sites": "S1"})])
     base = _base(hub)
-    httpx.put(f"{base}admin/settings", json={"restrict_referenced_deletes": True, "max_batch_rows": 50})
+    loopback_http.put(
+        f"{base}admin/settings", json={"restrict_referenced_deletes": True, "max_batch_rows": 50}
+    )
     response = hub.post(
         "/v1/resources/sites/records:batch-delete", json={"external_keys": ["S1", "S2", "S9"]}
     )
@@ -136,7 +139,7 @@ def test_delete_is_idempotent_and_can_be_restricted(hub: httpx.Client) -> None:
         ("accepted", "deleted"),
         ("accepted", "not_found"),
     ]
-    httpx.put(f"{base}admin/settings", json={"restrict_referenced_deletes": False})
+    loopback_http.put(f"{base}admin/settings", json={"restrict_referenced_deletes": False})
     results = hub.post("/v1/resources/sites/records:batch-delete", json={"external_keys": ["S1"]}).json()[
         "results"
     ]
@@ -186,7 +189,7 @@ def test_arrow_upsert_with_references_and_arrow_results(hub: httpx.Client) -> No
 def test_rate_limit_answers_429_with_retry_after(hub: httpx.Client) -> None:
     base = _base(hub)
     # A refill far slower than the test: the second call cannot get a token.
-    httpx.put(f"{base}admin/settings", json={"rate_limit_per_s": 0.01})
+    loopback_http.put(f"{base}admin/settings", json={"rate_limit_per_s": 0.01})
     assert hub.get("/v1/resources").status_code == 200
     limited = hub.get("/v1/resources")
     assert limited.status_code == 429
@@ -195,7 +198,7 @@ def test_rate_limit_answers_429_with_retry_after(hub: httpx.Client) -> None:
 
 def test_partial_failure_fault_rejects_rows_as_retryable(hub: httpx.Client) -> None:
     base = _base(hub)
-    httpx.put(f"{base}admin/faults", json={"partial_failure_probability": 0.5, "seed": 3})
+    loopback_http.put(f"{base}admin/faults", json={"partial_failure_probability": 0.5, "seed": 3})
     results = upsert(hub, "sites", [rec(f"S{i}") for i in range(40)])
     failed = {r["external_key"] for r in results if r["status"] == "rejected"}
     assert failed
@@ -206,15 +209,15 @@ def test_partial_failure_fault_rejects_rows_as_retryable(hub: httpx.Client) -> N
     )
     held = {r["external_key"] for r in hub.get("/v1/resources/sites/records").json()["records"]}
     assert held == {f"S{i}" for i in range(40)} - failed
-    assert httpx.get(f"{base}admin/faults").json()["faults_served"]["partial_failure"] == len(failed)
+    assert loopback_http.get(f"{base}admin/faults").json()["faults_served"]["partial_failure"] == len(failed)
 
 
 def test_revoked_tokens_and_reset(hub: httpx.Client) -> None:
     upsert(hub, "sites", [rec("S1")])
     base = _base(hub)
-    assert httpx.post(f"{base}admin/reset").status_code == 200
+    assert loopback_http.post(f"{base}admin/reset").status_code == 200
     assert hub.get("/v1/resources").json() == {"resources": []}
-    httpx.post(f"{base}admin/tokens:revoke")
+    loopback_http.post(f"{base}admin/tokens:revoke")
     assert hub.get("/v1/resources").status_code == 401
 
 
@@ -242,7 +245,7 @@ def _read_back(client: httpx.Client, resource: str) -> list[dict[str, Any]]:
 def test_a_restart_with_the_same_data_dir_keeps_every_record(tmp_path: Path) -> None:
     data_dir = tmp_path / "hub"
     first = create_app(clients={"c": SECRET}, data_dir=data_dir)
-    with start_server(first) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+    with start_server(first) as server, loopback_http.client(base_url=server.url, timeout=30) as client:
         _token(client)
         sites = [rec(f"S{i}", name=f"site {i}", open=i % 2 == 0) for i in range(30)]
         assert (
@@ -258,7 +261,7 @@ def test_a_restart_with_the_same_data_dir_keeps_every_record(tmp_path: Path) -> 
     assert counts == {"resources": [{"resource": "items", "count": 118}, {"resource": "sites", "count": 30}]}
 
     again = create_app(clients={"c": SECRET}, data_dir=data_dir)
-    with start_server(again) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+    with start_server(again) as server, loopback_http.client(base_url=server.url, timeout=30) as client:
         _token(client)
         assert client.get("/v1/resources").json() == counts
         assert {r: _read_back(client, r) for r in ("sites", "items")} == before
@@ -279,7 +282,7 @@ def test_a_restart_with_the_same_data_dir_keeps_every_record(tmp_path: Path) -> 
         ]
         assert again_results[0]["id"] == "sh_items_1"
         assert again_results[1]["id"] == "sh_items_121"  # a deleted key comes back with a new id
-        storage = httpx.get(f"{server.url}/admin/storage").json()
+        storage = loopback_http.get(f"{server.url}/admin/storage").json()
         assert storage["data_dir"] == str(data_dir)
         assert storage["temporary"] is False
         assert storage["disk_bytes"] > 0
@@ -293,7 +296,7 @@ def test_a_second_stand_in_on_the_same_data_dir_is_refused(tmp_path: Path) -> No
 
 def test_without_a_data_dir_records_live_in_a_temporary_directory_removed_at_stop() -> None:
     with start_server(create_app(clients={"c": SECRET})) as server:
-        storage = httpx.get(f"{server.url}/admin/storage").json()
+        storage = loopback_http.get(f"{server.url}/admin/storage").json()
         folder = Path(storage["data_dir"])
         assert storage["temporary"] is True
         assert folder.is_dir()

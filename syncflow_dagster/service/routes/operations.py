@@ -10,6 +10,7 @@ import httpx
 import sqlalchemy as sa
 from fastapi import APIRouter, Response, status
 
+from syncflow_dagster.clients.http import tls_verification
 from syncflow_dagster.service import models as m
 from syncflow_dagster.service.dependencies import CatalogDep, Gateway, Settings, Store, entity_order
 from syncflow_dagster.service.metrics import CONTENT_TYPE, exposition
@@ -65,7 +66,9 @@ def _check_http(base_url: str | None, path: str, timeout_s: float) -> m.Dependen
         return m.DependencyHealth(status="not_configured", latency_ms=None)
 
     def probe() -> None:
-        response = httpx.get(f"{base_url.rstrip('/')}{path}", timeout=timeout_s)
+        response = httpx.get(
+            f"{base_url.rstrip('/')}{path}", timeout=timeout_s, verify=tls_verification(True)
+        )
         if response.status_code >= 500:
             raise RuntimeError(f"HTTP {response.status_code}")
 
