@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from syncflow_dagster_tests import loopback_http
@@ -36,6 +37,26 @@ def _descendants(pid: int) -> set[int]:
             found.add(child)
             stack.append(child)
     return found
+
+
+def _started(pids: set[int]) -> dict[int, float]:
+    """Each process's start time, so a pid the kernel hands to a new process later is not it."""
+    started: dict[int, float] = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            started[pid] = psutil.Process(pid).create_time()
+    return started
+
+
+def _still_running(started: dict[int, float]) -> set[int]:
+    """The processes of `started` that are still those processes and have not exited (zombies count as gone)."""
+    alive: set[int] = set()
+    for pid, at in started.items():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process = psutil.Process(pid)
+            if process.create_time() == at and process.status() != psutil.STATUS_ZOMBIE:
+                alive.add(pid)
+    return alive
 
 
 @pytest.mark.subprocess
@@ -125,7 +146,7 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
             _dev_tells_how_to_reach_it(log.read_text(errors="replace"), home, state_url, port, api_port)
             _dev_serves_the_source_dir(home)
         finally:
-            spawned = _descendants(proc.pid)
+            spawned = _started(_descendants(proc.pid))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
             try:
@@ -137,7 +158,7 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
                 proc.wait(30)
 
         def still_running() -> set[int]:
-            return {pid for pid in spawned if Path(f"/proc/{pid}").exists()}
+            return _still_running(spawned)
 
         # Exited children are reaped by init a moment after their parent goes.
         with contextlib.suppress(WaitTimeout):
@@ -276,7 +297,7 @@ def test_syncflow_dev_stopped_by_sigterm_or_a_closed_terminal_leaves_nothing_run
                     return False
 
             wait_until(ui_up, "the Dagster UI of syncflow dev", timeout_s=240, interval_s=1)
-            spawned = _descendants(proc.pid)
+            spawned = _started(_descendants(proc.pid))
             assert len(spawned) >= 3  # dagster dev, its webserver and daemon (and code servers)
             proc.send_signal(sig)
             proc.wait(STOP_BOUND_S)
@@ -286,7 +307,7 @@ def test_syncflow_dev_stopped_by_sigterm_or_a_closed_terminal_leaves_nothing_run
                 proc.wait(30)
 
         def still_running() -> set[int]:
-            return {pid for pid in spawned if Path(f"/proc/{pid}").exists()}
+            return _still_running(spawned)
 
         with contextlib.suppress(WaitTimeout):
             wait_until(lambda: not still_running(), "the processes syncflow dev started to go", timeout_s=30)
