@@ -105,9 +105,11 @@ def _writer(context: AssetExecutionContext, scope: Scope) -> SliceWriter:
     return manager.writer(context.asset_key.path[-1], entity.name, dates)
 
 
-def _entity_run(database: SyncDatabase, scope: Scope, batch: uuid.UUID, **more: Any) -> pipeline.EntityRun:
-    """One entity's share of this run, as `pipeline.run_stage` takes it."""
-    return pipeline.EntityRun(CATALOG, scope[0], database, batch, **more)
+def _entity_run(
+    database: SyncDatabase, tuning: SyncTuning, scope: Scope, batch: uuid.UUID, **more: Any
+) -> pipeline.EntityRun:
+    """One entity's share of this run, as `pipeline.run_stage` takes it, `tuning.chunk_size` rows at a time."""
+    return pipeline.EntityRun(CATALOG, scope[0], database, batch, chunk_size=tuning.chunk_size, **more)
 
 
 def _run_stage(
@@ -321,10 +323,10 @@ def _resync(context: AssetExecutionContext) -> bool:
     {"python", "pyarrow", "postgres"},
 )
 def normalized(
-    context: AssetExecutionContext, database: SyncDatabase, extracted: EntityStreams
+    context: AssetExecutionContext, database: SyncDatabase, tuning: SyncTuning, extracted: EntityStreams
 ) -> dg.Output[EntityFrames]:
     def normalize(scope: Scope, batch: uuid.UUID) -> stages.StageResult:
-        run = _entity_run(database, scope, batch)
+        run = _entity_run(database, tuning, scope, batch)
         result = _run_stage(context, st.NORMALIZE, run, scope, extracted)
         if run.rejected is not None and run.rejected.num_rows:
             result.notes["rejected_sample"] = _preview(run.rejected)
@@ -338,14 +340,14 @@ def normalized(
     {"python", "pyarrow", "postgres"},
 )
 def identified(
-    context: AssetExecutionContext, database: SyncDatabase, normalized: EntityStreams
+    context: AssetExecutionContext, database: SyncDatabase, tuning: SyncTuning, normalized: EntityStreams
 ) -> dg.Output[EntityFrames]:
     return _stage_output(
         context,
         database,
         st.IDENTITY,
         lambda scope, batch: _run_stage(
-            context, st.IDENTITY, _entity_run(database, scope, batch), scope, normalized
+            context, st.IDENTITY, _entity_run(database, tuning, scope, batch), scope, normalized
         ),
     )
 
@@ -355,7 +357,7 @@ def identified(
     {"python", "pyarrow", "postgres"},
 )
 def fresh_rows(
-    context: AssetExecutionContext, database: SyncDatabase, identified: EntityStreams
+    context: AssetExecutionContext, database: SyncDatabase, tuning: SyncTuning, identified: EntityStreams
 ) -> dg.Output[EntityFrames]:
     resync = _resync(context)
     return _stage_output(
@@ -363,7 +365,11 @@ def fresh_rows(
         database,
         st.ROWVERSION,
         lambda scope, batch: _run_stage(
-            context, st.ROWVERSION, _entity_run(database, scope, batch, resync=resync), scope, identified
+            context,
+            st.ROWVERSION,
+            _entity_run(database, tuning, scope, batch, resync=resync),
+            scope,
+            identified,
         ),
     )
 
@@ -374,12 +380,12 @@ def fresh_rows(
     checks=(checks.KEYS_UNIQUE,),
 )
 def delta_plan(
-    context: AssetExecutionContext, database: SyncDatabase, fresh_rows: EntityStreams
+    context: AssetExecutionContext, database: SyncDatabase, tuning: SyncTuning, fresh_rows: EntityStreams
 ) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
     keys: dict[str, checks.KeyTally] = {}
 
     def plan(scope: Scope, batch: uuid.UUID) -> stages.StageResult:
-        run = _entity_run(database, scope, batch, resync=_resync(context))
+        run = _entity_run(database, tuning, scope, batch, resync=_resync(context))
         result = _run_stage(context, st.DELTA, run, scope, fresh_rows)
         assert run.keys is not None
         keys[scope[0].name] = run.keys
@@ -402,7 +408,7 @@ def resolved(
     arriving: dict[str, pa.Array] = {}
 
     def resolve(scope: Scope, batch: uuid.UUID) -> stages.StageResult:
-        run = _entity_run(database, scope, batch, run_date=scope[1][-1], arriving=arriving)
+        run = _entity_run(database, tuning, scope, batch, run_date=scope[1][-1], arriving=arriving)
         return _run_stage(context, st.PARENT_CHILD, run, scope, delta_plan)
 
     yield _stage_output(context, database, st.PARENT_CHILD, resolve)
@@ -426,6 +432,7 @@ def delivered(
     context: AssetExecutionContext,
     schedulehub: ScheduleHubResource,
     database: SyncDatabase,
+    tuning: SyncTuning,
     resolved: EntityStreams,
 ) -> dg.Output[EntityFrames]:
     return _stage_output(
@@ -435,7 +442,7 @@ def delivered(
         lambda scope, batch: _run_stage(
             context,
             st.DELIVER,
-            _entity_run(database, scope, batch, schedulehub=schedulehub.client),
+            _entity_run(database, tuning, scope, batch, schedulehub=schedulehub.client),
             scope,
             resolved,
         ),
@@ -448,12 +455,12 @@ def delivered(
     checks=(checks.DELIVERED_COMMITTED,),
 )
 def committed(
-    context: AssetExecutionContext, database: SyncDatabase, delivered: EntityStreams
+    context: AssetExecutionContext, database: SyncDatabase, tuning: SyncTuning, delivered: EntityStreams
 ) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
     verdicts: dict[str, dg.AssetCheckResult] = {}
 
     def commit(scope: Scope, batch: uuid.UUID) -> stages.StageResult:
-        run = _entity_run(database, scope, batch)
+        run = _entity_run(database, tuning, scope, batch)
         result = _run_stage(context, st.PERSIST, run, scope, delivered)
         verdicts[scope[0].name] = checks.delivered_equals_committed(run.accepted, result.counts)
         return result

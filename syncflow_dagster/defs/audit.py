@@ -148,6 +148,7 @@ def repair_entity(
     schedulehub: Callable[[], ScheduleHubClient],
     entity: EntitySpec,
     drift: TargetDrift,
+    chunk_size: int,
 ) -> dict[str, int]:
     """Deliver again the missing and differing records of `entity`; the counts of what happened."""
     from syncflow_dagster.defs.assets import CATALOG
@@ -159,7 +160,9 @@ def repair_entity(
         database, entity.name, None, run.root_run_id or run.run_id, kind="reconcile"
     )
     # The sync's own stages from parent-child on: parents first, then what ScheduleHub confirmed.
-    repair = pipeline.EntityRun(CATALOG, entity, database, batch, schedulehub=schedulehub)
+    repair = pipeline.EntityRun(
+        CATALOG, entity, database, batch, schedulehub=schedulehub, chunk_size=chunk_size
+    )
     wanted = drift.missing.num_rows + drift.differing.num_rows
     _, counts = pipeline.run_batch(
         st.TARGET_REPAIR,
@@ -217,6 +220,7 @@ def _audit(context: AssetCheckExecutionContext, config: AuditConfig) -> dg.Asset
                 resources.schedulehub.client,
                 entity,
                 drift,
+                resources.tuning.chunk_size,
             )
             found["repaired"] = int(counts.get("delivered", 0))
             found["repair_failed"] = int(counts.get("failed", 0))
@@ -265,7 +269,7 @@ def _audit(context: AssetCheckExecutionContext, config: AuditConfig) -> dg.Asset
     description="ScheduleHub holds every record SyncFlow's state says it delivered, with the same data: "
     "lists records missing in ScheduleHub, extra there, or differing, per entity (run by job "
     "target_audit; with repair: true it delivers the missing and differing ones again).",
-    required_resource_keys={"database", "apismith", "schedulehub"},
+    required_resource_keys={"database", "apismith", "schedulehub", "tuning"},
     pool="schedulehub",
 )
 def target_matches_state(context: AssetCheckExecutionContext, config: AuditConfig) -> dg.AssetCheckResult:

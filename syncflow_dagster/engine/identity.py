@@ -18,7 +18,7 @@ import pyarrow.compute as _compute
 import xxhash
 
 from syncflow_dagster.catalog.models import EntitySpec
-from syncflow_dagster.engine.chunks import chunk_size, chunk_starts
+from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE, chunk_starts
 from syncflow_dagster.engine.columns import (
     BK,
     BK_HASH,
@@ -217,9 +217,9 @@ def add_identity(entity: EntitySpec, rows: pa.Table) -> pa.Table:
 
 
 def identity_hashes(
-    entity: EntitySpec, rows: pa.Table, key: pa.Array, size: int | None = None
+    entity: EntitySpec, rows: pa.Table, key: pa.Array, size: int = DEFAULT_CHUNK_SIZE
 ) -> tuple[pa.Array, pa.Array]:
-    """(BK_HASH of each `key` text, DATA_HASH of each row), chunk by chunk (SYNCFLOW_CHUNK_SIZE rows).
+    """(BK_HASH of each `key` text, DATA_HASH of each row), chunk by chunk (`size` rows).
 
     A row's canonical payload depends on that row alone, so chunking changes
     no hash. It bounds the per-row temporaries (payload text, one bytes object
@@ -229,7 +229,6 @@ def identity_hashes(
     payload is still being built, so neither core waits for the other at the
     start.
     """
-    size = size or chunk_size()
     if rows.num_rows <= size:
         return key_hash_of(key), data_hash_of(canonical_payload(entity, rows))
     chunks = list(chunk_starts(rows.num_rows, size))

@@ -54,7 +54,7 @@ from syncflow_dagster.store.frames.client import (
     stage_table_name,
 )
 from syncflow_dagster.store.frames.codec import FrameLostError, FrameStoreError
-from syncflow_dagster.store.frames.handoff import HandedSlices
+from syncflow_dagster.store.frames.handoff import DEFAULT_HANDOFF_ROWS, HandedSlices
 from syncflow_dagster.store.frames.stream import (
     EntityFrames,
     EntityStreams,
@@ -131,6 +131,14 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
         default=14,
         description="Stage partitions older than this many days are pruned by the maintenance job.",
     )
+    handoff_rows: int = Field(
+        default=DEFAULT_HANDOFF_ROWS,
+        ge=0,
+        description=(
+            "Most rows of a committed stage slice kept in memory for its reader in the same process "
+            "(twice SYNCFLOW_CHUNK_SIZE); larger slices are read back from Postgres."
+        ),
+    )
 
     # The slices this run's stages committed in this process, for their readers here (handoff.py).
     _handoff: HandedSlices | None = PrivateAttr(default=None)
@@ -156,7 +164,7 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
         return self._connections
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self._handoff = HandedSlices()
+        self._handoff = HandedSlices(self.handoff_rows)
         self._connections = FrameConnections()
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
