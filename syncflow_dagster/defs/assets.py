@@ -98,11 +98,12 @@ def _batch_id(context: AssetExecutionContext, database: SyncDatabase, entity: st
     return bookkeeping.batch_for_run(database, entity, day, run.root_run_id or run.run_id)
 
 
-def _writer(context: AssetExecutionContext, scope: Scope) -> SliceWriter:
-    """The writer of this stage's output slice for one entity of the run (see `streamed.py`)."""
+def _writer(context: AssetExecutionContext, scope: Scope, chunk_size: int) -> SliceWriter:
+    """The writer of this stage's output slice for one entity of the run (see `streamed.py`); the
+    hand-off keeps a slice of at most two of the run's chunks (`chunk_size` rows each) in memory."""
     manager: PostgresFrameIOManager = getattr(context.resources, FRAME_IO)
     entity, dates = scope
-    return manager.writer(context.asset_key.path[-1], entity.name, dates)
+    return manager.writer(context.asset_key.path[-1], entity.name, dates, chunk_size=chunk_size)
 
 
 def _entity_run(
@@ -120,7 +121,9 @@ def _run_stage(
     streams: EntityStreams,
 ) -> stages.StageResult:
     """This asset's one stage for one entity of the run: its input slice in, its output slice out."""
-    return pipeline.run_stage(stage.name, run, streams[scope[0].name], _writer(context, scope))
+    return pipeline.run_stage(
+        stage.name, run, streams[scope[0].name], _writer(context, scope, run.chunk_size)
+    )
 
 
 def _shown(result: stages.StageResult) -> pa.Table:
@@ -291,10 +294,13 @@ def _stage_asset(
     pool="apismith",
 )
 def extracted(
-    context: AssetExecutionContext, apismith: ApiSmithResource, database: SyncDatabase
+    context: AssetExecutionContext, apismith: ApiSmithResource, database: SyncDatabase, tuning: SyncTuning
 ) -> dg.Output[EntityFrames]:
     return _stage_output(
-        context, database, st.FETCH, lambda scope, batch: _extract(context, apismith, database, *scope, batch)
+        context,
+        database,
+        st.FETCH,
+        lambda scope, batch: _extract(context, apismith, database, *scope, batch, tuning.chunk_size),
     )
 
 
@@ -305,8 +311,9 @@ def _extract(
     entity: EntitySpec,
     dates: tuple[dt.date, ...],
     batch: uuid.UUID,
+    chunk_size: int,
 ) -> stages.StageResult:
-    out = streamed.Output(_writer(context, (entity, dates)))
+    out = streamed.Output(_writer(context, (entity, dates), chunk_size))
     with out.writer:
         # Each page is written as it arrives: the fetch never holds the whole read.
         result = reading.extract(context, apismith.client(), database, entity, dates, batch, sink=out.write)
@@ -475,7 +482,7 @@ def committed(
     checks=(checks.NO_FAILED_ROWS,),
 )
 def sync_report(
-    context: AssetExecutionContext, database: SyncDatabase, committed: EntityStreams
+    context: AssetExecutionContext, database: SyncDatabase, tuning: SyncTuning, committed: EntityStreams
 ) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
     frames = EntityFrames()
     per_entity: dict[str, dict[str, Any]] = {}
@@ -483,7 +490,7 @@ def sync_report(
     for entity, dates in _scopes(context):
         report, per_entity[entity.name] = _report(context, database, entity, dates)
         # Written like every stage's frame, so that the run hands over a handle, never a table.
-        with _writer(context, (entity, dates)) as writer:
+        with _writer(context, (entity, dates), tuning.chunk_size) as writer:
             writer.write(report)
         frames[entity.name] = writer.stored
         failed_rows[entity.name] = checks.no_failed_rows(

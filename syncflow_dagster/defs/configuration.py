@@ -43,7 +43,6 @@ from syncflow_dagster.defs.resources import (
 from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE
 from syncflow_dagster.store.database import StoreSettings
 from syncflow_dagster.store.frame_io_manager import PostgresFrameIOManager
-from syncflow_dagster.store.frames.handoff import HANDOFF_CHUNKS
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -182,6 +181,5 @@ def build_resources(environ: Mapping[str, str], *, env_vars: bool = False) -> di
         "frame_io_manager": PostgresFrameIOManager(
             database_url=database_url,
             retention_days=retention_days,
-            handoff_rows=HANDOFF_CHUNKS * chunk_size,
         ),
     }

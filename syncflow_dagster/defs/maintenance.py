@@ -96,8 +96,8 @@ def reconcile_entities(
             # only the keys' identity is used here, so any valid time will do.
             keys = keys.append_column(entity.changed_at, pa.repeat(_NO_CHANGE_TIME, keys.num_rows))
         key_spec = stages.key_only(entity)
-        normalized = normalize(key_spec, keys)
-        source_keys = add_identity(key_spec, normalized.rows).select([c.BK_HASH, c.BK])
+        normalized = normalize(key_spec, keys, tuning.chunk_size)
+        source_keys = add_identity(key_spec, normalized.rows, tuning.chunk_size).select([c.BK_HASH, c.BK])
         # The key text travels too: ScheduleHub deletes by external key, not by hash.
         stored = database.state().load_state(
             entity.name, (c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE)

@@ -38,7 +38,6 @@ from syncflow_dagster.defs import bookkeeping, reading, stages, streamed
 from syncflow_dagster.defs.checks import KeyTally
 from syncflow_dagster.defs.memory_frames import FrameReader, FrameWriter, TableReader, TableWriter
 from syncflow_dagster.engine import stage_table as st
-from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE
 from syncflow_dagster.store.repositories import SyncStore
 
 # The stages that run on a frame, in order, by their one name (the stage table's).
@@ -64,7 +63,8 @@ class EntityRun:
     schedulehub: Callable[[], ScheduleHubClient] | None = None
     run_date: dt.date | None = None
     resync: bool = False
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    # Required (keyword): a stage that silently fell back to a default would ignore the operator's setting.
+    chunk_size: int = field(kw_only=True)
     arriving: dict[str, pa.Array] = field(default_factory=dict)
     # Left by the stages for the checks and the metadata:
     rejected: pa.Table | None = None  # normalize: one row per refused value
@@ -81,7 +81,9 @@ def run_stage(name: str, run: EntityRun, reader: FrameReader, writer: FrameWrite
             bookkeeping.record_rejected(database, entity, run.batch_id, run.rejected)
         return result
     if name == st.IDENTITY.name:
-        return streamed.row_wise(reader, writer, lambda chunk: stages.identity_stage(entity, chunk), size)
+        return streamed.row_wise(
+            reader, writer, lambda chunk: stages.identity_stage(entity, chunk, size), size
+        )
     if name == st.ROWVERSION.name:
         state = database.state()
         return streamed.row_wise(

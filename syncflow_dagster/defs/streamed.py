@@ -122,7 +122,7 @@ def normalize(
     rejected: list[pa.Table] = []
 
     def one(chunk: pa.Table) -> stages.StageResult:
-        result, refused = stages.normalize_stage(entity, chunk)
+        result, refused = stages.normalize_stage(entity, chunk, size)
         if refused.num_rows or not rejected:
             rejected.append(refused)
         return result

@@ -201,14 +201,14 @@ def _from_digests(kind: pa.FixedSizeBinaryType, digests: list[bytes]) -> pa.Arra
     return pa.FixedSizeBinaryArray.from_buffers(kind, len(digests), [None, pa.py_buffer(b"".join(digests))])
 
 
-def add_identity(entity: EntitySpec, rows: pa.Table) -> pa.Table:
-    """Append `_bk`, `_bk_hash`, `_data_hash` and `_recipe` to normalized rows."""
+def add_identity(entity: EntitySpec, rows: pa.Table, size: int = DEFAULT_CHUNK_SIZE) -> pa.Table:
+    """Append `_bk`, `_bk_hash`, `_data_hash` and `_recipe` to normalized rows (hashed `size` rows at a time)."""
     key = canonical_key_text(entity, rows)
     table = rows
     for name in (BK, BK_HASH, DATA_HASH, RECIPE):
         if name in table.column_names:
             table = table.drop_columns([name])
-    key_hashes, payload_hashes = identity_hashes(entity, rows, key)
+    key_hashes, payload_hashes = identity_hashes(entity, rows, key, size)
     recipe = pa.repeat(pa.scalar(RECIPE_VERSION, RECIPE_TYPE), rows.num_rows)
     table = table.append_column(pa.field(BK, pa.string()), key)
     table = table.append_column(pa.field(BK_HASH, BK_HASH_TYPE), key_hashes)

@@ -33,7 +33,6 @@ from syncflow_dagster.service.settings import ServiceSettings
 from syncflow_dagster.simulators import apismith, schedulehub
 from syncflow_dagster.simulators.serve import start_server
 from syncflow_dagster.store.database import StoreSettings
-from syncflow_dagster.store.frames.handoff import HANDOFF_CHUNKS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 _VAR = re.compile(r"`([A-Z][A-Z0-9_]+)`")
@@ -187,9 +186,7 @@ def _field_probe(cls: type[BaseSettings], field: str) -> Callable[[], Any]:
             )
         )
     if cls is ChunkSettings:
-        return _through_resources(
-            lambda r: (r.tuning.chunk_size, r.frame_io_manager.handoff_rows // HANDOFF_CHUNKS)
-        )
+        return _through_resources(lambda r: r.tuning.chunk_size)
     if cls is ExecutorSettings:
         from syncflow_dagster.deploy.executor import executor_settings
 

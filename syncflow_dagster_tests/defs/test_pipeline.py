@@ -64,7 +64,7 @@ def test_a_row_wise_stage_over_memory_runs_once_per_chunk_and_once_on_no_rows() 
 
 
 def test_run_stages_names_the_stages_it_knows() -> None:
-    run = pipeline.EntityRun(None, None, None, None)  # type: ignore[arg-type]
+    run = pipeline.EntityRun(None, None, None, None, chunk_size=2)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no stages from 'fetch'"):
         pipeline.run_stages("fetch", pa.table({}), run)
     with pytest.raises(ValueError, match="no stages from 'persist' to 'deliver'"):

@@ -37,9 +37,10 @@ def test_data_hashes_are_the_same_for_any_chunk_size() -> None:
         part = rows.slice(0, 50) if size == 1 else rows
         _, data = identity_hashes(entity, part, canonical_key_text(entity, part), size)
         assert data.equals(whole.slice(0, 50) if size == 1 else whole), size
-    # A frame of more than the default chunk is hashed in chunks by `add_identity` as well.
+    # `add_identity` hashes in chunks of the size it is given, and by default in one chunk here.
     assert rows.num_rows < DEFAULT_CHUNK_SIZE
-    assert add_identity(entity, rows)["_data_hash"].combine_chunks().equals(whole)
+    for size in (512, DEFAULT_CHUNK_SIZE):
+        assert add_identity(entity, rows, size)["_data_hash"].combine_chunks().equals(whole), size
 
 
 def test_key_hashes_taken_beside_the_payloads_are_the_same_for_any_chunk_size() -> None:

@@ -39,7 +39,7 @@ from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE
 # A slice is kept for its reader while it has at most this many chunks' rows
 # (the run's chunk size, SYNCFLOW_CHUNK_SIZE): the stage holds about one chunk of
 # input and one of output anyway, and a partition of a few chunks is the common
-# in-process case. The IO manager's `handoff_rows` is this times the chunk size.
+# in-process case. Each stage's writer sets the bound from the run's chunk size.
 HANDOFF_CHUNKS = 2
 DEFAULT_HANDOFF_ROWS = HANDOFF_CHUNKS * DEFAULT_CHUNK_SIZE
 
@@ -64,6 +64,12 @@ class HandedSlices:
         self._held: dict[SliceKey, HeldSlice] = {}
         self._lock = threading.Lock()
         self.served = 0  # slices a reader took from memory (tests, diagnostics)
+
+    def bound(self, max_rows: int) -> None:
+        """Keep slices of at most `max_rows` rows from now on (the run's stages set it from their chunk size)."""
+        if max_rows < 0:
+            raise ValueError(f"the hand-off's bound must be at least 0 rows, got {max_rows}")
+        self._max_rows = max_rows
 
     def limit(self) -> int:
         """Most rows a slice may have to be kept (and most rows held by entries not taken)."""

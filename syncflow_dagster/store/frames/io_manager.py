@@ -54,7 +54,7 @@ from syncflow_dagster.store.frames.client import (
     stage_table_name,
 )
 from syncflow_dagster.store.frames.codec import FrameLostError, FrameStoreError
-from syncflow_dagster.store.frames.handoff import DEFAULT_HANDOFF_ROWS, HandedSlices
+from syncflow_dagster.store.frames.handoff import HANDOFF_CHUNKS, HandedSlices
 from syncflow_dagster.store.frames.stream import (
     EntityFrames,
     EntityStreams,
@@ -131,14 +131,6 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
         default=14,
         description="Stage partitions older than this many days are pruned by the maintenance job.",
     )
-    handoff_rows: int = Field(
-        default=DEFAULT_HANDOFF_ROWS,
-        ge=0,
-        description=(
-            "Most rows of a committed stage slice kept in memory for its reader in the same process "
-            "(twice SYNCFLOW_CHUNK_SIZE); larger slices are read back from Postgres."
-        ),
-    )
 
     # The slices this run's stages committed in this process, for their readers here (handoff.py).
     _handoff: HandedSlices | None = PrivateAttr(default=None)
@@ -164,7 +156,7 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
         return self._connections
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self._handoff = HandedSlices(self.handoff_rows)
+        self._handoff = HandedSlices()
         self._connections = FrameConnections()
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
@@ -198,12 +190,19 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
             for entity, dates in partition_scopes(partition_keys).items()
         ]
 
-    def writer(self, asset_name: str, entity: str, dates: tuple[dt.date, ...]) -> SliceWriter:
+    def writer(
+        self, asset_name: str, entity: str, dates: tuple[dt.date, ...], *, chunk_size: int | None = None
+    ) -> SliceWriter:
         """A writer that replaces `asset_name`'s slice of `entity` × `dates` in one transaction.
 
         A streaming stage writes its output through it and returns the
         `StoredFrame` it leaves (`writer.stored`) for `handle_output` to record.
+        `chunk_size` is the rows the run's stages handle at a time (the `tuning`
+        resource's): the hand-off then keeps slices of at most `HANDOFF_CHUNKS`
+        such chunks, so a run that lowers it to save memory lowers that too.
         """
+        if chunk_size is not None and self._handoff is not None:
+            self._handoff.bound(HANDOFF_CHUNKS * chunk_size)
         where = FrameSlice(stage_table_name(asset_name, entity), entity, tuple(dates))
         writer: SliceWriter = self._client().writer(where, handoff=self._handoff)
         return writer
