@@ -268,7 +268,7 @@ def daemon_stack(
                     partitions_start or dt.datetime.now(dt.UTC).date() - dt.timedelta(days=7)
                 ).isoformat(),
                 "SYNCFLOW_EXECUTOR": "multiprocess" if executor == "multiprocess" else "in_process",
-                START_ENV: worker_start().value,
+                START_ENV: worker_start(os.environ).value,
             }
             workspace = WORKSPACE_YAML
             if executor == "multiprocess_spawn":
@@ -294,7 +294,7 @@ def daemon_stack(
                         yield Stack(stand_ins, state_url, dagster.url, instance)
                 finally:
                     os.environ.pop("DAGSTER_POSTGRES_URL", None)
-                    _keep_logs(dagster.logs, f"{executor}-{worker_start().value}")
+                    _keep_logs(dagster.logs, f"{executor}-{worker_start(os.environ).value}")
         finally:
             stand_ins.stop()
 
@@ -438,7 +438,7 @@ def run(
         "benchmark": "daemon",
         "rows": rows,
         "seed": seed,
-        "executor": f"{executor}, workers {worker_start().value}",
+        "executor": f"{executor}, workers {worker_start(os.environ).value}",
         "cpu_count": os.cpu_count(),
         "phases": phases,
         "checks": checks,

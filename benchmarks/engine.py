@@ -33,18 +33,23 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from benchmarks.databases import private_database
 from benchmarks.datagen_engine import bench_entity, raw_records
+from syncflow_dagster.defs.configuration import ChunkSettings, settings_from
 from syncflow_dagster.engine.columns import ACTION, BK, BK_HASH, DATA_HASH, RECIPE, ROWVERSION
 from syncflow_dagster.engine.delta import plan_delta, plan_reconcile_deletes
 from syncflow_dagster.engine.identity import add_identity, key_hash_of
 from syncflow_dagster.engine.normalize import normalize
 from syncflow_dagster.engine.rowversion import split_by_rowversion
-from syncflow_dagster.store.database import make_engine
+from syncflow_dagster.store.database import StoreSettings, make_engine
 from syncflow_dagster.store.schema import entity_state
 from syncflow_dagster.store.state import StateRepository
 
 pc: Any = _compute
 T = TypeVar("T")
 DATABASE_URL_ENV = "SYNCFLOW_DATABASE_URL"
+# This benchmark's edge: the shell's SYNCFLOW_CHUNK_SIZE and SYNCFLOW_STORE_MERGE_WORK_MEM, as the
+# code location's resources would have them (defs/configuration.py).
+CHUNK_SIZE = settings_from(ChunkSettings, os.environ).chunk_size
+MERGE_WORK_MEM = settings_from(StoreSettings, os.environ).merge_work_mem
 
 
 class EngineBenchSettings(BaseSettings):
@@ -105,9 +110,11 @@ def run_initial(rec: Recorder, repo: StateRepository, raw: pa.Table) -> None:
     """Everything new: normalize, identity, a plan against empty state, the commit of every insert."""
     entity = bench_entity()
     rows = raw.num_rows
-    normalized = rec.run("initial.normalize", rows, lambda: normalize(entity, raw))
+    normalized = rec.run("initial.normalize", rows, lambda: normalize(entity, raw, CHUNK_SIZE))
     identified = rec.run(
-        "initial.identity", normalized.rows.num_rows, lambda: add_identity(entity, normalized.rows)
+        "initial.identity",
+        normalized.rows.num_rows,
+        lambda: add_identity(entity, normalized.rows, CHUNK_SIZE),
     )
     plan = rec.run("initial.delta", identified.num_rows, lambda: plan_delta(identified, None))
     accepted = accepted_of(plan)
@@ -139,7 +146,7 @@ def clear_state(engine: sa.Engine, entity: str) -> None:
 def run(rows: int, url: str, seed: int = 7) -> list[Phase]:
     entity = bench_entity()
     engine = make_engine(url)
-    repo = StateRepository(engine)
+    repo = StateRepository(engine, MERGE_WORK_MEM)
     repo.ensure_schema()
     clear_state(engine, entity.name)
     rec = Recorder()
@@ -169,9 +176,13 @@ def run(rows: int, url: str, seed: int = 7) -> list[Phase]:
                 }
             )
 
-        inc_norm = rec.run("incremental.normalize", changes.num_rows, lambda: normalize(entity, changes))
+        inc_norm = rec.run(
+            "incremental.normalize", changes.num_rows, lambda: normalize(entity, changes, CHUNK_SIZE)
+        )
         inc_ident = rec.run(
-            "incremental.identity", inc_norm.rows.num_rows, lambda: add_identity(entity, inc_norm.rows)
+            "incremental.identity",
+            inc_norm.rows.num_rows,
+            lambda: add_identity(entity, inc_norm.rows, CHUNK_SIZE),
         )
         graves = rec.run("incremental.tombstones", len(deleted), tombstones)
         asked = pa.concat_arrays(
@@ -263,9 +274,11 @@ def run_snapshot(rec: Recorder, repo: StateRepository, name: str, source: pa.Tab
 
     entity = bench_entity()
     n = source.num_rows
-    normalized = rec.run("snapshot.normalize", n, lambda: normalize(entity, source))
+    normalized = rec.run("snapshot.normalize", n, lambda: normalize(entity, source, CHUNK_SIZE))
     identified = rec.run(
-        "snapshot.identity", normalized.rows.num_rows, lambda: add_identity(entity, normalized.rows)
+        "snapshot.identity",
+        normalized.rows.num_rows,
+        lambda: add_identity(entity, normalized.rows, CHUNK_SIZE),
     )
     keys = identified.column(BK_HASH).combine_chunks()
     # The whole stored state: a full-snapshot compare also finds the keys the source

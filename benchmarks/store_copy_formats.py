@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import time
 import uuid
 from urllib.parse import urlsplit, urlunsplit
@@ -24,9 +25,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from syncflow_dagster.defs.configuration import settings_from
 from syncflow_dagster.engine.columns import BK, BK_HASH, DATA_HASH, RECIPE, ROWVERSION
 from syncflow_dagster.store.copy import PgColumn, copy_in, create_staging
-from syncflow_dagster.store.database import make_engine
+from syncflow_dagster.store.database import StoreSettings, make_engine
 from syncflow_dagster.store.state import StateRepository
 
 COLUMNS = [
@@ -111,7 +113,8 @@ def main() -> None:
                 print(f"{label} {n:>9} rows into a TEMP table: best of 3 {best:6.2f} s")
 
         engine = make_engine(url)
-        repo = StateRepository(engine)
+        # The shell's SYNCFLOW_STORE_MERGE_WORK_MEM, as the code location's database resource would have it.
+        repo = StateRepository(engine, settings_from(StoreSettings, os.environ).merge_work_mem)
         repo.ensure_schema()
         accepted = frame.rename_columns([BK_HASH, BK, DATA_HASH, ROWVERSION, RECIPE])
         started = time.perf_counter()

@@ -21,7 +21,7 @@ from syncflow_dagster.defs.sensors import (
 from syncflow_dagster.deploy import executor_from_env, warm_workers
 
 # Run workers fork from a warm process that imported all this once (SYNCFLOW_RUN_WORKER_START).
-warm_workers.install()
+warm_workers.install(os.environ)
 
 defs = dg.Definitions(
     assets=[*STAGE_ASSETS, SCHEDULEHUB_RECORDS],
@@ -32,5 +32,5 @@ defs = dg.Definitions(
     # The one place the code location reads its environment (docs/configuration.md).
     resources=build_resources(os.environ, env_vars=True),
     # SYNCFLOW_EXECUTOR picks the profile (multiprocess, in_process, celery): see docs/scaling.md.
-    executor=executor_from_env(),
+    executor=executor_from_env(os.environ),
 )

@@ -98,16 +98,19 @@ def _batch_id(context: AssetExecutionContext, database: SyncDatabase, entity: st
     return bookkeeping.batch_for_run(database, entity, day, run.root_run_id or run.run_id)
 
 
-def _writer(context: AssetExecutionContext, scope: Scope) -> SliceWriter:
-    """The writer of this stage's output slice for one entity of the run (see `streamed.py`)."""
+def _writer(context: AssetExecutionContext, scope: Scope, chunk_size: int) -> SliceWriter:
+    """The writer of this stage's output slice for one entity of the run (see `streamed.py`); the
+    hand-off keeps a slice of at most two of the run's chunks (`chunk_size` rows each) in memory."""
     manager: PostgresFrameIOManager = getattr(context.resources, FRAME_IO)
     entity, dates = scope
-    return manager.writer(context.asset_key.path[-1], entity.name, dates)
+    return manager.writer(context.asset_key.path[-1], entity.name, dates, chunk_size=chunk_size)
 
 
-def _entity_run(database: SyncDatabase, scope: Scope, batch: uuid.UUID, **more: Any) -> pipeline.EntityRun:
-    """One entity's share of this run, as `pipeline.run_stage` takes it."""
-    return pipeline.EntityRun(CATALOG, scope[0], database, batch, **more)
+def _entity_run(
+    database: SyncDatabase, tuning: SyncTuning, scope: Scope, batch: uuid.UUID, **more: Any
+) -> pipeline.EntityRun:
+    """One entity's share of this run, as `pipeline.run_stage` takes it, `tuning.chunk_size` rows at a time."""
+    return pipeline.EntityRun(CATALOG, scope[0], database, batch, chunk_size=tuning.chunk_size, **more)
 
 
 def _run_stage(
@@ -118,7 +121,9 @@ def _run_stage(
     streams: EntityStreams,
 ) -> stages.StageResult:
     """This asset's one stage for one entity of the run: its input slice in, its output slice out."""
-    return pipeline.run_stage(stage.name, run, streams[scope[0].name], _writer(context, scope))
+    return pipeline.run_stage(
+        stage.name, run, streams[scope[0].name], _writer(context, scope, run.chunk_size)
+    )
 
 
 def _shown(result: stages.StageResult) -> pa.Table:
@@ -289,10 +294,13 @@ def _stage_asset(
     pool="apismith",
 )
 def extracted(
-    context: AssetExecutionContext, apismith: ApiSmithResource, database: SyncDatabase
+    context: AssetExecutionContext, apismith: ApiSmithResource, database: SyncDatabase, tuning: SyncTuning
 ) -> dg.Output[EntityFrames]:
     return _stage_output(
-        context, database, st.FETCH, lambda scope, batch: _extract(context, apismith, database, *scope, batch)
+        context,
+        database,
+        st.FETCH,
+        lambda scope, batch: _extract(context, apismith, database, *scope, batch, tuning.chunk_size),
     )
 
 
@@ -303,8 +311,9 @@ def _extract(
     entity: EntitySpec,
     dates: tuple[dt.date, ...],
     batch: uuid.UUID,
+    chunk_size: int,
 ) -> stages.StageResult:
-    out = streamed.Output(_writer(context, (entity, dates)))
+    out = streamed.Output(_writer(context, (entity, dates), chunk_size))
     with out.writer:
         # Each page is written as it arrives: the fetch never holds the whole read.
         result = reading.extract(context, apismith.client(), database, entity, dates, batch, sink=out.write)
@@ -321,10 +330,10 @@ def _resync(context: AssetExecutionContext) -> bool:
     {"python", "pyarrow", "postgres"},
 )
 def normalized(
-    context: AssetExecutionContext, database: SyncDatabase, extracted: EntityStreams
+    context: AssetExecutionContext, database: SyncDatabase, tuning: SyncTuning, extracted: EntityStreams
 ) -> dg.Output[EntityFrames]:
     def normalize(scope: Scope, batch: uuid.UUID) -> stages.StageResult:
-        run = _entity_run(database, scope, batch)
+        run = _entity_run(database, tuning, scope, batch)
         result = _run_stage(context, st.NORMALIZE, run, scope, extracted)
         if run.rejected is not None and run.rejected.num_rows:
             result.notes["rejected_sample"] = _preview(run.rejected)
@@ -338,14 +347,14 @@ def normalized(
     {"python", "pyarrow", "postgres"},
 )
 def identified(
-    context: AssetExecutionContext, database: SyncDatabase, normalized: EntityStreams
+    context: AssetExecutionContext, database: SyncDatabase, tuning: SyncTuning, normalized: EntityStreams
 ) -> dg.Output[EntityFrames]:
     return _stage_output(
         context,
         database,
         st.IDENTITY,
         lambda scope, batch: _run_stage(
-            context, st.IDENTITY, _entity_run(database, scope, batch), scope, normalized
+            context, st.IDENTITY, _entity_run(database, tuning, scope, batch), scope, normalized
         ),
     )
 
@@ -355,7 +364,7 @@ def identified(
     {"python", "pyarrow", "postgres"},
 )
 def fresh_rows(
-    context: AssetExecutionContext, database: SyncDatabase, identified: EntityStreams
+    context: AssetExecutionContext, database: SyncDatabase, tuning: SyncTuning, identified: EntityStreams
 ) -> dg.Output[EntityFrames]:
     resync = _resync(context)
     return _stage_output(
@@ -363,7 +372,11 @@ def fresh_rows(
         database,
         st.ROWVERSION,
         lambda scope, batch: _run_stage(
-            context, st.ROWVERSION, _entity_run(database, scope, batch, resync=resync), scope, identified
+            context,
+            st.ROWVERSION,
+            _entity_run(database, tuning, scope, batch, resync=resync),
+            scope,
+            identified,
         ),
     )
 
@@ -374,12 +387,12 @@ def fresh_rows(
     checks=(checks.KEYS_UNIQUE,),
 )
 def delta_plan(
-    context: AssetExecutionContext, database: SyncDatabase, fresh_rows: EntityStreams
+    context: AssetExecutionContext, database: SyncDatabase, tuning: SyncTuning, fresh_rows: EntityStreams
 ) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
     keys: dict[str, checks.KeyTally] = {}
 
     def plan(scope: Scope, batch: uuid.UUID) -> stages.StageResult:
-        run = _entity_run(database, scope, batch, resync=_resync(context))
+        run = _entity_run(database, tuning, scope, batch, resync=_resync(context))
         result = _run_stage(context, st.DELTA, run, scope, fresh_rows)
         assert run.keys is not None
         keys[scope[0].name] = run.keys
@@ -402,7 +415,7 @@ def resolved(
     arriving: dict[str, pa.Array] = {}
 
     def resolve(scope: Scope, batch: uuid.UUID) -> stages.StageResult:
-        run = _entity_run(database, scope, batch, run_date=scope[1][-1], arriving=arriving)
+        run = _entity_run(database, tuning, scope, batch, run_date=scope[1][-1], arriving=arriving)
         return _run_stage(context, st.PARENT_CHILD, run, scope, delta_plan)
 
     yield _stage_output(context, database, st.PARENT_CHILD, resolve)
@@ -426,6 +439,7 @@ def delivered(
     context: AssetExecutionContext,
     schedulehub: ScheduleHubResource,
     database: SyncDatabase,
+    tuning: SyncTuning,
     resolved: EntityStreams,
 ) -> dg.Output[EntityFrames]:
     return _stage_output(
@@ -435,7 +449,7 @@ def delivered(
         lambda scope, batch: _run_stage(
             context,
             st.DELIVER,
-            _entity_run(database, scope, batch, schedulehub=schedulehub.client),
+            _entity_run(database, tuning, scope, batch, schedulehub=schedulehub.client),
             scope,
             resolved,
         ),
@@ -448,12 +462,12 @@ def delivered(
     checks=(checks.DELIVERED_COMMITTED,),
 )
 def committed(
-    context: AssetExecutionContext, database: SyncDatabase, delivered: EntityStreams
+    context: AssetExecutionContext, database: SyncDatabase, tuning: SyncTuning, delivered: EntityStreams
 ) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
     verdicts: dict[str, dg.AssetCheckResult] = {}
 
     def commit(scope: Scope, batch: uuid.UUID) -> stages.StageResult:
-        run = _entity_run(database, scope, batch)
+        run = _entity_run(database, tuning, scope, batch)
         result = _run_stage(context, st.PERSIST, run, scope, delivered)
         verdicts[scope[0].name] = checks.delivered_equals_committed(run.accepted, result.counts)
         return result
@@ -468,7 +482,7 @@ def committed(
     checks=(checks.NO_FAILED_ROWS,),
 )
 def sync_report(
-    context: AssetExecutionContext, database: SyncDatabase, committed: EntityStreams
+    context: AssetExecutionContext, database: SyncDatabase, tuning: SyncTuning, committed: EntityStreams
 ) -> Iterator[dg.Output[EntityFrames] | dg.AssetCheckResult]:
     frames = EntityFrames()
     per_entity: dict[str, dict[str, Any]] = {}
@@ -476,7 +490,7 @@ def sync_report(
     for entity, dates in _scopes(context):
         report, per_entity[entity.name] = _report(context, database, entity, dates)
         # Written like every stage's frame, so that the run hands over a handle, never a table.
-        with _writer(context, (entity, dates)) as writer:
+        with _writer(context, (entity, dates), tuning.chunk_size) as writer:
             writer.write(report)
         frames[entity.name] = writer.stored
         failed_rows[entity.name] = checks.no_failed_rows(

@@ -36,6 +36,7 @@ from syncflow_dagster.defs import bookkeeping, pipeline, stages
 from syncflow_dagster.defs.maintenance import EntitiesConfig
 from syncflow_dagster.engine import columns as c
 from syncflow_dagster.engine import stage_table as st
+from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE
 from syncflow_dagster.engine.delta import dedupe_batch
 from syncflow_dagster.engine.drift import TargetDrift, compare_target
 from syncflow_dagster.engine.identity import add_identity, key_hash_of
@@ -69,7 +70,7 @@ class AuditConfig(EntitiesConfig):
 # -- the target's side -----------------------------------------------------------------------------
 
 
-def target_identity(entity: EntitySpec, records: pa.Table) -> pa.Table:
+def target_identity(entity: EntitySpec, records: pa.Table, size: int = DEFAULT_CHUNK_SIZE) -> pa.Table:
     """(`_bk_hash`, `_bk`, `_data_hash`) of ScheduleHub's records of `entity`.
 
     The external key is SyncFlow's `_bk`; the data hash is re-derived from the
@@ -90,7 +91,7 @@ def target_identity(entity: EntitySpec, records: pa.Table) -> pa.Table:
             as_source[spec.source] = pa.nulls(n, pa.string())
     as_source[entity.rowversion] = pa.repeat(pa.scalar(1, pa.int64()), n)
     as_source[entity.changed_at] = pa.repeat(_NO_CHANGE_TIME, n)
-    typed = add_identity(entity, normalize(entity, pa.table(as_source)).rows)
+    typed = add_identity(entity, normalize(entity, pa.table(as_source), size).rows, size)
     positions = pc.index_in(keys, value_set=typed.column(c.BK))
     data_hash: Any = pc.take(typed.column(c.DATA_HASH), positions)
     return pa.table(
@@ -109,12 +110,15 @@ async def _read_target(client: ScheduleHubClient, resource: str) -> pa.Table:
 
 
 def audit_entity(
-    database: SyncStore, schedulehub_client: ScheduleHubClient, entity: EntitySpec
+    database: SyncStore,
+    schedulehub_client: ScheduleHubClient,
+    entity: EntitySpec,
+    size: int = DEFAULT_CHUNK_SIZE,
 ) -> TargetDrift:
     """Compare ScheduleHub's records of `entity` with the state SyncFlow committed for it."""
     records = stages.run_async(_read_target(schedulehub_client, entity.resource))
     held = database.state().load_state(entity.name, (c.BK_HASH, c.BK, c.DATA_HASH))
-    return compare_target(held, target_identity(entity, records))
+    return compare_target(held, target_identity(entity, records, size))
 
 
 # -- the repair ---------------------------------------------------------------------------------
@@ -126,11 +130,13 @@ async def _read_source(client: ApiSmithClient, entity: EntitySpec) -> pa.Table:
         return table
 
 
-def source_rows_for(apismith_client: ApiSmithClient, entity: EntitySpec, drift: TargetDrift) -> pa.Table:
+def source_rows_for(
+    apismith_client: ApiSmithClient, entity: EntitySpec, drift: TargetDrift, size: int = DEFAULT_CHUNK_SIZE
+) -> pa.Table:
     """APISmith's current rows of the missing and differing keys, shaped as delivery-ready rows."""
     wanted = pa.concat_tables([drift.missing, drift.differing])
     raw = stages.run_async(_read_source(apismith_client, entity))
-    rows = add_identity(entity, normalize(entity, stages._as_text(raw)).rows)
+    rows = add_identity(entity, normalize(entity, stages._as_text(raw), size).rows, size)
     rows = rows.filter(pc.is_in(rows.column(c.BK_HASH), value_set=wanted.column(c.BK_HASH)))
     rows, _ = dedupe_batch(rows)
     is_missing = pc.is_in(rows.column(c.BK_HASH), value_set=drift.missing.column(c.BK_HASH))
@@ -148,18 +154,21 @@ def repair_entity(
     schedulehub: Callable[[], ScheduleHubClient],
     entity: EntitySpec,
     drift: TargetDrift,
+    chunk_size: int,
 ) -> dict[str, int]:
     """Deliver again the missing and differing records of `entity`; the counts of what happened."""
     from syncflow_dagster.defs.assets import CATALOG
 
     started = time.perf_counter()
-    rows = source_rows_for(apismith_client, entity, drift)
+    rows = source_rows_for(apismith_client, entity, drift, chunk_size)
     run = context.run
     batch = bookkeeping.batch_for_run(
         database, entity.name, None, run.root_run_id or run.run_id, kind="reconcile"
     )
     # The sync's own stages from parent-child on: parents first, then what ScheduleHub confirmed.
-    repair = pipeline.EntityRun(CATALOG, entity, database, batch, schedulehub=schedulehub)
+    repair = pipeline.EntityRun(
+        CATALOG, entity, database, batch, schedulehub=schedulehub, chunk_size=chunk_size
+    )
     wanted = drift.missing.num_rows + drift.differing.num_rows
     _, counts = pipeline.run_batch(
         st.TARGET_REPAIR,
@@ -193,7 +202,9 @@ def _audit(context: AssetCheckExecutionContext, config: AuditConfig) -> dg.Asset
     # Parents first: a repaired child needs its parent in ScheduleHub already.
     for name in (n for n in CATALOG.topological_order if n in names):
         entity = CATALOG.entity(name)
-        drift = audit_entity(resources.database, resources.schedulehub.client(), entity)
+        drift = audit_entity(
+            resources.database, resources.schedulehub.client(), entity, resources.tuning.chunk_size
+        )
         found: dict[str, Any] = {
             "held": drift.held,
             "in_target": drift.target,
@@ -217,6 +228,7 @@ def _audit(context: AssetCheckExecutionContext, config: AuditConfig) -> dg.Asset
                 resources.schedulehub.client,
                 entity,
                 drift,
+                resources.tuning.chunk_size,
             )
             found["repaired"] = int(counts.get("delivered", 0))
             found["repair_failed"] = int(counts.get("failed", 0))
@@ -265,7 +277,7 @@ def _audit(context: AssetCheckExecutionContext, config: AuditConfig) -> dg.Asset
     description="ScheduleHub holds every record SyncFlow's state says it delivered, with the same data: "
     "lists records missing in ScheduleHub, extra there, or differing, per entity (run by job "
     "target_audit; with repair: true it delivers the missing and differing ones again).",
-    required_resource_keys={"database", "apismith", "schedulehub"},
+    required_resource_keys={"database", "apismith", "schedulehub", "tuning"},
     pool="schedulehub",
 )
 def target_matches_state(context: AssetCheckExecutionContext, config: AuditConfig) -> dg.AssetCheckResult:

@@ -14,7 +14,7 @@ Two kinds of values:
   value, and each run resolves it from its own process's environment. Without
   it (an in-process deployment such as the demo) they are the mapping's values.
 * **Tunables** (page and batch sizes, HTTP timeouts and retries, the store's
-  retry schedule, frame retention): read here from the mapping with their
+  retry schedule and merge memory, the chunk size, frame retention): read here from the mapping with their
   documented defaults, and handed to the resources as plain config, so the
   UI's resource and launchpad views show each value in force and a run may
   override it.
@@ -26,8 +26,8 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import dagster as dg
-from pydantic import AliasChoices
-from pydantic_settings import BaseSettings
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from syncflow_dagster.clients.apismith import ApiSmithSettings
 from syncflow_dagster.clients.http import HttpSettings
@@ -40,6 +40,7 @@ from syncflow_dagster.defs.resources import (
     SyncDatabase,
     SyncTuning,
 )
+from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE
 from syncflow_dagster.store.database import StoreSettings
 from syncflow_dagster.store.frame_io_manager import PostgresFrameIOManager
 
@@ -49,6 +50,14 @@ DATABASE_URL_ENV = "SYNCFLOW_DATABASE_URL"
 STAGE_RETENTION_DAYS_ENV = "SYNCFLOW_STAGE_RETENTION_DAYS"
 # The client id both partners know SyncFlow by when the deployment names none.
 DEFAULT_CLIENT_ID = "syncflow"
+
+
+class ChunkSettings(BaseSettings):
+    """SYNCFLOW_CHUNK_SIZE: rows each stage handles at a time (the `tuning` resource's `chunk_size`)."""
+
+    model_config = SettingsConfigDict(env_prefix="SYNCFLOW_", extra="ignore")
+
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1, description="Rows per chunk.")
 
 
 class ConfigurationError(ValueError):
@@ -147,6 +156,7 @@ def build_resources(environ: Mapping[str, str], *, env_vars: bool = False) -> di
     http = http_config(environ)
     apismith = settings_from(ApiSmithSettings, environ)
     schedulehub = settings_from(ScheduleHubSettings, environ)
+    chunk_size = settings_from(ChunkSettings, environ).chunk_size
     retention = environ.get(STAGE_RETENTION_DAYS_ENV)
     retention_days = (
         int(retention) if retention else PostgresFrameIOManager.model_fields["retention_days"].default
@@ -167,7 +177,7 @@ def build_resources(environ: Mapping[str, str], *, env_vars: bool = False) -> di
             batch_size=schedulehub.delivery_batch_size,
             http=http,
         ),
-        "tuning": SyncTuning(),
+        "tuning": SyncTuning(chunk_size=chunk_size),
         "frame_io_manager": PostgresFrameIOManager(
             database_url=database_url,
             retention_days=retention_days,

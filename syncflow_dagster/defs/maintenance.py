@@ -84,6 +84,7 @@ def reconcile_entities(
     apismith: ApiSmithResource,
     schedulehub: ScheduleHubResource,
     database: SyncDatabase,
+    tuning: SyncTuning,
 ) -> None:
     from syncflow_dagster.defs.assets import CATALOG
 
@@ -95,8 +96,8 @@ def reconcile_entities(
             # only the keys' identity is used here, so any valid time will do.
             keys = keys.append_column(entity.changed_at, pa.repeat(_NO_CHANGE_TIME, keys.num_rows))
         key_spec = stages.key_only(entity)
-        normalized = normalize(key_spec, keys)
-        source_keys = add_identity(key_spec, normalized.rows).select([c.BK_HASH, c.BK])
+        normalized = normalize(key_spec, keys, tuning.chunk_size)
+        source_keys = add_identity(key_spec, normalized.rows, tuning.chunk_size).select([c.BK_HASH, c.BK])
         # The key text travels too: ScheduleHub deletes by external key, not by hash.
         stored = database.state().load_state(
             entity.name, (c.BK_HASH, c.BK, c.DATA_HASH, c.ROWVERSION, c.RECIPE)
@@ -129,7 +130,9 @@ def reconcile_entities(
                 deletes = deletes.append_column(c.ACTION, pa.array([c.DELETE] * deletes.num_rows))
             if c.ROWVERSION not in deletes.column_names:
                 deletes = deletes.append_column(c.ROWVERSION, pa.nulls(deletes.num_rows, pa.int64()))
-            run = pipeline.EntityRun(CATALOG, entity, database, batch, schedulehub=schedulehub.client)
+            run = pipeline.EntityRun(
+                CATALOG, entity, database, batch, schedulehub=schedulehub.client, chunk_size=tuning.chunk_size
+            )
             # A reconcile's deletes count under the name a sync's do (`delete`), so a
             # status over both kinds adds them up (stage_table.RECONCILE).
             ran, _ = pipeline.run_batch(st.RECONCILE, deletes, run, {c.DELETE: deletes.num_rows}, started)
@@ -199,7 +202,9 @@ def _retry_entity(
     # Released children join inside the parent-child stage.
     # A retried row must still have its parents: otherwise it goes back to waiting.
     batch = bookkeeping.batch_for_run(database, entity.name, None, root_run_id(context), kind="retry")
-    run = pipeline.EntityRun(CATALOG, entity, database, batch, schedulehub=schedulehub.client)
+    run = pipeline.EntityRun(
+        CATALOG, entity, database, batch, schedulehub=schedulehub.client, chunk_size=tuning.chunk_size
+    )
     ran, counts = pipeline.run_batch(
         st.RETRY,
         due,

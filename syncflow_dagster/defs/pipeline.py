@@ -52,6 +52,8 @@ class EntityRun:
     each entity hands to delivery, which its children in the same run count
     on as arrived. `run_date` is the partition date of children released into
     the run (None outside a sync: a retry's rows keep no partition).
+    `chunk_size` is how many rows each stage handles at a time (the `tuning`
+    resource's, SYNCFLOW_CHUNK_SIZE).
     """
 
     catalog: Catalog
@@ -61,6 +63,8 @@ class EntityRun:
     schedulehub: Callable[[], ScheduleHubClient] | None = None
     run_date: dt.date | None = None
     resync: bool = False
+    # Required (keyword): a stage that silently fell back to a default would ignore the operator's setting.
+    chunk_size: int = field(kw_only=True)
     arriving: dict[str, pa.Array] = field(default_factory=dict)
     # Left by the stages for the checks and the metadata:
     rejected: pa.Table | None = None  # normalize: one row per refused value
@@ -70,21 +74,26 @@ class EntityRun:
 
 def run_stage(name: str, run: EntityRun, reader: FrameReader, writer: FrameWriter) -> stages.StageResult:
     """Run stage `name` (one of `STAGES`) for `run.entity`, reading `reader` and writing `writer`."""
-    entity, database = run.entity, run.database
+    entity, database, size = run.entity, run.database, run.chunk_size
     if name == st.NORMALIZE.name:
-        result, run.rejected = streamed.normalize(entity, reader, writer)
+        result, run.rejected = streamed.normalize(entity, reader, writer, size)
         if run.rejected.num_rows:
             bookkeeping.record_rejected(database, entity, run.batch_id, run.rejected)
         return result
     if name == st.IDENTITY.name:
-        return streamed.row_wise(reader, writer, lambda chunk: stages.identity_stage(entity, chunk))
+        return streamed.row_wise(
+            reader, writer, lambda chunk: stages.identity_stage(entity, chunk, size), size
+        )
     if name == st.ROWVERSION.name:
         state = database.state()
         return streamed.row_wise(
-            reader, writer, lambda chunk: stages.rowversion_stage(state, entity, chunk, resync=run.resync)
+            reader,
+            writer,
+            lambda chunk: stages.rowversion_stage(state, entity, chunk, resync=run.resync),
+            size,
         )
     if name == st.DELTA.name:
-        result, run.keys = streamed.delta(reader, writer, resync=run.resync)
+        result, run.keys = streamed.delta(reader, writer, size, resync=run.resync)
         return result
     if name == st.PARENT_CHILD.name:
         result, run.arriving[entity.name] = streamed.parent_child(
@@ -96,15 +105,18 @@ def run_stage(name: str, run: EntityRun, reader: FrameReader, writer: FrameWrite
             run.batch_id,
             run_date=run.run_date,
             arriving=run.arriving,
+            size=size,
         )
         return result
     if name == st.DELIVER.name:
         if run.schedulehub is None:
             raise ValueError(f"entity {entity.name!r}: the deliver stage needs a ScheduleHub client")
         client = run.schedulehub
-        return streamed.row_wise(reader, writer, lambda chunk: stages.deliver_stage(client(), entity, chunk))
+        return streamed.row_wise(
+            reader, writer, lambda chunk: stages.deliver_stage(client(), entity, chunk), size
+        )
     if name == st.PERSIST.name:
-        result, run.accepted = streamed.persist(database, entity, reader, writer, run.batch_id)
+        result, run.accepted = streamed.persist(database, entity, reader, writer, run.batch_id, size)
         # Every row of the batch is now committed, failed or parked: its catch-up read
         # (a sync's; a retry or reconcile batch made none) is accounted for.
         read_through = reading.account_read(database, run.batch_id)

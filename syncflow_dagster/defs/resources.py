@@ -22,6 +22,7 @@ from pydantic import Field, SecretStr
 from syncflow_dagster.clients.apismith import ApiSmithClient, ApiSmithSettings
 from syncflow_dagster.clients.http import HttpSettings
 from syncflow_dagster.clients.schedulehub import ScheduleHubClient, ScheduleHubSettings
+from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE
 from syncflow_dagster.store.database import StoreSettings, make_engine
 
 if TYPE_CHECKING:
@@ -97,11 +98,13 @@ class HttpConfig(dg.Config):
 
 
 class StoreConfig(dg.Config):
-    """Tuning of the state store (SYNCFLOW_STORE_*; store/database.py).
+    """Tuning of the state store (SYNCFLOW_STORE_*; store/database.py)."""
 
-    All but SYNCFLOW_STORE_MERGE_WORK_MEM, which the state repository reads from
-    the environment of the process that commits (store/state.py).
-    """
+    merge_work_mem: str = Field(
+        default=_default(StoreSettings, "merge_work_mem"),
+        pattern=r"^[0-9]+\s*(kB|MB|GB)$",
+        description="SYNCFLOW_STORE_MERGE_WORK_MEM: Postgres work_mem of a commit's merge (kB, MB or GB)",
+    )
 
     retry_base_seconds: float = Field(
         default=_default(StoreSettings, "retry_base_seconds"),
@@ -129,7 +132,6 @@ class StoreConfig(dg.Config):
     )
 
     def settings(self) -> StoreSettings:
-        # merge_work_mem, not a field here, comes from the environment as the state repository's does.
         return StoreSettings(**{name: getattr(self, name) for name in type(self).model_fields})
 
 
@@ -165,7 +167,7 @@ class SyncDatabase(dg.ConfigurableResource):
     def state(self) -> StateRepository:
         from syncflow_dagster.store.state import StateRepository
 
-        return StateRepository(self.engine)
+        return StateRepository(self.engine, self.store.merge_work_mem)
 
     def batches(self) -> BatchRepository:
         from syncflow_dagster.store.batches import BatchRepository
@@ -279,3 +281,11 @@ class SyncTuning(dg.ConfigurableResource):
         default=26.0, description="The freshness check fails when an entity's last good sync is older."
     )
     retry_batch_limit: int = Field(default=50_000, description="Failed records retried per retry run.")
+    chunk_size: int = Field(
+        default=DEFAULT_CHUNK_SIZE,
+        ge=1,
+        description=(
+            "SYNCFLOW_CHUNK_SIZE: rows each stage reads, works on and writes at a time; smaller "
+            "chunks lower a large sync's peak memory at some cost in speed, results are the same."
+        ),
+    )

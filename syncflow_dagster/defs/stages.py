@@ -30,6 +30,7 @@ from syncflow_dagster.catalog import EntitySpec
 from syncflow_dagster.clients.apismith import ApiSmithClient
 from syncflow_dagster.clients.schedulehub import ScheduleHubClient
 from syncflow_dagster.engine import columns as c
+from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE
 from syncflow_dagster.engine.delta import UNKNOWN_KEY, dedupe_batch, plan_delta, resync_skips
 from syncflow_dagster.engine.identity import add_identity
 from syncflow_dagster.engine.normalize import normalize
@@ -249,21 +250,23 @@ def _as_text(table: pa.Table) -> pa.Table:
 # 2. normalize -----------------------------------------------------------------------------------
 
 
-def normalize_stage(entity: EntitySpec, extracted: pa.Table) -> tuple[StageResult, pa.Table]:
-    """Typed rows (live and tombstones) plus the rejected frame (one row per bad value)."""
+def normalize_stage(
+    entity: EntitySpec, extracted: pa.Table, size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[StageResult, pa.Table]:
+    """Typed rows (live and tombstones) plus the rejected frame (one row per bad value), `size` rows at a time."""
     deleted: Any = extracted[DELETED] if DELETED in extracted.column_names else None
     live_mask: Any = pc.invert(pc.fill_null(deleted, pa.scalar(False))) if deleted is not None else None
     if live_mask is not None and pc.all(live_mask).as_py():
         live_mask = None  # no tombstones: no copy of the whole frame through a filter
     live = extracted.filter(live_mask) if live_mask is not None else extracted
     dead = extracted.filter(pc.invert(live_mask)) if live_mask is not None else extracted.slice(0, 0)
-    result = normalize(entity, live.drop_columns([DELETED]) if DELETED in live.column_names else live)
+    result = normalize(entity, live.drop_columns([DELETED]) if DELETED in live.column_names else live, size)
     rows = _carry_partition(result.rows, live, entity)
     rows = rows.append_column(DELETED, pa.array([False] * rows.num_rows, pa.bool_()))
     frames = [rows]
     rejected = result.rejected
     if dead.num_rows:
-        keys = normalize(key_only(entity), dead.drop_columns([DELETED]))
+        keys = normalize(key_only(entity), dead.drop_columns([DELETED]), size)
         tomb = _carry_partition(keys.rows, dead, entity)
         tomb = tomb.append_column(DELETED, pa.array([True] * tomb.num_rows, pa.bool_()))
         frames.append(tomb)
@@ -292,12 +295,12 @@ def _carry_partition(rows: pa.Table, source: pa.Table, entity: EntitySpec) -> pa
 # 3. identity ------------------------------------------------------------------------------------
 
 
-def identity_stage(entity: EntitySpec, normalized: pa.Table) -> StageResult:
+def identity_stage(entity: EntitySpec, normalized: pa.Table, size: int = DEFAULT_CHUNK_SIZE) -> StageResult:
     live, dead = _split_deleted(normalized)
-    live = add_identity(entity, live)
+    live = add_identity(entity, live, size)
     frames = [live]
     if dead.num_rows:
-        keyed = add_identity(key_only(entity), dead)
+        keyed = add_identity(key_only(entity), dead, size)
         keyed = keyed.set_column(
             keyed.schema.get_field_index(c.DATA_HASH), c.DATA_HASH, pa.nulls(keyed.num_rows, c.DATA_HASH_TYPE)
         )

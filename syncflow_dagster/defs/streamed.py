@@ -1,7 +1,7 @@
 """The sync stages over streams: each reads its input slice chunk by chunk and writes its output as it goes.
 
 The stage functions of `stages.py`, `parents.py` and `commits.py` are the per-chunk kernels; here each is
-run over chunks of `SYNCFLOW_CHUNK_SIZE` rows of its input (a `FrameReader`:
+run over chunks of `size` rows of its input (the run's chunk size, SYNCFLOW_CHUNK_SIZE) (a `FrameReader`:
 a stored slice's `SliceReader` in a sync, a `TableReader` in the retry and
 reconcile jobs), and what it returns is appended to the stage's output (a
 `FrameWriter`: a `SliceWriter`, one transaction, committed when the stage
@@ -42,7 +42,6 @@ from syncflow_dagster.defs import commits, parents, stages
 from syncflow_dagster.defs.checks import KeyTally, accepted_changes
 from syncflow_dagster.defs.memory_frames import FrameReader, FrameWriter
 from syncflow_dagster.engine import columns as c
-from syncflow_dagster.engine.chunks import chunk_size
 from syncflow_dagster.engine.delta import batch_winners, key_words
 from syncflow_dagster.store.first_load import FirstLoad
 from syncflow_dagster.store.repositories import SyncStore
@@ -85,9 +84,10 @@ def _each_chunk(
     reader: FrameReader,
     writer: FrameWriter,
     stage: Callable[[pa.Table], stages.StageResult],
+    size: int,
     extra: Iterable[pa.Table] = (),
 ) -> stages.StageResult:
-    """Run `stage` over every chunk of `reader` (then `extra`), writing each result; once on no rows.
+    """Run `stage` over every chunk of `size` rows of `reader` (then `extra`), writing each result; once on no rows.
 
     On an empty input the stage still runs once, on an empty table of the
     input's schema, so the output slice gets the schema a whole-frame run gives.
@@ -95,7 +95,7 @@ def _each_chunk(
     out = Output(writer)
     with writer:
         seen = False
-        for chunk in _chain(reader, extra):
+        for chunk in _chain(reader, size, extra):
             seen = True
             out.add(stage(chunk))
         if not seen:
@@ -103,31 +103,31 @@ def _each_chunk(
     return out.result()
 
 
-def _chain(reader: FrameReader, extra: Iterable[pa.Table]) -> Iterable[pa.Table]:
-    yield from reader.chunks(chunk_size())
+def _chain(reader: FrameReader, size: int, extra: Iterable[pa.Table]) -> Iterable[pa.Table]:
+    yield from reader.chunks(size)
     yield from extra
 
 
 def row_wise(
-    reader: FrameReader, writer: FrameWriter, stage: Callable[[pa.Table], stages.StageResult]
+    reader: FrameReader, writer: FrameWriter, stage: Callable[[pa.Table], stages.StageResult], size: int
 ) -> stages.StageResult:
-    """A stage whose rows do not depend on each other (identity, rowversion, deliver), chunk by chunk."""
-    return _each_chunk(reader, writer, stage)
+    """A stage whose rows do not depend on each other (identity, rowversion, deliver), `size` rows at a time."""
+    return _each_chunk(reader, writer, stage, size)
 
 
 def normalize(
-    entity: EntitySpec, reader: FrameReader, writer: FrameWriter
+    entity: EntitySpec, reader: FrameReader, writer: FrameWriter, size: int
 ) -> tuple[stages.StageResult, pa.Table]:
     """Normalise chunk by chunk; the rejected values of every chunk come back together (they are few)."""
     rejected: list[pa.Table] = []
 
     def one(chunk: pa.Table) -> stages.StageResult:
-        result, refused = stages.normalize_stage(entity, chunk)
+        result, refused = stages.normalize_stage(entity, chunk, size)
         if refused.num_rows or not rejected:
             rejected.append(refused)
         return result
 
-    result = _each_chunk(reader, writer, one)
+    result = _each_chunk(reader, writer, one, size)
     refused = pa.concat_tables(rejected, promote_options="default")
     result.counts["rejected"] = len(set(refused["business_key"].to_pylist())) if refused.num_rows else 0
     result.counts["rejected_values"] = refused.num_rows
@@ -135,7 +135,7 @@ def normalize(
 
 
 def delta(
-    reader: FrameReader, writer: FrameWriter, *, resync: bool = False
+    reader: FrameReader, writer: FrameWriter, size: int, *, resync: bool = False
 ) -> tuple[stages.StageResult, KeyTally]:
     """Plan the batch in two passes (see the module's docstring); the keys check is tallied on the way."""
     wanted = [
@@ -143,10 +143,10 @@ def delta(
     ]
     # One chunk (or less): read once, winners picked on the very table planned (an empty input
     # is that one chunk too, as `_each_chunk` runs the stage once on it).
-    whole = reader.read_all() if reader.num_rows <= chunk_size() else None
+    whole = reader.read_all() if reader.num_rows <= size else None
     if whole is not None:
         keep, duplicates = batch_winners(whole.select(wanted)) if whole.num_rows else (np.ones(0, bool), 0)
-    elif _keys_distinct(reader):
+    elif _keys_distinct(reader, size):
         # Every key once (an initial load's usual batch): every row is kept, and the
         # other key columns need not be read at all.
         keep, duplicates = np.ones(reader.num_rows, bool), 0
@@ -165,7 +165,7 @@ def delta(
         return result
 
     if whole is None:
-        result = _each_chunk(reader, writer, one)
+        result = _each_chunk(reader, writer, one, size)
     else:
         out = Output(writer)
         with writer:
@@ -176,7 +176,7 @@ def delta(
     return result, keys
 
 
-def _keys_distinct(reader: FrameReader) -> bool:
+def _keys_distinct(reader: FrameReader, size: int) -> bool:
     """Whether no two rows of the slice share a first 64-bit word of their key hash (so no key repeats).
 
     Holds 8 bytes a row (the first words, sorted in place) instead of the key
@@ -186,7 +186,7 @@ def _keys_distinct(reader: FrameReader) -> bool:
     takes `batch_winners`' way, which is exact.
     """
     firsts: list[np.ndarray] = []
-    for part in reader.chunks(chunk_size(), [c.BK_HASH]):
+    for part in reader.chunks(size, [c.BK_HASH]):
         keys = part[c.BK_HASH].combine_chunks()
         if keys.null_count:
             return False
@@ -206,14 +206,13 @@ def parent_child(
     batch_id: uuid.UUID,
     run_date: dt.date | None,
     arriving: Mapping[str, pa.Array],
+    size: int,
 ) -> tuple[stages.StageResult, pa.Array]:
     """Resolve parents chunk by chunk, then the released children; returns the keys handed on too."""
     plan_keys = reader.read_all([c.BK_HASH])[c.BK_HASH] if reader.num_rows else pa.array([], c.BK_HASH_TYPE)
     released = parents.released_for_run(database, entity, plan_keys, run_date, arriving)
     del plan_keys
-    parent_keys = parents.stored_parent_keys(
-        database, entity, reader.num_rows + released.num_rows, chunk_size()
-    )
+    parent_keys = parents.stored_parent_keys(database, entity, reader.num_rows + released.num_rows, size)
     handed: list[pa.Array] = []
 
     def one(chunk: pa.Table, *, hold_deletes: bool = True) -> stages.StageResult:
@@ -238,14 +237,19 @@ def parent_child(
         # The released children come last; they are not the plan's, so no delete of theirs is dropped.
         return one(chunk, hold_deletes=not (extra and chunk is extra[0]))
 
-    result = _each_chunk(reader, writer, each, extra)
+    result = _each_chunk(reader, writer, each, size, extra)
     result.counts["released"] = released.num_rows
     keys = pa.concat_arrays(handed) if handed else pa.array([], c.BK_HASH_TYPE)
     return result, keys
 
 
 def persist(
-    database: SyncStore, entity: EntitySpec, reader: FrameReader, writer: FrameWriter, batch_id: uuid.UUID
+    database: SyncStore,
+    entity: EntitySpec,
+    reader: FrameReader,
+    writer: FrameWriter,
+    batch_id: uuid.UUID,
+    size: int,
 ) -> tuple[stages.StageResult, tuple[int, int]]:
     """Commit chunk by chunk (idempotent: a re-run re-commits the same rows); one summary for the slice.
 
@@ -254,14 +258,13 @@ def persist(
     summaries: list[pa.Table] = []
     counts: dict[str, int] = {}
     upserts = deletes = 0
-    size = chunk_size()
     # An initial load: every chunk's keys are new (the plan holds each key once), so each
     # is COPYed straight in; a large one is staged and written once, in key order, when
     # the stage ends (store/first_load.py), as chunk after chunk of random keys inserted
     # into a growing primary key costs more with every chunk.
     new_keys = reader.num_rows > 0 and database.state().count(entity.name) == 0
     first_load = (
-        FirstLoad(database.engine, entity.name, batch_id)
+        FirstLoad(database.engine, entity.name, batch_id, database.state().merge_work_mem)
         if new_keys and reader.num_rows > max(size, FIRST_LOAD_MIN_ROWS)
         else None
     )

@@ -1,8 +1,9 @@
 """Deployment profiles: which Dagster executor runs the sync's steps, chosen by configuration.
 
-The code location is the same on one machine and on many; `executor_from_env()`
-picks in-process (default), multiprocess, or dagster-celery's `celery_executor`;
-`run_launcher.SyncflowRunLauncher` is the instance's run launcher (dagster.yaml).
+The code location is the same on one machine and on many; `executor_from_env(environ)`
+(definitions.py gives it the process environment) picks in-process (default),
+multiprocess, or dagster-celery's `celery_executor`; `run_launcher.SyncflowRunLauncher`
+is the instance's run launcher (dagster.yaml).
 """
 
 from __future__ import annotations

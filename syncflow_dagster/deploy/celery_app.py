@@ -7,6 +7,8 @@ broker, backend and queue the runs publish to. Nothing else runs here.
 
 from __future__ import annotations
 
+import os
+
 from celery import Celery
 from dagster._core.execution.retries import RetryMode
 from dagster_celery.executor import CeleryExecutor
@@ -22,7 +24,8 @@ MAX_PRIORITY = 10
 
 def build_worker_app() -> Celery:
     """dagster-celery's app, consuming only SyncFlow's queue (bound so the executor's routing key reaches it)."""
-    settings = executor_settings()
+    # The worker process's own edge: its environment is the deployment's (docs/scaling.md).
+    settings = executor_settings(os.environ)
     args = celery_app_args(settings)
     app_args = CeleryExecutor(
         retries=RetryMode(RetryMode.DISABLED),

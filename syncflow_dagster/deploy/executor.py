@@ -19,7 +19,6 @@ process and never stores or shows their values.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
@@ -68,9 +67,9 @@ class ExecutorConfigError(ValueError):
     """A deployment variable has a value SyncFlow cannot use; the message names it (never a secret's value)."""
 
 
-def executor_settings(environ: Mapping[str, str] | None = None) -> ExecutorSettings:
-    """Read the profile from `environ` (default: the process environment), with an error naming the variable."""
-    env = os.environ if environ is None else environ
+def executor_settings(environ: Mapping[str, str]) -> ExecutorSettings:
+    """Read the profile from `environ` (the caller's: definitions.py passes the process's), with an error naming the variable."""
+    env = environ
     values = {
         field: env[var]
         for field, var in (
@@ -82,8 +81,8 @@ def executor_settings(environ: Mapping[str, str] | None = None) -> ExecutorSetti
         if var in env
     }
     try:
-        # Explicit values only: with `environ` given, the process environment must not leak in.
-        return ExecutorSettings.model_validate(values) if environ is not None else ExecutorSettings()
+        # Explicit values only: the process environment must not leak in.
+        return ExecutorSettings.model_validate(values)
     except ValidationError as error:
         problems = []
         for item in error.errors():
@@ -164,12 +163,11 @@ def _k8s_executor() -> dg.ExecutorDefinition:
     return k8s_job_executor
 
 
-def executor_from_env(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:
-    """The executor of every job in the code location, as SYNCFLOW_EXECUTOR says."""
-    env = os.environ if environ is None else environ
+def executor_from_env(environ: Mapping[str, str]) -> dg.ExecutorDefinition:
+    """The executor of every job in the code location, as SYNCFLOW_EXECUTOR in `environ` says."""
     settings = executor_settings(environ)
     if settings.executor is ExecutorKind.CELERY:
-        return _celery_executor(settings, env)
+        return _celery_executor(settings, environ)
     if settings.executor is ExecutorKind.K8S:
         return _k8s_executor()
     if settings.executor is ExecutorKind.MULTIPROCESS:

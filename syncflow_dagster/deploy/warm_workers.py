@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -68,8 +68,9 @@ class WorkerStart(StrEnum):
     SPAWN = "spawn"
 
 
-def worker_start() -> WorkerStart:
-    value = os.environ.get(START_ENV, WorkerStart.SPAWN.value).strip().lower()
+def worker_start(environ: Mapping[str, str]) -> WorkerStart:
+    """How run workers start, as SYNCFLOW_RUN_WORKER_START in `environ` says (default spawn)."""
+    value = environ.get(START_ENV, WorkerStart.SPAWN.value).strip().lower()
     try:
         return WorkerStart(value)
     except ValueError:
@@ -84,13 +85,13 @@ def warm_context() -> Any:
     return context
 
 
-def install() -> bool:
+def install(environ: Mapping[str, str]) -> bool:
     """Make Dagster's code server start run workers from the warm forkserver; True if it does.
 
     Idempotent; a no-op (False) with SYNCFLOW_RUN_WORKER_START=spawn or if this
     Dagster's code server has no `_mp_ctx` to replace.
     """
-    if worker_start() is WorkerStart.SPAWN:
+    if worker_start(environ) is WorkerStart.SPAWN:
         return False
     from dagster._grpc import server
 

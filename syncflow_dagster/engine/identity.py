@@ -18,7 +18,7 @@ import pyarrow.compute as _compute
 import xxhash
 
 from syncflow_dagster.catalog.models import EntitySpec
-from syncflow_dagster.engine.chunks import chunk_size, chunk_starts
+from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE, chunk_starts
 from syncflow_dagster.engine.columns import (
     BK,
     BK_HASH,
@@ -201,14 +201,14 @@ def _from_digests(kind: pa.FixedSizeBinaryType, digests: list[bytes]) -> pa.Arra
     return pa.FixedSizeBinaryArray.from_buffers(kind, len(digests), [None, pa.py_buffer(b"".join(digests))])
 
 
-def add_identity(entity: EntitySpec, rows: pa.Table) -> pa.Table:
-    """Append `_bk`, `_bk_hash`, `_data_hash` and `_recipe` to normalized rows."""
+def add_identity(entity: EntitySpec, rows: pa.Table, size: int = DEFAULT_CHUNK_SIZE) -> pa.Table:
+    """Append `_bk`, `_bk_hash`, `_data_hash` and `_recipe` to normalized rows (hashed `size` rows at a time)."""
     key = canonical_key_text(entity, rows)
     table = rows
     for name in (BK, BK_HASH, DATA_HASH, RECIPE):
         if name in table.column_names:
             table = table.drop_columns([name])
-    key_hashes, payload_hashes = identity_hashes(entity, rows, key)
+    key_hashes, payload_hashes = identity_hashes(entity, rows, key, size)
     recipe = pa.repeat(pa.scalar(RECIPE_VERSION, RECIPE_TYPE), rows.num_rows)
     table = table.append_column(pa.field(BK, pa.string()), key)
     table = table.append_column(pa.field(BK_HASH, BK_HASH_TYPE), key_hashes)
@@ -217,9 +217,9 @@ def add_identity(entity: EntitySpec, rows: pa.Table) -> pa.Table:
 
 
 def identity_hashes(
-    entity: EntitySpec, rows: pa.Table, key: pa.Array, size: int | None = None
+    entity: EntitySpec, rows: pa.Table, key: pa.Array, size: int = DEFAULT_CHUNK_SIZE
 ) -> tuple[pa.Array, pa.Array]:
-    """(BK_HASH of each `key` text, DATA_HASH of each row), chunk by chunk (SYNCFLOW_CHUNK_SIZE rows).
+    """(BK_HASH of each `key` text, DATA_HASH of each row), chunk by chunk (`size` rows).
 
     A row's canonical payload depends on that row alone, so chunking changes
     no hash. It bounds the per-row temporaries (payload text, one bytes object
@@ -229,7 +229,6 @@ def identity_hashes(
     payload is still being built, so neither core waits for the other at the
     start.
     """
-    size = size or chunk_size()
     if rows.num_rows <= size:
         return key_hash_of(key), data_hash_of(canonical_payload(entity, rows))
     chunks = list(chunk_starts(rows.num_rows, size))

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as _compute
 
 from syncflow_dagster.catalog.models import EntitySpec, FieldSpec, FieldType, Precision, Rounding
-from syncflow_dagster.engine.chunks import chunk_size, chunk_starts
+from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE, chunk_starts
 from syncflow_dagster.engine.coerced import Coerced, empty_to_null
 from syncflow_dagster.engine.columns import (
     CHANGED_AT,
@@ -112,16 +112,15 @@ def rows_schema(entity: EntitySpec) -> pa.Schema:
     return pa.schema(fields)
 
 
-def normalize(entity: EntitySpec, raw: pa.Table, size: int | None = None) -> NormalizeResult:
+def normalize(entity: EntitySpec, raw: pa.Table, size: int = DEFAULT_CHUNK_SIZE) -> NormalizeResult:
     """Map and coerce `raw` (APISmith source names) into typed rows for `entity`.
 
     Every row is coerced on its own, so a frame of more than `size` rows
-    (SYNCFLOW_CHUNK_SIZE) is normalised chunk by chunk and the pieces joined
+    is normalised chunk by chunk and the pieces joined
     (without copying): the per-column temporaries, the combined source
     columns and the filtered copy are then bounded by the chunk, not the frame.
     """
     _check_shape(entity, raw)
-    size = size or chunk_size()
     if raw.num_rows <= size:
         return _normalize_chunk(entity, raw)
     parts = [_normalize_chunk(entity, raw.slice(*chunk)) for chunk in chunk_starts(raw.num_rows, size)]

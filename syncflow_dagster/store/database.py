@@ -55,14 +55,17 @@ def make_engine(url: str, **kwargs: object) -> sa.Engine:
     return sa.create_engine(sqlalchemy_url(url), **options)
 
 
+# work_mem for the merges of a commit (SET LOCAL, that transaction only): enough to sort
+# a million staged keys in memory.
+DEFAULT_MERGE_WORK_MEM = "256MB"
+
+
 class StoreSettings(BaseSettings):
     """Tuning of the state store, from the environment (prefix SYNCFLOW_STORE_)."""
 
     model_config = SettingsConfigDict(env_prefix="SYNCFLOW_STORE_", extra="ignore")
 
-    # work_mem for the merge of commit_delivered (SET LOCAL, that transaction only):
-    # enough to sort a million staged keys in memory.
-    merge_work_mem: str = Field(default="256MB", pattern=r"^[0-9]+\s*(kB|MB|GB)$")
+    merge_work_mem: str = Field(default=DEFAULT_MERGE_WORK_MEM, pattern=r"^[0-9]+\s*(kB|MB|GB)$")
     # Retry schedule of failed records: the n-th failure waits
     # base * 2**(n-1) seconds, at most cap, shortened by up to `jitter` (a share).
     retry_base_seconds: float = Field(default=60.0, gt=0)

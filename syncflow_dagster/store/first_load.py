@@ -43,7 +43,7 @@ from syncflow_dagster.engine.columns import (
     ROWVERSION,
 )
 from syncflow_dagster.store.copy import PgColumn, copy_in, create_staging
-from syncflow_dagster.store.database import StoreSettings, driver_cursor
+from syncflow_dagster.store.database import DEFAULT_MERGE_WORK_MEM, driver_cursor
 from syncflow_dagster.store.delivery_log import ROW_COLUMNS, log_rows
 from syncflow_dagster.store.keys import check_keys
 from syncflow_dagster.store.locks import COMMIT_NAMESPACE
@@ -97,12 +97,19 @@ class FirstLoad:
     Leaving the block without `finish` rolls everything back.
     """
 
-    def __init__(self, engine: sa.Engine, entity: str, batch_id: uuid.UUID) -> None:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        entity: str,
+        batch_id: uuid.UUID,
+        merge_work_mem: str = DEFAULT_MERGE_WORK_MEM,
+    ) -> None:
         if not isinstance(entity, str) or not entity:
             raise ValueError(f"entity name must be a non-empty string, got {entity!r}")
         self.engine = engine
         self.entity = entity
         self.batch_id = batch_id
+        self.merge_work_mem = merge_work_mem
         self.rows = 0
         self._top: int | None = None
         self._changed_at: Any = None
@@ -189,9 +196,7 @@ class FirstLoad:
         self._log = None
         try:
             cursor = log.cursor
-            cursor.execute(
-                sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(StoreSettings().merge_work_mem))
-            )
+            cursor.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(self.merge_work_mem)))
             logged = sql.SQL(", ").join(sql.Identifier(c.name) for c in ROW_COLUMNS)
             cursor.execute(
                 sql.SQL(
@@ -214,7 +219,7 @@ class FirstLoad:
             {"ns": COMMIT_NAMESPACE, "entity": self.entity},
         )
         # Room to sort the staged rows in memory rather than in temp files.
-        cursor.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(StoreSettings().merge_work_mem)))
+        cursor.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(self.merge_work_mem)))
         cursor.execute(
             sql.SQL("SELECT EXISTS (SELECT 1 FROM {state} WHERE entity = %(entity)s)").format(state=_STATE),
             params,

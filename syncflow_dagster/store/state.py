@@ -40,7 +40,7 @@ from syncflow_dagster.engine.columns import (
 )
 from syncflow_dagster.engine.delta import key_words, word_order
 from syncflow_dagster.store.copy import PgColumn, copy_in, create_staging, select_arrow, select_table
-from syncflow_dagster.store.database import StoreSettings, driver_cursor, libpq_url
+from syncflow_dagster.store.database import DEFAULT_MERGE_WORK_MEM, driver_cursor, libpq_url
 from syncflow_dagster.store.keys import KEYS, check_keys, prefer_index_joins, stage_keys
 from syncflow_dagster.store.locks import COMMIT_NAMESPACE
 from syncflow_dagster.store.migrate import upgrade
@@ -96,8 +96,10 @@ _DIRECT_COLUMNS: list[PgColumn] = [
 class StateRepository:
     """Read and commit the delivered state of entities (table syncflow.entity_state)."""
 
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, engine: sa.Engine, merge_work_mem: str = DEFAULT_MERGE_WORK_MEM) -> None:
         self.engine = engine
+        # work_mem of a commit's transaction (SYNCFLOW_STORE_MERGE_WORK_MEM, through the database resource).
+        self.merge_work_mem = merge_work_mem
 
     def ensure_schema(self) -> None:
         """Migrate schema `syncflow` to the newest revision (idempotent, safe to call concurrently)."""
@@ -277,9 +279,7 @@ class StateRepository:
                 {"ns": COMMIT_NAMESPACE, "entity": entity},
             )
             # Room to sort the staged keys in memory rather than in temp files.
-            cursor.execute(
-                sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(StoreSettings().merge_work_mem))
-            )
+            cursor.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(self.merge_work_mem)))
             copied = False
             if commit.frame.num_rows:
                 loaded = self._first_load(cursor, entity, batch_id, commit, new_keys=new_keys)

@@ -11,18 +11,23 @@ The data is small so that a chunk of one row stays quick.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import dagster as dg
+import pyarrow as pa
 import pytest
 import sqlalchemy as sa
 
 from syncflow_dagster.catalog import default_catalog
 from syncflow_dagster.defs import streamed
 from syncflow_dagster.defs.assets import CATALOG, STAGE_ASSETS
+from syncflow_dagster.defs.resources import SyncTuning
 from syncflow_dagster.defs.runner import report_of
 from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE
 from syncflow_dagster.simulators.datagen import generate_dataset
+from syncflow_dagster.store.frames.handoff import HandedSlices
+from syncflow_dagster.store.frames.stream import SliceReader
 from syncflow_dagster.store.schema import entity_state
 from syncflow_dagster_tests.isolation import scratch_database
 from syncflow_dagster_tests.sync_harness import Deployment, deployment
@@ -131,3 +136,38 @@ def test_chunk_sizes_one_seven_and_the_default_give_the_same_schedulehub_and_sta
         assert outcomes[size]["counts"] == reference["counts"], size
         assert outcomes[size]["state"] == reference["state"], size
         assert outcomes[size]["schedulehub"] == reference["schedulehub"], size
+
+
+def test_the_chunk_size_reaches_every_stage_as_the_tuning_resources_config(
+    pg_server_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SYNCFLOW_CHUNK_SIZE becomes the `tuning` resource's `chunk_size`, and every stage reads its input
+    slice by the resource's value (a run's override here), never by the variable, and the hand-off keeps
+    slices of at most two such chunks: no stage reads the environment itself."""
+    sizes: list[int] = []
+    bounds: list[int] = []
+    read_chunks = SliceReader.chunks
+    bound = HandedSlices.bound
+
+    def spy(self: SliceReader, size: int, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+        sizes.append(size)
+        return read_chunks(self, size, columns)
+
+    def spy_bound(self: HandedSlices, max_rows: int) -> None:
+        bounds.append(max_rows)
+        bound(self, max_rows)
+
+    monkeypatch.setattr(SliceReader, "chunks", spy)
+    monkeypatch.setattr(HandedSlices, "bound", spy_bound)
+    monkeypatch.setenv("SYNCFLOW_CHUNK_SIZE", "7")
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    source = generate_dataset(default_catalog(), 30, SEED, as_of=now, bad_row_fraction=0.0)
+    with scratch_database(pg_server_url) as url, deployment(url, dataset=source) as env:
+        assert env.resources["tuning"].chunk_size == 7
+        env.resources["tuning"] = SyncTuning(chunk_size=5)
+        report = report_of(_run_everything(env, now.date()))
+        assert report["committed"] > 7, "the data should span several chunks"
+        assert verify_deployment(env).equal
+    assert sizes, "the stages read their inputs in chunks"
+    assert set(sizes) == {5}
+    assert set(bounds) == {10}, "every stage's writer bounds the hand-off by two of the run's chunks"

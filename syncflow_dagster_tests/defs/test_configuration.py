@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import os
 import re
 import secrets
 from collections.abc import Callable
@@ -26,8 +27,8 @@ from pydantic_settings import BaseSettings
 from syncflow_dagster.clients.apismith import ApiSmithSettings
 from syncflow_dagster.clients.http import HttpSettings
 from syncflow_dagster.clients.schedulehub import ScheduleHubSettings
+from syncflow_dagster.defs.configuration import ChunkSettings
 from syncflow_dagster.deploy.executor import ExecutorSettings
-from syncflow_dagster.engine.chunks import ChunkSettings
 from syncflow_dagster.service.settings import ServiceSettings
 from syncflow_dagster.simulators import apismith, schedulehub
 from syncflow_dagster.simulators.serve import start_server
@@ -138,8 +139,6 @@ def _instance() -> dg.DagsterInstance:
 
 def _resources() -> Any:
     """The code location's resources as definitions.py builds them, from this process's environment."""
-    import os
-
     from syncflow_dagster.defs.configuration import build_resources
 
     return dg.build_resources(build_resources(os.environ, env_vars=True), instance=_instance())
@@ -176,6 +175,9 @@ def _field_probe(cls: type[BaseSettings], field: str) -> Callable[[], Any]:
         return _through_resources(
             lambda r: (getattr(r.apismith.client().http, field), getattr(r.schedulehub.client().http, field))
         )
+    if cls is StoreSettings and field == "merge_work_mem":
+        # Read by the state repository's and the first load's commits.
+        return _through_resources(lambda r: r.database.state().merge_work_mem)
     if cls is StoreSettings:
         return _through_resources(
             lambda r: (
@@ -184,13 +186,11 @@ def _field_probe(cls: type[BaseSettings], field: str) -> Callable[[], Any]:
             )
         )
     if cls is ChunkSettings:
-        from syncflow_dagster.engine.chunks import chunk_size
-
-        return chunk_size
+        return _through_resources(lambda r: r.tuning.chunk_size)
     if cls is ExecutorSettings:
         from syncflow_dagster.deploy.executor import executor_settings
 
-        return lambda: getattr(executor_settings(), field)
+        return lambda: getattr(executor_settings(os.environ), field)
     assert cls is ServiceSettings
     return lambda: getattr(ServiceSettings(), field)  # type: ignore[call-arg]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 import pytest
 from dagster._core.definitions.definition_config_schema import ConfiguredDefinitionConfigSchema
@@ -117,7 +119,7 @@ def test_the_sync_code_location_runs_on_the_celery_executor(monkeypatch: pytest.
     def probe_job() -> None:
         probe()
 
-    defs = dg.Definitions(jobs=[probe_job], executor=executor_from_env())
+    defs = dg.Definitions(jobs=[probe_job], executor=executor_from_env(os.environ))
     assert defs.resolve_job_def("probe_job").executor_def.name == "celery"
 
 

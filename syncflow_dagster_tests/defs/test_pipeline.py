@@ -45,10 +45,7 @@ def test_a_table_writer_keeps_nothing_of_a_stage_that_raised() -> None:
     assert writer.stored is None
 
 
-def test_a_row_wise_stage_over_memory_runs_once_per_chunk_and_once_on_no_rows(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("SYNCFLOW_CHUNK_SIZE", "2")
+def test_a_row_wise_stage_over_memory_runs_once_per_chunk_and_once_on_no_rows() -> None:
     seen: list[int] = []
 
     def stage(chunk: pa.Table) -> StageResult:
@@ -56,18 +53,18 @@ def test_a_row_wise_stage_over_memory_runs_once_per_chunk_and_once_on_no_rows(
         return StageResult(chunk, {"rows": chunk.num_rows})
 
     writer = TableWriter()
-    result = streamed.row_wise(TableReader(pa.table({"k": [1, 2, 3]})), writer, stage)
+    result = streamed.row_wise(TableReader(pa.table({"k": [1, 2, 3]})), writer, stage, 2)
     assert seen == [2, 1]
     assert result.counts == {"rows": 3}
     assert result.frame.to_pydict() == {"k": [1, 2, 3]}
     seen.clear()
-    empty = streamed.row_wise(TableReader(pa.table({"k": pa.array([], pa.int64())})), TableWriter(), stage)
+    empty = streamed.row_wise(TableReader(pa.table({"k": pa.array([], pa.int64())})), TableWriter(), stage, 2)
     assert seen == [0]
     assert empty.frame.schema.names == ["k"]
 
 
 def test_run_stages_names_the_stages_it_knows() -> None:
-    run = pipeline.EntityRun(None, None, None, None)  # type: ignore[arg-type]
+    run = pipeline.EntityRun(None, None, None, None, chunk_size=2)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no stages from 'fetch'"):
         pipeline.run_stages("fetch", pa.table({}), run)
     with pytest.raises(ValueError, match="no stages from 'persist' to 'deliver'"):

@@ -8,6 +8,7 @@ the mechanism itself against the pinned Dagster.
 from __future__ import annotations
 
 import inspect
+import os
 
 import pytest
 from dagster._grpc import server
@@ -27,8 +28,8 @@ def test_the_code_server_starts_workers_from_a_forkserver_preloading_the_code_lo
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(warm_workers.START_ENV, "forkserver")
-    assert warm_workers.install() is True
-    assert warm_workers.install() is True  # idempotent
+    assert warm_workers.install(os.environ) is True
+    assert warm_workers.install(os.environ) is True  # idempotent
     # A server object (as the code server built it before importing the code location) sees the
     # warm context, whatever its constructor stored.
     api_server = object.__new__(server.DagsterApiServer)
@@ -43,15 +44,15 @@ def test_the_code_server_starts_workers_from_a_forkserver_preloading_the_code_lo
 
 def test_spawn_keeps_dagsters_default_and_a_wrong_value_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(warm_workers.START_ENV, "spawn")
-    assert warm_workers.worker_start() is warm_workers.WorkerStart.SPAWN
-    assert warm_workers.install() is False
+    assert warm_workers.worker_start(os.environ) is warm_workers.WorkerStart.SPAWN
+    assert warm_workers.install(os.environ) is False
     monkeypatch.setenv(warm_workers.START_ENV, "fork")
     with pytest.raises(
         ValueError, match=r"SYNCFLOW_RUN_WORKER_START='fork' is not one of: forkserver, spawn"
     ):
-        warm_workers.worker_start()
+        warm_workers.worker_start(os.environ)
 
 
 def test_spawn_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(warm_workers.START_ENV, raising=False)
-    assert warm_workers.worker_start() is warm_workers.WorkerStart.SPAWN
+    assert warm_workers.worker_start(os.environ) is warm_workers.WorkerStart.SPAWN

@@ -1,4 +1,4 @@
-"""Chunking (SYNCFLOW_CHUNK_SIZE): chunk bounds, and DATA_HASH unchanged whatever the chunk size."""
+"""Chunking: chunk bounds, and hashes and normalised rows unchanged whatever the chunk size."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from syncflow_dagster.catalog import default_catalog
-from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE, chunk_size, chunk_starts
+from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE, chunk_starts
 from syncflow_dagster.engine.identity import (
     add_identity,
     canonical_key_text,
@@ -27,17 +27,7 @@ def test_chunk_starts_cover_every_row_once() -> None:
         list(chunk_starts(5, 0))
 
 
-def test_chunk_size_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SYNCFLOW_CHUNK_SIZE", raising=False)
-    assert chunk_size() == DEFAULT_CHUNK_SIZE
-    monkeypatch.setenv("SYNCFLOW_CHUNK_SIZE", "2500")
-    assert chunk_size() == 2500
-    monkeypatch.setenv("SYNCFLOW_CHUNK_SIZE", "0")
-    with pytest.raises(ValueError, match="chunk_size"):
-        chunk_size()
-
-
-def test_data_hashes_are_the_same_for_any_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_data_hashes_are_the_same_for_any_chunk_size() -> None:
     catalog = default_catalog()
     entity = catalog.entity("work_orders")
     raw = generate_dataset(catalog, 3000, seed=5)[entity.source]
@@ -47,8 +37,10 @@ def test_data_hashes_are_the_same_for_any_chunk_size(monkeypatch: pytest.MonkeyP
         part = rows.slice(0, 50) if size == 1 else rows
         _, data = identity_hashes(entity, part, canonical_key_text(entity, part), size)
         assert data.equals(whole.slice(0, 50) if size == 1 else whole), size
-    monkeypatch.setenv("SYNCFLOW_CHUNK_SIZE", "512")
-    assert add_identity(entity, rows)["_data_hash"].combine_chunks().equals(whole)
+    # `add_identity` hashes in chunks of the size it is given, and by default in one chunk here.
+    assert rows.num_rows < DEFAULT_CHUNK_SIZE
+    for size in (512, DEFAULT_CHUNK_SIZE):
+        assert add_identity(entity, rows, size)["_data_hash"].combine_chunks().equals(whole), size
 
 
 def test_key_hashes_taken_beside_the_payloads_are_the_same_for_any_chunk_size() -> None:
@@ -64,9 +56,7 @@ def test_key_hashes_taken_beside_the_payloads_are_the_same_for_any_chunk_size() 
         assert data.equals(whole_data), size
 
 
-def test_normalize_gives_the_same_rows_and_rejections_for_any_chunk_size(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_normalize_gives_the_same_rows_and_rejections_for_any_chunk_size() -> None:
     catalog = default_catalog()
     entity = catalog.entity("work_orders")
     raw = generate_dataset(catalog, 3000, seed=5)[entity.source]
@@ -82,5 +72,5 @@ def test_normalize_gives_the_same_rows_and_rejections_for_any_chunk_size(
         assert chunked.rows.schema == whole.rows.schema
         assert chunked.rows.combine_chunks().equals(whole.rows.combine_chunks()), size
         assert rejected_rows(chunked.rejected) == rejected_rows(whole.rejected), size
-    monkeypatch.setenv("SYNCFLOW_CHUNK_SIZE", "600")
-    assert normalize(entity, raw).rows.column(0).num_chunks == 5
+    assert normalize(entity, raw, size=600).rows.column(0).num_chunks == 5
+    assert normalize(entity, raw).rows.column(0).num_chunks == 1  # the default: one chunk of 3 000 rows

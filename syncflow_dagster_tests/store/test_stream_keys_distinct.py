@@ -47,10 +47,10 @@ def test_distinct_repeated_shared_first_words_and_nulls(
     monkeypatch.setattr(codec, "CHUNK_ROWS", 7)  # the keys span several stored chunks
     rng = np.random.default_rng(3)
     keys = [rng.bytes(16) for _ in range(50)]
-    assert _keys_distinct(_reader(client, "distinct", keys))
-    assert not _keys_distinct(_reader(client, "repeated", [*keys, keys[3]]))
+    assert _keys_distinct(_reader(client, "distinct", keys), 7)
+    assert not _keys_distinct(_reader(client, "repeated", [*keys, keys[3]]), 7)
     # Distinct keys sharing their first word: not told distinct (batch_winners decides exactly).
     shared = [*keys, keys[10][:8] + bytes(8)]
-    assert not _keys_distinct(_reader(client, "shared", shared))
-    assert not _keys_distinct(_reader(client, "nulls", [*keys, None]))
-    assert _keys_distinct(_reader(client, "empty", []))
+    assert not _keys_distinct(_reader(client, "shared", shared), 7)
+    assert not _keys_distinct(_reader(client, "nulls", [*keys, None]), 7)
+    assert _keys_distinct(_reader(client, "empty", []), 7)

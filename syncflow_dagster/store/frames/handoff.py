@@ -34,12 +34,14 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from syncflow_dagster.engine.chunks import chunk_size
+from syncflow_dagster.engine.chunks import DEFAULT_CHUNK_SIZE
 
 # A slice is kept for its reader while it has at most this many chunks' rows
-# (SYNCFLOW_CHUNK_SIZE): the stage holds about one chunk of input and one of
-# output anyway, and a partition of a few chunks is the common in-process case.
+# (the run's chunk size, SYNCFLOW_CHUNK_SIZE): the stage holds about one chunk of
+# input and one of output anyway, and a partition of a few chunks is the common
+# in-process case. Each stage's writer sets the bound from the run's chunk size.
 HANDOFF_CHUNKS = 2
+DEFAULT_HANDOFF_ROWS = HANDOFF_CHUNKS * DEFAULT_CHUNK_SIZE
 
 SliceKey = tuple[str, str, str, tuple[dt.date, ...]]
 
@@ -57,17 +59,21 @@ class HeldSlice:
 class HandedSlices:
     """Slices committed in this process, held for their reader (see the module's docstring)."""
 
-    def __init__(self, max_rows: int | None = None) -> None:
+    def __init__(self, max_rows: int = DEFAULT_HANDOFF_ROWS) -> None:
         self._max_rows = max_rows
         self._held: dict[SliceKey, HeldSlice] = {}
         self._lock = threading.Lock()
         self.served = 0  # slices a reader took from memory (tests, diagnostics)
 
+    def bound(self, max_rows: int) -> None:
+        """Keep slices of at most `max_rows` rows from now on (the run's stages set it from their chunk size)."""
+        if max_rows < 0:
+            raise ValueError(f"the hand-off's bound must be at least 0 rows, got {max_rows}")
+        self._max_rows = max_rows
+
     def limit(self) -> int:
         """Most rows a slice may have to be kept (and most rows held by entries not taken)."""
-        if self._max_rows is not None:
-            return self._max_rows
-        return HANDOFF_CHUNKS * chunk_size()
+        return self._max_rows
 
     def forget(self, key: SliceKey) -> None:
         """A write of the slice begins: what was kept of an earlier one is not kept any longer."""

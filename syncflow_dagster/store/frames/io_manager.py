@@ -54,7 +54,7 @@ from syncflow_dagster.store.frames.client import (
     stage_table_name,
 )
 from syncflow_dagster.store.frames.codec import FrameLostError, FrameStoreError
-from syncflow_dagster.store.frames.handoff import HandedSlices
+from syncflow_dagster.store.frames.handoff import HANDOFF_CHUNKS, HandedSlices
 from syncflow_dagster.store.frames.stream import (
     EntityFrames,
     EntityStreams,
@@ -190,12 +190,19 @@ class PostgresFrameIOManager(dg.ConfigurableIOManager):
             for entity, dates in partition_scopes(partition_keys).items()
         ]
 
-    def writer(self, asset_name: str, entity: str, dates: tuple[dt.date, ...]) -> SliceWriter:
+    def writer(
+        self, asset_name: str, entity: str, dates: tuple[dt.date, ...], *, chunk_size: int | None = None
+    ) -> SliceWriter:
         """A writer that replaces `asset_name`'s slice of `entity` × `dates` in one transaction.
 
         A streaming stage writes its output through it and returns the
         `StoredFrame` it leaves (`writer.stored`) for `handle_output` to record.
+        `chunk_size` is the rows the run's stages handle at a time (the `tuning`
+        resource's): the hand-off then keeps slices of at most `HANDOFF_CHUNKS`
+        such chunks, so a run that lowers it to save memory lowers that too.
         """
+        if chunk_size is not None and self._handoff is not None:
+            self._handoff.bound(HANDOFF_CHUNKS * chunk_size)
         where = FrameSlice(stage_table_name(asset_name, entity), entity, tuple(dates))
         writer: SliceWriter = self._client().writer(where, handoff=self._handoff)
         return writer
