@@ -285,11 +285,15 @@ def dev(
         )
         proc = subprocess.Popen(command, cwd=workspace.parent, env=env, start_new_session=True)
         stack.callback(stop_dagster_dev, proc)
+        stopping: float | None = None
         try:
             code = proc.wait()
         except KeyboardInterrupt:
+            stopping = time.monotonic()
             console.print("stopping ...")
             code = 0
+    if stopping is not None:
+        console.print(f"stopped in {time.monotonic() - stopping:.1f} s")
     if code:
         raise typer.Exit(code)
 
@@ -391,6 +395,7 @@ def stop_dagster_dev(proc: subprocess.Popen[bytes]) -> None:
             os.killpg(proc.pid, signal.SIGINT)
             proc.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            console.print(f"dagster dev did not stop within {STOP_TIMEOUT_S} s of SIGINT: killed")
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(STOP_TIMEOUT_S)
         except ProcessLookupError:
@@ -398,6 +403,7 @@ def stop_dagster_dev(proc: subprocess.Popen[bytes]) -> None:
     left = _alive(started | _started_by(proc))
     if not left:
         return
+    console.print(f"ending {len(left)} process(es) dagster dev left running: {sorted(left)}")
     _signal_all(left, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S / 3
     while (left := _alive(left)) and time.monotonic() < deadline:
