@@ -49,6 +49,19 @@ def _started(pids: set[int]) -> dict[int, float]:
     return started
 
 
+def _signal_state(pid: int) -> str:
+    """The process's ignored, blocked and caught signal masks (from /proc), for a failure message."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError as error:
+        return f"unreadable ({error})"
+    return " ".join(
+        line.replace("\t", "")
+        for line in status.splitlines()
+        if line.startswith(("SigIgn", "SigBlk", "SigCgt"))
+    )
+
+
 def _described(pids: set[int]) -> list[str]:
     """What each process is (command, parent, session, state), for a failure message."""
     out = []
@@ -161,6 +174,7 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
             _dev_serves_the_source_dir(home)
         finally:
             spawned = _started(_descendants(proc.pid))
+            signals = _signal_state(proc.pid)
             interrupted = time.monotonic()
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
@@ -194,7 +208,8 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
                 if killed
                 else f"exited {proc.returncode}"
             )
-            + f" {stop_seconds} s after SIGINT; its output ends: {log.read_text(errors='replace')[-3000:]}"
+            + f" {stop_seconds} s after SIGINT (its signal masks then: {signals}; this worker's SIGINT "
+            + f"handler: {signal.getsignal(signal.SIGINT)}); its output ends: {log.read_text(errors='replace')[-3000:]}"
         )
         assert "stopped in" in log.read_text(errors="replace"), "syncflow dev says when it has stopped"
 
