@@ -182,7 +182,7 @@ def dev(
         catalog_path = Path(os.environ[CATALOG_PATH_ENV]).resolve()
     # A wrong catalog or source folder is one line now, not a stack trace from a server thread.
     entity_catalog = load_catalog(catalog_path)
-    _stop_on_sigterm()
+    _stop_on_signals()
     with ExitStack() as stack:
         database_url = os.environ.get("SYNCFLOW_DATABASE_URL")
         dagster_url = os.environ.get("DAGSTER_POSTGRES_URL")
@@ -328,13 +328,19 @@ def write_env_file(path: Path, variables: dict[str, str]) -> Path:
     return path
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM and SIGHUP (the terminal closed) end dev like Ctrl-C does, so that what it started is
-    stopped too: `dagster dev` runs in a session of its own, which neither signal reaches."""
+def _stop_on_signals() -> None:
+    """Ctrl-C (SIGINT), SIGTERM and SIGHUP (the terminal closed) end dev and what it started:
+    `dagster dev` runs in a session of its own, which none of them reaches.
+
+    SIGINT is handled even when dev was started with it ignored, as a shell script's `syncflow dev &`
+    (or any background job without job control) starts it: an ignored SIGINT is inherited across
+    exec, so `kill -INT` would otherwise do nothing, and `dagster dev` would inherit it too.
+    """
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGHUP, interrupt)
 

@@ -111,6 +111,12 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [
+                    # Started with SIGINT ignored, as `syncflow dev &` in a script (a background job
+                    # without job control) starts it, and as CI may start the whole suite: Ctrl-C
+                    # must stop it all the same. bash execs it, so it is the process signalled.
+                    "bash",
+                    "-c",
+                    'trap "" INT; exec "$0" "$@"',
                     str(syncflow),
                     "dev",
                     "--home",
