@@ -182,7 +182,7 @@ def dev(
         catalog_path = Path(os.environ[CATALOG_PATH_ENV]).resolve()
     # A wrong catalog or source folder is one line now, not a stack trace from a server thread.
     entity_catalog = load_catalog(catalog_path)
-    _stop_on_sigterm()
+    _stop_on_signals()
     with ExitStack() as stack:
         database_url = os.environ.get("SYNCFLOW_DATABASE_URL")
         dagster_url = os.environ.get("DAGSTER_POSTGRES_URL")
@@ -285,11 +285,15 @@ def dev(
         )
         proc = subprocess.Popen(command, cwd=workspace.parent, env=env, start_new_session=True)
         stack.callback(stop_dagster_dev, proc)
+        stopping: float | None = None
         try:
             code = proc.wait()
         except KeyboardInterrupt:
+            stopping = time.monotonic()
             console.print("stopping ...")
             code = 0
+    if stopping is not None:
+        console.print(f"stopped in {time.monotonic() - stopping:.1f} s")
     if code:
         raise typer.Exit(code)
 
@@ -324,13 +328,19 @@ def write_env_file(path: Path, variables: dict[str, str]) -> Path:
     return path
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM and SIGHUP (the terminal closed) end dev like Ctrl-C does, so that what it started is
-    stopped too: `dagster dev` runs in a session of its own, which neither signal reaches."""
+def _stop_on_signals() -> None:
+    """Ctrl-C (SIGINT), SIGTERM and SIGHUP (the terminal closed) end dev and what it started:
+    `dagster dev` runs in a session of its own, which none of them reaches.
+
+    SIGINT is handled even when dev was started with it ignored, as a shell script's `syncflow dev &`
+    (or any background job without job control) starts it: an ignored SIGINT is inherited across
+    exec, so `kill -INT` would otherwise do nothing, and `dagster dev` would inherit it too.
+    """
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGHUP, interrupt)
 
@@ -391,6 +401,7 @@ def stop_dagster_dev(proc: subprocess.Popen[bytes]) -> None:
             os.killpg(proc.pid, signal.SIGINT)
             proc.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            console.print(f"dagster dev did not stop within {STOP_TIMEOUT_S} s of SIGINT: killed")
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(STOP_TIMEOUT_S)
         except ProcessLookupError:
@@ -398,6 +409,7 @@ def stop_dagster_dev(proc: subprocess.Popen[bytes]) -> None:
     left = _alive(started | _started_by(proc))
     if not left:
         return
+    console.print(f"ending {len(left)} process(es) dagster dev left running: {sorted(left)}")
     _signal_all(left, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S / 3
     while (left := _alive(left)) and time.monotonic() < deadline:

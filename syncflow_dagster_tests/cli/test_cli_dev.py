@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,32 @@ def _started(pids: set[int]) -> dict[int, float]:
     return started
 
 
+def _signal_state(pid: int) -> str:
+    """The process's ignored, blocked and caught signal masks (from /proc), for a failure message."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError as error:
+        return f"unreadable ({error})"
+    return " ".join(
+        line.replace("\t", "")
+        for line in status.splitlines()
+        if line.startswith(("SigIgn", "SigBlk", "SigCgt"))
+    )
+
+
+def _described(pids: set[int]) -> list[str]:
+    """What each process is (command, parent, session, state), for a failure message."""
+    out = []
+    for pid in sorted(pids):
+        try:
+            process = psutil.Process(pid)
+            command = " ".join(process.cmdline()[:6])
+            out.append(f"{pid} ppid={process.ppid()} sid={os.getsid(pid)} {process.status()}: {command}")
+        except (psutil.Error, ProcessLookupError) as error:
+            out.append(f"{pid}: {type(error).__name__}")
+    return out
+
+
 def _still_running(started: dict[int, float]) -> set[int]:
     """The processes of `started` that are still those processes and have not exited (zombies count as gone)."""
     alive: set[int] = set()
@@ -84,6 +111,12 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [
+                    # Started with SIGINT ignored, as `syncflow dev &` in a script (a background job
+                    # without job control) starts it, and as CI may start the whole suite: Ctrl-C
+                    # must stop it all the same. bash execs it, so it is the process signalled.
+                    "bash",
+                    "-c",
+                    'trap "" INT; exec "$0" "$@"',
                     str(syncflow),
                     "dev",
                     "--home",
@@ -147,15 +180,20 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
             _dev_serves_the_source_dir(home)
         finally:
             spawned = _started(_descendants(proc.pid))
+            signals = _signal_state(proc.pid)
+            interrupted = time.monotonic()
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
+            killed = False
             try:
                 # A bound above syncflow dev's own (30 s for dagster dev's SIGINT, 30 s more after
                 # its SIGKILL, the stand-ins' stops): killed sooner, it cannot end what it started.
                 proc.wait(STOP_BOUND_S)
             except subprocess.TimeoutExpired:
+                killed = True
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(30)
+            stop_seconds = round(time.monotonic() - interrupted, 1)
 
         def still_running() -> set[int]:
             return _still_running(spawned)
@@ -164,11 +202,22 @@ def test_syncflow_dev_serves_the_ui_with_automation_on_and_stops_cleanly(
         with contextlib.suppress(WaitTimeout):
             wait_until(lambda: not still_running(), "the processes syncflow dev started to go", timeout_s=30)
         left = still_running()
+        described = _described(left)
         # Whatever outlived Ctrl-C fails the test, and is ended here rather than left running.
         for pid in left | {child for parent in left for child in _descendants(parent)}:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        assert left == set(), f"processes left running after Ctrl-C: {left}"
+        assert left == set(), (
+            f"processes left running after Ctrl-C: {described}; syncflow dev "
+            + (
+                f"did not end within {STOP_BOUND_S} s and was killed"
+                if killed
+                else f"exited {proc.returncode}"
+            )
+            + f" {stop_seconds} s after SIGINT (its signal masks then: {signals}; this worker's SIGINT "
+            + f"handler: {signal.getsignal(signal.SIGINT)}); its output ends: {log.read_text(errors='replace')[-3000:]}"
+        )
+        assert "stopped in" in log.read_text(errors="replace"), "syncflow dev says when it has stopped"
 
 
 def _env_file(home: Path) -> dict[str, str]:
