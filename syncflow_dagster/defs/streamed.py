@@ -1,7 +1,7 @@
 """The sync stages over streams: each reads its input slice chunk by chunk and writes its output as it goes.
 
 The stage functions of `stages.py`, `parents.py` and `commits.py` are the per-chunk kernels; here each is
-run over chunks of `size` rows of its input (the run's chunk size, SYNCFLOW_CHUNK_SIZE) (a `FrameReader`:
+run over chunks of `size` rows (the run's chunk size) of its input (a `FrameReader`:
 a stored slice's `SliceReader` in a sync, a `TableReader` in the retry and
 reconcile jobs), and what it returns is appended to the stage's output (a
 `FrameWriter`: a `SliceWriter`, one transaction, committed when the stage
@@ -262,9 +262,10 @@ def persist(
     # is COPYed straight in; a large one is staged and written once, in key order, when
     # the stage ends (store/first_load.py), as chunk after chunk of random keys inserted
     # into a growing primary key costs more with every chunk.
-    new_keys = reader.num_rows > 0 and database.state().count(entity.name) == 0
+    state = database.state()
+    new_keys = reader.num_rows > 0 and state.count(entity.name) == 0
     first_load = (
-        FirstLoad(database.engine, entity.name, batch_id, database.state().merge_work_mem)
+        FirstLoad(database.engine, entity.name, batch_id, state.merge_work_mem)
         if new_keys and reader.num_rows > max(size, FIRST_LOAD_MIN_ROWS)
         else None
     )

@@ -69,16 +69,15 @@ class ExecutorConfigError(ValueError):
 
 def executor_settings(environ: Mapping[str, str]) -> ExecutorSettings:
     """Read the profile from `environ` (the caller's: definitions.py passes the process's), with an error naming the variable."""
-    env = environ
     values = {
-        field: env[var]
+        field: environ[var]
         for field, var in (
             ("executor", EXECUTOR_ENV),
             ("celery_broker", BROKER_ENV),
             ("celery_backend", BACKEND_ENV),
             ("celery_queue", QUEUE_ENV),
         )
-        if var in env
+        if var in environ
     }
     try:
         # Explicit values only: the process environment must not leak in.
@@ -88,7 +87,7 @@ def executor_settings(environ: Mapping[str, str]) -> ExecutorSettings:
         for item in error.errors():
             field = str(item["loc"][0]) if item["loc"] else "?"
             variable = f"SYNCFLOW_{field.upper()}"
-            shown = "" if field in {"celery_broker", "celery_backend"} else f"={env.get(variable)!r}"
+            shown = "" if field in {"celery_broker", "celery_backend"} else f"={environ.get(variable)!r}"
             problems.append(f"{variable}{shown}: {item['msg']}")
         raise ExecutorConfigError("invalid deployment profile: " + "; ".join(problems)) from None
 
