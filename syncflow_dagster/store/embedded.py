@@ -7,16 +7,30 @@ socket inside its data directory, so it never takes a TCP port.
 `stop_server` and `start_server` stop a running server (pg_ctl's fast or
 immediate mode) and start it again on the same data directory, socket and
 port, so the URL stays valid: the fault tests restart Postgres under a run.
+
+Run as root, pgserver starts postgres as the unprivileged system user
+`pgserver` and creates it with `useradd` when it is missing. Processes that
+start embedded servers at once (the test suite's workers on a fresh machine)
+would race to create it, and the losers' `useradd` fails ("username already in
+use", exit 9); `ensure_system_user` creates it first, one process at a time.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import pwd
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+PGSERVER_SYSTEM_USER = "pgserver"  # the name pgserver's PostgresServer runs postgres as under root
+USERADD_NAME_IN_USE = 9  # useradd's exit status when the login name already exists
 
 
 @dataclass
@@ -71,10 +85,43 @@ class EmbeddedPostgres:
             log.warning("embedded postgres at %s did not stop cleanly", self.data_dir, exc_info=True)
 
 
+def system_user_lock_path() -> Path:
+    """The file whose exclusive `flock` serialises `ensure_system_user` across processes."""
+    return Path(tempfile.gettempdir()) / "syncflow-system-user.lock"
+
+
+def ensure_system_user(name: str = PGSERVER_SYSTEM_USER) -> None:
+    """Make sure the system user `name` exists (root only; elsewhere there is nothing to do).
+
+    The check and the `useradd` run under an exclusive lock on a file in the
+    temporary directory, so processes of this machine take turns; a `useradd`
+    that still finds the name taken (a process that did not take the lock) counts
+    as done.
+    """
+    if os.geteuid() != 0:
+        return
+    with open(system_user_lock_path(), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            pwd.getpwnam(name)
+            return
+        except KeyError:
+            pass
+        result = subprocess.run(
+            ["useradd", "-s", "/bin/bash", name], capture_output=True, text=True, check=False
+        )
+        if result.returncode not in (0, USERADD_NAME_IN_USE):
+            raise RuntimeError(
+                f"could not create the system user {name!r} the embedded Postgres runs as "
+                f"(useradd exit {result.returncode}): {result.stderr.strip()}"
+            )
+
+
 def start_embedded_postgres(data_dir: str | Path, *, keep_data: bool = True) -> EmbeddedPostgres:
     """Start (or reuse) an embedded Postgres whose data lives in `data_dir`."""
     import pgserver  # imported lazily: only the embedded path needs it
 
+    ensure_system_user()
     path = Path(data_dir)
     path.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(path, cleanup_mode="stop" if keep_data else "delete")
