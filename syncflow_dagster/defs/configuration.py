@@ -32,6 +32,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from syncflow_dagster.clients.apismith import ApiSmithSettings
 from syncflow_dagster.clients.http import HttpSettings
 from syncflow_dagster.clients.schedulehub import ScheduleHubSettings
+from syncflow_dagster.defs.interrupts import StageFrameIOManager
 from syncflow_dagster.defs.resources import (
     ApiSmithResource,
     HttpConfig,
@@ -178,7 +179,8 @@ def build_resources(environ: Mapping[str, str], *, env_vars: bool = False) -> di
             http=http,
         ),
         "tuning": SyncTuning(chunk_size=chunk_size),
-        "frame_io_manager": PostgresFrameIOManager(
+        # The frame IO manager under the stages' stop rule (defs/interrupts.py).
+        "frame_io_manager": StageFrameIOManager(
             database_url=database_url,
             retention_days=retention_days,
         ),

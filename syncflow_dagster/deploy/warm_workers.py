@@ -32,9 +32,12 @@ the worker's termination thread sends itself SIGINT and
 `raise_execution_interrupts` raises inside an `asyncio.run` that is waiting,
 within 0.05 s, alike in forkserver children (3 of 3 preloading dagster; 4 of 4
 preloading PRELOAD from a forkserver started by a non-main thread, as a gRPC
-handler starts it) and in spawned ones (3 of 3). Still to look at: the code
-server's side (CancelExecution finding the run in `_executions`) and an
-interrupt landing while a task runs rather than waits.
+handler starts it) and in spawned ones (3 of 3). On 2026-12-07 the same miss
+came with spawn too (1 of 10 full test runs), and two ways for it were found
+and closed in defs/interrupts.py: an interrupt while the frame IO manager
+loads or stores a frame was retried by Dagster under the stage's retry policy,
+and an interrupt landing in a finalizer or callback had its exception dropped
+by Python. Forkserver has not been measured again since.
 
 How it is done:
 the code server keeps its multiprocessing context in the private attribute
