@@ -11,6 +11,7 @@ import re
 import tomllib
 from pathlib import Path
 
+from syncflow_dagster.store import embedded
 from syncflow_dagster_tests import isolation
 from syncflow_dagster_tests.conftest import DAGSTER_PROCESS_FIXTURES
 
@@ -67,6 +68,8 @@ def test_the_fixtures_and_port_blocks_the_doc_describes_are_the_codes() -> None:
     assert (
         isolation.FIRST_PORT + isolation.MAX_WORKERS * isolation.PORTS_PER_WORKER <= 32768
     )  # below ephemeral
+    assert f"system user `{embedded.PGSERVER_SYSTEM_USER}`" in DOC
+    assert f"`$TMPDIR/{embedded.system_user_lock_path().name}`" in DOC
 
 
 def test_ci_prints_the_slowest_tests() -> None:
