@@ -79,6 +79,21 @@ def noting_interrupts() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGTERM, previous_term)
 
 
+def _final(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)`, with an interrupt, raised or dropped on the way, ending it as a final Failure."""
+    with noting_interrupts() as interrupted:
+        try:
+            result = fn(*args)
+        except _INTERRUPTS as exc:
+            raise _stopped(type(exc).__name__) from exc
+        if interrupted():
+            raise _stopped(_DROPPED)
+    return result
+
+
+_END = object()
+
+
 def stop_means_stop(fn: F) -> F:
     """`fn` (an asset or op body, plain or generator), with an interrupt ending it as a final Failure."""
     if inspect.isgeneratorfunction(fn):
@@ -86,34 +101,18 @@ def stop_means_stop(fn: F) -> F:
         @functools.wraps(fn)
         def generator(*args: Any, **kwargs: Any) -> Iterator[Any]:
             body = fn(*args, **kwargs)
-            while True:
-                # Noted only while the body runs: between its yields Dagster's own handlers stand.
-                with noting_interrupts() as interrupted:
-                    try:
-                        item = next(body)
-                    except StopIteration as done:
-                        if interrupted():
-                            raise _stopped(_DROPPED) from None
-                        return done.value
-                    except _INTERRUPTS as exc:
-                        raise _stopped(type(exc).__name__) from exc
-                    if interrupted():
-                        body.close()
-                        raise _stopped(_DROPPED)
-                yield item
+            try:
+                # Each resume of the body on its own: between its yields Dagster's own handlers stand.
+                while (item := _final(next, body, _END)) is not _END:
+                    yield item
+            finally:
+                body.close()
 
         return generator  # type: ignore[return-value]
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        with noting_interrupts() as interrupted:
-            try:
-                result = fn(*args, **kwargs)
-            except _INTERRUPTS as exc:
-                raise _stopped(type(exc).__name__) from exc
-            if interrupted():
-                raise _stopped(_DROPPED)
-        return result
+        return _final(functools.partial(fn, *args, **kwargs))
 
     return call  # type: ignore[return-value]
 
@@ -123,7 +122,7 @@ class StageFrameIOManager(PostgresFrameIOManager):
     loaded or stored fails the step for good, as one inside the stage does (Dagster would retry it)."""
 
     def load_input(self, context: dg.InputContext) -> Any:
-        return stop_means_stop(super().load_input)(context)
+        return _final(super().load_input, context)
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
-        stop_means_stop(super().handle_output)(context, obj)
+        _final(super().handle_output, context, obj)

@@ -35,6 +35,12 @@ def _step_events(result: dg.ExecuteInProcessResult) -> list[str]:
     ]
 
 
+def _failure_message(result: dg.ExecuteInProcessResult) -> str:
+    failure = result.get_step_failure_events()[0].step_failure_data.error
+    assert failure is not None
+    return failure.message
+
+
 def _interrupted() -> int:
     raise DagsterExecutionInterruptedError()
 
@@ -50,9 +56,7 @@ def test_an_interrupted_step_fails_without_a_retry() -> None:
     asset = dg.asset(name="plain", retry_policy=RETRY)(stop_means_stop(_interrupted))
     result = dg.materialize([asset], raise_on_error=False)
     assert _step_events(result) == ["STEP_START", "STEP_FAILURE"]
-    failure = result.get_step_failure_events()[0].step_failure_data.error
-    assert failure is not None
-    assert "the run was asked to stop (DagsterExecutionInterruptedError)" in failure.message
+    assert "the run was asked to stop (DagsterExecutionInterruptedError)" in _failure_message(result)
 
 
 def test_generator_bodies_too() -> None:
@@ -110,9 +114,7 @@ def test_an_interrupt_dropped_in_a_finalizer_still_ends_the_step() -> None:
     asset = dg.asset(name="plain", retry_policy=RETRY)(stop_means_stop(_interrupt_dropped_in_a_finalizer))
     result = dg.materialize([asset], raise_on_error=False)
     assert _step_events(result) == ["STEP_START", "STEP_FAILURE"]
-    failure = result.get_step_failure_events()[0].step_failure_data.error
-    assert failure is not None
-    assert "dropped on the way" in failure.message
+    assert "dropped on the way" in _failure_message(result)
 
 
 @DROPS_AN_EXCEPTION
