@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from syncflow_dagster.cli.process_groups import group_alive, signal_group
 from syncflow_dagster_tests.waiting import WaitTimeout, wait_until
 
 STOP_TIMEOUT_S = 30.0
@@ -33,36 +34,26 @@ def log_tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stop_process_group(
     process: subprocess.Popen[bytes],
     *,
     first: signal.Signals = signal.SIGTERM,
     timeout_s: float = STOP_TIMEOUT_S,
 ) -> None:
-    """Send `first` to the process group `process` leads, wait (bounded) until all of it is gone, then SIGKILL the rest."""
-    pgid = process.pid  # start_new_session made the leader's pid the group id
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, first)
+    """Send `first` to the process group `process` leads, wait (bounded) until all of it is gone, then SIGKILL the rest.
+
+    A leader that exited long ago and was reaped may have left its group id to another
+    process's group: `process_groups` signals the group only while it is still this one.
+    """
+    signal_group(process, first)
     with contextlib.suppress(WaitTimeout):
         wait_until(
-            lambda: process.poll() is not None and not group_alive(pgid),
-            f"process group {pgid} to exit",
+            lambda: process.poll() is not None and not group_alive(process),
+            f"process group {process.pid} to exit",
             timeout_s=timeout_s,
             interval_s=0.1,
         )
-    if group_alive(pgid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
+    signal_group(process, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout_s)
 

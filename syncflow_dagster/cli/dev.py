@@ -35,8 +35,11 @@ from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit, urlunsplit
 
+import psutil
 import typer
 from rich.console import Console
+
+from syncflow_dagster.cli import process_groups
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -345,47 +348,33 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGHUP, interrupt)
 
 
-def _started_by(proc: subprocess.Popen[bytes]) -> set[int]:
+def _started_by(proc: subprocess.Popen[bytes]) -> set[psutil.Process]:
     """Every live process `dagster dev` started: its session (and group) and its descendants.
 
     Code servers and run workers are its descendants; a process that left the
     session is still a descendant, and one whose parent is gone is still in the session.
+    Once `dagster dev` has been reaped its pid may be another process's, so neither
+    is looked up by it then unless it is still held by the session (`process_groups`).
     """
-    import psutil
-
-    found: set[int] = set()
-    with suppress(psutil.NoSuchProcess):
-        found.update(child.pid for child in psutil.Process(proc.pid).children(recursive=True))
-    for other in psutil.process_iter():
-        try:
-            if os.getsid(other.pid) == proc.pid:
-                found.add(other.pid)
-        except (ProcessLookupError, PermissionError):
-            continue
-    found.discard(proc.pid)
-    found.discard(os.getpid())
-    return found
+    found = process_groups.descendants(proc) | process_groups.session_members(proc)
+    return {p for p in found if p.pid != os.getpid()}
 
 
-def _alive(pids: set[int]) -> set[int]:
-    import psutil
-
+def _alive(processes: set[psutil.Process]) -> set[psutil.Process]:
+    """Those of `processes` still running as the same process (not a zombie, pid not handed on)."""
     alive = set()
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.add(pid)
-        except psutil.NoSuchProcess:
-            continue
+    for process in processes:
+        with suppress(psutil.NoSuchProcess):
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.add(process)
     return alive
 
 
-def _signal_all(pids: set[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            continue
+def _signal_all(processes: set[psutil.Process], sig: signal.Signals) -> None:
+    """`sig` to each of `processes`; psutil does not signal a pid that has been handed to another process."""
+    for process in processes:
+        with suppress(psutil.NoSuchProcess):
+            process.send_signal(sig)
 
 
 def stop_dagster_dev(proc: subprocess.Popen[bytes]) -> None:
@@ -398,18 +387,17 @@ def stop_dagster_dev(proc: subprocess.Popen[bytes]) -> None:
     started = _started_by(proc)
     if proc.poll() is None:
         try:
-            os.killpg(proc.pid, signal.SIGINT)
+            process_groups.signal_group(proc, signal.SIGINT)
             proc.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             console.print(f"dagster dev did not stop within {STOP_TIMEOUT_S} s of SIGINT: killed")
-            os.killpg(proc.pid, signal.SIGKILL)
+            process_groups.signal_group(proc, signal.SIGKILL)
             proc.wait(STOP_TIMEOUT_S)
-        except ProcessLookupError:
-            pass
     left = _alive(started | _started_by(proc))
     if not left:
         return
-    console.print(f"ending {len(left)} process(es) dagster dev left running: {sorted(left)}")
+    pids = sorted(p.pid for p in left)
+    console.print(f"ending {len(left)} process(es) dagster dev left running: {pids}")
     _signal_all(left, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S / 3
     while (left := _alive(left)) and time.monotonic() < deadline:
