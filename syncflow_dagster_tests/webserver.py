@@ -15,7 +15,7 @@ import contextlib
 import os
 import subprocess
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -99,6 +99,8 @@ class DagsterDeployment:
     dagster_home: Path
     instance_database_url: str
     logs: dict[str, Path]
+    # The webserver and daemon by name ("webserver", "daemon"), as they are started.
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -110,7 +112,12 @@ class DagsterDeployment:
     def graphql(
         self, query: str, variables: Mapping[str, Any] | None = None, timeout_s: float = 120.0
     ) -> Any:
-        """POST a GraphQL document; raises on transport or GraphQL errors, returns `data`."""
+        """POST a GraphQL document; raises on transport or GraphQL errors, returns `data`.
+
+        Raises DeploymentError first if the webserver or daemon has exited, so a test waiting
+        on a run or a backfill fails at once with that process's log rather than at its timeout.
+        """
+        self.assert_running()
         response = loopback_http.post(
             f"{self.url}/graphql",
             json={"query": query, "variables": dict(variables or {})},
@@ -121,6 +128,15 @@ class DagsterDeployment:
         if body.get("errors"):
             raise DeploymentError(f"GraphQL errors: {body['errors']}")
         return body["data"]
+
+    def assert_running(self) -> None:
+        """Raise DeploymentError naming any of the deployment's processes that has exited, with its log's tail."""
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise DeploymentError(
+                    f"dagster-{name} exited with code {process.returncode} while the deployment was in use:\n"
+                    + log_tail(self.logs[name])
+                )
 
 
 def dagster_postgres_url(url: str) -> str:
@@ -264,6 +280,7 @@ def dagster_deployment(
                     args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
             processes.append(process)
+            deployment.processes[name] = process
             return process
 
         try:
