@@ -272,14 +272,12 @@ def dagster_deployment(
         port = free_port(host)
         logs = {"webserver": dagster_home / "webserver.log", "daemon": dagster_home / "daemon.log"}
         deployment = DagsterDeployment(host, port, dagster_home, instance_url, logs)
-        processes: list[subprocess.Popen[bytes]] = []
 
         def start(name: str, args: list[str]) -> subprocess.Popen[bytes]:
             with logs[name].open("wb") as log:
                 process = subprocess.Popen(
                     args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
-            processes.append(process)
             deployment.processes[name] = process
             return process
 
@@ -313,5 +311,5 @@ def dagster_deployment(
             yield deployment
         finally:
             # The daemon first, so it launches nothing more while the webserver goes.
-            for process in reversed(processes):
+            for process in reversed(deployment.processes.values()):
                 stop_process_group(process, timeout_s=STOP_TIMEOUT_S)

@@ -40,12 +40,6 @@ needs_pid_choice = pytest.mark.skipif(
 )
 
 
-def _end(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
-
-
 @contextlib.contextmanager
 def _stranger_at_the_pid_of_a_reaped_child() -> Iterator[
     tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]
@@ -60,9 +54,9 @@ def _stranger_at_the_pid_of_a_reaped_child() -> Iterator[
             try:
                 yield child, stranger
             finally:
-                _end(stranger)
+                stop_process_group(stranger, first=signal.SIGKILL)
             return
-        _end(stranger)
+        stop_process_group(stranger, first=signal.SIGKILL)
     pytest.fail(f"no stranger got a reaped child's pid in {ATTEMPTS} attempts (other processes took it)")
 
 
