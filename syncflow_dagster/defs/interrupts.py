@@ -4,11 +4,15 @@ Under the in_process executor (the default, deploy/executor.py) a termination
 (`POST /sync/{id}/cancel`, the UI's Terminate, run monitoring's cancel
 timeout) reaches the run worker as a SIGINT, which Dagster's handler turns into
 a `DagsterExecutionInterruptedError` raised wherever the step's thread is.
-Three ways that let a canceled run go on to SUCCESS:
+Four ways that let a canceled run go on to SUCCESS:
 
 - Dagster turns an interrupt inside a step that has a retry policy into a
   retry of that step (dagster-io/dagster#15026), in the step's body and in
   its IO manager's `load_input` and `handle_output` alike;
+- code that handles the interrupt's exception on its way out can raise
+  another in its place, which Dagster then retries as any error: SQLAlchemy's
+  pool, interrupted in its connection ping, resets the connection and raises
+  psycopg's "can't change 'autocommit' now" (seen in a `make test` run);
 - Python drops an exception raised inside a finalizer, a weakref callback or
   an asyncio callback ("Exception ignored in ..."), so an interrupt that lands
   there is gone and the step carries on;
@@ -18,7 +22,7 @@ Three ways that let a canceled run go on to SUCCESS:
 `stop_means_stop` wraps a step's body (and `StageFrameIOManager` the frame IO
 manager's two methods) so that an interrupt leaves it as a `Failure` that no
 retry policy retries, and so that a SIGINT seen while it ran fails it at its
-end even if the exception was dropped on the way. With the run CANCELING,
+end even if the exception was dropped or replaced on the way. With the run CANCELING,
 Dagster then ends the run CANCELED, and a re-execution continues it as after
 any failure.
 """
@@ -42,6 +46,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _INTERRUPTS = (DagsterExecutionInterruptedError, KeyboardInterrupt)
 _DROPPED = "a SIGINT whose exception was dropped on the way (in a finalizer or callback)"
+_REPLACED = "a SIGINT whose exception became {} on the way"
 
 
 def _stopped(why: str) -> dg.Failure:
@@ -86,6 +91,10 @@ def _final(fn: Callable[..., Any], *args: Any) -> Any:
             result = fn(*args)
         except _INTERRUPTS as exc:
             raise _stopped(type(exc).__name__) from exc
+        except Exception as exc:
+            if interrupted():
+                raise _stopped(_REPLACED.format(type(exc).__name__)) from exc
+            raise
         if interrupted():
             raise _stopped(_DROPPED)
     return result

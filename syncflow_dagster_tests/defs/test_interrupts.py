@@ -69,6 +69,48 @@ def test_generator_bodies_too() -> None:
     assert _step_events(result) == ["STEP_START", "STEP_FAILURE"]
 
 
+def _interrupt_replaced_on_its_way_out() -> int:
+    """An interrupt whose exception cleanup code replaces with its own, as SQLAlchemy's pool did when
+    interrupted in its connection ping ("can't change 'autocommit' now")."""
+    try:
+        _interrupted()
+    except DagsterExecutionInterruptedError:
+        raise RuntimeError("cleanup failed while the interrupt was handled") from None
+    return 1
+
+
+def _interrupt_replaced_while_signalled() -> int:
+    # The real sequence: the noting handler sees the SIGINT, Dagster's raises, cleanup replaces it.
+    _refuse_outside_dagsters_handler()
+    try:
+        signal.raise_signal(signal.SIGINT)
+    except DagsterExecutionInterruptedError:
+        raise RuntimeError("cleanup failed while the interrupt was handled") from None
+    return 1
+
+
+def test_without_it_an_interrupt_replaced_on_its_way_out_is_retried() -> None:
+    asset = dg.asset(name="plain", retry_policy=RETRY)(_interrupt_replaced_on_its_way_out)
+    result = dg.materialize([asset], raise_on_error=False)
+    assert _step_events(result).count("STEP_UP_FOR_RETRY") == 2
+
+
+def test_an_interrupt_replaced_on_its_way_out_still_ends_the_step() -> None:
+    asset = dg.asset(name="plain", retry_policy=RETRY)(stop_means_stop(_interrupt_replaced_while_signalled))
+    result = dg.materialize([asset], raise_on_error=False)
+    assert _step_events(result) == ["STEP_START", "STEP_FAILURE"]
+    assert "a SIGINT whose exception became RuntimeError on the way" in _failure_message(result)
+
+
+def test_an_error_with_no_interrupt_is_left_to_the_retry_policy() -> None:
+    def body() -> int:
+        raise RuntimeError("an ordinary failure")
+
+    asset = dg.asset(name="plain", retry_policy=RETRY)(stop_means_stop(body))
+    result = dg.materialize([asset], raise_on_error=False)
+    assert _step_events(result).count("STEP_UP_FOR_RETRY") == 2
+
+
 def test_every_stage_asset_is_wrapped() -> None:
     for asset in STAGE_ASSETS:
         compute = asset.op.compute_fn.decorated_fn  # type: ignore[union-attr]
@@ -86,7 +128,7 @@ class _SignalsInItsFinalizer:
         signal.raise_signal(signal.SIGINT)
 
 
-def _interrupt_dropped_in_a_finalizer() -> int:
+def _refuse_outside_dagsters_handler() -> None:
     # Only where Dagster's raising handler stands: anywhere else SIGINT would stop the test session.
     handler = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or handler in (
@@ -95,6 +137,10 @@ def _interrupt_dropped_in_a_finalizer() -> int:
         signal.SIG_IGN,
     ):
         raise AssertionError(f"not under Dagster's interrupt handler ({handler!r}): refusing to send SIGINT")
+
+
+def _interrupt_dropped_in_a_finalizer() -> int:
+    _refuse_outside_dagsters_handler()
     finalized = _SignalsInItsFinalizer()
     del finalized  # the interrupt's exception is raised, and dropped, inside __del__
     return 1
