@@ -154,15 +154,29 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SYNCFLOW_HTTP_MAX_RETRY_SECONDS", "20")
 
 
+TESTS = Path(__file__).parent
+
 # Module fixtures that start Dagster's own processes (a webserver, a daemon) for every test of
-# their module, and the xdist group those tests share: with `--dist loadgroup` they all run on one
-# worker, so the deployment is started once. Their tests are marked `daemon` (make test-fast
-# leaves them out) without each test saying so.
+# their module, and what they start. The tests of one module that use one share an xdist group
+# (xdist_group_of): with `--dist loadgroup` they run on one worker, so the module's deployment is
+# started once. Their tests are marked `daemon` (make test-fast leaves them out) without each test
+# saying so.
 DAGSTER_PROCESS_FIXTURES = {
-    "stack": "service-stack",  # service/test_service_app.py
+    "stack": "service-stack",  # service/, cli/test_cli_sync*.py, reliability/test_reliability_run_monitoring.py
     "webserver": "ui-webserver",  # ui/test_ui.py
     "sync_deployment": "backfill-deployment",  # ui/test_graphql_backfill.py
 }
+
+
+def xdist_group_of(fixture: str, module: Path) -> str:
+    """The xdist group of the tests in the file `module` that use `fixture`, e.g.
+    `service-stack:cli/test_cli_sync`.
+
+    One group per module, not per fixture name: five modules have a `stack` fixture of their
+    own, each a deployment of its own, and one group for all of them ran the five one after
+    another on one worker, the longest chain of the suite, while the other workers had finished.
+    """
+    return f"{DAGSTER_PROCESS_FIXTURES[fixture]}:{module.relative_to(TESTS).with_suffix('').as_posix()}"
 
 
 def _lane_markers(collector: pytest.Collector, function: object) -> list[pytest.Mark]:
@@ -201,10 +215,10 @@ def pytest_itemcollected(item: pytest.Item) -> None:
     saw the groups.)
     """
     fixtures = set(getattr(item, "fixturenames", ()))
-    for fixture, group in DAGSTER_PROCESS_FIXTURES.items():
+    for fixture in DAGSTER_PROCESS_FIXTURES:
         if fixture in fixtures:
             item.add_marker(pytest.mark.daemon)
-            item.add_marker(pytest.mark.xdist_group(group))
+            item.add_marker(pytest.mark.xdist_group(xdist_group_of(fixture, item.path)))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
