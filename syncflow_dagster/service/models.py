@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character (PostgreSQL text cannot hold one)")
+    return value
+
+
+StoreText = Annotated[str, AfterValidator(_no_nul)]
+"""Text a request hands to SyncFlow's store: anything but NUL, which PostgreSQL refuses (a 422 naming
+the field or parameter, not the driver's 500). Every text query parameter and request field uses it."""
 
 
 class DateRange(BaseModel):
@@ -24,7 +35,7 @@ class SyncRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    entities: list[str] = Field(
+    entities: list[StoreText] = Field(
         default_factory=list, max_length=100, description="Catalog entity names; empty means every entity."
     )
     date: dt.date | None = Field(default=None, description="One partition date (UTC day).")
@@ -187,18 +198,18 @@ class CloseFailedRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    ids: list[str] = Field(default_factory=list, max_length=1000, description="Failed record ids.")
-    entity: str | None = Field(default=None, max_length=63)
-    keys: list[str | list[str]] = Field(
+    ids: list[StoreText] = Field(default_factory=list, max_length=1000, description="Failed record ids.")
+    entity: StoreText | None = Field(default=None, max_length=63)
+    keys: list[StoreText | list[StoreText]] = Field(
         default_factory=list,
         max_length=1000,
         description="Business keys of `entity`: the key text, or a composite key as its parts in key order.",
     )
-    reason_code: str | None = Field(
+    reason_code: StoreText | None = Field(
         default=None, max_length=200, description="Every held record of `entity` with this reason code."
     )
-    reason: str = Field(min_length=1, max_length=2000, description="Why (kept with the record).")
-    by: str = Field(min_length=1, max_length=200, description="Who (kept with the record).")
+    reason: StoreText = Field(min_length=1, max_length=2000, description="Why (kept with the record).")
+    by: StoreText = Field(min_length=1, max_length=200, description="Who (kept with the record).")
 
 
 class FailedClosed(BaseModel):
@@ -216,7 +227,9 @@ class FailedRecordsPage(BaseModel):
 class RetryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    entities: list[str] = Field(default_factory=list, max_length=100, description="Empty means every entity.")
+    entities: list[StoreText] = Field(
+        default_factory=list, max_length=100, description="Empty means every entity."
+    )
     include_permanent: bool = Field(
         default=False,
         description="Also retry open permanent failures (they are never retried on a timer).",
@@ -248,7 +261,9 @@ class RunsStarted(BaseModel):
 class ReconcileRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    entities: list[str] = Field(default_factory=list, max_length=100, description="Empty means every entity.")
+    entities: list[StoreText] = Field(
+        default_factory=list, max_length=100, description="Empty means every entity."
+    )
     dry_run: bool = Field(
         default=False, description="Compare keys and report what would be deleted; delete nothing."
     )

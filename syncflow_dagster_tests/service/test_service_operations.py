@@ -192,3 +192,43 @@ def test_resolve_and_dismiss_record_who_and_why(api: Api) -> None:
     )
     assert unknown.status_code == 422
     assert "widgets" in unknown.json()["detail"]
+
+
+def _text_parameters(openapi: dict[str, object]) -> list[tuple[str, str, str]]:
+    """(path, in, name) of every GET route's text parameter (query or path) in the API's own OpenAPI."""
+    found = []
+    for path, operations in openapi["paths"].items():  # type: ignore[attr-defined]
+        for parameter in operations.get("get", {}).get("parameters", []):
+            schema = parameter["schema"]
+            types = [s.get("type") for s in schema.get("anyOf", [schema]) if "enum" not in s]
+            if "string" in types:
+                found.append((path, parameter["in"], parameter["name"]))
+    return found
+
+
+def test_a_nul_character_in_any_text_parameter_is_refused_naming_it(api: Api) -> None:
+    """PostgreSQL text cannot hold NUL: it is a 422 naming the parameter, never a 500 from the driver
+    (the OpenAPI fuzzer once found GET /failed-records?entity=%00 answering 500)."""
+    openapi = loopback_http.get(f"{api.url}/openapi.json", timeout=30).json()
+    parameters = _text_parameters(openapi)
+    assert ("/failed-records", "query", "entity") in parameters
+    assert ("/failed-records", "query", "reason") in parameters
+    for path, where, name in parameters:
+        if where == "path":
+            answer = api.get(path.replace("{" + name + "}", "%00"))
+        else:
+            answer = api.get(path.format_map({p: "x" for p in ("run_id",)}), **{name: "a\x00b"})
+        assert answer.status_code == 422, f"{path} {name}: {answer.status_code} {answer.text[:300]}"
+        assert [where, name] in [e["loc"] for e in answer.json()["detail"]], answer.text
+
+    base = {"entity": "operations", "keys": ["WO-1"], "reason": "fixed", "by": "ana"}
+    for field, value in (
+        ("by", "a\x00"),
+        ("reason", "\x00"),
+        ("reason_code", "parent\x00missing"),
+        ("keys", ["WO\x001"]),
+        ("keys", [["WO-1", "1\x000"]]),
+    ):
+        answer = api.post("/failed-records/resolve", {**base, field: value})
+        assert answer.status_code == 422, f"{field}={value!r}: {answer.status_code} {answer.text[:300]}"
+        assert any(e["loc"][:2] == ["body", field] for e in answer.json()["detail"]), answer.text

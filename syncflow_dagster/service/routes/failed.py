@@ -20,9 +20,9 @@ router = APIRouter(tags=["state"])
 @router.get("/failed-records", response_model=m.FailedRecordsPage)
 def failed_records(
     engine: Store,
-    entity: Annotated[str | None, Query(max_length=63)] = None,
+    entity: Annotated[m.StoreText | None, Query(max_length=63)] = None,
     reason: Annotated[
-        str | None, Query(max_length=200, description="reason_code, e.g. parent_missing")
+        m.StoreText | None, Query(max_length=200, description="reason_code, e.g. parent_missing")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,

@@ -24,7 +24,7 @@ def stats(engine: Store, catalog: CatalogDep) -> m.Stats:
 @router.get("/pending-children", response_model=m.PendingChildrenPage)
 def pending_children(
     engine: Store,
-    entity: Annotated[str | None, Query(max_length=63)] = None,
+    entity: Annotated[m.StoreText | None, Query(max_length=63)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> m.PendingChildrenPage:

@@ -75,7 +75,7 @@ def start_sync(request: m.SyncRequest, catalog: CatalogDep, gateway: Gateway) ->
 @router.get("/sync", response_model=m.SyncList)
 def list_syncs(
     engine: Store,
-    entity: Annotated[str | None, Query(max_length=63)] = None,
+    entity: Annotated[m.StoreText | None, Query(max_length=63)] = None,
     batch_status: Annotated[
         Literal["running", "succeeded", "failed", "cancelled"] | None, Query(alias="status")
     ] = None,
