@@ -27,6 +27,11 @@ from syncflow_dagster.store.frames.io_manager import PostgresFrameIOManager
 RETRY = dg.RetryPolicy(max_retries=2)
 
 
+def _materialize_with_retries(body: Any, name: str = "plain") -> dg.ExecuteInProcessResult:
+    """`body` as an asset with RETRY's policy, materialized in process; a failed step is in the result."""
+    return dg.materialize([dg.asset(name=name, retry_policy=RETRY)(body)], raise_on_error=False)
+
+
 def _step_events(result: dg.ExecuteInProcessResult) -> list[str]:
     return [
         e.event_type_value
@@ -47,14 +52,12 @@ def _interrupted() -> int:
 
 def test_without_it_dagster_retries_an_interrupted_step() -> None:
     # The behaviour the wrapper exists for; if Dagster fixes it, this test says so.
-    asset = dg.asset(name="plain", retry_policy=RETRY)(_interrupted)
-    result = dg.materialize([asset], raise_on_error=False)
+    result = _materialize_with_retries(_interrupted)
     assert _step_events(result).count("STEP_UP_FOR_RETRY") == 2
 
 
 def test_an_interrupted_step_fails_without_a_retry() -> None:
-    asset = dg.asset(name="plain", retry_policy=RETRY)(stop_means_stop(_interrupted))
-    result = dg.materialize([asset], raise_on_error=False)
+    result = _materialize_with_retries(stop_means_stop(_interrupted))
     assert _step_events(result) == ["STEP_START", "STEP_FAILURE"]
     assert "the run was asked to stop (DagsterExecutionInterruptedError)" in _failure_message(result)
 
@@ -64,8 +67,7 @@ def test_generator_bodies_too() -> None:
         yield from ()
         raise KeyboardInterrupt
 
-    asset = dg.asset(name="generator", retry_policy=RETRY)(stop_means_stop(body))
-    result = dg.materialize([asset], raise_on_error=False)
+    result = _materialize_with_retries(stop_means_stop(body), name="generator")
     assert _step_events(result) == ["STEP_START", "STEP_FAILURE"]
 
 
@@ -81,14 +83,12 @@ def _interrupt_replaced_on_its_way_out() -> int:
 
 
 def test_without_it_an_interrupt_replaced_on_its_way_out_is_retried() -> None:
-    asset = dg.asset(name="plain", retry_policy=RETRY)(_interrupt_replaced_on_its_way_out)
-    result = dg.materialize([asset], raise_on_error=False)
+    result = _materialize_with_retries(_interrupt_replaced_on_its_way_out)
     assert _step_events(result).count("STEP_UP_FOR_RETRY") == 2
 
 
 def test_an_interrupt_replaced_on_its_way_out_still_ends_the_step() -> None:
-    asset = dg.asset(name="plain", retry_policy=RETRY)(stop_means_stop(_interrupt_replaced_on_its_way_out))
-    result = dg.materialize([asset], raise_on_error=False)
+    result = _materialize_with_retries(stop_means_stop(_interrupt_replaced_on_its_way_out))
     assert _step_events(result) == ["STEP_START", "STEP_FAILURE"]
     assert "a SIGINT whose exception became RuntimeError on the way" in _failure_message(result)
 
@@ -97,8 +97,7 @@ def test_an_error_with_no_interrupt_is_left_to_the_retry_policy() -> None:
     def body() -> int:
         raise RuntimeError("an ordinary failure")
 
-    asset = dg.asset(name="plain", retry_policy=RETRY)(stop_means_stop(body))
-    result = dg.materialize([asset], raise_on_error=False)
+    result = _materialize_with_retries(stop_means_stop(body))
     assert _step_events(result).count("STEP_UP_FOR_RETRY") == 2
 
 
@@ -148,8 +147,7 @@ def test_without_it_an_interrupt_dropped_in_a_finalizer_lets_the_step_succeed() 
 
 @DROPS_AN_EXCEPTION
 def test_an_interrupt_dropped_in_a_finalizer_still_ends_the_step() -> None:
-    asset = dg.asset(name="plain", retry_policy=RETRY)(stop_means_stop(_interrupt_dropped_in_a_finalizer))
-    result = dg.materialize([asset], raise_on_error=False)
+    result = _materialize_with_retries(stop_means_stop(_interrupt_dropped_in_a_finalizer))
     assert _step_events(result) == ["STEP_START", "STEP_FAILURE"]
     assert "dropped on the way" in _failure_message(result)
 
@@ -159,8 +157,7 @@ def test_the_generator_form_notes_a_dropped_interrupt_too() -> None:
     def body() -> Iterator[dg.Output[int]]:
         yield dg.Output(_interrupt_dropped_in_a_finalizer())
 
-    asset = dg.asset(name="generator", retry_policy=RETRY)(stop_means_stop(body))
-    result = dg.materialize([asset], raise_on_error=False)
+    result = _materialize_with_retries(stop_means_stop(body), name="generator")
     assert _step_events(result) == ["STEP_START", "STEP_FAILURE"]
 
 

@@ -217,7 +217,7 @@ def test_a_nul_character_in_any_text_parameter_is_refused_naming_it(api: Api) ->
         if where == "path":
             answer = api.get(path.replace("{" + name + "}", "%00"))
         else:
-            answer = api.get(path.format_map({p: "x" for p in ("run_id",)}), **{name: "a\x00b"})
+            answer = api.get(path, **{name: "a\x00b"})
         assert answer.status_code == 422, f"{path} {name}: {answer.status_code} {answer.text[:300]}"
         assert [where, name] in [e["loc"] for e in answer.json()["detail"]], answer.text
 
